@@ -1,0 +1,175 @@
+"""RFC 5321 paths: ``<>``, ``local@domain``, quoted local parts, address
+literals, source routes (kept only as the final mailbox) and, with SMTPUTF8
+(RFC 6531), UTF-8 local parts and U-label domains.
+
+No %-hack, no !-path rewriting: an address is what the grammar says it is.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+MAX_LOCAL = 64
+MAX_DOMAIN = 255
+MAX_PATH = 256
+
+
+class AddressError(ValueError):
+    """The path does not follow RFC 5321 (or RFC 6531 when UTF-8 is allowed)."""
+
+
+_ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
+_UTF8 = "\u0080-\U0010ffff"
+
+
+def _grammar(utf8: bool) -> tuple[re.Pattern[str], re.Pattern[str]]:
+    u = _UTF8 if utf8 else ""
+    atom = f"[{_ATEXT}{u}]+"
+    dot_string = rf"{atom}(?:\.{atom})*"
+    quoted = rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e{u}]|\\[\x20-\x7e])*"'
+    letdig = f"[A-Za-z0-9{u}]"
+    label = rf"{letdig}(?:[A-Za-z0-9{u}\-]*{letdig})?"
+    domain = rf"{label}(?:\.{label})*"
+    literal = r"\[[\x21-\x5a\x5e-\x7e]+\]"
+    mailbox = rf"(?P<local>{dot_string}|{quoted})@(?P<domain>{domain}|{literal})"
+    adl = rf"@{domain}(?:,@{domain})*"
+    path = re.compile(rf"<(?:{adl}:)?{mailbox}>", re.S)
+    return path, re.compile(domain)
+
+
+_PATH = {False: _grammar(False), True: _grammar(True)}
+_POSTMASTER = re.compile(r"<postmaster>", re.I)
+
+
+@dataclass(frozen=True, slots=True)
+class Mailbox:
+    """A mailbox as the client spelled it (source route dropped)."""
+
+    local: str   # as on the wire: dot-string or quoted-string
+    domain: str  # domain, U-labels allowed, or "[address literal]"; "" for bare postmaster
+
+    def __str__(self) -> str:
+        return f"{self.local}@{self.domain}" if self.domain else self.local
+
+    @property
+    def is_literal(self) -> bool:
+        return self.domain.startswith("[")
+
+    @property
+    def local_text(self) -> str:
+        """The local part with quoting removed (what a next hop would see)."""
+        lp = self.local
+        if lp.startswith('"'):
+            return re.sub(r"\\(.)", r"\1", lp[1:-1])
+        return lp
+
+    @property
+    def ascii_domain(self) -> str:
+        """Lower-case A-label form of the domain, for comparisons and routing."""
+        return domain_to_ascii(self.domain)
+
+    @property
+    def is_ascii(self) -> bool:
+        return str(self).isascii()
+
+
+def domain_to_ascii(domain: str) -> str:
+    if not domain or domain.startswith("["):
+        return domain.lower()
+    if domain.isascii():
+        return domain.lower()
+    return domain.encode("idna").decode("ascii").lower()
+
+
+def _check_literal(lit: str) -> None:
+    body = lit[1:-1]
+    if body[:5].lower() == "ipv6:":
+        try:
+            ipaddress.IPv6Address(body[5:])
+        except ValueError as e:
+            raise AddressError(f"bad IPv6 address literal {lit}") from e
+        return
+    if re.fullmatch(r"[0-9.]+", body):
+        try:
+            ipaddress.IPv4Address(body)
+        except ValueError as e:
+            raise AddressError(f"bad IPv4 address literal {lit}") from e
+        return
+    # General-address-literal: Standardized-tag ":" 1*dcontent
+    if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?:[\x21-\x5a\x5e-\x7e]+", body):
+        raise AddressError(f"bad address literal {lit}")
+
+
+def _check_domain(domain: str) -> None:
+    if domain.startswith("["):
+        _check_literal(domain)
+        return
+    if len(domain.encode()) > MAX_DOMAIN:
+        raise AddressError("domain too long")
+    if not domain.isascii():
+        try:
+            a = domain.encode("idna")
+        except UnicodeError as e:
+            raise AddressError(f"bad internationalized domain {domain!r}") from e
+        if len(a) > MAX_DOMAIN:
+            raise AddressError("domain too long")
+    for label in domain.split("."):
+        if len(label.encode()) > 63 and label.isascii():
+            raise AddressError("domain label too long")
+
+
+def parse_path(path: str, *, utf8: bool = False, allow_null: bool = False,
+               allow_postmaster: bool = False) -> Mailbox | None:
+    """Parse one RFC 5321 Path including its angle brackets.
+
+    Returns ``None`` for the null path ``<>`` (when *allow_null*).
+    Raises :class:`AddressError` when the path is not valid.
+    """
+    if path == "<>":
+        if allow_null:
+            return None
+        raise AddressError("null path not allowed here")
+    if allow_postmaster and _POSTMASTER.fullmatch(path):
+        return Mailbox(path[1:-1], "")
+    if len(path.encode("utf-8")) > MAX_PATH + 2 and not utf8:
+        raise AddressError("path too long")
+    m = _PATH[utf8][0].fullmatch(path)
+    if m is None:
+        if not utf8 and not path.isascii() and _PATH[True][0].fullmatch(path):
+            raise AddressError("non-ASCII address without SMTPUTF8")
+        raise AddressError(f"syntax error in path {path}")
+    local, domain = m.group("local"), m.group("domain")
+    if len(local.encode("utf-8")) > MAX_LOCAL:
+        raise AddressError("local part too long")
+    _check_domain(domain)
+    return Mailbox(local, domain)
+
+
+def split_path(arg: str) -> tuple[str, str]:
+    """Split ``<path> params`` (the text after ``FROM:``/``TO:``) into the
+    path, brackets included, and the parameter text.
+
+    Tolerates spaces after the colon and a missing pair of angle brackets
+    (``MAIL FROM:user@example.test``), as Postfix does.
+    """
+    s = arg.lstrip(" ")
+    if not s.startswith("<"):
+        addr, _, rest = s.partition(" ")
+        if not addr:
+            raise AddressError("missing path")
+        return f"<{addr}>", rest
+    in_quote = escaped = False
+    for i, ch in enumerate(s):
+        if escaped:
+            escaped = False
+        elif ch == "\\" and in_quote:
+            escaped = True
+        elif ch == '"':
+            in_quote = not in_quote
+        elif ch == ">" and not in_quote:
+            rest = s[i + 1:]
+            if rest and not rest.startswith(" "):
+                raise AddressError("garbage after path")
+            return s[: i + 1], rest.lstrip(" ")
+    raise AddressError("unterminated path")

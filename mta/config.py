@@ -1,0 +1,333 @@
+"""Configuration: one TOML file loaded into frozen dataclasses.
+
+Every key has a default, so an empty file gives a working configuration.
+Unknown sections and keys are errors, and every error is a :class:`ConfigError`
+whose ``str()`` is one line naming the file and the key, e.g.::
+
+    etc/mta.toml: [server] max_recipients: expected an integer, got 'abc'
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "PolicyConfig",
+    "ServerConfig",
+    "SpoolConfig",
+    "config_from_dict",
+    "load_config",
+    "parse_duration",
+]
+
+
+class ConfigError(Exception):
+    """A configuration problem.  ``str()`` is a single line: ``source: [section] key: message``."""
+
+    def __init__(self, source: str, where: str | None, message: str) -> None:
+        self.source = source
+        self.where = where
+        self.message = _one_line(message)
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        if self.where:
+            return f"{self.source}: {self.where}: {self.message}"
+        return f"{self.source}: {self.message}"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    hostname: str = field(default_factory=socket.getfqdn)
+    listen: tuple[str, ...] = ("tcp:2525:interface=127.0.0.1",)
+    max_message_size: int = 36700160  # bytes; 0 = unlimited
+    max_recipients: int = 1000
+    max_connections: int = 1000
+    max_connections_per_client: int = 50
+    command_timeout: float = 300.0  # seconds idle while waiting for a command
+    data_timeout: float = 300.0  # seconds idle while receiving DATA/BDAT content
+    max_errors: int = 20
+    bare_newlines: str = "reject"  # "reject" or "normalize"
+    submission: tuple[str, ...] = ()  # reserved: submission endpoints
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    relay_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    relay_domains: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    url: str = "sqlite:///spool/mta.sqlite"
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    path: str = "<config>"
+
+
+# --------------------------------------------------------------------------- durations
+
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_PLAIN_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def parse_duration(value: object) -> float:
+    """Return a duration in seconds.
+
+    Accepts a non-negative int or float (seconds), or a string: a plain number of
+    seconds ("30") or one or more number+unit parts with units s, m, h, d
+    ("30s", "5m", "1h", "5d", "1h30m").  Raises ValueError for anything else.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"invalid duration {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        if _PLAIN_NUMBER.fullmatch(text):
+            seconds = float(text)
+        else:
+            pos = 0
+            seconds = 0.0
+            seen: set[str] = set()
+            for match in _DURATION_PART.finditer(text):
+                unit = match.group(2)
+                if match.start() != pos or unit in seen:
+                    raise ValueError(f"invalid duration {value!r}")
+                seen.add(unit)
+                seconds += float(match.group(1)) * _DURATION_UNITS[unit]
+                pos = match.end()
+            if pos == 0 or pos != len(text):
+                raise ValueError(f"invalid duration {value!r}")
+    else:
+        raise ValueError(f"invalid duration {value!r}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"invalid duration {value!r}")
+    return seconds
+
+
+# --------------------------------------------------------------------------- validators
+
+class _Invalid(Exception):
+    """Raised by a field converter; wrapped into ConfigError with the file and key."""
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _int(minimum: int = 0) -> Callable[[object], int]:
+    def convert(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(f"expected an integer, got {value!r}")
+        if value < minimum:
+            raise _Invalid(f"must be at least {minimum}, got {value!r}")
+        return value
+
+    return convert
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a string, got {value!r}")
+    return value
+
+
+def _str_list(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise _Invalid(f"expected a list of strings, got {value!r}")
+    for item in value:
+        if not isinstance(item, str):
+            raise _Invalid(f"expected a list of strings, got element {item!r}")
+    return tuple(value)
+
+
+def _duration(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _Invalid(f"expected a duration (seconds or a string like \"5m\"), got {value!r}")
+    try:
+        seconds = parse_duration(value)
+    except ValueError:
+        raise _Invalid(
+            f"invalid duration {value!r} (use seconds or a string like \"30s\", \"5m\", \"1h30m\")"
+        ) from None
+    if seconds <= 0:
+        raise _Invalid(f"must be greater than zero, got {value!r}")
+    return seconds
+
+
+def _hostname(value: object) -> str:
+    host = _str(value)
+    if not host:
+        raise _Invalid("must not be empty")
+    if any(ch.isspace() or not ch.isprintable() for ch in host):
+        raise _Invalid(f"must not contain spaces or control characters, got {host!r}")
+    return host
+
+
+def _choice(*choices: str) -> Callable[[object], str]:
+    def convert(value: object) -> str:
+        text = _str(value)
+        if text not in choices:
+            options = ", ".join(repr(c) for c in choices)
+            raise _Invalid(f"expected one of {options}, got {text!r}")
+        return text
+
+    return convert
+
+
+def _endpoints(value: object) -> tuple[str, ...]:
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    # serverFromString only parses (ssl: also reads the certificate files); it does not
+    # listen.  A MemoryReactor keeps this from installing the global reactor, which
+    # twistd must be free to choose.
+    reactor = MemoryReactor()
+    descriptions = _str_list(value)
+    for description in descriptions:
+        try:
+            endpoint = serverFromString(reactor, description)
+        except Exception as e:
+            raise _Invalid(
+                f"invalid endpoint {description!r}: {type(e).__name__}: {e}"
+            ) from None
+        port = getattr(endpoint, "_port", None)
+        if isinstance(port, int) and not 0 <= port <= 65535:
+            raise _Invalid(f"invalid endpoint {description!r}: port {port} out of range")
+    return descriptions
+
+
+def _networks(value: object) -> tuple[str, ...]:
+    result = []
+    for item in _str_list(value):
+        try:
+            network = ipaddress.ip_network(item.strip(), strict=False)
+        except ValueError as e:
+            raise _Invalid(f"invalid network {item!r}: {e}") from None
+        result.append(str(network))
+    return tuple(result)
+
+
+_LABEL = re.compile(r"[^\s@\[\]<>/\\,;:\"]+")
+
+
+def _domains(value: object) -> tuple[str, ...]:
+    result = []
+    for item in _str_list(value):
+        domain = item.strip().lower()
+        name = domain[1:] if domain.startswith(".") else domain
+        if name.endswith("."):
+            name = name[:-1]
+            domain = domain[:-1]
+        if not name or not all(_LABEL.fullmatch(label) for label in name.split(".")):
+            raise _Invalid(f"invalid domain {item!r}")
+        result.append(domain)
+    return tuple(result)
+
+
+def _sqlalchemy_url(value: object) -> str:
+    from sqlalchemy.engine import make_url
+
+    url = _str(value)
+    try:
+        make_url(url)
+    except Exception as e:
+        raise _Invalid(f"invalid database URL {url!r}: {e}") from None
+    return url
+
+
+# section name -> (dataclass, {key: converter}); keys equal the dataclass field names.
+_SCHEMA: dict[str, tuple[type, dict[str, Callable[[object], Any]]]] = {
+    "server": (
+        ServerConfig,
+        {
+            "hostname": _hostname,
+            "listen": _endpoints,
+            "max_message_size": _int(0),
+            "max_recipients": _int(1),
+            "max_connections": _int(0),
+            "max_connections_per_client": _int(0),
+            "command_timeout": _duration,
+            "data_timeout": _duration,
+            "max_errors": _int(0),
+            "bare_newlines": _choice("reject", "normalize"),
+            "submission": _endpoints,
+        },
+    ),
+    "policy": (
+        PolicyConfig,
+        {
+            "relay_networks": _networks,
+            "relay_domains": _domains,
+        },
+    ),
+    "spool": (
+        SpoolConfig,
+        {
+            "url": _sqlalchemy_url,
+        },
+    ),
+}
+
+
+# --------------------------------------------------------------------------- loading
+
+def config_from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
+    """Build a Config from parsed TOML (a dict of sections); ``source`` names it in errors."""
+    source = str(source)
+    for name, value in data.items():
+        if name not in _SCHEMA:
+            if isinstance(value, Mapping):
+                raise ConfigError(source, f"[{name}]", "unknown section")
+            raise ConfigError(source, name, "unknown key (settings belong in a section such as [server])")
+        if not isinstance(value, Mapping):
+            raise ConfigError(source, f"[{name}]", f"expected a table, got {value!r}")
+
+    sections: dict[str, Any] = {}
+    for name, (cls, converters) in _SCHEMA.items():
+        table = data.get(name, {})
+        kwargs: dict[str, Any] = {}
+        for key, value in table.items():
+            if key not in converters:
+                raise ConfigError(source, f"[{name}] {key}", "unknown key")
+            try:
+                kwargs[key] = converters[key](value)
+            except _Invalid as e:
+                raise ConfigError(source, f"[{name}] {key}", str(e)) from None
+        sections[name] = cls(**kwargs)
+    return Config(path=source, **sections)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate the TOML file at ``path``; raise ConfigError on any problem."""
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        reason = f"[Errno {e.errno}] {e.strerror}" if e.errno is not None else str(e)
+        raise ConfigError(source, None, f"cannot read file: {reason}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(source, None, f"file is not valid UTF-8: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(source, None, f"invalid TOML: {e}") from None
+    return config_from_dict(data, source)

@@ -1,0 +1,1 @@
+"""SMTP protocol code: the inbound server (and, later, the relay client)."""

@@ -1,0 +1,89 @@
+"""SMTP replies and enhanced status codes (RFC 5321, RFC 3463) in one place.
+
+A :class:`Reply` is what the server says; :class:`SMTPReplyError` carries one
+out of code that decides to refuse something, so the protocol maps every
+refusal to the wire in a single place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    code: int
+    status: str | None  # enhanced status code "X.Y.Z", or None
+    text: str
+
+    def encode(self, enhanced: bool) -> bytes:
+        """Wire form; multi-line text becomes ``code-`` continuation lines."""
+        lines = self.text.split("\n")
+        prefix = f"{self.status} " if (enhanced and self.status) else ""
+        out = []
+        last = len(lines) - 1
+        for i, line in enumerate(lines):
+            sep = " " if i == last else "-"
+            out.append(f"{self.code}{sep}{prefix}{line}\r\n")
+        return "".join(out).encode("utf-8", "replace")
+
+    @property
+    def is_error(self) -> bool:
+        return self.code >= 400
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.status + ' ' if self.status else ''}{self.text}"
+
+
+class SMTPReplyError(Exception):
+    """An exception that carries the SMTP reply to send."""
+
+    def __init__(self, reply: Reply):
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+def R(code: int, status: str | None, text: str) -> Reply:
+    return Reply(code, status, text)
+
+
+# Fixed replies used by the server.
+OK = R(250, "2.0.0", "Ok")
+SENDER_OK = R(250, "2.1.0", "Ok")
+RCPT_OK = R(250, "2.1.5", "Ok")
+DATA_GO = R(354, None, "End data with <CR><LF>.<CR><LF>")
+BYE = R(221, "2.0.0", "Bye")
+HELP = R(214, "2.0.0",
+         "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP\n"
+         "See RFC 5321")
+VRFY_CANNOT = R(252, "2.5.0",
+                "Cannot VRFY user, but will accept message and attempt delivery")
+EXPN_DISABLED = R(502, "5.5.1", "EXPN command not available")
+NOT_IMPLEMENTED = R(502, "5.5.1", "Command not implemented")
+TURN_REFUSED = R(502, "5.5.1", "TURN not implemented: use ETRN or ATRN")
+UNKNOWN_COMMAND = R(500, "5.5.1", "Command unrecognized")
+LINE_TOO_LONG = R(500, "5.5.2", "Line too long")
+BAD_CHARS = R(500, "5.5.2", "Invalid characters in command")
+NEED_HELO = R(503, "5.5.1", "Send HELO/EHLO first")
+NESTED_MAIL = R(503, "5.5.1", "Sender already specified")
+NEED_MAIL = R(503, "5.5.1", "Need MAIL command")
+NEED_RCPT = R(503, "5.5.1", "Need RCPT command")
+NO_VALID_RCPT = R(554, "5.5.1", "No valid recipients")
+DATA_AFTER_BDAT = R(503, "5.5.1", "DATA not allowed after BDAT in one transaction")
+BINARYMIME_DATA = R(503, "5.5.1", "BODY=BINARYMIME requires BDAT, not DATA")
+TOO_MANY_RCPTS = R(452, "4.5.3", "Too many recipients")
+MSG_TOO_BIG = R(552, "5.3.4", "Message size exceeds fixed maximum message size")
+TEXT_LINE_TOO_LONG = R(500, "5.5.2", "Message refused: text line longer than 1000 octets")
+BARE_NEWLINE = R(554, "5.6.0",
+                 "Message refused: bare CR or LF in message data (RFC 5321 2.3.8)")
+SPOOL_FAILED = R(451, "4.3.0", "Local error in processing: message not queued, try again later")
+TIMEOUT = R(421, "4.4.2", "Error: timeout exceeded")
+TOO_MANY_ERRORS = R(421, "4.7.0", "Too many errors")
+TOO_MANY_CONNECTIONS = R(421, "4.7.0", "Too many connections, try again later")
+TOO_MANY_FROM_CLIENT = R(421, "4.7.0", "Too many connections from your address, try again later")
+SHUTTING_DOWN = R(421, "4.3.2", "Service shutting down")
+RELAY_DENIED = R(554, "5.7.1", "Relay access denied")
+STARTTLS_UNAVAILABLE = R(502, "5.5.1", "STARTTLS not available")
+AUTH_UNAVAILABLE = R(503, "5.5.1", "Authentication not enabled")
+ETRN_UNAVAILABLE = R(502, "5.5.1", "ETRN not available")
+ATRN_UNAVAILABLE = R(502, "5.5.1", "ATRN not available")
+NON_ASCII_ADDRESS = R(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")

@@ -1,0 +1,573 @@
+"""The inbound ESMTP server (RFC 5321) as a Twisted protocol and factory.
+
+The protocol parses and replies; a policy object decides who may relay and
+the spool stores.  One command is processed at a time: while a spool write
+is outstanding, further input (pipelined commands, RFC 2920) waits in the
+buffer, so replies always come in order and nothing a client pipelined after
+the final dot is lost.  Replies produced by one burst of input are written
+in one go.
+
+No SQL and no configuration parsing in here.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from twisted.internet import defer, protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .. import address
+from ..address import AddressError, Mailbox
+from ..message import (InboundMessage, Recipient, new_queue_id, received_header,
+                       split_header_block)
+from . import replies as r
+from .data import DataReader, has_bare_newline, has_long_line, normalize_newlines
+from .params import MailParams, parse_mail_params, parse_rcpt_params
+from .replies import R, Reply, SMTPReplyError
+
+log = Logger(namespace="mta.smtpd")
+
+MAX_COMMAND_LINE = 512          # octets including CRLF (RFC 5321 §4.5.3.1.4)
+_BDAT = re.compile(r"(\d{1,15})(?: +(LAST))? *", re.I)
+_PAUSE_AT = 256 * 1024          # buffered input while busy before we stop reading
+
+_CMD, _DATA, _BDAT_MODE, _CLOSED = range(4)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    hostname: str = "localhost"
+    max_message_size: int = 36700160
+    max_recipients: int = 1000
+    max_connections: int = 1000
+    max_connections_per_client: int = 50
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+    max_errors: int = 20
+    bare_newlines: str = "reject"
+
+
+class SMTPServerFactory(protocol.Factory):
+    def __init__(self, settings: ServerSettings, spool: Any, policy: Any,
+                 reactor: Any = None):
+        if reactor is None:
+            from twisted.internet import reactor as _r
+            reactor = _r
+        self.settings = settings
+        self.spool = spool
+        self.policy = policy
+        self.reactor = reactor
+        self.connections = 0
+        self.per_client: Counter[str] = Counter()
+
+    def buildProtocol(self, addr: Any) -> "SMTPServer":
+        p = SMTPServer(self)
+        p.factory = self
+        return p
+
+
+class SMTPServer(protocol.Protocol):
+    factory: SMTPServerFactory
+
+    def __init__(self, factory: SMTPServerFactory):
+        self.factory = factory
+        s = factory.settings
+        self.settings = s
+        self.reactor = factory.reactor
+        self._buf = b""
+        self._out: list[bytes] = []
+        self._mode = _CMD
+        self._busy = False
+        self._processing = False
+        self._paused = False
+        self._skipping = False       # discarding the rest of an over-long command line
+        self._errors = 0
+        self._timer: Any = None
+        self._counted = False
+        self.helo: str | None = None
+        self.esmtp = False
+        self.enhanced = False
+        self.tls = False
+        self.authenticated: str | None = None
+        self.client_ip = "unknown"
+        self._reset_transaction()
+
+    # -- transaction state --------------------------------------------------
+    def _reset_transaction(self) -> None:
+        self.sender: Mailbox | None = None
+        self.has_sender = False
+        self.mail_params = MailParams()
+        self.recipients: list[Recipient] = []
+        self._reader: DataReader | None = None
+        self._chunks: bytearray | None = None   # BDAT content so far
+        self._bdat_error: Reply | None = None    # the transaction failed during BDAT
+        self._bdat_left = 0
+        self._bdat_last = False
+        self._chunk_reply: Reply | None = None   # reply owed for the chunk being read
+
+    # -- connection ---------------------------------------------------------
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.client_ip = getattr(peer, "host", None) or "unknown"
+        f = self.factory
+        f.connections += 1
+        f.per_client[self.client_ip] += 1
+        self._counted = True
+        if f.connections > self.settings.max_connections:
+            self._close_with(r.TOO_MANY_CONNECTIONS)
+            return
+        if f.per_client[self.client_ip] > self.settings.max_connections_per_client:
+            self._close_with(r.TOO_MANY_FROM_CLIENT)
+            return
+        self._timer = self.reactor.callLater(self.settings.command_timeout, self._timed_out)
+        self.transport.write(f"220 {self.settings.hostname} ESMTP mta\r\n".encode())
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self._mode = _CLOSED
+        self._buf = b""
+        self._reset_transaction()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._counted:
+            self._counted = False
+            f = self.factory
+            f.connections -= 1
+            f.per_client[self.client_ip] -= 1
+            if f.per_client[self.client_ip] <= 0:
+                del f.per_client[self.client_ip]
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._mode == _CLOSED:
+            return
+        if self._busy:  # we are the slow one; give the spool its time
+            self._timer = self.reactor.callLater(self.settings.command_timeout, self._timed_out)
+            return
+        log.info("timeout client={client}", client=self.client_ip)
+        self._close_with(R(421, "4.4.2", f"{self.settings.hostname} Error: timeout exceeded"))
+
+    def _close_with(self, reply: Reply) -> None:
+        self._out.append(reply.encode(self.enhanced))
+        self._flush()
+        self._mode = _CLOSED
+        self._buf = b""
+        self.transport.loseConnection()
+
+    # -- input ----------------------------------------------------------------
+    def dataReceived(self, data: bytes) -> None:
+        if self._mode == _CLOSED:
+            return
+        if self._timer is not None:
+            self._timer.reset(self.settings.data_timeout if self._mode != _CMD
+                              else self.settings.command_timeout)
+        self._buf = self._buf + data if self._buf else data
+        if self._busy:
+            if not self._paused and len(self._buf) > _PAUSE_AT:
+                self._paused = True
+                self.transport.pauseProducing()
+            return
+        self._process()
+
+    def _process(self) -> None:
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            self._process_loop()
+        finally:
+            self._processing = False
+        self._flush()
+
+    def _process_loop(self) -> None:
+        buf = self._buf
+        pos = 0
+        n = len(buf)
+        while pos < n and not self._busy:
+            mode = self._mode
+            if mode == _CMD:
+                nl = buf.find(b"\n", pos)
+                if nl < 0:
+                    if n - pos > MAX_COMMAND_LINE:
+                        self._skipping = True  # answer when the line finally ends
+                        pos = n
+                    break
+                line = buf[pos:nl]
+                pos = nl + 1
+                if self._skipping:
+                    self._skipping = False
+                    self._reply(r.LINE_TOO_LONG)
+                    continue
+                if line.endswith(b"\r"):
+                    line = line[:-1]
+                if len(line) > MAX_COMMAND_LINE - 2:
+                    self._reply(r.LINE_TOO_LONG)
+                    continue
+                self._command(line)
+            elif mode == _DATA:
+                end = self._reader.feed(buf, pos)
+                if end is None:
+                    pos = n
+                    break
+                pos = end
+                self._end_of_data()
+            elif mode == _BDAT_MODE:
+                take = min(self._bdat_left, n - pos)
+                if take:
+                    if self._chunks is not None:
+                        self._chunks += memoryview(buf)[pos:pos + take]
+                    self._bdat_left -= take
+                    pos += take
+                if self._bdat_left == 0:
+                    self._end_of_chunk()
+                else:
+                    break
+            else:  # closed
+                pos = n
+                break
+        if self._mode == _CLOSED:
+            self._buf = b""
+        else:
+            self._buf = buf[pos:] if pos < n else b""
+            if self._mode == _BDAT_MODE and self._bdat_left == 0 and not self._busy:
+                self._end_of_chunk()  # zero-length chunk arriving with nothing after it
+
+    def _flush(self) -> None:
+        if self._out:
+            data = b"".join(self._out)
+            self._out.clear()
+            if self.transport is not None:
+                self.transport.write(data)
+
+    def _reply(self, reply: Reply) -> None:
+        self._out.append(reply.encode(self.enhanced))
+        if reply.code >= 500:
+            self._errors += 1
+            if self._errors >= self.settings.max_errors:
+                log.info("too many errors client={client}", client=self.client_ip)
+                self._close_with(r.TOO_MANY_ERRORS)
+
+    # -- commands -----------------------------------------------------------
+    def _command(self, raw: bytes) -> None:
+        if b"\x00" in raw:
+            self._reply(r.BAD_CHARS)
+            return
+        try:
+            line = raw.decode("ascii") if raw.isascii() else raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self._reply(r.BAD_CHARS)
+            return
+        verb, _, arg = line.partition(" ")
+        handler = _HANDLERS.get(verb.upper())
+        if handler is None:
+            self._reply(r.UNKNOWN_COMMAND)
+            return
+        try:
+            handler(self, arg.strip(" "))
+        except SMTPReplyError as e:
+            self._reply(e.reply)
+
+    def do_HELO(self, arg: str) -> None:
+        if not arg:
+            raise SMTPReplyError(R(501, "5.5.4", "Syntax: HELO hostname"))
+        self._reset_transaction()
+        self.helo = arg.split(" ", 1)[0]
+        self.esmtp = False
+        self.enhanced = False
+        self._reply(R(250, None, self.settings.hostname))
+
+    def do_EHLO(self, arg: str) -> None:
+        if not arg:
+            raise SMTPReplyError(R(501, "5.5.4", "Syntax: EHLO hostname"))
+        self._reset_transaction()
+        self.helo = arg.split(" ", 1)[0]
+        self.esmtp = True
+        self.enhanced = True
+        size = self.settings.max_message_size
+        lines = [f"{self.settings.hostname} greets {self.helo}",
+                 "PIPELINING",
+                 f"SIZE {size}" if size else "SIZE",
+                 "8BITMIME",
+                 "BINARYMIME",
+                 "CHUNKING",
+                 "ENHANCEDSTATUSCODES",
+                 "SMTPUTF8",
+                 "DSN",
+                 "HELP"]
+        self._out.append(Reply(250, None, "\n".join(lines)).encode(False))
+
+    def do_MAIL(self, arg: str) -> None:
+        if self.helo is None:
+            raise SMTPReplyError(r.NEED_HELO)
+        if self.has_sender:
+            raise SMTPReplyError(r.NESTED_MAIL)
+        if arg[:5].upper() != "FROM:":
+            raise SMTPReplyError(R(501, "5.5.2", "Syntax: MAIL FROM:<address>"))
+        try:
+            path, rest = address.split_path(arg[5:])
+        except AddressError as e:
+            raise SMTPReplyError(R(501, "5.1.7", f"Bad sender address syntax: {e}")) from None
+        params = parse_mail_params(rest, esmtp=self.esmtp)
+        try:
+            sender = address.parse_path(path, utf8=params.smtputf8, allow_null=True)
+        except AddressError as e:
+            if not path.isascii() and not params.smtputf8:
+                raise SMTPReplyError(r.NON_ASCII_ADDRESS) from None
+            raise SMTPReplyError(R(501, "5.1.7", f"Bad sender address syntax: {e}")) from None
+        limit = self.settings.max_message_size
+        if limit and params.size is not None and params.size > limit:
+            raise SMTPReplyError(r.MSG_TOO_BIG)
+        self.sender = sender
+        self.has_sender = True
+        self.mail_params = params
+        self._reply(r.SENDER_OK)
+
+    def do_RCPT(self, arg: str) -> None:
+        if self.helo is None:
+            raise SMTPReplyError(r.NEED_HELO)
+        if not self.has_sender:
+            raise SMTPReplyError(r.NEED_MAIL)
+        if self._chunks is not None or self._bdat_error is not None:
+            raise SMTPReplyError(R(503, "5.5.1", "RCPT not allowed during BDAT"))
+        if arg[:3].upper() != "TO:":
+            raise SMTPReplyError(R(501, "5.5.2", "Syntax: RCPT TO:<address>"))
+        try:
+            path, rest = address.split_path(arg[3:])
+        except AddressError as e:
+            raise SMTPReplyError(R(501, "5.1.3", f"Bad recipient address syntax: {e}")) from None
+        params = parse_rcpt_params(rest, esmtp=self.esmtp)
+        utf8 = self.mail_params.smtputf8
+        try:
+            rcpt = address.parse_path(path, utf8=utf8, allow_postmaster=True)
+        except AddressError as e:
+            if not path.isascii() and not utf8:
+                raise SMTPReplyError(r.NON_ASCII_ADDRESS) from None
+            raise SMTPReplyError(R(501, "5.1.3", f"Bad recipient address syntax: {e}")) from None
+        assert rcpt is not None
+        if len(self.recipients) >= self.settings.max_recipients:
+            raise SMTPReplyError(r.TOO_MANY_RCPTS)
+        if not self.factory.policy.recipient_allowed(
+                rcpt, client_ip=self.client_ip, authenticated=self.authenticated is not None):
+            log.info("reject client={client} from=<{sender}> to=<{rcpt}> 554 5.7.1 relay denied",
+                     client=self.client_ip, sender=self.sender or "", rcpt=rcpt)
+            raise SMTPReplyError(R(554, "5.7.1", f"<{rcpt}>: Relay access denied"))
+        self.recipients.append(Recipient(str(rcpt), params.notify, params.orcpt))
+        self._reply(r.RCPT_OK)
+
+    def do_DATA(self, arg: str) -> None:
+        if self.helo is None:
+            raise SMTPReplyError(r.NEED_HELO)
+        if not self.has_sender:
+            raise SMTPReplyError(r.NEED_MAIL)
+        if self._chunks is not None or self._bdat_error is not None:
+            raise SMTPReplyError(r.DATA_AFTER_BDAT)
+        if arg:
+            raise SMTPReplyError(R(501, "5.5.4", "Syntax: DATA"))
+        if self.mail_params.body == "BINARYMIME":
+            raise SMTPReplyError(r.BINARYMIME_DATA)
+        if not self.recipients:
+            raise SMTPReplyError(r.NO_VALID_RCPT)
+        self._reader = DataReader(self.settings.max_message_size, self.settings.bare_newlines)
+        self._mode = _DATA
+        self._reply(r.DATA_GO)
+        if self._timer is not None:
+            self._timer.reset(self.settings.data_timeout)
+
+    def _end_of_data(self) -> None:
+        self._mode = _CMD
+        content, err = self._reader.result(self.settings.max_message_size)
+        self._reader = None
+        if err is not None:
+            self._refuse(err)
+            return
+        self._store(content)
+
+    def do_BDAT(self, arg: str) -> None:
+        m = _BDAT.fullmatch(arg)
+        if m is None:
+            raise SMTPReplyError(R(501, "5.5.4", "Syntax: BDAT chunk-size [LAST]"))
+        size = int(m.group(1))
+        last = m.group(2) is not None
+        # The chunk is read whatever we think of it, so we stay in step.
+        err: Reply | None = None
+        if self.helo is None:
+            err = r.NEED_HELO
+        elif not self.has_sender:
+            err = r.NEED_MAIL
+        elif not self.recipients:
+            err = r.NO_VALID_RCPT
+        elif self._bdat_error is not None:
+            err = self._bdat_error
+        self._chunk_reply = err
+        if err is None:
+            if self._chunks is None:
+                self._chunks = bytearray()
+            limit = self.settings.max_message_size
+            if limit and len(self._chunks) + size > limit:
+                self._bdat_error = self._chunk_reply = r.MSG_TOO_BIG
+                self._chunks = None
+        self._bdat_left = size
+        self._bdat_last = last
+        self._mode = _BDAT_MODE
+        if self._timer is not None:
+            self._timer.reset(self.settings.data_timeout)
+
+    def _end_of_chunk(self) -> None:
+        self._mode = _CMD
+        last = self._bdat_last
+        if self._chunk_reply is not None:
+            reply = self._chunk_reply
+            self._chunk_reply = None
+            if self._bdat_error is not None and last:
+                self._reset_transaction()  # a failed BDAT transaction ends with LAST
+            self._reply(reply)
+            return
+        if not last:
+            self._reply(R(250, "2.0.0", f"{self._bdat_size_so_far()} octets received"))
+            return
+        content = self._chunks if self._chunks is not None else bytearray()
+        self._chunks = None
+        if self.mail_params.body != "BINARYMIME":
+            if has_bare_newline(content):
+                if self.settings.bare_newlines != "normalize":
+                    self._refuse(r.BARE_NEWLINE)
+                    return
+                content = normalize_newlines(content)
+            if has_long_line(content):
+                self._refuse(r.TEXT_LINE_TOO_LONG)
+                return
+        self._store(content)
+
+    def _bdat_size_so_far(self) -> int:
+        return len(self._chunks) if self._chunks is not None else 0
+
+    def _refuse(self, reply: Reply) -> None:
+        log.info("refused client={client} from=<{sender}> nrcpt={n}: {reply}",
+                 client=self.client_ip, sender=self.sender or "", n=len(self.recipients),
+                 reply=str(reply))
+        self._reset_transaction()
+        self._reply(reply)
+
+    # -- storing --------------------------------------------------------------
+    def _protocol_name(self) -> str:
+        base = "ESMTP" if self.esmtp else "SMTP"
+        if self.mail_params.smtputf8:
+            base = "UTF8SMTP"
+        if self.tls:
+            base += "S"
+        if self.authenticated is not None:
+            base += "A"
+        return base
+
+    def _store(self, content: bytearray) -> None:
+        now = self.reactor.seconds()
+        qid = new_queue_id(now)
+        proto = self._protocol_name()
+        rcpts = self.recipients
+        hdr_end = split_header_block(content)
+        received = received_header(
+            helo=self.helo or "", client_ip=self.client_ip, hostname=self.settings.hostname,
+            protocol=proto, queue_id=qid,
+            recipient=rcpts[0].address if len(rcpts) == 1 else None, now=now)
+        headers = received + bytes(content[:hdr_end])
+        body = memoryview(content)[hdr_end:] if hdr_end else content
+        p = self.mail_params
+        msg = InboundMessage(
+            queue_id=qid, sender=str(self.sender) if self.sender else "", recipients=rcpts,
+            headers=headers, body=body, arrival=now, client_address=self.client_ip,
+            helo=self.helo or "", protocol=proto, size=len(headers) + len(body),
+            body_type=p.body, smtputf8=p.smtputf8, size_param=p.size, ret=p.ret,
+            envid=p.envid, auth=p.auth)
+        self._busy = True
+        try:
+            d = self.factory.spool.store(msg)
+        except Exception:
+            d = defer.fail()
+        d.addCallbacks(self._stored, self._store_failed, callbackArgs=(msg,), errbackArgs=(msg,))
+
+    def _stored(self, qid: str, msg: InboundMessage) -> None:
+        log.info("{queue_id}: client={client} helo={helo} from=<{sender}> size={size} "
+                 "nrcpt={nrcpt} proto={proto}", queue_id=qid, client=msg.client_address,
+                 helo=msg.helo, sender=msg.sender, size=msg.size, nrcpt=len(msg.recipients),
+                 proto=msg.protocol)
+        self._done(R(250, "2.0.0", f"Ok: queued as {qid}"))
+
+    def _store_failed(self, failure: Failure, msg: InboundMessage) -> None:
+        log.error("spool failure client={client} from=<{sender}> nrcpt={nrcpt}: {error}",
+                  client=msg.client_address, sender=msg.sender, nrcpt=len(msg.recipients),
+                  error=failure.getErrorMessage())
+        self._done(r.SPOOL_FAILED)
+
+    def _done(self, reply: Reply) -> None:
+        self._busy = False
+        self._reset_transaction()
+        if self._mode == _CLOSED:
+            return
+        self._reply(reply)
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+        if self._processing:
+            return  # the running loop goes on with what is buffered
+        self._process()
+
+    # -- simple commands ----------------------------------------------------------
+    def do_RSET(self, arg: str) -> None:
+        if arg:
+            raise SMTPReplyError(R(501, "5.5.4", "Syntax: RSET"))
+        self._reset_transaction()
+        self._reply(r.OK)
+
+    def do_NOOP(self, arg: str) -> None:
+        self._reply(r.OK)
+
+    def do_QUIT(self, arg: str) -> None:
+        self._close_with(r.BYE)
+
+    def do_VRFY(self, arg: str) -> None:
+        if not arg:
+            raise SMTPReplyError(R(501, "5.5.4", "Syntax: VRFY address"))
+        self._reply(r.VRFY_CANNOT)
+
+    def do_EXPN(self, arg: str) -> None:
+        self._reply(r.EXPN_DISABLED)
+
+    def do_HELP(self, arg: str) -> None:
+        self._reply(r.HELP)
+
+    def do_STARTTLS(self, arg: str) -> None:
+        self._reply(r.STARTTLS_UNAVAILABLE)
+
+    def do_AUTH(self, arg: str) -> None:
+        self._reply(r.AUTH_UNAVAILABLE)
+
+    def do_ETRN(self, arg: str) -> None:
+        self._reply(r.ETRN_UNAVAILABLE)
+
+    def do_ATRN(self, arg: str) -> None:
+        self._reply(r.ATRN_UNAVAILABLE)
+
+    def do_TURN(self, arg: str) -> None:
+        self._reply(r.TURN_REFUSED)
+
+    def do_obsolete(self, arg: str) -> None:
+        self._reply(r.NOT_IMPLEMENTED)
+
+
+_HANDLERS: dict[str, Callable[[SMTPServer, str], None]] = {
+    "HELO": SMTPServer.do_HELO, "EHLO": SMTPServer.do_EHLO,
+    "MAIL": SMTPServer.do_MAIL, "RCPT": SMTPServer.do_RCPT,
+    "DATA": SMTPServer.do_DATA, "BDAT": SMTPServer.do_BDAT,
+    "RSET": SMTPServer.do_RSET, "NOOP": SMTPServer.do_NOOP,
+    "QUIT": SMTPServer.do_QUIT, "VRFY": SMTPServer.do_VRFY,
+    "EXPN": SMTPServer.do_EXPN, "HELP": SMTPServer.do_HELP,
+    "STARTTLS": SMTPServer.do_STARTTLS, "AUTH": SMTPServer.do_AUTH,
+    "ETRN": SMTPServer.do_ETRN, "ATRN": SMTPServer.do_ATRN,
+    "TURN": SMTPServer.do_TURN,
+    "SEND": SMTPServer.do_obsolete, "SOML": SMTPServer.do_obsolete,
+    "SAML": SMTPServer.do_obsolete,
+}

@@ -1,0 +1,85 @@
+"""``twistd mta``: options and the service tree."""
+from __future__ import annotations
+
+import sys
+
+from twisted.application import service, strports
+from twisted.internet import endpoints
+from twisted.python import usage
+
+from .config import Config, ConfigError, load_config
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = ("Run the mta mail transfer agent: an ESMTP server on the endpoints of "
+                "[server] listen, storing mail in the spool named by [spool] url.")
+    optParameters = [
+        ["config", "c", "etc/mta.toml", "Path to the TOML configuration file."],
+        ["spool", None, None, "Override [spool] url (a SQLAlchemy URL)."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """Listen on this Twisted endpoint instead of [server] listen (repeatable),
+        e.g. tcp:2525:interface=127.0.0.1"""
+        self["listen"].append(endpoint)
+
+    def postOptions(self) -> None:
+        try:
+            self.config = load_config(self["config"])
+        except ConfigError as e:
+            _die(str(e))
+        from twisted.internet import reactor
+        for ep in self["listen"]:
+            try:
+                endpoints.serverFromString(reactor, ep)
+            except Exception as e:
+                _die(f"--listen {ep}: bad endpoint: {e}")
+
+
+def _die(message: str) -> None:
+    """One line on stderr and a non-zero exit: twistd would otherwise print a
+    usage text or a traceback."""
+    sys.stderr.write(f"mta: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(1)
+
+
+def makeService(options: Options) -> service.IService:
+    from twisted.internet import reactor
+
+    from .policy import RelayPolicy
+    from .smtp.server import ServerSettings, SMTPServerFactory
+    from .spool import Spool, SpoolError
+    from .spool.service import SpoolService
+
+    config: Config = options.config
+    url = options["spool"] or config.spool.url
+    try:
+        spool = Spool(url, reactor=reactor)
+        spool.open()
+    except SpoolError as e:
+        _die(f"{config.path}: [spool] url: {e}")
+    except Exception as e:  # bad driver name and the like
+        _die(f"{config.path}: [spool] url: {url}: {e}")
+
+    s = config.server
+    settings = ServerSettings(
+        hostname=s.hostname, max_message_size=s.max_message_size,
+        max_recipients=s.max_recipients, max_connections=s.max_connections,
+        max_connections_per_client=s.max_connections_per_client,
+        command_timeout=s.command_timeout, data_timeout=s.data_timeout,
+        max_errors=s.max_errors, bare_newlines=s.bare_newlines)
+    policy = RelayPolicy(config.policy.relay_networks, config.policy.relay_domains)
+    factory = SMTPServerFactory(settings, spool, policy, reactor=reactor)
+
+    top = service.MultiService()
+    SpoolService(spool).setServiceParent(top)
+    for ep in options["listen"] or s.listen:
+        svc = strports.service(ep, factory, reactor=reactor)
+        svc.setServiceParent(top)
+    return top

@@ -1,0 +1,474 @@
+import dataclasses
+import os
+import re
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mta.config import (
+    Config,
+    ConfigError,
+    PolicyConfig,
+    ServerConfig,
+    SpoolConfig,
+    config_from_dict,
+    load_config,
+    parse_duration,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "etc" / "mta.toml"
+
+
+def error_for(data, source="etc/mta.toml"):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(data, source)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+# ----------------------------------------------------------------- defaults
+
+
+def test_empty_config_has_defaults():
+    config = config_from_dict({})
+    assert config.path == "<config>"
+    assert config.server == ServerConfig()
+    assert config.server.hostname == socket.getfqdn()
+    assert config.server.listen == ("tcp:2525:interface=127.0.0.1",)
+    assert config.server.max_message_size == 36700160
+    assert config.server.max_recipients == 1000
+    assert config.server.max_connections == 1000
+    assert config.server.max_connections_per_client == 50
+    assert config.server.command_timeout == 300.0
+    assert config.server.data_timeout == 300.0
+    assert config.server.max_errors == 20
+    assert config.server.bare_newlines == "reject"
+    assert config.server.submission == ()
+    assert config.policy == PolicyConfig(("127.0.0.0/8", "::1/128"), ())
+    assert config.spool == SpoolConfig("sqlite:///spool/mta.sqlite")
+
+
+def test_empty_sections_have_defaults():
+    config = config_from_dict({"server": {}, "policy": {}, "spool": {}}, "x.toml")
+    assert config == Config(path="x.toml")
+
+
+def test_config_is_frozen():
+    config = config_from_dict({})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.server.max_recipients = 5  # type: ignore[misc]
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.toml"
+    path.write_text("")
+    config = load_config(str(path))
+    assert config.path == str(path)
+    assert config.server.max_recipients == 1000
+
+
+def test_no_global_reactor_installed():
+    # Validating endpoint strings must not install the global reactor: twistd picks it.
+    code = (
+        "import sys; from mta.config import config_from_dict; "
+        "config_from_dict({'server': {'listen': ['tcp:25', 'tcp6:26:interface=\\\\:\\\\:1']}}); "
+        "sys.exit('twisted.internet.reactor' in sys.modules)"
+    )
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT)
+    assert result.returncode == 0
+
+
+# ----------------------------------------------------------------- example file
+
+
+def test_example_file_loads_with_contract_values():
+    config = load_config(str(EXAMPLE))
+    assert config.path == str(EXAMPLE)
+    assert config.server.hostname == "mx.example.test"
+    assert config.server.listen == ("tcp:2525:interface=127.0.0.1",)
+    assert config.server.max_message_size == 36700160
+    assert config.server.max_recipients == 1000
+    assert config.policy.relay_networks == ("127.0.0.0/8", "::1/128")
+    assert config.policy.relay_domains == ("example.test",)
+    assert config.spool.url == "sqlite:///spool/mta.sqlite"
+    # The commented keys are the defaults.
+    defaults = ServerConfig(hostname="mx.example.test")
+    assert config.server == defaults
+
+
+def test_example_file_commented_keys_are_valid_and_default():
+    # Uncommenting every "# key = value" line must give a valid file with the same values.
+    setting = re.compile(r"# ([a-z_]+ = .*)")
+    lines = []
+    for line in EXAMPLE.read_text().splitlines():
+        match = setting.fullmatch(line)
+        lines.append(match.group(1) if match else line)
+    uncommented = "\n".join(lines)
+    assert uncommented.count("max_connections_per_client = 50") == 1
+    import tomllib
+
+    data = tomllib.loads(uncommented)
+    assert config_from_dict(data) == config_from_dict(tomllib.loads(EXAMPLE.read_text()))
+
+
+def test_full_config(tmp_path):
+    path = tmp_path / "mta.toml"
+    path.write_text(
+        """
+[server]
+hostname = "mail.example.org"
+listen = ["tcp:25", "tcp6:25:interface=\\\\:\\\\:1", "unix:/tmp/mta.sock"]
+max_message_size = 0
+max_recipients = 1
+max_connections = 0
+max_connections_per_client = 0
+command_timeout = "1m30s"
+data_timeout = 120
+max_errors = 0
+bare_newlines = "normalize"
+submission = ["tcp:587"]
+
+[policy]
+relay_networks = ["10.1.2.3/8", "2001:db8::/32"]
+relay_domains = ["Example.ORG", ".Sub.Example.org", "trailing.example."]
+
+[spool]
+url = "postgresql+psycopg://mta@localhost/mta"
+"""
+    )
+    config = load_config(path)
+    assert config.server == ServerConfig(
+        hostname="mail.example.org",
+        listen=("tcp:25", "tcp6:25:interface=\\:\\:1", "unix:/tmp/mta.sock"),
+        max_message_size=0,
+        max_recipients=1,
+        max_connections=0,
+        max_connections_per_client=0,
+        command_timeout=90.0,
+        data_timeout=120.0,
+        max_errors=0,
+        bare_newlines="normalize",
+        submission=("tcp:587",),
+    )
+    assert isinstance(config.server.data_timeout, float)
+    assert config.policy.relay_networks == ("10.0.0.0/8", "2001:db8::/32")
+    assert config.policy.relay_domains == ("example.org", ".sub.example.org", "trailing.example")
+    assert config.spool.url == "postgresql+psycopg://mta@localhost/mta"
+
+
+# ----------------------------------------------------------------- unknown names
+
+
+def test_unknown_key():
+    assert (
+        error_for({"server": {"hostnme": "x"}})
+        == "etc/mta.toml: [server] hostnme: unknown key"
+    )
+
+
+def test_unknown_key_in_policy():
+    assert (
+        error_for({"policy": {"relay_network": []}})
+        == "etc/mta.toml: [policy] relay_network: unknown key"
+    )
+
+
+@pytest.mark.parametrize("section", ["relay", "routes", "dns", "retry", "serv"])
+def test_unknown_section(section):
+    assert error_for({section: {}}) == f"etc/mta.toml: [{section}]: unknown section"
+
+
+def test_top_level_key():
+    assert error_for({"hostname": "x"}) == (
+        "etc/mta.toml: hostname: unknown key (settings belong in a section such as [server])"
+    )
+
+
+def test_section_not_a_table():
+    assert error_for({"server": 5}) == "etc/mta.toml: [server]: expected a table, got 5"
+
+
+def test_unknown_key_from_file(tmp_path):
+    path = tmp_path / "mta.toml"
+    path.write_text('[server]\nhostname = "a"\nhostnme = "b"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(info.value) == f"{path}: [server] hostnme: unknown key"
+    assert info.value.source == str(path)
+    assert info.value.where == "[server] hostnme"
+
+
+def test_unknown_section_from_file(tmp_path):
+    path = tmp_path / "mta.toml"
+    path.write_text("[retry]\nmax_age = '5d'\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(info.value) == f"{path}: [retry]: unknown section"
+
+
+# ----------------------------------------------------------------- wrong types and values
+
+
+def test_integer_from_string():
+    assert error_for({"server": {"max_recipients": "abc"}}) == (
+        "etc/mta.toml: [server] max_recipients: expected an integer, got 'abc'"
+    )
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_bool_is_not_an_integer(value):
+    assert error_for({"server": {"max_message_size": value}}) == (
+        f"etc/mta.toml: [server] max_message_size: expected an integer, got {value!r}"
+    )
+
+
+def test_float_is_not_an_integer():
+    assert error_for({"server": {"max_errors": 10.0}}) == (
+        "etc/mta.toml: [server] max_errors: expected an integer, got 10.0"
+    )
+
+
+@pytest.mark.parametrize(
+    "key", ["max_message_size", "max_connections", "max_connections_per_client", "max_errors"]
+)
+def test_negative_integer(key):
+    assert error_for({"server": {key: -1}}) == (
+        f"etc/mta.toml: [server] {key}: must be at least 0, got -1"
+    )
+
+
+def test_max_recipients_at_least_one():
+    assert error_for({"server": {"max_recipients": 0}}) == (
+        "etc/mta.toml: [server] max_recipients: must be at least 1, got 0"
+    )
+
+
+@pytest.mark.parametrize("value", ["", "mx example", "mx\texample", 5])
+def test_bad_hostname(value):
+    message = error_for({"server": {"hostname": value}})
+    assert message.startswith("etc/mta.toml: [server] hostname: ")
+
+
+def test_bare_newlines_choice():
+    assert error_for({"server": {"bare_newlines": "strip"}}) == (
+        "etc/mta.toml: [server] bare_newlines: expected one of 'reject', 'normalize', got 'strip'"
+    )
+
+
+def test_listen_not_a_list():
+    assert error_for({"server": {"listen": "tcp:25"}}) == (
+        "etc/mta.toml: [server] listen: expected a list of strings, got 'tcp:25'"
+    )
+
+
+def test_listen_element_not_a_string():
+    assert error_for({"server": {"listen": ["tcp:25", 25]}}) == (
+        "etc/mta.toml: [server] listen: expected a list of strings, got element 25"
+    )
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    ["tcp:abc", "bogus:25", "tcp", "tcp:25:colour=blue", "", "tcp:99999", "ssl:465:privateKey=/nonexistent.pem"],
+)
+def test_bad_endpoint(endpoint):
+    message = error_for({"server": {"listen": [endpoint]}})
+    assert message.startswith(f"etc/mta.toml: [server] listen: invalid endpoint {endpoint!r}: ")
+
+
+def test_bad_endpoint_message():
+    assert error_for({"server": {"listen": ["tcp:25", "tcp:abc"]}}) == (
+        "etc/mta.toml: [server] listen: invalid endpoint 'tcp:abc': "
+        "ValueError: invalid literal for int() with base 10: 'abc'"
+    )
+
+
+def test_bad_submission_endpoint():
+    message = error_for({"server": {"submission": ["nope:1"]}})
+    assert message.startswith("etc/mta.toml: [server] submission: invalid endpoint 'nope:1': ")
+
+
+def test_bad_network():
+    assert error_for({"policy": {"relay_networks": ["127.0.0.0/8", "10.0.0.300/8"]}}) == (
+        "etc/mta.toml: [policy] relay_networks: invalid network '10.0.0.300/8': "
+        "'10.0.0.300/8' does not appear to be an IPv4 or IPv6 network"
+    )
+
+
+def test_networks_not_a_list():
+    message = error_for({"policy": {"relay_networks": "127.0.0.0/8"}})
+    assert message == "etc/mta.toml: [policy] relay_networks: expected a list of strings, got '127.0.0.0/8'"
+
+
+@pytest.mark.parametrize("domain", ["", ".", "a..b", "exa mple.org", "user@example.org", 7])
+def test_bad_relay_domain(domain):
+    message = error_for({"policy": {"relay_domains": [domain]}})
+    assert message.startswith("etc/mta.toml: [policy] relay_domains: ")
+
+
+@pytest.mark.parametrize("key", ["command_timeout", "data_timeout"])
+def test_bad_duration(key):
+    assert error_for({"server": {key: "5 minutes"}}) == (
+        f"etc/mta.toml: [server] {key}: invalid duration '5 minutes' "
+        '(use seconds or a string like "30s", "5m", "1h30m")'
+    )
+
+
+@pytest.mark.parametrize("value", [0, "0s", -5, True, [5]])
+def test_duration_must_be_positive_number(value):
+    message = error_for({"server": {"command_timeout": value}})
+    assert message.startswith("etc/mta.toml: [server] command_timeout: ")
+
+
+def test_bad_spool_url():
+    message = error_for({"spool": {"url": "not a url"}})
+    assert message.startswith("etc/mta.toml: [spool] url: invalid database URL 'not a url': ")
+
+
+def test_spool_url_not_a_string():
+    assert error_for({"spool": {"url": 1}}) == (
+        "etc/mta.toml: [spool] url: expected a string, got 1"
+    )
+
+
+# ----------------------------------------------------------------- file errors
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "missing.toml"
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(info.value) == f"{path}: cannot read file: [Errno 2] No such file or directory"
+
+
+def test_missing_file_relative_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        load_config("etc/mta.toml")
+    assert str(info.value) == "etc/mta.toml: cannot read file: [Errno 2] No such file or directory"
+
+
+def test_directory(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(str(tmp_path))
+    assert str(info.value).startswith(f"{tmp_path}: cannot read file: [Errno 21] ")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can read any file")
+def test_unreadable_file(tmp_path):
+    path = tmp_path / "secret.toml"
+    path.write_text("")
+    path.chmod(0)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(info.value) == f"{path}: cannot read file: [Errno 13] Permission denied"
+
+
+def test_invalid_toml(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[server]\nhostname = \n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    message = str(info.value)
+    assert message.startswith(f"{path}: invalid TOML: ")
+    assert "line 2" in message
+    assert "\n" not in message
+
+
+def test_invalid_utf8(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_bytes(b'[server]\nhostname = "\xff"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(info.value).startswith(f"{path}: file is not valid UTF-8: ")
+
+
+def test_config_error_is_one_line_even_for_multiline_causes():
+    error = ConfigError("f.toml", "[server] listen", "first\nsecond\n")
+    assert str(error) == "f.toml: [server] listen: first second"
+
+
+# ----------------------------------------------------------------- parse_duration
+
+
+@pytest.mark.parametrize(
+    "value, seconds",
+    [
+        (0, 0.0),
+        (30, 30.0),
+        (2.5, 2.5),
+        ("30", 30.0),
+        ("0", 0.0),
+        ("30s", 30.0),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("5d", 432000.0),
+        ("1h30m", 5400.0),
+        ("1d2h3m4s", 93784.0),
+        ("1.5h", 5400.0),
+        (" 10s ", 10.0),
+        ("10S", 10.0),
+    ],
+)
+def test_parse_duration(value, seconds):
+    result = parse_duration(value)
+    assert result == seconds
+    assert isinstance(result, float)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        " ",
+        "s",
+        "5x",
+        "5 m",
+        "m5",
+        "5m5",
+        "1h1h",
+        "-5",
+        "-5s",
+        "1e3",
+        "five",
+        "inf",
+        "nan",
+        -1,
+        float("inf"),
+        float("nan"),
+        True,
+        None,
+        [30],
+    ],
+)
+def test_parse_duration_rejects(value):
+    with pytest.raises(ValueError):
+        parse_duration(value)
+
+
+@given(
+    d=st.integers(0, 30),
+    h=st.integers(0, 23),
+    m=st.integers(0, 59),
+    s=st.integers(0, 59),
+)
+def test_parse_duration_composes(d, h, m, s):
+    text = "".join(f"{n}{u}" for n, u in [(d, "d"), (h, "h"), (m, "m"), (s, "s")] if n) or "0s"
+    assert parse_duration(text) == d * 86400 + h * 3600 + m * 60 + s
+
+
+@given(st.text(max_size=12))
+def test_parse_duration_only_raises_value_error(text):
+    try:
+        result = parse_duration(text)
+    except ValueError:
+        return
+    assert result >= 0
