@@ -73,10 +73,40 @@ class SpoolConfig:
 
 
 @dataclass(frozen=True)
+class RelayConfig:
+    smarthost: str = ""               # "host:port": send everything there; "" = route by MX
+    concurrency: int = 20             # simultaneous deliveries in total
+    per_destination: int = 10         # simultaneous deliveries to one domain
+    recipient_limit: int = 50         # recipients per outbound transaction
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0    # greeting, EHLO, MAIL, RCPT (RFC 5321 4.5.3.2)
+    data_timeout: float = 600.0       # DATA and after the final dot
+    postmaster: str = ""              # where failed bounces go; "" = log and drop
+
+
+@dataclass(frozen=True)
+class DNSConfig:
+    nameservers: tuple[str, ...] = ()  # "ip" or "ip:port"; empty = the system resolver
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    first: float = 300.0
+    max: float = 3600.0
+    lifetime: float = 5 * 86400.0
+    warn_after: float | None = None   # "" = never
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    routes: tuple[tuple[str, str], ...] = ()   # (domain, "host:port"), checked before smarthost/MX
+    dns: DNSConfig = field(default_factory=DNSConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
     path: str = "<config>"
 
 
@@ -253,6 +283,61 @@ def _sqlalchemy_url(value: object) -> str:
     return url
 
 
+_HOSTPORT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9._-]+))(?::(?P<port>\d{1,5}))?")
+
+
+def _hostport(value: object) -> str:
+    text = _str(value).strip()
+    if not text:
+        return ""
+    m = _HOSTPORT.fullmatch(text)
+    if m is None or (m.group("port") and not 0 < int(m.group("port")) <= 65535):
+        raise _Invalid(f"expected \"host:port\", got {text!r}")
+    if m.group("v6"):
+        try:
+            ipaddress.IPv6Address(m.group("v6"))
+        except ValueError:
+            raise _Invalid(f"bad IPv6 address in {text!r}") from None
+    return text
+
+
+def _required_hostport(value: object) -> str:
+    text = _hostport(value)
+    if not text:
+        raise _Invalid("must not be empty")
+    return text
+
+
+def _nameservers(value: object) -> tuple[str, ...]:
+    items = _str_list(value)
+    for item in items:
+        try:
+            ipaddress.ip_address(item.strip())
+            continue
+        except ValueError:
+            pass
+        m = _HOSTPORT.fullmatch(item.strip())
+        host = m and (m.group("v6") or m.group("host"))
+        try:
+            ipaddress.ip_address(host or "")
+        except ValueError:
+            raise _Invalid(f"expected \"ip\" or \"ip:port\", got {item!r}") from None
+    return items
+
+
+def _optional_duration(value: object) -> float | None:
+    if value == "":
+        return None
+    return _duration(value)
+
+
+def _address(value: object) -> str:
+    text = _str(value).strip()
+    if text and ("@" not in text or any(c.isspace() for c in text)):
+        raise _Invalid(f"expected an address like postmaster@example.test, got {text!r}")
+    return text
+
+
 # section name -> (dataclass, {key: converter}); keys equal the dataclass field names.
 _SCHEMA: dict[str, tuple[type, dict[str, Callable[[object], Any]]]] = {
     "server": (
@@ -284,7 +369,47 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[object], Any]]]] = {
             "url": _sqlalchemy_url,
         },
     ),
+    "relay": (
+        RelayConfig,
+        {
+            "smarthost": _hostport,
+            "concurrency": _int(1),
+            "per_destination": _int(1),
+            "recipient_limit": _int(1),
+            "connect_timeout": _duration,
+            "command_timeout": _duration,
+            "data_timeout": _duration,
+            "postmaster": _address,
+        },
+    ),
+    "dns": (
+        DNSConfig,
+        {
+            "nameservers": _nameservers,
+            "timeout": _duration,
+        },
+    ),
+    "retry": (
+        RetryConfig,
+        {
+            "first": _duration,
+            "max": _duration,
+            "lifetime": _duration,
+            "warn_after": _optional_duration,
+        },
+    ),
 }
+
+
+def _routes(source: str, table: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    out = []
+    for domain, value in table.items():
+        try:
+            (name,) = _domains([domain])
+            out.append((name, _required_hostport(value)))
+        except _Invalid as e:
+            raise ConfigError(source, f"[routes] {domain}", str(e)) from None
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------- loading
@@ -293,7 +418,7 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<config>") -> Confi
     """Build a Config from parsed TOML (a dict of sections); ``source`` names it in errors."""
     source = str(source)
     for name, value in data.items():
-        if name not in _SCHEMA:
+        if name not in _SCHEMA and name != "routes":
             if isinstance(value, Mapping):
                 raise ConfigError(source, f"[{name}]", "unknown section")
             raise ConfigError(source, name, "unknown key (settings belong in a section such as [server])")
@@ -312,7 +437,8 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<config>") -> Confi
             except _Invalid as e:
                 raise ConfigError(source, f"[{name}] {key}", str(e)) from None
         sections[name] = cls(**kwargs)
-    return Config(path=source, **sections)
+    routes = _routes(source, data.get("routes", {}))
+    return Config(path=source, routes=routes, **sections)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -63,6 +63,7 @@ class SMTPServerFactory(protocol.Factory):
         self.reactor = reactor
         self.connections = 0
         self.per_client: Counter[str] = Counter()
+        self.on_stored: Callable[[str], Any] | None = None  # e.g. kick the queue runner
 
     def buildProtocol(self, addr: Any) -> "SMTPServer":
         p = SMTPServer(self)
@@ -495,6 +496,8 @@ class SMTPServer(protocol.Protocol):
                  helo=msg.helo, sender=msg.sender, size=msg.size, nrcpt=len(msg.recipients),
                  proto=msg.protocol)
         self._done(R(250, "2.0.0", f"Ok: queued as {qid}"))
+        if self.factory.on_stored is not None:
+            self.factory.on_stored(qid)
 
     def _store_failed(self, failure: Failure, msg: InboundMessage) -> None:
         log.error("spool failure client={client} from=<{sender}> nrcpt={nrcpt}: {error}",

@@ -22,7 +22,8 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from ..message import InboundMessage
-from .schema import SCHEMA_VERSION, contents, messages, meta, metadata, recipients
+from .ops import insert_messages
+from .schema import SCHEMA_VERSION, meta, metadata
 
 log = Logger()
 _STOP = object()
@@ -114,7 +115,14 @@ class Spool:
     def store(self, msg: InboundMessage) -> defer.Deferred:
         """Durably store *msg*; fires with its queue id after the commit."""
         d: defer.Deferred = defer.Deferred()
-        self._queue.put((msg, d))
+        self._queue.put((None, msg, d))
+        return d
+
+    def write(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred:
+        """Run ``fn(conn, *args)`` on the writer thread, inside the next group
+        commit; fires with its result after the commit returned."""
+        d: defer.Deferred = defer.Deferred()
+        self._queue.put((fn, args, d))
         return d
 
     def _write_loop(self) -> None:
@@ -140,7 +148,7 @@ class Spool:
                 results = self._commit_batch(conn, batch)
             except Exception:  # connection-level trouble: fail the batch, reconnect next time
                 f = Failure()
-                results = [(d, None, f) for _m, d in batch]
+                results = [(d, None, f) for _fn, _a, d in batch]
                 if conn is not None:
                     try:
                         conn.invalidate()
@@ -154,43 +162,36 @@ class Spool:
 
     def _commit_batch(self, conn: Connection, batch: list) -> list:
         try:
-            self._insert(conn, [m for m, _d in batch])
+            out = self._run_batch(conn, batch)
         except Exception:
             f = Failure()
             if len(batch) == 1:
-                log.failure("spool write failed for {queue_id}", f, queue_id=batch[0][0].queue_id)
-                return [(batch[0][1], None, f)]
-            # One bad message must not fail its neighbours: retry one by one.
+                fn, arg, d = batch[0]
+                log.failure("spool write failed ({what})", f,
+                            what=arg.queue_id if fn is None else getattr(fn, "__name__", fn))
+                return [(d, None, f)]
+            # One bad write must not fail its neighbours: retry one by one.
             return [r for item in batch for r in self._commit_batch(conn, [item])]
         self.batches += 1
-        self.stored += len(batch)
-        return [(d, m.queue_id, None) for m, d in batch]
+        return out
 
-    @staticmethod
-    def _insert(conn: Connection, msgs: list[InboundMessage]) -> None:
-        mrows, crows, rrows = [], [], []
-        for m in msgs:
-            mrows.append({
-                "queue_id": m.queue_id, "sender": m.sender, "body_type": m.body_type,
-                "smtputf8": m.smtputf8, "size_param": m.size_param, "ret": m.ret,
-                "envid": m.envid, "auth": m.auth, "client_address": m.client_address,
-                "helo": m.helo, "protocol": m.protocol, "arrival": m.arrival, "size": m.size,
-            })
-            crows.append({"queue_id": m.queue_id, "headers": m.headers, "body": m.body})
-            for r in m.recipients:
-                rrows.append({
-                    "queue_id": m.queue_id, "address": r.address, "notify": r.notify,
-                    "orcpt": r.orcpt, "state": "queued", "attempts": 0,
-                    "next_attempt": m.arrival, "last_reply": None,
-                })
+    def _run_batch(self, conn: Connection, batch: list) -> list:
         try:
-            conn.execute(messages.insert(), mrows)
-            conn.execute(contents.insert(), crows)
-            conn.execute(recipients.insert(), rrows)
+            msgs = [arg for fn, arg, _d in batch if fn is None]
+            if msgs:
+                insert_messages(conn, msgs)
+            out = []
+            for fn, arg, d in batch:
+                if fn is None:
+                    out.append((d, arg.queue_id, None))
+                else:
+                    out.append((d, fn(conn, *arg), None))
             conn.commit()
         except BaseException:
             conn.rollback()
             raise
+        self.stored += len(msgs)
+        return out
 
     def _answer(self, results: list) -> None:
         for d, queue_id, failure in results:

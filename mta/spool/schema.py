@@ -53,10 +53,11 @@ recipients = Table(
     Column("address", Text, nullable=False),
     Column("notify", String(32)),                    # DSN NOTIFY=
     Column("orcpt", Text),                           # DSN ORCPT= (addr-type;xtext)
-    Column("state", String(16), nullable=False),     # queued, inflight, delivered, deferred, failed, held
+    Column("state", String(16), nullable=False),     # queued, inflight, deferred, delivered, failed, held
     Column("attempts", Integer, nullable=False),
     Column("next_attempt", Float, nullable=False),   # Unix time
     Column("last_reply", Text),
+    Column("warned", Boolean, nullable=False, default=False),  # delay DSN sent
     Index("recipients_queue_id", "queue_id"),
     Index("recipients_due", "state", "next_attempt"),
 )

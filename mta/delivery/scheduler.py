@@ -1,0 +1,336 @@
+"""The queue runner: takes due recipients from the spool, routes them,
+hands them to the SMTP client, and records per recipient what happened.
+
+* new messages are attempted at once (the server kicks the runner after each
+  commit), deferred recipients when their ``next_attempt`` is due;
+* 2xx → delivered; 5xx → failed, with an RFC 3464 bounce; 4xx → deferred with
+  :func:`backoff`, until ``lifetime`` runs out (then failed, status 4.4.7);
+* the outcome, the DSNs it owes and the removal of finished messages are
+  written in one transaction, so a message leaves the spool only when every
+  recipient is final and every DSN it owes is spooled;
+* a message from ``<>`` never gets a DSN (a failed bounce is logged and
+  dropped, or reported to ``[relay] postmaster`` when that is set).
+
+Delivery is at least once: recipients in flight when the process dies are
+attempted again after a restart (see README).
+"""
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from ..message import InboundMessage, Recipient, new_queue_id, split_header_block
+from ..spool import ops
+
+log = Logger(namespace="mta.delivery")
+
+
+def backoff(attempts: int, first: float, maximum: float, rand: float = 0.5) -> float:
+    """Seconds to wait after the *attempts*-th failed attempt (1 = the first):
+    ``first``, doubling each time, capped at ``maximum``, with ±10 % jitter
+    (``rand`` in [0, 1)).  A pure function, so tests need no clock."""
+    base = min(first * (2 ** min(max(attempts, 1) - 1, 40)), maximum)
+    return base * (0.9 + 0.2 * rand)
+
+
+def _notify_allows(notify: str | None, what: str) -> bool:
+    """RFC 3461: no NOTIFY means failures (and, by our choice, delays) are
+    reported, successes not."""
+    if notify is None:
+        return what in ("FAILURE", "DELAY")
+    return what in notify.split(",")
+
+
+@dataclass
+class Job:
+    queue_id: str
+    domain: str
+    message: dict[str, Any]
+    rcpts: list[dict[str, Any]] = field(default_factory=list)
+
+
+class QueueRunner(service.Service):
+    name = "queue-runner"
+
+    def __init__(self, spool: Any, router: Any, pool: Any, *, hostname: str, retry: Any,
+                 relay: Any, reactor: Any = None, rand: Callable[[], float] = random.random,
+                 poll_interval: float = 1.0, dsn_builder: Callable[..., bytes] | None = None):
+        if reactor is None:
+            from twisted.internet import reactor as _r
+            reactor = _r
+        self.spool = spool
+        self.router = router
+        self.pool = pool
+        self.hostname = hostname
+        self.retry = retry
+        self.relay = relay
+        self.reactor = reactor
+        self.rand = rand
+        self.poll_interval = poll_interval
+        self._dsn_builder = dsn_builder
+        self._global = defer.DeferredSemaphore(relay.concurrency)
+        self._per_dest: dict[str, defer.DeferredSemaphore] = {}
+        self._running = False
+        self._again = False
+        self._loop: task.LoopingCall | None = None
+        self._jobs: set[defer.Deferred] = set()
+        self._queued_jobs = 0
+        self.ready: defer.Deferred = defer.Deferred()   # fires once recovery is done
+        self._recovered = False
+
+    # -- lifecycle -------------------------------------------------------------
+    def startService(self) -> None:
+        super().startService()
+        d = self.spool.write(ops.recover_inflight)
+        d.addCallback(self._recovered_cb)
+        d.addErrback(lambda f: log.failure("recovering in-flight recipients failed", f))
+
+    def _recovered_cb(self, n: int) -> None:
+        if n:
+            log.info("requeued {n} recipients that were in flight at the last stop", n=n)
+        self._recovered = True
+        if not self.running:
+            return
+        self._loop = task.LoopingCall(self.kick)
+        self._loop.clock = self.reactor
+        self._loop.start(self.poll_interval, now=True)
+        self.ready.callback(None)
+
+    def stopService(self) -> defer.Deferred | None:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        d = defer.DeferredList(list(self._jobs), consumeErrors=True)
+        d.addBoth(lambda _: self.pool.close())
+        return d
+
+    def kick(self, *_: Any) -> None:
+        """Look for due work now (called on a timer and after each new message)."""
+        if not self.running or not self._recovered:
+            return
+        if self._running:
+            self._again = True
+            return
+        self._running = True
+        d = defer.Deferred.fromCoroutine(self._run_once())
+        d.addErrback(lambda f: log.failure("queue run failed", f))
+        d.addBoth(self._after_run)
+
+    def _after_run(self, _: Any) -> None:
+        self._running = False
+        if self._again:
+            self._again = False
+            self.reactor.callLater(0, self.kick)
+
+    # -- one pass over the due work ---------------------------------------------
+    async def _run_once(self) -> None:
+        backlog = self._queued_jobs
+        limit = max(0, self.relay.concurrency * self.relay.recipient_limit * 2 - backlog)
+        if limit == 0:
+            return
+        now = self.reactor.seconds()
+        rows = await self.spool.write(ops.claim_due, now, limit)
+        if not rows:
+            return
+        if len(rows) >= limit:
+            self._again = True
+        msgs = await self.spool.run(ops.load_messages, {r["queue_id"] for r in rows})
+        groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+        for r in rows:
+            groups[(r["queue_id"], self._domain_of(r["address"]))].append(r)
+        orphans = []
+        for (qid, domain), rcpts in groups.items():
+            msg = msgs.get(qid)
+            if msg is None:  # should not happen: recipients without their message
+                orphans.extend(rcpts)
+                continue
+            step = self.relay.recipient_limit
+            for i in range(0, len(rcpts), step):
+                self._start(Job(qid, domain, msg, rcpts[i:i + step]))
+        if orphans:
+            log.error("{n} recipients without a message row; marking failed", n=len(orphans))
+            await self.spool.write(ops.record_results, [
+                ops.RecipientUpdate(r["id"], "failed", r["attempts"], now, "message missing")
+                for r in orphans], [], [])
+
+    def _domain_of(self, address: str) -> str:
+        if "@" not in address:  # bare postmaster
+            return self.hostname.lower()
+        domain = address.rsplit("@", 1)[1]
+        if domain.startswith("["):
+            return domain
+        try:
+            from ..address import domain_to_ascii
+            return domain_to_ascii(domain)
+        except UnicodeError:
+            return domain.lower()
+
+    def _start(self, job: Job) -> None:
+        self._queued_jobs += 1
+        d = defer.Deferred.fromCoroutine(self._run_job(job))
+        self._jobs.add(d)
+
+        def done(result: Any) -> Any:
+            self._jobs.discard(d)
+            return result
+        d.addErrback(lambda f: log.failure("delivery of {queue_id} to {domain} failed", f,
+                                           queue_id=job.queue_id, domain=job.domain))
+        d.addBoth(done)
+
+    async def _run_job(self, job: Job) -> None:
+        sem = self._per_dest.get(job.domain)
+        if sem is None:
+            sem = self._per_dest[job.domain] = defer.DeferredSemaphore(self.relay.per_destination)
+        await sem.acquire()
+        try:
+            await self._global.acquire()
+            try:
+                self._queued_jobs -= 1
+                await self._attempt(job)
+            finally:
+                self._global.release()
+        finally:
+            sem.release()
+            if not sem.waiting and sem.tokens == sem.limit:
+                self._per_dest.pop(job.domain, None)
+
+    # -- one attempt ------------------------------------------------------------------
+    async def _attempt(self, job: Job) -> None:
+        from ..smtp.client import OutboundMessage, OutboundRecipient, RecipientResult
+        from .router import RouteError
+
+        m = job.message
+        remote = None
+        dsn_offered = False
+        try:
+            hops = await self.router.route(job.domain)
+        except RouteError as e:
+            code = 550 if e.permanent else 451
+            results = [RecipientResult(r["address"], code, e.status, f"{code} {e.status} {e.text}")
+                       for r in job.rcpts]
+        except Exception as e:  # resolver trouble we did not foresee: try again later
+            log.failure("routing {domain} failed", domain=job.domain)
+            results = [RecipientResult(r["address"], 451, "4.4.3", f"451 4.4.3 routing failed: {e}")
+                       for r in job.rcpts]
+        else:
+            out = OutboundMessage(
+                queue_id=job.queue_id, sender=m["sender"],
+                recipients=[OutboundRecipient(self._outbound_address(r["address"]), r["notify"],
+                                              r["orcpt"]) for r in job.rcpts],
+                headers=bytes(m["headers"]), body=bytes(m["body"]), body_type=m["body_type"],
+                smtputf8=bool(m["smtputf8"]), ret=m["ret"], envid=m["envid"])
+            res = await self.pool.deliver(hops, out)
+            results, remote, dsn_offered = res.results, res.remote, res.dsn_offered
+        await self._record(job, results, remote, dsn_offered)
+
+    def _outbound_address(self, address: str) -> str:
+        return address if "@" in address else f"{address}@{self.hostname}"
+
+    async def _record(self, job: Job, results: list, remote: Any, dsn_offered: bool) -> None:
+        from ..dsn import DSNRecipient
+
+        m = job.message
+        now = self.reactor.seconds()
+        age = now - m["arrival"]
+        lifetime = self.retry.lifetime
+        relay_txt = f"{remote.host}[{remote.address}]:{remote.port}" if remote else "none"
+        updates: list[ops.RecipientUpdate] = []
+        report: dict[str, list] = defaultdict(list)  # kind -> DSNRecipient list
+        for row, res in zip(job.rcpts, results):
+            attempts = row["attempts"] + 1
+            notify = row["notify"]
+            warned = bool(row["warned"])
+            reply = res.text
+            dsn_common = dict(final_recipient=row["address"], original_recipient=row["orcpt"],
+                              remote_mta=remote.host if remote else None,
+                              diagnostic_code=reply, last_attempt=now)
+            if 200 <= res.code < 300:
+                status_word = "sent"
+                state, nxt = "delivered", now
+                if _notify_allows(notify, "SUCCESS"):
+                    action = "delivered" if dsn_offered else "relayed"
+                    report["success"].append(DSNRecipient(action=action, status=res.status or "2.0.0",
+                                                          **dsn_common))
+                dsn_status = res.status or "2.0.0"
+            elif res.code >= 500 or age >= lifetime:
+                expired = res.code < 500
+                status_word = "expired" if expired else "bounced"
+                state, nxt = "failed", now
+                dsn_status = "4.4.7" if expired else (res.status or "5.0.0")
+                if expired:
+                    reply = f"delivery time expired; last reply: {res.text}"
+                    dsn_common["diagnostic_code"] = res.text
+                if _notify_allows(notify, "FAILURE"):
+                    report["failure"].append(DSNRecipient(action="failed", status=dsn_status,
+                                                          **dsn_common))
+            else:
+                status_word = "deferred"
+                state = "deferred"
+                dsn_status = res.status or "4.0.0"
+                delay = backoff(attempts, self.retry.first, self.retry.max, self.rand())
+                nxt = min(now + delay, m["arrival"] + lifetime)
+                warn = self.retry.warn_after
+                if (warn is not None and not warned and age >= warn
+                        and _notify_allows(notify, "DELAY")):
+                    warned = True
+                    report["delay"].append(DSNRecipient(
+                        action="delayed", status=dsn_status,
+                        will_retry_until=m["arrival"] + lifetime, **dsn_common))
+            updates.append(ops.RecipientUpdate(row["id"], state, attempts, nxt, reply, warned))
+            log.info("{queue_id}: to=<{rcpt}> relay={relay} delay={delay:.1f} attempts={attempts} "
+                     "dsn={dsn} status={status} ({reply})", queue_id=job.queue_id,
+                     rcpt=row["address"], relay=relay_txt, delay=age, attempts=attempts,
+                     dsn=dsn_status, status=status_word, reply=reply)
+        dsns = self._make_dsns(m, report, now)
+        await self.spool.write(ops.record_results, updates, dsns, [job.queue_id])
+        if dsns:
+            self.kick()
+
+    def _make_dsns(self, m: dict[str, Any], report: dict[str, list], now: float) -> list:
+        if not any(report.values()):
+            return []
+        from ..dsn import OriginalMessage, build_dsn
+        builder = self._dsn_builder or build_dsn
+        sender = m["sender"]
+        if sender == "":
+            # Never a DSN for a DSN.  A failed bounce may go to the postmaster.
+            failed = report.get("failure", [])
+            pm = self.relay.postmaster
+            if not failed or not pm:
+                if failed:
+                    log.warn("{queue_id}: bounce undeliverable, dropped (no DSN for <>)",
+                             queue_id=m["queue_id"])
+                return []
+            failed = [f for f in failed if f.final_recipient.lower() != pm.lower()]
+            if not failed:
+                return []
+            report = {"failure": failed}
+            to = pm
+        else:
+            to = sender
+        original = OriginalMessage(
+            queue_id=m["queue_id"], sender=to, headers=bytes(m["headers"]),
+            body=bytes(m["body"]), arrival=m["arrival"], envid=m["envid"], ret=m["ret"],
+            smtputf8=bool(m["smtputf8"]))
+        out = []
+        for kind in ("failure", "delay", "success"):
+            rcpts = report.get(kind)
+            if not rcpts:
+                continue
+            data = builder(original, rcpts, reporting_mta=self.hostname, now=now)
+            qid = new_queue_id(now)
+            n = split_header_block(data)
+            out.append(InboundMessage(
+                queue_id=qid, sender="", recipients=[Recipient(to)], headers=data[:n],
+                body=data[n:], arrival=now, client_address="127.0.0.1", helo=self.hostname,
+                protocol="local", size=len(data), smtputf8=bool(m["smtputf8"])))
+            log.info("{queue_id}: sender {kind} notification: {dsn_id}", queue_id=m["queue_id"],
+                     kind={"failure": "non-delivery", "delay": "delay",
+                           "success": "delivery"}[kind], dsn_id=qid)
+        return out
