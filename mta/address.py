@@ -85,6 +85,8 @@ def domain_to_ascii(domain: str) -> str:
 def _check_literal(lit: str) -> None:
     body = lit[1:-1]
     if body[:5].lower() == "ipv6:":
+        if "%" in body:  # ipaddress takes a zone id (fe80::1%eth0); RFC 5321 has none
+            raise AddressError(f"bad IPv6 address literal {lit}")
         try:
             ipaddress.IPv6Address(body[5:])
         except ValueError as e:

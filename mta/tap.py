@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import sys
 
-from twisted.application import service, strports
+from twisted.application import internet, service
 from twisted.internet import endpoints
+from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from .config import Config, ConfigError, load_config
@@ -44,9 +45,31 @@ class Options(usage.Options):
 def _die(message: str) -> None:
     """One line on stderr and a non-zero exit: twistd would otherwise print a
     usage text or a traceback."""
-    sys.stderr.write(f"mta: {message}\n")
-    sys.stderr.flush()
+    # Once twistd has started logging, sys.stderr is redirected into the log;
+    # the one line belongs on the real stderr.
+    err = sys.__stderr__ or sys.stderr
+    err.write(f"mta: {message}\n")
+    err.flush()
     raise SystemExit(1)
+
+
+class _ListenService(internet.StreamServerEndpointService):
+    """strports.service(), but a port that cannot be bound (in use, no
+    permission, no such address) stops startup with one line, not a traceback."""
+
+    def __init__(self, description: str, where: str, factory, reactor) -> None:
+        super().__init__(endpoints.serverFromString(reactor, description), factory)
+        self._raiseSynchronously = True
+        self.description = description
+        self.where = where
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            reason = e.socketError
+            text = getattr(reason, "strerror", None) or str(reason)
+            _die(f"{self.where}: {self.description}: cannot listen: {text}")
 
 
 def makeService(options: Options) -> service.IService:
@@ -79,7 +102,8 @@ def makeService(options: Options) -> service.IService:
 
     top = service.MultiService()
     SpoolService(spool).setServiceParent(top)
+    where = "--listen" if options["listen"] else f"{config.path}: [server] listen"
     for ep in options["listen"] or s.listen:
-        svc = strports.service(ep, factory, reactor=reactor)
+        svc = _ListenService(ep, where, factory, reactor)
         svc.setServiceParent(top)
     return top

@@ -295,7 +295,7 @@ class QueueRunner(service.Service):
     def _make_dsns(self, m: dict[str, Any], report: dict[str, list], now: float) -> list:
         if not any(report.values()):
             return []
-        from ..dsn import OriginalMessage, build_dsn
+        from ..dsn import OriginalMessage, build_dsn, needs_smtputf8
         builder = self._dsn_builder or build_dsn
         sender = m["sender"]
         if sender == "":
@@ -326,10 +326,12 @@ class QueueRunner(service.Service):
             data = builder(original, rcpts, reporting_mta=self.hostname, now=now)
             qid = new_queue_id(now)
             n = split_header_block(data)
+            utf8 = needs_smtputf8(original, rcpts)
             out.append(InboundMessage(
-                queue_id=qid, sender="", recipients=[Recipient(to)], headers=data[:n],
+                queue_id=qid, sender="", recipients=[Recipient(to, "NEVER")], headers=data[:n],
                 body=data[n:], arrival=now, client_address="127.0.0.1", helo=self.hostname,
-                protocol="local", size=len(data), smtputf8=bool(m["smtputf8"])))
+                protocol="local", size=len(data), smtputf8=utf8,
+                body_type=None if data.isascii() else "8BITMIME"))
             log.info("{queue_id}: sender {kind} notification: {dsn_id}", queue_id=m["queue_id"],
                      kind={"failure": "non-delivery", "delay": "delay",
                            "success": "delivery"}[kind], dsn_id=qid)

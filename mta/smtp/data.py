@@ -14,7 +14,9 @@ from . import replies
 from .replies import Reply
 
 END = b"\r\n.\r\n"
-_LONG_LINE = re.compile(rb"[^\r\n]{999}")  # 998 octets + CRLF is the limit
+# 998 octets + CRLF is the limit.  Anchored at line starts so the search is
+# linear (an unanchored pattern retries at every offset: O(n * 999)).
+_LONG_LINE = re.compile(rb"(?:\A|\n)[^\r\n]{999}")
 
 
 def unstuff(stuffed: bytes | bytearray) -> bytearray:
@@ -57,9 +59,12 @@ class DataReader:
         # message consisting of ".\r\n" alone is the empty message.
         self._buf = bytearray(b"\r\n")
         self._scan = 0
-        # Stuffing dots inflate the wire size slightly; the exact check is
-        # made on the unstuffed content in result().
-        self._limit = (max_size + max_size // 32 + 1024) if max_size else 0
+        # Stuffing dots inflate the wire size; the exact check is made on the
+        # unstuffed content in result().  A stuffed line is at least "..\r\n"
+        # for 3 octets of content, so the wire form is at most 4/3 of it: a
+        # smaller margin would refuse a dot-heavy message that is within
+        # the limit.
+        self._limit = (max_size + max_size // 3 + 1024) if max_size else 0
         self._size = 0
         self._overflow = False
         self._bare = bare_newlines

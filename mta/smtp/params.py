@@ -38,7 +38,10 @@ def split_params(text: str) -> dict[str, str | None]:
 
 
 def xtext_decode(value: str) -> str:
-    return re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), value)
+    """Decode xtext; ``+XX`` escapes are octets, read together as UTF-8."""
+    raw = re.sub(rb"\+([0-9A-F]{2})", lambda m: bytes([int(m.group(1), 16)]),
+                 value.encode("utf-8"))
+    return raw.decode("utf-8", "replace")
 
 
 def xtext_encode(value: str) -> str:
@@ -74,6 +77,12 @@ def _need(key: str, value: str | None) -> str:
     return value
 
 
+def _ascii_upper(value: str) -> str:
+    """Upper-case a keyword value; non-ASCII is left as is, so that e.g.
+    'ı'.upper() == 'I' cannot turn '8bitmıme' into '8BITMIME'."""
+    return value.upper() if value.isascii() else value
+
+
 def parse_mail_params(text: str, *, esmtp: bool) -> MailParams:
     params = split_params(text)
     if params and not esmtp:
@@ -82,11 +91,13 @@ def parse_mail_params(text: str, *, esmtp: bool) -> MailParams:
     for key, value in params.items():
         if key == "SIZE":
             v = _need(key, value)
-            if not v.isdigit() or len(v) > 20:
+            # ASCII digits only: str.isdigit() also accepts '²' (int() fails)
+            # and other scripts' digits (int() takes them).
+            if not (v.isascii() and v.isdigit()) or len(v) > 20:
                 raise _bad("Bad SIZE parameter")
             kw["size"] = int(v)
         elif key == "BODY":
-            v = _need(key, value).upper()
+            v = _ascii_upper(_need(key, value))
             if v not in ("7BIT", "8BITMIME", "BINARYMIME"):
                 raise _bad("Bad BODY parameter", 501, "5.5.4")
             kw["body"] = v
@@ -95,7 +106,7 @@ def parse_mail_params(text: str, *, esmtp: bool) -> MailParams:
                 raise _bad("SMTPUTF8 takes no value")
             kw["smtputf8"] = True
         elif key == "RET":
-            v = _need(key, value).upper()
+            v = _ascii_upper(_need(key, value))
             if v not in ("FULL", "HDRS"):
                 raise _bad("Bad RET parameter")
             kw["ret"] = v
@@ -124,7 +135,7 @@ def parse_rcpt_params(text: str, *, esmtp: bool) -> RcptParams:
     kw: dict[str, str] = {}
     for key, value in params.items():
         if key == "NOTIFY":
-            v = _need(key, value).upper()
+            v = _ascii_upper(_need(key, value))
             words = v.split(",")
             if v == "NEVER":
                 pass

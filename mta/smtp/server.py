@@ -119,10 +119,10 @@ class SMTPServer(protocol.Protocol):
         f.per_client[self.client_ip] += 1
         self._counted = True
         if f.connections > self.settings.max_connections:
-            self._close_with(r.TOO_MANY_CONNECTIONS)
+            self._close_with(r.TOO_MANY_CONNECTIONS, enhanced=True)
             return
         if f.per_client[self.client_ip] > self.settings.max_connections_per_client:
-            self._close_with(r.TOO_MANY_FROM_CLIENT)
+            self._close_with(r.TOO_MANY_FROM_CLIENT, enhanced=True)
             return
         self._timer = self.reactor.callLater(self.settings.command_timeout, self._timed_out)
         self.transport.write(f"220 {self.settings.hostname} ESMTP mta\r\n".encode())
@@ -150,10 +150,15 @@ class SMTPServer(protocol.Protocol):
             self._timer = self.reactor.callLater(self.settings.command_timeout, self._timed_out)
             return
         log.info("timeout client={client}", client=self.client_ip)
-        self._close_with(R(421, "4.4.2", f"{self.settings.hostname} Error: timeout exceeded"))
+        self._close_with(R(421, "4.4.2", f"{self.settings.hostname} Error: timeout exceeded"),
+                         enhanced=True)
 
-    def _close_with(self, reply: Reply) -> None:
-        self._out.append(reply.encode(self.enhanced))
+    def _close_with(self, reply: Reply, enhanced: bool = False) -> None:
+        # The 421s we send on our own initiative (connection limits, timeout,
+        # too many errors) carry their enhanced code even before EHLO, as
+        # Postfix's do: the greeting-time refusal has no other way to say
+        # 4.7.0, and a client that did not ask for the codes just sees text.
+        self._out.append(reply.encode(enhanced or self.enhanced))
         self._flush()
         self._mode = _CLOSED
         self._buf = b""
@@ -250,11 +255,11 @@ class SMTPServer(protocol.Protocol):
             self._errors += 1
             if self._errors >= self.settings.max_errors:
                 log.info("too many errors client={client}", client=self.client_ip)
-                self._close_with(r.TOO_MANY_ERRORS)
+                self._close_with(r.TOO_MANY_ERRORS, enhanced=True)
 
     # -- commands -----------------------------------------------------------
     def _command(self, raw: bytes) -> None:
-        if b"\x00" in raw:
+        if b"\x00" in raw or b"\r" in raw:  # NUL, or a bare CR inside the line
             self._reply(r.BAD_CHARS)
             return
         try:
@@ -263,7 +268,8 @@ class SMTPServer(protocol.Protocol):
             self._reply(r.BAD_CHARS)
             return
         verb, _, arg = line.partition(" ")
-        handler = _HANDLERS.get(verb.upper())
+        # ASCII only: 'ı'.upper() == 'I', so "MAıL" would otherwise pass for MAIL.
+        handler = _HANDLERS.get(verb.upper()) if verb.isascii() else None
         if handler is None:
             self._reply(r.UNKNOWN_COMMAND)
             return
@@ -356,7 +362,9 @@ class SMTPServer(protocol.Protocol):
             log.info("reject client={client} from=<{sender}> to=<{rcpt}> 554 5.7.1 relay denied",
                      client=self.client_ip, sender=self.sender or "", rcpt=rcpt)
             raise SMTPReplyError(R(554, "5.7.1", f"<{rcpt}>: Relay access denied"))
-        self.recipients.append(Recipient(str(rcpt), params.notify, params.orcpt))
+        text = str(rcpt)
+        if not any(x.address == text for x in self.recipients):  # one copy per address
+            self.recipients.append(Recipient(text, params.notify, params.orcpt))
         self._reply(r.RCPT_OK)
 
     def do_DATA(self, arg: str) -> None:
@@ -380,6 +388,8 @@ class SMTPServer(protocol.Protocol):
 
     def _end_of_data(self) -> None:
         self._mode = _CMD
+        if self._timer is not None:
+            self._timer.reset(self.settings.command_timeout)
         content, err = self._reader.result(self.settings.max_message_size)
         self._reader = None
         if err is not None:

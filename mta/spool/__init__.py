@@ -49,6 +49,8 @@ def make_engine(url: str) -> Engine:
         if not db or db == ":memory:":
             raise SpoolError(f"{url}: the spool must be a file, not an in-memory database")
         parent = os.path.dirname(os.path.abspath(db))
+        if os.path.exists(parent) and not os.path.isdir(parent):
+            raise SpoolError(f"{url}: spool directory {parent} is not a directory")
         try:
             os.makedirs(parent, exist_ok=True)
         except OSError as e:

@@ -1,0 +1,504 @@
+"""Where a domain's mail goes next: a configured route, the smarthost, or DNS MX.
+
+``Router.route(domain)`` answers with the ordered list of :class:`NextHop` to
+try (the delivery code tries them in order until one takes the message), or
+fails with :class:`RouteError` carrying an enhanced status code.
+
+Order of decisions:
+
+1. ``routes[domain]`` (domain compared case-insensitively, in A-label form);
+2. else ``smarthost`` when set -- it takes *everything*, address literals
+   included (a smarthost is usually there because direct port 25 is blocked);
+3. else an address literal ``[192.0.2.1]`` / ``[IPv6:2001:db8::1]`` goes straight
+   to that address;
+4. else DNS (``twisted.names``, RFC 5321 section 5.1):
+
+   * MX records in preference order, random order among equal preference,
+     then for each MX host all its addresses -- **IPv4 (A) before IPv6 (AAAA)
+     for each host** -- de-duplicated by address (the first, most preferred
+     host name keeps it);
+   * no MX (NOERROR/NODATA) -> the domain's own A/AAAA (implicit MX);
+   * a CNAME at the domain (or at an MX host) is followed, up to
+     ``MAX_CNAME_CHAIN`` steps; a loop or a longer chain is a temporary DNS
+     failure (4.4.3), as a recursive resolver would SERVFAIL;
+   * null MX (RFC 7505: only MX records whose exchange is the root ".")
+     -> ``5.1.10``; null MX records mixed with real ones are ignored;
+   * NXDOMAIN for the domain -> ``5.1.2``;
+   * timeout, SERVFAIL, REFUSED or any other resolver error -> ``4.4.3``;
+   * MX hosts that cannot be resolved are skipped as long as one host has an
+     address.  When none has one: if any host lookup failed temporarily ->
+     ``4.4.3``; if every host is NXDOMAIN or has no A/AAAA -> ``5.4.4``
+     ("unable to route", Postfix's "Host or domain name not found").  Same
+     for an implicit MX whose domain has no address at all.
+
+Host names given in ``routes`` and ``smarthost`` are resolved by A/AAAA only
+(never MX).  Any failure to resolve them is temporary (4.4.3): a broken
+relay configuration or DNS outage must queue mail, not bounce it.
+``localhost`` / ``*.localhost`` there mean 127.0.0.1 then ::1 (RFC 6761)
+without asking DNS.
+
+Only a definitive answer bounces: NXDOMAIN, null MX, or hosts that the
+authoritative data says have no address.  Nothing is cached here; each
+``route()`` asks the resolver (the scheduler groups recipients by domain, so
+one lookup serves a whole batch).
+
+Not done (yet): discarding MX records that point at this MTA itself (RFC
+5321 5.1 "loops back to myself"), DNSSEC/DANE.
+"""
+from __future__ import annotations
+
+import ipaddress
+import random as _random
+import re
+import socket
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.names import client, dns
+from twisted.names import error as dns_error
+
+__all__ = ["NextHop", "RouteError", "Router", "parse_hostport", "to_ascii_domain"]
+
+log = Logger()
+
+#: How many CNAMEs a lookup follows before giving up (temporary failure).
+MAX_CNAME_CHAIN = 8
+DNS_PORT = 53
+
+_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+
+
+@dataclass(frozen=True)
+class NextHop:
+    host: str     # MX host name (or the route/smarthost host as configured, or the IP): logs, SNI
+    address: str  # IP address to connect to
+    port: int
+
+    def __str__(self) -> str:
+        """Postfix's ``relay=`` form: ``host[address]:port``."""
+        return f"{self.host}[{self.address}]:{self.port}"
+
+
+class RouteError(Exception):
+    """No next hop: ``status`` is an RFC 3463 code, "5.x.x" permanent, "4.x.x" temporary."""
+
+    def __init__(self, status: str, text: str):
+        super().__init__(status, text)
+        self.status = status
+        self.text = text
+
+    @property
+    def permanent(self) -> bool:
+        return self.status.startswith("5")
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.text}"
+
+
+# --------------------------------------------------------------------------- names
+
+
+def to_ascii_domain(name: str) -> str:
+    """Lower-case A-label form of a domain name, without a trailing dot.
+
+    U-labels are converted with IDNA 2008 + UTS #46 (the ``idna`` package,
+    which Twisted already depends on through hyperlink); a name it rejects is
+    tried with the stdlib IDNA 2003 codec (what ``mta.address`` uses).  Raises ``ValueError`` for names that
+    are not host names (empty, bad characters, label > 63 or name > 253 octets).
+    """
+    text = name.strip()
+    if text.endswith("."):
+        text = text[:-1]
+    if not text:
+        raise ValueError("empty domain name")
+    if not text.isascii():
+        try:
+            import idna
+
+            text = idna.encode(text, uts46=True).decode("ascii")
+        except Exception:
+            try:
+                text = text.encode("idna").decode("ascii")
+            except UnicodeError:
+                raise ValueError(f"not a valid internationalized domain name: {name!r}") from None
+    text = text.lower()
+    if len(text) > 253 or not all(_LABEL.fullmatch(label) for label in text.split(".")):
+        raise ValueError(f"not a valid domain name: {name!r}")
+    return text
+
+
+def _port(text: str, value: str) -> int:
+    if not text.isdigit() or not 0 < int(text) <= 65535:
+        raise ValueError(f"bad port in {value!r}")
+    return int(text)
+
+
+def parse_hostport(value: str, default_port: int = 25) -> tuple[str, int]:
+    """``"host"``, ``"host:port"``, ``"192.0.2.1:25"``, ``"[2001:db8::1]:25"``,
+    ``"[IPv6:2001:db8::1]"`` or a bare ``"2001:db8::1"`` -> ``(host, port)``.
+
+    The host comes back normalised: an IP address in its canonical text form,
+    or a lower-case A-label host name.  Raises ``ValueError`` on anything else
+    (for config validation).
+    """
+    text = value.strip()
+    if not text:
+        raise ValueError("empty host")
+    port = default_port
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"missing ']' in {value!r}")
+        inner, rest = text[1:end], text[end + 1:]
+        if inner[:5].lower() == "ipv6:":
+            inner = inner[5:]
+        try:
+            host = str(ipaddress.ip_address(inner))
+        except ValueError:
+            raise ValueError(f"bad address literal in {value!r}") from None
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"unexpected {rest!r} after ']' in {value!r}")
+            port = _port(rest[1:], value)
+        return host, port
+    if text.count(":") > 1:  # a bare IPv6 address cannot carry a port
+        try:
+            return str(ipaddress.IPv6Address(text)), port
+        except ValueError:
+            raise ValueError(f"bad IPv6 address {value!r} (write \"[address]:port\")") from None
+    if ":" in text:
+        text, p = text.rsplit(":", 1)
+        port = _port(p, value)
+    try:
+        return str(ipaddress.IPv4Address(text)), port
+    except ValueError:
+        pass
+    try:
+        host = to_ascii_domain(text)
+    except ValueError as e:
+        raise ValueError(f"bad host in {value!r}: {e}") from None
+    if host.rsplit(".", 1)[-1].isdigit():  # "127.0.0.300", "10.1": not an IP, not a host name
+        raise ValueError(f"bad host in {value!r}: neither an IP address nor a host name")
+    return host, port
+
+
+def _parse_nameserver(value: str) -> tuple[str, int]:
+    host, port = parse_hostport(value, DNS_PORT)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"nameserver must be an IP address (\"ip\" or \"ip:port\"), "
+                         f"got {value!r}") from None
+    return host, port
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _dname(name: dns.Name) -> str:
+    return name.name.decode("latin-1").lower().rstrip(".")
+
+
+def _record_address(rec: Any) -> str | None:
+    if isinstance(rec, dns.Record_A):
+        text = rec.dottedQuad()
+    elif isinstance(rec, dns.Record_AAAA):
+        text = socket.inet_ntop(socket.AF_INET6, rec.address)
+    else:
+        return None
+    ip = ipaddress.ip_address(text)
+    if ip.is_unspecified or ip.is_multicast:
+        return None
+    return str(ip)
+
+
+# --------------------------------------------------------------------------- router
+
+
+class Router:
+    """Resolve a destination domain to the next hops to try, in order.
+
+    ``nameservers``: ``"ip"`` / ``"ip:port"`` / ``"[ipv6]:port"``; empty means
+    the system's (/etc/hosts, then /etc/resolv.conf).  ``timeout`` is the
+    per-query retry schedule of ``twisted.names.client.Resolver`` (seconds;
+    the query fails after their sum).  ``port`` is the SMTP port for next hops
+    found by MX/implicit MX/address literal and for routes without a port.
+    ``random`` may be a seeded ``random.Random`` for reproducible ordering.
+    """
+
+    def __init__(
+        self,
+        *,
+        smarthost: str = "",
+        routes: Mapping[str, str] | Iterable[tuple[str, str]] = {},
+        nameservers: Sequence[str] = (),
+        reactor: Any = None,
+        port: int = 25,
+        timeout: Sequence[float] = (1, 3, 5),
+        random: _random.Random | None = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self._reactor = reactor
+        self.port = port
+        self.timeout = tuple(timeout)
+        self._random = random if random is not None else _random.Random()
+        self.routes: dict[str, tuple[str, int]] = {}
+        pairs = routes.items() if isinstance(routes, Mapping) else routes  # or config's pairs
+        for domain, value in pairs:
+            key = domain.strip().lower()
+            if not key.startswith("["):
+                try:
+                    key = to_ascii_domain(domain)
+                except ValueError as e:
+                    raise ValueError(f"bad route domain {domain!r}: {e}") from None
+            self.routes[key] = parse_hostport(value, port)
+        self.smarthost: tuple[str, int] | None = (
+            parse_hostport(smarthost, port) if smarthost.strip() else None)
+        self.nameservers: list[tuple[str, int]] = [_parse_nameserver(n) for n in nameservers]
+        self._resolver: Any = None
+
+    # -- resolver ------------------------------------------------------------------
+    def _get_resolver(self) -> Any:
+        # Created on first use, so a Router that never needs DNS (IP-literal routes or
+        # smarthost) opens nothing and schedules nothing.
+        if self._resolver is None:
+            if self.nameservers:
+                self._resolver = client.Resolver(
+                    servers=list(self.nameservers), reactor=self._reactor, timeout=self.timeout)
+            else:
+                from twisted.names import hosts, resolve
+
+                self._resolver = resolve.ResolverChain([
+                    hosts.Resolver(b"/etc/hosts"),
+                    client.Resolver(resolv=b"/etc/resolv.conf", reactor=self._reactor,
+                                    timeout=self.timeout),
+                ])
+        return self._resolver
+
+    def close(self) -> None:
+        """Drop the resolver's TCP connections (kept open after a truncated UDP
+        answer) and its resolv.conf re-read timer.  For service shutdown and tests;
+        the router still works afterwards (it reconnects when needed)."""
+        r = self._resolver
+        if r is None:
+            return
+        for res in getattr(r, "resolvers", [r]):
+            for proto in list(getattr(res, "connections", ())):
+                proto.transport.abortConnection()
+            call = getattr(res, "_parseCall", None)
+            if call is not None and call.active():
+                call.cancel()
+        self._resolver = None
+
+    # -- public API ----------------------------------------------------------------
+    def route(self, domain: str) -> Deferred[list[NextHop]]:
+        """The next hops for ``domain``, most preferred first; fails with RouteError."""
+        return Deferred.fromCoroutine(self._route(domain))
+
+    async def _route(self, domain: str) -> list[NextHop]:
+        raw = domain.strip()
+        key: str | None
+        if raw.startswith("["):
+            key = raw.lower()
+        else:
+            try:
+                key = to_ascii_domain(raw)
+            except ValueError:
+                key = None
+        hostport = self.routes.get(key) if key is not None else None
+        how = "route"
+        if hostport is None and self.smarthost is not None:
+            hostport, how = self.smarthost, "smarthost"
+        if hostport is not None:
+            hops = await self._configured(hostport[0], hostport[1], how)
+        elif key is None:
+            raise RouteError("5.1.2", f"bad destination domain {domain!r}")
+        elif key.startswith("["):
+            hops = [self._literal(key)]
+            how = "literal"
+        else:
+            hops = await self._mx(key)
+            how = "mx"
+        log.debug("route {domain} via {how}: {hops}", domain=domain, how=how,
+                  hops=" ".join(map(str, hops)))
+        return hops
+
+    # -- the cases -----------------------------------------------------------------
+    def _literal(self, literal: str) -> NextHop:
+        if not literal.endswith("]"):
+            raise RouteError("5.1.2", f"bad address literal {literal}")
+        inner = literal[1:-1]
+        if inner.startswith("ipv6:"):
+            inner = inner[5:]
+        try:
+            address = str(ipaddress.ip_address(inner))
+        except ValueError:
+            raise RouteError("5.1.2", f"unsupported address literal {literal}") from None
+        return NextHop(address, address, self.port)
+
+    async def _configured(self, host: str, port: int, how: str) -> list[NextHop]:
+        if _is_ip(host):
+            return [NextHop(host, host, port)]
+        if host == "localhost" or host.endswith(".localhost"):
+            addresses = ["127.0.0.1", "::1"]
+        else:
+            try:
+                addresses = await self._host_addresses(host)
+            except RouteError as e:
+                raise RouteError("4.4.3", f"cannot resolve {how} host {host}: {e.text}") from None
+            if not addresses:
+                raise RouteError("4.4.3", f"{how} host {host} has no A/AAAA record")
+        return [NextHop(host, a, port) for a in addresses]
+
+    async def _mx(self, domain: str) -> list[NextHop]:
+        _canonical, records = await self._lookup(domain, dns.MX)  # NXDOMAIN -> 5.1.2
+        if not records:
+            # RFC 5321 5.1: no MX -> the domain itself is the implicit MX (preference 0).
+            try:
+                addresses = await self._host_addresses(domain)
+            except RouteError as e:
+                if e.permanent:
+                    raise RouteError("5.4.4", f"{domain} has no MX and no address: {e.text}") from None
+                raise
+            if not addresses:
+                raise RouteError("5.4.4", f"{domain} has no MX and no A/AAAA records")
+            return self._hops([(domain, addresses)])
+
+        mx = [(r.preference, _dname(r.name)) for r in records]
+        usable = [(pref, host) for pref, host in mx if host]
+        if not usable:
+            raise RouteError("5.1.10", f"{domain} does not accept mail (null MX, RFC 7505)")
+        by_pref: dict[int, list[str]] = {}
+        for pref, host in sorted(usable):
+            by_pref.setdefault(pref, []).append(host)
+        ordered: list[str] = []
+        for pref in sorted(by_pref):
+            group = by_pref[pref]
+            self._random.shuffle(group)
+            ordered += [h for h in group if h not in ordered]
+
+        results = await defer.DeferredList(
+            [Deferred.fromCoroutine(self._host_addresses(h)) for h in ordered],
+            consumeErrors=True)
+        found: list[tuple[str, list[str]]] = []
+        temporary: list[RouteError] = []
+        missing: list[str] = []
+        for host, (ok, value) in zip(ordered, results):
+            if ok and value:
+                found.append((host, value))
+            elif ok:
+                missing.append(f"{host}: no A/AAAA record")
+            elif isinstance(value.value, RouteError):
+                (missing.append(value.value.text) if value.value.permanent
+                 else temporary.append(value.value))
+            else:
+                value.raiseException()
+        if found:
+            if temporary or missing:
+                log.info("route {domain}: skipping MX hosts: {skipped}", domain=domain,
+                         skipped="; ".join([e.text for e in temporary] + missing))
+            return self._hops(found)
+        if temporary:
+            raise RouteError("4.4.3", f"MX hosts of {domain}: {temporary[0].text}")
+        raise RouteError("5.4.4", f"no MX host of {domain} has an address: {'; '.join(missing)}")
+
+    def _hops(self, hosts: list[tuple[str, list[str]]]) -> list[NextHop]:
+        seen: set[str] = set()
+        hops = []
+        for host, addresses in hosts:
+            for a in addresses:
+                if a not in seen:
+                    seen.add(a)
+                    hops.append(NextHop(host, a, self.port))
+        return hops
+
+    # -- DNS -----------------------------------------------------------------------
+    async def _host_addresses(self, host: str) -> list[str]:
+        """A then AAAA addresses of ``host`` (looked up in parallel).
+
+        [] when the name exists without addresses; RouteError when neither lookup
+        gave an address and one failed (a temporary failure wins over NXDOMAIN).
+        """
+        results = await defer.DeferredList(
+            [Deferred.fromCoroutine(self._lookup(host, dns.A)),
+             Deferred.fromCoroutine(self._lookup(host, dns.AAAA))],
+            consumeErrors=True)
+        addresses: list[str] = []
+        errors: list[RouteError] = []
+        for ok, value in results:
+            if ok:
+                for rec in value[1]:
+                    a = _record_address(rec)
+                    if a is not None and a not in addresses:
+                        addresses.append(a)
+            elif isinstance(value.value, RouteError):
+                errors.append(value.value)
+            else:
+                value.raiseException()
+        if addresses or not errors:
+            return addresses
+        raise next((e for e in errors if not e.permanent), errors[0])
+
+    async def _lookup(self, name: str, rtype: int) -> tuple[str, list[Any]]:
+        """Records of ``rtype`` at ``name``, following CNAMEs.
+
+        Returns (canonical name, payloads); payloads is [] for NOERROR/NODATA.
+        The CNAME chain is followed inside one answer as far as the server gave
+        it (twisted.names' authority adds only the target's addresses), then by
+        asking again for the last target.
+        """
+        chain = [name]
+        qname = name
+        while True:
+            answers = await self._query(qname, rtype)
+            current = qname
+            while True:
+                records = [rr.payload for rr in answers
+                           if rr.type == rtype and _dname(rr.name) == current]
+                if records:
+                    return current, records
+                target = next((_dname(rr.payload.name) for rr in answers
+                               if rr.type == dns.CNAME and _dname(rr.name) == current), None)
+                if target is None:
+                    break
+                if target in chain:
+                    raise RouteError("4.4.3", f"CNAME loop: {' -> '.join(chain + [target])}")
+                chain.append(target)
+                if len(chain) > MAX_CNAME_CHAIN + 1:
+                    raise RouteError("4.4.3", f"more than {MAX_CNAME_CHAIN} CNAMEs from {name}")
+                current = target
+            if current == qname:
+                return current, []
+            qname = current
+
+    async def _query(self, name: str, rtype: int) -> list[Any]:
+        what = f"{name}/{dns.QUERY_TYPES.get(rtype, rtype)}"
+        query = dns.Query(name.encode("latin-1"), rtype, dns.IN)
+        try:
+            answers, _authority, _additional = await self._get_resolver().query(
+                query, timeout=self.timeout)
+        except defer.CancelledError:
+            raise
+        except (dns_error.DNSNameError, dns_error.AuthoritativeDomainError):
+            raise RouteError("5.1.2", f"Host or domain name not found: {what}: NXDOMAIN") from None
+        except defer.TimeoutError:
+            raise RouteError("4.4.3", f"DNS lookup {what}: timeout") from None
+        except dns_error.DNSServerError:
+            raise RouteError("4.4.3", f"DNS lookup {what}: SERVFAIL") from None
+        except dns_error.DNSQueryRefusedError:
+            raise RouteError("4.4.3", f"DNS lookup {what}: REFUSED") from None
+        except Exception as e:
+            raise RouteError("4.4.3", f"DNS lookup {what}: {e.__class__.__name__}: {e}") from None
+        return list(answers)

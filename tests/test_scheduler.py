@@ -1,0 +1,251 @@
+"""The queue runner against a real SQLite spool file, with a fake router and
+a fake SMTP client, and task.Clock for time: retries, expiry, bounces."""
+from __future__ import annotations
+
+import email
+import email.policy
+import sqlite3
+
+import pytest
+from sqlalchemy import create_engine
+from twisted.internet import defer, task
+
+from mta.config import RelayConfig, RetryConfig
+from mta.delivery.router import NextHop, RouteError
+from mta.delivery.scheduler import QueueRunner, backoff
+from mta.message import InboundMessage, Recipient, new_queue_id
+from mta.smtp.client import DeliveryResult, RecipientResult
+from mta.spool import ops
+from mta.spool.schema import metadata
+
+HOP = NextHop("mx.dest.test", "127.0.0.1", 25)
+
+
+class SyncSpool:
+    """The spool's interface, run synchronously on a real SQLite file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.engine = create_engine(f"sqlite:///{path}")
+        metadata.create_all(self.engine)
+
+    def write(self, fn, *args):
+        with self.engine.begin() as conn:
+            return defer.succeed(fn(conn, *args))
+
+    run = write
+
+    def store(self, msg):
+        return self.write(ops.insert_messages, [msg]).addCallback(lambda _: msg.queue_id)
+
+    def sql(self, query, *args):
+        with sqlite3.connect(self.path) as c:
+            return c.execute(query, args).fetchall()
+
+
+class FakeRouter:
+    def __init__(self):
+        self.errors: dict[str, RouteError] = {}
+        self.calls: list[str] = []
+
+    def route(self, domain):
+        self.calls.append(domain)
+        if domain in self.errors:
+            return defer.fail(self.errors[domain])
+        return defer.succeed([HOP])
+
+
+class FakePool:
+    """Answers per recipient address from a script: a list of (code, status)
+    used one attempt after another (the last one repeats)."""
+
+    def __init__(self):
+        self.script: dict[str, list[tuple[int, str]]] = {}
+        self.calls: list = []
+        self.dsn_offered = True
+        self.closed = False
+
+    def deliver(self, hops, msg):
+        self.calls.append((hops, msg))
+        results = []
+        for r in msg.recipients:
+            seq = self.script.get(r.address, [(250, "2.0.0")])
+            code, status = seq.pop(0) if len(seq) > 1 else seq[0]
+            results.append(RecipientResult(r.address, code, status, f"{code} {status} reply for {r.address}"))
+        return defer.succeed(DeliveryResult(results, hops[0], self.dsn_offered))
+
+    def close(self):
+        self.closed = True
+        return defer.succeed(None)
+
+
+@pytest.fixture
+def env(tmp_path):
+    clock = task.Clock()
+    clock.advance(1_800_000_000)
+    spool = SyncSpool(tmp_path / "spool.sqlite")
+    router, pool = FakeRouter(), FakePool()
+    # DSNs to the sender stay deferred in the spool, where the tests read them.
+    pool.script["alice@example.test"] = [(451, "4.2.0")]
+    retry = RetryConfig(first=300, max=3600, lifetime=5 * 86400, warn_after=None)
+
+    def make(retry=retry, relay=RelayConfig()):
+        runner = QueueRunner(spool, router, pool, hostname="mx.example.test", retry=retry,
+                             relay=relay, reactor=clock, rand=lambda: 0.5)
+        runner.startService()
+        return runner
+
+    class Env:
+        pass
+    e = Env()
+    e.clock, e.spool, e.router, e.pool, e.make = clock, spool, router, pool, make
+    return e
+
+
+def put(env, sender="alice@example.test", rcpts=("bob@dest.test",), notify=None, ret=None,
+        envid=None):
+    now = env.clock.seconds()
+    qid = new_queue_id(now)
+    headers = b"Received: by us\r\nSubject: test\r\nMessage-ID: <t@example.test>\r\n\r\n"
+    body = b"hello\r\n"
+    env.spool.store(InboundMessage(
+        queue_id=qid, sender=sender, recipients=[Recipient(a, notify) for a in rcpts],
+        headers=headers, body=body, arrival=now, client_address="127.0.0.1", helo="client",
+        protocol="ESMTP", size=len(headers) + len(body), ret=ret, envid=envid))
+    return qid
+
+
+def dsns(env):
+    rows = env.spool.sql("SELECT m.queue_id, r.address, c.headers, c.body FROM messages m "
+                         "JOIN recipients r USING (queue_id) JOIN contents c USING (queue_id) "
+                         "WHERE m.sender = ''")
+    return [(addr, email.message_from_bytes(bytes(h) + bytes(b), policy=email.policy.default))
+            for _q, addr, h, b in rows]
+
+
+def status_fields(msg):
+    part = [p for p in msg.walk() if p.get_content_type() in
+            ("message/delivery-status", "message/global-delivery-status")][0]
+    raw = part.get_payload()
+    if isinstance(raw, list):  # parsed as a list of header blocks
+        return [dict(b.items()) for b in raw]
+    return raw
+
+
+def test_backoff_is_pure_doubling_capped_with_jitter():
+    assert backoff(1, 300, 3600, 0.5) == 300
+    assert backoff(2, 300, 3600, 0.5) == 600
+    assert backoff(4, 300, 3600, 0.5) == 2400
+    assert backoff(5, 300, 3600, 0.5) == 3600
+    assert backoff(50, 300, 3600, 0.5) == 3600
+    assert 270 <= backoff(1, 300, 3600, 0.0) <= backoff(1, 300, 3600, 0.999) <= 330
+
+
+def test_delivered_message_leaves_the_spool(env):
+    put(env, rcpts=("bob@dest.test", "carol@dest.test", "dave@other.test"))
+    env.make()
+    # one transaction per destination domain, recipients of that domain together
+    assert sorted(env.router.calls) == ["dest.test", "other.test"]
+    by_domain = {tuple(r.address for r in m.recipients) for _h, m in env.pool.calls}
+    assert by_domain == {("bob@dest.test", "carol@dest.test"), ("dave@other.test",)}
+    assert env.spool.sql("SELECT COUNT(*) FROM messages") == [(0,)]
+    assert env.spool.sql("SELECT COUNT(*) FROM recipients") == [(0,)]
+    assert env.spool.sql("SELECT COUNT(*) FROM contents") == [(0,)]
+
+
+def test_deferral_retries_with_backoff_then_delivers(env):
+    env.pool.script["bob@dest.test"] = [(451, "4.3.0"), (421, "4.4.2"), (250, "2.0.0")]
+    qid = put(env)
+    env.make()
+    t0 = env.clock.seconds()
+    [(state, attempts, nxt, reply)] = env.spool.sql(
+        "SELECT state, attempts, next_attempt, last_reply FROM recipients")
+    assert (state, attempts, nxt) == ("deferred", 1, t0 + 300)
+    assert reply == "451 4.3.0 reply for bob@dest.test"
+    env.clock.advance(299)
+    assert len(env.pool.calls) == 1
+    env.clock.advance(1)
+    assert len(env.pool.calls) == 2
+    [(state, attempts, nxt)] = env.spool.sql("SELECT state, attempts, next_attempt FROM recipients")
+    assert (state, attempts, nxt) == ("deferred", 2, t0 + 300 + 600)
+    env.clock.advance(600)
+    assert len(env.pool.calls) == 3
+    assert env.spool.sql("SELECT COUNT(*) FROM messages WHERE queue_id = ?", qid) == [(0,)]
+    assert dsns(env) == []
+
+
+def test_permanent_failure_bounces_to_sender(env):
+    env.pool.script["bob@dest.test"] = [(550, "5.1.1")]
+    put(env, rcpts=("bob@dest.test", "carol@dest.test"), envid="ENV+2B1")
+    env.make()
+    [(to, msg)] = dsns(env)
+    assert to == "alice@example.test"
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    text = msg.as_string()
+    assert "bob@dest.test" in text and "5.1.1" in text
+    assert "carol@dest.test" not in str(status_fields(msg))
+    # the original left the spool: the DSN was spooled in the same transaction
+    assert env.spool.sql("SELECT COUNT(*) FROM messages WHERE sender != ''") == [(0,)]
+
+
+def test_expiry_bounces_with_4_4_7(env):
+    env.pool.script["bob@dest.test"] = [(451, "4.4.1")]
+    env.make(retry=RetryConfig(first=10, max=20, lifetime=60, warn_after=None))
+    put(env)
+    env.clock.advance(0)
+    for _ in range(4):  # past the lifetime (60 s), not past the bounce's own
+        env.clock.advance(20)
+    rows = env.spool.sql("SELECT COUNT(*) FROM messages WHERE sender != ''")
+    assert rows == [(0,)]
+    [(to, msg)] = dsns(env)
+    assert "4.4.7" in msg.as_string()
+    assert "Action: failed" in msg.as_string()
+
+
+def test_no_bounce_for_null_sender(env):
+    env.pool.script["bob@dest.test"] = [(550, "5.1.1")]
+    put(env, sender="")
+    env.make()
+    assert env.spool.sql("SELECT COUNT(*) FROM messages") == [(0,)]
+
+
+def test_notify_never_and_success(env):
+    env.pool.script["bob@dest.test"] = [(550, "5.1.1")]
+    put(env, rcpts=("bob@dest.test",), notify="NEVER")
+    put(env, rcpts=("carol@dest.test",), notify="SUCCESS")
+    env.pool.dsn_offered = False
+    env.make()
+    [(to, msg)] = dsns(env)
+    assert "Action: relayed" in msg.as_string()
+    assert "carol@dest.test" in msg.as_string()
+
+
+def test_delay_warning_once(env):
+    env.pool.script["bob@dest.test"] = [(451, "4.4.1")]
+    env.make(retry=RetryConfig(first=10, max=10, lifetime=1000, warn_after=25))
+    put(env)
+    for _ in range(8):
+        env.clock.advance(10)
+    found = dsns(env)
+    assert len(found) == 1
+    assert "Action: delayed" in found[0][1].as_string()
+
+
+def test_route_errors(env):
+    env.router.errors["null.test"] = RouteError("5.1.10", "null MX")
+    env.router.errors["tmp.test"] = RouteError("4.4.3", "DNS timeout")
+    put(env, rcpts=("a@null.test", "b@tmp.test"))
+    env.make()
+    states = dict(env.spool.sql("SELECT address, state FROM recipients"))
+    assert states["b@tmp.test"] == "deferred"
+    [(to, msg)] = dsns(env)
+    assert "5.1.10" in msg.as_string()
+
+
+def test_inflight_recipients_are_recovered_at_start(env):
+    qid = put(env)
+    env.spool.sql("UPDATE recipients SET state='inflight'")
+    env.make()
+    assert len(env.pool.calls) == 1
+    assert env.spool.sql("SELECT COUNT(*) FROM messages WHERE queue_id = ?", qid) == [(0,)]
