@@ -87,6 +87,14 @@ def cpu_seconds(pid: int, children: bool = False) -> float:
     return ticks / CLK_TCK
 
 
+def main_thread_cpu_seconds(pid: int) -> float:
+    """CPU of the main thread alone (the reactor, for twistd): its TID is the PID."""
+    with open(f"/proc/{pid}/task/{pid}/stat") as f:
+        data = f.read()
+    rest = data.rpartition(")")[2].split()
+    return (int(rest[11]) + int(rest[12])) / CLK_TCK
+
+
 def vm_hwm_kb(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -170,6 +178,7 @@ class SourceResult:
     seconds: float
     client_cpu: float
     machine_busy: float  # fraction of all CPUs busy during the run, 0..1
+    load1: float  # 1-minute load average just before the run
     returncode: int
     stderr: str
 
@@ -182,6 +191,7 @@ def run_smtp_source(port: int, sessions: int, count: int, size: int, reuse: bool
         argv.append("-d")
     argv.append(f"127.0.0.1:{port}")
     errf = tempfile.TemporaryFile()
+    load1 = os.getloadavg()[0]
     busy0, tot0 = machine_cpu()
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errf)
@@ -198,17 +208,21 @@ def run_smtp_source(port: int, sessions: int, count: int, size: int, reuse: bool
     stderr = errf.read().decode(errors="replace").strip()
     errf.close()
     return SourceResult(seconds, rusage.ru_utime + rusage.ru_stime,
-                        (busy1 - busy0) / max(tot1 - tot0, 1), proc.returncode, stderr)
+                        (busy1 - busy0) / max(tot1 - tot0, 1), load1, proc.returncode, stderr)
 
 
 class Mta:
     """One twistd mta daemon on a fresh spool in its own directory."""
 
-    def __init__(self, workdir: Path, port: int, max_message_size: int, extra_args: list[str]) -> None:
+    def __init__(self, workdir: Path, port: int, max_message_size: int, extra_args: list[str],
+                 tree: Path | None, guard: str) -> None:
         self.dir = workdir
         self.port = port
         self.spool = workdir / "spool.sqlite"
         self.config = workdir / "mta.toml"
+        self.env = dict(os.environ)
+        if tree is not None:
+            self.env["PYTHONPATH"] = str(tree)
         self.config.write_text(
             "[server]\n"
             'hostname = "mx.bench.test"\n'
@@ -221,7 +235,8 @@ class Mta:
             'relay_networks = ["127.0.0.0/8", "::1/128"]\n'
             'relay_domains = ["example.test"]\n'
             "[spool]\n"
-            f'url = "sqlite:///{self.spool}"\n')
+            f'url = "sqlite:///{self.spool}"\n'
+            + guard)
         self.extra_args = extra_args
         self.proc: subprocess.Popen | None = None
         self.logfile = workdir / "twistd.log"
@@ -229,7 +244,7 @@ class Mta:
     def start(self) -> None:
         argv = [str(TWISTD), "-n", "--pidfile=", "--logfile", str(self.logfile), *self.extra_args,
                 "mta", "--config", str(self.config)]
-        self.proc = subprocess.Popen(argv, cwd=self.dir, stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(argv, cwd=self.dir, env=self.env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             wait_for_port(self.port, 30, self.proc)
@@ -256,6 +271,48 @@ class Mta:
         stop_process(self.proc, "mta")
 
 
+# --------------------------------------------------------------------------- the tree under test
+
+def snapshot(rev: str, dest: Path) -> Path:
+    """Extract ``git archive REV`` of this repository into dest (a stable copy of mta to
+    benchmark while the work tree changes)."""
+    dest.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
+def _config_ok(tree: Path | None, toml: str) -> tuple[bool, str]:
+    env = dict(os.environ)
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
+    code = ("import sys, tomllib\n"
+            "from mta.config import config_from_dict\n"
+            "config_from_dict(tomllib.loads(sys.stdin.read()), 'bench')\n")
+    r = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-c", code], input=toml, text=True,
+                       capture_output=True, env=env, cwd=tree or ROOT)
+    return r.returncode == 0, (r.stderr.strip().splitlines() or [""])[-1]
+
+
+def loopback_guard(tree: Path | None, dead_port: int) -> str:
+    """Config text that keeps an mta able to deliver (one with [relay] and [dns]) on loopback:
+    everything goes to a loopback port where nothing listens (so it stays queued), and the
+    resolver is a loopback address.  Empty for an mta that cannot deliver yet."""
+    relay_dns = ("[relay]\n"
+                 f'smarthost = "127.0.0.1:{dead_port}"\n'
+                 "[dns]\n"
+                 f'nameservers = ["127.0.0.1:{dead_port}"]\n')
+    for guard in (relay_dns + '[retry]\nfirst = "1h"\n', relay_dns):
+        ok, _ = _config_ok(tree, guard)
+        if ok:
+            return guard
+    ok, err = _config_ok(tree, "[relay]\n")
+    if not ok and "unknown section" in err:
+        return ""
+    raise BenchError("this mta has a [relay] section but bench/run.py cannot pin its delivery to "
+                     f"loopback ({err}); refusing to run it")
+
+
 # --------------------------------------------------------------------------- measurements
 
 @dataclass
@@ -271,9 +328,12 @@ class Run:
     cpu_ms_per_msg: float | None
     client_cpu_ms_per_msg: float
     machine_busy_pct: float
+    load1: float
     peak_rss_mb: float | None = None
     stored: int | None = None
     drain_seconds: float | None = None
+    main_thread_cpu_ms_per_msg: float | None = None  # mta: the reactor thread alone
+    reactor_busy_pct: float | None = None  # mta: reactor thread CPU / wall time
     notes: list[str] = field(default_factory=list)
 
 
@@ -288,9 +348,10 @@ def run_mta(args, sessions: int, size: int, count: int, rep: int, order: int, tm
     if args.profile:
         extra = ["--profiler=cprofile", "--savestats",
                  "--profile", str(Path(args.profile_dir) / f"mta-s{sessions}-l{size}-r{rep}.pstats")]
-    mta = Mta(workdir, free_port(), max(args.max_message_size, 2 * size), extra)
-    mta.start()
+    mta = Mta(workdir, free_port(), max(args.max_message_size, 2 * size), extra, args.tree_path,
+              args.guard)
     try:
+        mta.start()
         warm = min(args.warmup, count)
         if warm:
             w = run_smtp_source(mta.port, min(sessions, warm), warm, size, args.reuse, args.timeout)
@@ -299,10 +360,30 @@ def run_mta(args, sessions: int, size: int, count: int, rep: int, order: int, tm
         time.sleep(0.2)
         with open(f"/proc/{mta.pid}/clear_refs", "w") as f:  # reset VmHWM (Linux >= 4.0)
             f.write("5")
+        spy = None
+        if args.py_spy:
+            out = Path(args.profile_dir) / f"mta-s{sessions}-l{size}-r{rep}.pyspy.txt"
+            extra_spy = args.py_spy_args.split()
+            if "--native" not in extra_spy and "-n" not in extra_spy:
+                extra_spy.append("--nonblocking")  # py-spy cannot do both
+            spy = subprocess.Popen([args.py_spy, "record", "--pid", str(mta.pid), "--threads",
+                                    "--rate", "250", "--format", "raw", "--output", str(out),
+                                    *extra_spy],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)
         cpu0 = cpu_seconds(mta.pid)
+        main0 = main_thread_cpu_seconds(mta.pid)
         r = run_smtp_source(mta.port, sessions, count, size, args.reuse, args.timeout)
         time.sleep(0.2)  # let the daemon finish closing connections
         cpu1 = cpu_seconds(mta.pid)
+        main1 = main_thread_cpu_seconds(mta.pid)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            try:
+                spy.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                spy.wait()
         hwm = vm_hwm_kb(mta.pid)
         if r.returncode != 0:
             raise BenchError(f"smtp-source against mta failed ({r.returncode}): {r.stderr}\n{mta.tail_log()}")
@@ -316,7 +397,9 @@ def run_mta(args, sessions: int, size: int, count: int, rep: int, order: int, tm
         shutil.rmtree(workdir, ignore_errors=True)
     return Run("mta", sessions, size, count, rep, order, r.seconds, count / r.seconds,
                (cpu1 - cpu0) * 1000 / count, r.client_cpu * 1000 / count, 100 * r.machine_busy,
-               peak_rss_mb=hwm / 1024, stored=stored - warm)
+               r.load1, peak_rss_mb=hwm / 1024, stored=stored - warm,
+               main_thread_cpu_ms_per_msg=(main1 - main0) * 1000 / count,
+               reactor_busy_pct=100 * (main1 - main0) / r.seconds)
 
 
 def wait_postfix_drained(timeout: float) -> float:
@@ -347,13 +430,16 @@ def run_postfix(args, port: int, sessions: int, size: int, count: int, rep: int,
     cpu = None if cpu0 is None or cpu1 is None else (cpu1 - cpu0) * 1000 / count
     notes = [f"{left} still queued at the end of the run, drained in {drain:.1f}s"]
     return Run("postfix", sessions, size, count, rep, order, r.seconds, count / r.seconds, cpu,
-               r.client_cpu * 1000 / count, 100 * r.machine_busy, drain_seconds=drain, notes=notes)
+               r.client_cpu * 1000 / count, 100 * r.machine_busy, r.load1, drain_seconds=drain, notes=notes)
 
 
 # --------------------------------------------------------------------------- report
 
 def fmt(v: float | None, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+    if v is None:
+        width = spec.split(".")[0]
+        return "-".rjust(int(width) if width.isdigit() else 0)
+    return format(v, spec)
 
 
 def case_name(sessions: int, size: int) -> str:
@@ -385,7 +471,7 @@ def report(runs: list[Run], args) -> str:
             f"{fmt(m and m.peak_rss_mb, '7.1f')} {fmt(m and m.machine_busy_pct, '5.0f')} | "
             f"{fmt(p and p.rate, '13.0f')} {fmt(p and p.cpu_ms_per_msg, '10.3f')} "
             f"{fmt(p and p.machine_busy_pct, '5.0f')} {fmt(p and p.drain_seconds, '7.1f')} | "
-            f"{fmt(ratio, '10.2f')}x{first}")
+            + (f"{ratio:10.2f}x" if ratio is not None else f"{'-':>11}") + first)
     if any(len(v) > 1 for v in ratios.values()):
         lines.append("")
         lines.append("median mta/Postfix ratio per case: " + ", ".join(
@@ -393,7 +479,11 @@ def report(runs: list[Run], args) -> str:
     lines.append("")
     lines.append(
         f"smtp-source {'reuses connections (-d)' if args.reuse else 'opens one connection per message'}; "
-        f"{NCPU} CPUs; busy% = whole-machine CPU busy during the run (load tool, server, and anything else).")
+        f"{NCPU} CPUs; busy% = whole-machine CPU busy during the run (load tool, server, and anything else); "
+        f"1-min load average before the runs {min(r.load1 for r in runs):.1f}-{max(r.load1 for r in runs):.1f}.")
+    cl = {srv: [r.client_cpu_ms_per_msg for r in runs if r.server == srv] for srv in ("mta", "postfix")}
+    lines.append("smtp-source's own CPU per message: " + ", ".join(
+        f"against {srv} {min(v):.2f}-{max(v):.2f} ms" for srv, v in cl.items() if v) + ".")
     lines.append(
         "mta: fresh daemon and empty SQLite spool per run; every 250 checked against the spool's "
         "messages table; CPU = twistd process (all threads); RSS = VmHWM reset before the run.")
@@ -421,10 +511,18 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--max-message-size", type=int, default=10 * 1024 * 1024)
     p.add_argument("--timeout", type=float, default=600, help="seconds before a smtp-source run is killed")
     p.add_argument("--drain-timeout", type=float, default=300)
+    p.add_argument("--rev", help="benchmark this git revision of mta (extracted to a temporary "
+                   "directory) instead of the work tree, e.g. HEAD")
+    p.add_argument("--tree", help="benchmark the mta package in this directory (a copy of the "
+                   "repository) instead of the work tree")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (spools, logs)")
     p.add_argument("--json", help="also write every run as JSON to this file")
     p.add_argument("--profile", action="store_true",
                    help="run mta under twistd's cProfile (slower) and save stats in --profile-dir")
+    p.add_argument("--py-spy", metavar="PATH",
+                   help="sample mta during each measured run with this py-spy binary "
+                   "(all threads, raw collapsed stacks in --profile-dir)")
+    p.add_argument("--py-spy-args", default="", help="extra py-spy record arguments, e.g. --native")
     p.add_argument("--profile-dir", default="bench/profiles")
     args = p.parse_args(argv)
     args.session_list = [int(x) for x in args.sessions.split(",") if x]
@@ -454,13 +552,14 @@ def main(argv: list[str] | None = None) -> int:
     use_mta = args.only in ("mta", "both")
     if use_postfix and os.geteuid() != 0:
         sys.exit("bench: the Postfix reference needs root (or use --only mta)")
-    if args.profile:
+    if args.profile or args.py_spy:
         Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
 
     tmp = Path(tempfile.mkdtemp(prefix="mta-bench-"))
     sink: subprocess.Popen | None = None
     postfix_started = False
     runs: list[Run] = []
+    failures: list[str] = []
     interrupted = False
     try:
         pf_port = sink_port = 0
@@ -478,6 +577,27 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run([str(POSTFIX_REFERENCE), "start", str(pf_port), str(sink_port)], check=True)
             wait_postfix_drained(args.drain_timeout)
 
+        args.tree_path = None
+        args.guard = ""
+        if use_mta:
+            if args.tree:
+                args.tree_path = Path(args.tree).resolve()
+                log(f"benchmarking mta from {args.tree_path}")
+            elif args.rev:
+                args.tree_path = snapshot(args.rev, tmp / "tree")
+                log(f"benchmarking mta at {args.rev} "
+                    f"({subprocess.run(['git', '-C', str(ROOT), 'rev-parse', '--short', args.rev], capture_output=True, text=True).stdout.strip()})")
+            else:
+                dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "mta", "twisted"],
+                                       capture_output=True, text=True).stdout.strip()
+                log("benchmarking mta from the work tree" + (" (with uncommitted changes)" if dirty else ""))
+            # A socket bound but not listening: connections to it are refused.
+            args.dead_socket = socket.socket()
+            args.dead_socket.bind(("127.0.0.1", 0))
+            args.guard = loopback_guard(args.tree_path, args.dead_socket.getsockname()[1])
+            if args.guard:
+                log("this mta can deliver: its delivery is pinned to a refusing loopback port")
+
         cases = [(s, l) for l in args.size_list for s in args.session_list]
         for rep in range(args.repeat):
             for i, (s, l) in enumerate(cases):
@@ -491,13 +611,20 @@ def main(argv: list[str] | None = None) -> int:
                     servers.reverse()
                 for order, server in enumerate(servers):
                     log(f"rep {rep + 1}/{args.repeat} {case_name(s, l)} x {n} -> {server}")
-                    if server == "mta":
-                        run = run_mta(args, s, l, n, rep, order, tmp)
-                    else:
-                        run = run_postfix(args, pf_port, s, l, n, rep, order)
+                    try:
+                        if server == "mta":
+                            run = run_mta(args, s, l, n, rep, order, tmp)
+                        else:
+                            run = run_postfix(args, pf_port, s, l, n, rep, order)
+                    except (BenchError, RuntimeError) as e:
+                        log(f"FAILED: {e}")
+                        failures.append(f"rep {rep + 1} {case_name(s, l)} {server}: {str(e).splitlines()[0]}")
+                        continue
                     log(f"   {run.rate:.0f} msg/s in {run.seconds:.2f}s, server CPU "
                         f"{fmt(run.cpu_ms_per_msg, '.3f')} ms/msg, machine busy {run.machine_busy_pct:.0f}%"
                         + (f", peak RSS {run.peak_rss_mb:.1f} MB" if run.peak_rss_mb else "")
+                        + (f"; reactor thread {run.main_thread_cpu_ms_per_msg:.3f} ms/msg, "
+                           f"{run.reactor_busy_pct:.0f}% busy" if run.reactor_busy_pct is not None else "")
                         + (f"; {'; '.join(run.notes)}" if run.notes else ""))
                     runs.append(run)
     except KeyboardInterrupt:
@@ -518,9 +645,11 @@ def main(argv: list[str] | None = None) -> int:
     if runs:
         print()
         print(report(runs, args))
+    for f in failures:
+        print(f"FAILED: {f}")
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in runs], indent=2) + "\n")
-    return 1 if interrupted else 0
+    return 1 if interrupted or failures else 0
 
 
 if __name__ == "__main__":
