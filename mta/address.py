@@ -128,6 +128,11 @@ def parse_path(path: str, *, utf8: bool = False, allow_null: bool = False,
     Returns ``None`` for the null path ``<>`` (when *allow_null*).
     Raises :class:`AddressError` when the path is not valid.
     """
+    if not path.isascii():
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: not text from any wire
+            raise AddressError("invalid characters in path") from None
     if path == "<>":
         if allow_null:
             return None

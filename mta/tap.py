@@ -82,13 +82,14 @@ def makeService(options: Options) -> service.IService:
 
     config: Config = options.config
     url = options["spool"] or config.spool.url
+    where = "--spool" if options["spool"] else f"{config.path}: [spool] url"
     try:
         spool = Spool(url, reactor=reactor)
         spool.open()
     except SpoolError as e:
-        _die(f"{config.path}: [spool] url: {e}")
+        _die(f"{where}: {e}")
     except Exception as e:  # bad driver name and the like
-        _die(f"{config.path}: [spool] url: {url}: {e}")
+        _die(f"{where}: {url}: {e}")
 
     s = config.server
     settings = ServerSettings(

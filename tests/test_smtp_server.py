@@ -886,11 +886,14 @@ def test_bdat_without_rcpt():
     assert not c.closing
 
 
-def test_bdat_bad_syntax():
+@pytest.mark.parametrize("arg", ["", "x", "-1", "5 LAST X", "5 FIRST", "1234567890123456"])
+def test_bdat_bad_syntax_closes(arg):
+    # Without a chunk size the server cannot find the next command: it
+    # answers 501 and closes rather than read message content as commands.
     c = Client()
     c.start()
-    for arg in ("", "x", "-1", "5 LAST X", "5 FIRST", "1234567890123456"):
-        assert code(c.cmd(f"BDAT {arg}".strip())) == "501 5.5.4", arg
+    assert code(c.cmd(f"BDAT {arg}".strip())) == "501 5.5.4", arg
+    assert c.closing
 
 
 def test_bdat_over_size_last():

@@ -400,7 +400,10 @@ class SMTPServer(protocol.Protocol):
     def do_BDAT(self, arg: str) -> None:
         m = _BDAT.fullmatch(arg)
         if m is None:
-            raise SMTPReplyError(R(501, "5.5.4", "Syntax: BDAT chunk-size [LAST]"))
+            # Without a size we cannot tell where the chunk ends: reading on
+            # would take message content for commands.  Stop here.
+            self._close_with(R(501, "5.5.4", "Syntax: BDAT chunk-size [LAST]; closing connection"))
+            return
         size = int(m.group(1))
         last = m.group(2) is not None
         # The chunk is read whatever we think of it, so we stay in step.

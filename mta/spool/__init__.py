@@ -96,6 +96,11 @@ class Spool:
                                  .values(value=str(found)))
         except SQLAlchemyError as e:
             raise SpoolError(f"{self.url}: cannot use spool: {e.orig if getattr(e, 'orig', None) else e}") from None
+        finally:
+            # No connection may survive into twistd's daemonizing fork: SQLite's
+            # POSIX locks stay with the parent, so the daemon would use the
+            # database unlocked (https://sqlite.org/howtocorrupt.html#fork).
+            self.engine.dispose()
 
     def start(self) -> None:
         if self._writer is None:

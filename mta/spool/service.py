@@ -3,6 +3,7 @@ down (after draining every submitted write) after them."""
 from __future__ import annotations
 
 from twisted.application import service
+from twisted.internet import defer, threads
 
 from . import Spool
 
@@ -15,6 +16,8 @@ class SpoolService(service.Service):
         super().startService()
         self.spool.start()
 
-    def stopService(self) -> None:
+    def stopService(self) -> defer.Deferred:
+        # Drain the writer off the reactor thread, so the reactor keeps running
+        # and the sessions waiting on those commits still get their 250.
         super().stopService()
-        self.spool.stop()
+        return threads.deferToThread(self.spool.stop)

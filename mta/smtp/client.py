@@ -1,0 +1,1159 @@
+"""The outbound ESMTP client (RFC 5321) as a Twisted protocol, and a pool of
+cached connections that the queue runner hands messages to.
+
+``ConnectionPool.deliver(hops, msg)`` tries the next hops in order and
+returns one result per recipient.  The protocol only reads replies and
+writes commands; the pool drives the conversation:
+
+* greeting, EHLO (HELO when EHLO gets a 5xx), opportunistic STARTTLS and
+  EHLO again;
+* checks that the next hop can take the message as it is: SMTPUTF8
+  (553 5.6.7), BINARYMIME with CHUNKING (554 5.6.3), 8BITMIME (554 5.6.3)
+  and SIZE (552 5.3.4).  We never down-convert, and those failures are
+  final for the message (the other hops are not tried);
+* MAIL, every RCPT and DATA in one write when PIPELINING is offered, one at
+  a time otherwise; replies are read strictly in order;
+* the content is dot-stuffed as it is written, with the state kept across
+  writes (DESIGN.md §2: Twisted's client stuffs per 16 KiB chunk and can end
+  DATA early); BINARYMIME content goes out with ``BDAT n LAST`` unchanged;
+* every network step has its RFC 5321 §4.5.3.2 timeout; a timeout aborts
+  the connection.
+
+Choices:
+
+* DATA is used for everything but BINARYMIME, even when CHUNKING is
+  offered: it is what every server implements best, and the stuffing is
+  done right.  BDAT is used only where it is required.
+* A hop that cannot be connected to (refused, connect timeout: 4.4.1), that
+  drops or times out (4.4.2), or that answers the greeting, EHLO/HELO or
+  MAIL with 4xx/5xx is a hop failure: the next hop is tried.  Once MAIL is
+  accepted, RCPT and end-of-data replies are per-recipient results and
+  final for this attempt.  A drop or timeout later in the transaction is
+  still a hop failure (the next hop gets every recipient; a timeout after
+  the final dot may therefore cause a duplicate, as RFC 5321 §4.5.3.2.6
+  warns).
+* When no hop takes the message, every recipient gets the last error of a
+  hop that was reached (a server reply, a drop or a timeout), or else the
+  last connection error.  It is made 4xx (451, status 4.x.y) unless every
+  hop answered 5xx to the greeting, HELO or MAIL.
+* STARTTLS is opportunistic and unauthenticated (no certificate check: an
+  MX certificate cannot be checked meaningfully without DANE or
+  MTA-STS).  A failed TLS handshake reconnects to the same hop without TLS
+  (Postfix's behaviour at ``smtp_tls_security_level = may``), once per
+  delivery.  A STARTTLS command answered with anything but 220 continues in
+  plain text on the same connection.
+* After a transaction (RSET first if the transaction did not end with the
+  final dot) the connection waits in the pool, keyed by (address, port),
+  for ``Timeouts.idle`` seconds (at most ``max_idle_per_host`` per key),
+  then gets a QUIT.  ``deliver`` moves a hop that has a cached connection
+  to the front of the list (the earlier hops were unreachable or busy a
+  moment ago).  A cached connection that turns out to be dead (closed, or
+  answering 421 before anything else) is replaced by a fresh connection to
+  the same hop; that is not a hop failure.
+* Results we make ourselves have the same form as server replies:
+  ``text`` is "451 4.4.1 connect to mx[192.0.2.1]:25: Connection refused",
+  "552 5.3.4 Message too big for next hop", ...; ``from_remote`` tells them
+  apart.
+* An address with a control character is never sent (CR/LF would be
+  command injection): that recipient gets 553 5.1.3 (5.1.7 for the
+  sender).  Malformed DSN parameters are left out.
+* Cancelling the Deferred from ``deliver`` aborts the connection in use and
+  fails with CancelledError (no further hop is tried).
+"""
+from __future__ import annotations
+
+import re
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from twisted.internet import defer, error, protocol
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .data import has_bare_newline, normalize_newlines
+
+try:
+    from ..delivery.router import NextHop
+except ModuleNotFoundError as _e:  # the router is written concurrently
+    if _e.name not in ("mta.delivery", "mta.delivery.router"):
+        raise
+
+    @dataclass(frozen=True)
+    class NextHop:  # type: ignore[no-redef]
+        host: str
+        address: str
+        port: int = 25
+
+log = Logger(namespace="mta.smtp")
+
+CHUNK = 64 * 1024          # content is written in pieces of this size
+MAX_REPLY_LINE = 4096      # longer reply lines are a protocol error (RFC: 512)
+MAX_REPLY_LINES = 200
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_PARAM_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+")  # esmtp-value (+ UTF-8)
+_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])(?:([ -])(.*))?")
+_STATUS = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})(?: +|$)")
+
+
+# ---------------------------------------------------------------------------
+# The API
+# ---------------------------------------------------------------------------
+
+@dataclass
+class OutboundRecipient:
+    address: str
+    notify: str | None = None       # "NEVER" or e.g. "SUCCESS,FAILURE"
+    orcpt: str | None = None        # "addr-type;xtext" as received
+
+
+@dataclass
+class OutboundMessage:
+    queue_id: str
+    sender: str                     # "" = <>
+    recipients: list[OutboundRecipient]
+    headers: bytes
+    body: bytes
+    body_type: str | None = None    # None, 7BIT, 8BITMIME, BINARYMIME
+    smtputf8: bool = False
+    ret: str | None = None          # FULL, HDRS
+    envid: str | None = None        # xtext as received
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    address: str
+    code: int                       # 250, 451, 550, ...
+    status: str                     # "2.0.0"
+    text: str                       # full reply, e.g. "250 2.0.0 Ok: queued as X"
+    # False when we produced the result ourselves (connection failure,
+    # timeout, a next hop too small for the message...): ``text`` then is
+    # our explanation in the same form, e.g. "451 4.4.1 connect to
+    # mx.example[192.0.2.1]:25: Connection refused".
+    from_remote: bool = True
+
+
+@dataclass
+class DeliveryResult:
+    results: list[RecipientResult]  # one per recipient, same order
+    remote: NextHop | None          # the hop that answered (None if none could be reached)
+    dsn_offered: bool               # next hop advertised DSN
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """RFC 5321 §4.5.3.2 defaults, in seconds."""
+    connect: float = 30
+    greeting: float = 300
+    helo: float = 300               # EHLO, HELO, STARTTLS, the TLS handshake, RSET
+    mail: float = 300
+    rcpt: float = 300
+    data_init: float = 120
+    data_block: float = 180
+    data_end: float = 600
+    idle: float = 10                # how long a cached connection is kept
+    quit: float = 30                # waiting for the reply to QUIT
+
+
+# ---------------------------------------------------------------------------
+# Replies and errors
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    status: str
+    text: str                       # "550 5.1.1 first line second line"
+    lines: tuple[str, ...] = ()     # the text of each line, as received
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 300
+
+
+def _make_reply(code: int, lines: list[str]) -> Reply:
+    first = lines[0] if lines else ""
+    m = _STATUS.match(first)
+    status = None
+    if m and int(m.group(1)) == code // 100:
+        status = f"{m.group(1)}.{int(m.group(2))}.{int(m.group(3))}"
+    parts = [first]
+    for line in lines[1:]:
+        # Continuation lines usually repeat the enhanced code; say it once.
+        if status is not None:
+            m2 = _STATUS.match(line)
+            if m2 and m2.group(0).strip() == m.group(0).strip():
+                line = line[m2.end():]
+        parts.append(line)
+    text = " ".join(p for p in parts if p)
+    return Reply(code, status or f"{code // 100}.0.0", f"{code} {text}" if text else str(code),
+                 tuple(lines))
+
+
+class _StepError(Exception):
+    def __init__(self, step: str, got: int = 0):
+        super().__init__(step)
+        self.step = step
+        self.got = got                  # replies received in this batch before it failed
+
+
+class _StepTimeout(_StepError):
+    pass
+
+
+class _StepLost(_StepError):
+    def __init__(self, step: str, got: int = 0, tls_failed: bool = False, reason: str = ""):
+        super().__init__(step, got)
+        self.tls_failed = tls_failed
+        self.reason = reason
+
+
+class _ProtocolError(_StepError):
+    pass
+
+
+class _HopFailure(Exception):
+    """This next hop did not take the message; try the next one."""
+
+    def __init__(self, hop: NextHop, code: int, status: str, text: str, *,
+                 from_remote: bool, reached: bool, permanent: bool = False):
+        if not from_remote:
+            text = f"{code} {status} {text}"
+        super().__init__(text)
+        self.hop = hop
+        self.code = code
+        self.status = status
+        self.text = text
+        self.from_remote = from_remote
+        self.reached = reached
+        self.permanent = permanent
+
+    @classmethod
+    def from_reply(cls, hop: NextHop, reply: Reply, *, permanent_ok: bool) -> "_HopFailure":
+        return cls(hop, reply.code, reply.status, reply.text, from_remote=True, reached=True,
+                   permanent=permanent_ok and reply.code >= 500)
+
+
+class _TLSFailed(Exception):
+    pass
+
+
+class _DeadConnection(Exception):
+    """A cached connection was found dead before it said anything."""
+
+
+def _hopname(hop: NextHop) -> str:
+    return f"{hop.host}[{hop.address}]:{hop.port}"
+
+
+def _step_failure(hop: NextHop, e: _StepError) -> _HopFailure:
+    if isinstance(e, _StepTimeout):
+        text = f"conversation with {_hopname(hop)} timed out while {e.step}"
+        return _HopFailure(hop, 451, "4.4.2", text, from_remote=False, reached=True)
+    if isinstance(e, _ProtocolError):
+        text = f"protocol error with {_hopname(hop)} while {e.step}"
+        return _HopFailure(hop, 451, "4.5.0", text, from_remote=False, reached=True)
+    why = f" ({e.reason})" if isinstance(e, _StepLost) and e.reason else ""
+    text = f"lost connection with {_hopname(hop)} while {e.step}{why}"
+    return _HopFailure(hop, 451, "4.4.2", text, from_remote=False, reached=True)
+
+
+# ---------------------------------------------------------------------------
+# Content
+# ---------------------------------------------------------------------------
+
+class DotStuffer:
+    """Dot-stuffing (RFC 5321 §4.5.2) that is correct whatever the chunking.
+
+    The stream is taken to start at the beginning of a line.  The last two
+    octets seen are kept, so a ``CRLF.`` split over two (or three) chunks is
+    still found.
+    """
+
+    __slots__ = ("_tail",)
+
+    def __init__(self) -> None:
+        self._tail = b"\r\n"
+
+    def feed(self, chunk: bytes) -> bytes:
+        if not chunk:
+            return b""
+        buf = self._tail + chunk
+        # A match needs 3 octets, so none lies inside the 2-octet tail, and
+        # the extra dot always lands after it: dropping len(tail) octets of
+        # the output leaves exactly the stuffed chunk.
+        out = buf.replace(b"\r\n.", b"\r\n..")
+        self._tail = buf[-2:]
+        return out[2:]
+
+
+def dot_stuff(data: bytes) -> bytes:
+    """The whole-buffer form, for reference and tests."""
+    out = data.replace(b"\r\n.", b"\r\n..")
+    return b"." + out if out.startswith(b".") else out
+
+
+@dataclass
+class _Content:
+    parts: list[bytes]
+    size: int
+    eightbit: bool
+    binary: bool
+
+
+def _as_bytes(data: Any) -> bytes:
+    if isinstance(data, bytes):
+        return data
+    return bytes(data)
+
+
+def _prepare(msg: OutboundMessage) -> _Content:
+    headers = _as_bytes(msg.headers)
+    body = _as_bytes(msg.body)
+    body_type = (msg.body_type or "").upper()
+    binary = body_type == "BINARYMIME"
+    if not binary:
+        # Our server stores CRLF-only content; never forward anything else.
+        if has_bare_newline(headers) or has_bare_newline(body):
+            log.warn("{queue_id}: bare CR or LF in stored content, normalised",
+                     queue_id=msg.queue_id)
+            whole = normalize_newlines(headers + body)
+            headers, body = bytes(whole), b""
+    eightbit = (not binary) and (body_type == "8BITMIME" or not headers.isascii()
+                                 or not body.isascii())
+    parts = [p for p in (headers, body) if p]
+    if parts and not binary and not parts[-1].endswith(b"\r\n"):
+        parts.append(b"\r\n")  # the final dot must follow a CRLF of the content's own
+    return _Content(parts, sum(len(p) for p in parts), eightbit, binary)
+
+
+def _orcpt_for_ascii(orcpt: str) -> str:
+    """An ORCPT with a utf-8 address as ``utf-8-addr-xtext`` (RFC 6533)."""
+    atype, _, addr = orcpt.partition(";")
+    out = []
+    for ch in addr:
+        o = ord(ch)
+        if o > 126 or o < 33 or ch in "+=\\":
+            out.append(f"\\x{{{o:X}}}")
+        else:
+            out.append(ch)
+    return f"{atype};{''.join(out)}"
+
+
+# ---------------------------------------------------------------------------
+# The protocol
+# ---------------------------------------------------------------------------
+
+@dataclass
+class _Batch:
+    steps: list[tuple[float, str]]
+    d: defer.Deferred
+    replies: list[Reply] = field(default_factory=list)
+
+
+@implementer(IPushProducer)
+class _ContentProducer:
+    """Writes the content in CHUNK pieces while the transport wants more."""
+
+    def __init__(self, proto: "SMTPClientProtocol", parts: list[bytes], stuff: bool,
+                 block_timeout: float):
+        self.proto = proto
+        self.parts = parts
+        self.stuffer = DotStuffer() if stuff else None
+        self.block_timeout = block_timeout
+        self.part = 0
+        self.pos = 0
+        self.paused = False
+        self.pumping = False
+        self.done = False
+        self.d: defer.Deferred = defer.Deferred(self._cancelled)
+        self.timer: Any = None
+        self.registered = False
+
+    def start(self) -> defer.Deferred:
+        self.timer = self.proto.reactor.callLater(self.block_timeout, self._timed_out)
+        self.proto.transport.registerProducer(self, True)
+        self.registered = True
+        self._pump()
+        return self.d
+
+    def _pump(self) -> None:
+        if self.pumping or self.done:
+            return
+        self.pumping = True
+        try:
+            transport = self.proto.transport
+            while not self.paused and not self.done:
+                if self.part >= len(self.parts):
+                    self._finish(None)
+                    return
+                data = self.parts[self.part]
+                chunk = data[self.pos:self.pos + CHUNK]
+                self.pos += len(chunk)
+                if self.pos >= len(data):
+                    self.part += 1
+                    self.pos = 0
+                if self.stuffer is not None:
+                    chunk = self.stuffer.feed(chunk)
+                if self.timer is not None and self.timer.active():
+                    self.timer.reset(self.block_timeout)
+                transport.write(chunk)
+        finally:
+            self.pumping = False
+
+    def _finish(self, err: Exception | None) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        if self.registered and self.proto.usable:
+            self.registered = False
+            self.proto.transport.unregisterProducer()
+        if err is None:
+            self.d.callback(None)
+        else:
+            self.d.errback(err)
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        if self.done:
+            return
+        self._finish(_StepTimeout("sending message content"))
+        self.proto.abort()
+
+    def _cancelled(self, d: defer.Deferred) -> None:
+        self.done = True
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        self.proto.abort()
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self.timer is not None and self.timer.active():
+            self.timer.reset(self.block_timeout)
+        self._pump()
+
+    def stopProducing(self) -> None:
+        self.registered = False     # the transport is letting go of us
+        self._finish(_StepLost("sending message content"))
+
+
+@implementer(IHandshakeListener)
+class SMTPClientProtocol(protocol.Protocol):
+    """Reads replies in order and writes what it is given.
+
+    ``command(data, steps)`` writes *data* (one or more pipelined commands)
+    and returns a Deferred that fires with one :class:`Reply` per entry of
+    *steps* (``(timeout, description)``), or fails with a ``_StepError``.
+    Each reply has its own timer, started when the previous reply arrives.
+    """
+
+    def __init__(self, reactor: Any, hop: NextHop):
+        self.reactor = reactor
+        self.hop = hop
+        self.extensions: dict[str, str] = {}
+        self.esmtp = False
+        self.tls = False
+        self.tls_pending = False        # STARTTLS done, handshake not yet complete
+        self.closed = False
+        self.aborting = False
+        self.idle = False
+        self.idle_timer: Any = None
+        self.transactions = 0
+        self._buf = b""
+        self._lines: list[str] = []
+        self._reply_code = 0
+        self._epoch = 0                 # bumped by STARTTLS: drop plaintext read ahead
+        self._early: deque[Reply] = deque()
+        self._batch: _Batch | None = None
+        self._timer: Any = None
+        self._producer: _ContentProducer | None = None
+        self._lost_waiters: list[defer.Deferred] = []
+        self.on_lost: Any = None        # set by the pool
+        self.connector: Any = None
+        self.connected_d: defer.Deferred = defer.Deferred(self._cancel_connect)
+
+    # -- connection ---------------------------------------------------------
+    def connectionMade(self) -> None:
+        if not self.connected_d.called:
+            self.connected_d.callback(self)
+
+    def _cancel_connect(self, d: defer.Deferred) -> None:
+        if self.connector is not None:
+            self.connector.stopConnecting()
+
+    def handshakeCompleted(self) -> None:
+        self.tls_pending = False
+        self.tls = True
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.closed = True
+        tls_failed = self.tls_pending
+        why = "" if reason.check(error.ConnectionDone) else reason.getErrorMessage()
+        self._cancel_timer()
+        if self.idle_timer is not None and self.idle_timer.active():
+            self.idle_timer.cancel()
+        self.idle_timer = None
+        if self._producer is not None:
+            p, self._producer = self._producer, None
+            p._finish(_StepLost("sending message content", tls_failed=tls_failed, reason=why))
+        if self._batch is not None:
+            b, self._batch = self._batch, None
+            step = b.steps[len(b.replies)][1]
+            b.d.errback(_StepLost(step, len(b.replies), tls_failed=tls_failed, reason=why))
+        if self.on_lost is not None:
+            cb, self.on_lost = self.on_lost, None
+            cb(self)
+        waiters, self._lost_waiters = self._lost_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def abort(self) -> None:
+        if self.closed or self.aborting:
+            return
+        self.aborting = True
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def when_lost(self) -> defer.Deferred:
+        if self.closed:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._lost_waiters.append(d)
+        return d
+
+    @property
+    def usable(self) -> bool:
+        return not (self.closed or self.aborting)
+
+    # -- writing --------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if self.usable:
+            self.transport.write(data)
+
+    def command(self, data: bytes | None, steps: list[tuple[float, str]]) -> defer.Deferred:
+        assert self._batch is None, "one batch of replies at a time"
+        d: defer.Deferred = defer.Deferred(self._cancel_batch)
+        if not self.usable:
+            d.errback(_StepLost(steps[0][1]))
+            return d
+        self._batch = _Batch(steps, d)
+        if data:
+            self.transport.write(data)
+        self._start_timer()
+        self._deliver_early()
+        return d
+
+    def send_content(self, parts: list[bytes], *, stuff: bool,
+                     block_timeout: float) -> defer.Deferred:
+        if not self.usable:
+            return defer.fail(_StepLost("sending message content"))
+        p = _ContentProducer(self, parts, stuff, block_timeout)
+        self._producer = p
+        d = p.start()
+
+        def done(r: Any) -> Any:
+            if self._producer is p:
+                self._producer = None
+            return r
+        return d.addBoth(done)
+
+    def start_tls(self, options: Any) -> None:
+        self.tls_pending = True
+        self._epoch += 1
+        self._buf = b""         # nothing the server sent before TLS counts
+        self._lines = []
+        self._early.clear()
+        self.transport.startTLS(options)
+
+    def quit(self, timeout: float) -> defer.Deferred:
+        """Say QUIT, wait for the reply (or *timeout*), close; fires when closed."""
+        if not self.usable or self._batch is not None:
+            self.abort()
+            return self.when_lost()
+        lost = self.when_lost()
+        d = self.command(b"QUIT\r\n", [(timeout, "sending QUIT")])
+
+        def close(_: Any) -> None:
+            if self.usable:
+                self.transport.loseConnection()
+        d.addBoth(close)
+        return lost
+
+    def _cancel_batch(self, d: defer.Deferred) -> None:
+        # The delivery was cancelled (shutdown): this connection is done for.
+        if self._batch is not None and self._batch.d is d:
+            self._batch = None
+            self._cancel_timer()
+        self.abort()
+
+    # -- timers ---------------------------------------------------------------
+    def _start_timer(self) -> None:
+        self._cancel_timer()
+        b = self._batch
+        if b is not None and len(b.replies) < len(b.steps):
+            self._timer = self.reactor.callLater(b.steps[len(b.replies)][0], self._timed_out)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        b, self._batch = self._batch, None
+        if b is not None:
+            step = b.steps[len(b.replies)][1]
+            if self.tls_pending:
+                step = "performing the TLS handshake"
+            b.d.errback(_StepTimeout(step, len(b.replies)))
+        self.abort()
+
+    # -- reading ----------------------------------------------------------------
+    def dataReceived(self, data: bytes) -> None:
+        if not self.usable:
+            return
+        buf = self._buf + data if self._buf else data
+        pos = 0
+        epoch = self._epoch
+        while True:
+            nl = buf.find(b"\n", pos)
+            if nl < 0:
+                break
+            line = buf[pos:nl]
+            pos = nl + 1
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not self._line(line) or self._epoch != epoch:
+                return
+        self._buf = buf[pos:]
+        if len(self._buf) > MAX_REPLY_LINE:
+            self._protocol_error()
+
+    def _line(self, line: bytes) -> bool:
+        m = _REPLY_LINE.fullmatch(line)
+        if m is None or len(line) > MAX_REPLY_LINE or len(self._lines) >= MAX_REPLY_LINES:
+            self._protocol_error()
+            return False
+        code = int(m.group(1))
+        if self._lines and code != self._reply_code:
+            self._protocol_error()
+            return False
+        self._reply_code = code
+        self._lines.append((m.group(3) or b"").decode("utf-8", "replace"))
+        if m.group(2) == b"-":
+            return True
+        lines, self._lines = self._lines, []
+        self._got(_make_reply(code, lines))
+        return self.usable
+
+    def _got(self, reply: Reply) -> None:
+        b = self._batch
+        if b is None:
+            if self.idle:
+                # A cached connection spoke unasked (a 421 at the server's
+                # idle timeout, typically): it is of no further use.
+                log.debug("{hop}: unsolicited reply on a cached connection: {reply}",
+                          hop=_hopname(self.hop), reply=reply.text)
+                self.abort()
+                return
+            self._early.append(reply)
+            return
+        b.replies.append(reply)
+        if len(b.replies) == len(b.steps):
+            self._cancel_timer()
+            self._batch = None
+            b.d.callback(b.replies)
+        else:
+            self._start_timer()
+
+    def _deliver_early(self) -> None:
+        while self._early and self._batch is not None:
+            self._got(self._early.popleft())
+
+    def _protocol_error(self) -> None:
+        b, self._batch = self._batch, None
+        self._cancel_timer()
+        if b is not None:
+            b.d.errback(_ProtocolError(b.steps[len(b.replies)][1], len(b.replies)))
+        self.abort()
+
+
+class _ConnectFactory(protocol.ClientFactory):
+    def __init__(self, proto: SMTPClientProtocol):
+        self.proto = proto
+
+    def buildProtocol(self, addr: Any) -> SMTPClientProtocol:
+        return self.proto
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        if not self.proto.connected_d.called:
+            self.proto.connected_d.errback(reason)
+
+
+def parse_ehlo(reply: Reply) -> dict[str, str]:
+    """EHLO keywords (upper-cased) → their parameters ("" when none)."""
+    ext: dict[str, str] = {}
+    for line in reply.lines[1:]:
+        word, _, rest = line.strip().partition(" ")
+        if word:
+            ext[word.upper()] = rest.strip()
+    return ext
+
+
+# ---------------------------------------------------------------------------
+# The pool
+# ---------------------------------------------------------------------------
+
+class ConnectionPool:
+    """Delivers messages to next hops and keeps connections for reuse.
+
+    ``starttls=False`` disables opportunistic STARTTLS; ``tls_options`` is an
+    ``IOpenSSLClientConnectionCreator`` or context factory to use instead of
+    the default unverified one.
+    """
+
+    def __init__(self, *, helo_name: str, reactor: Any = None, timeouts: Timeouts = Timeouts(),
+                 max_idle_per_host: int = 4, starttls: bool = True,
+                 tls_options: Any = None):
+        if reactor is None:
+            from twisted.internet import reactor as _r
+            reactor = _r
+        self.helo_name = helo_name
+        self.reactor = reactor
+        self.timeouts = timeouts
+        self.max_idle_per_host = max_idle_per_host
+        self.starttls = starttls
+        self._tls_options = tls_options
+        self._idle: dict[tuple[str, int], list[SMTPClientProtocol]] = {}
+        self._quitting: set[defer.Deferred] = set()
+        self._closed = False
+        self.connections_made = 0
+
+    # -- public -----------------------------------------------------------------
+    def deliver(self, hops: list[NextHop], msg: OutboundMessage) -> defer.Deferred:
+        return defer.Deferred.fromCoroutine(self._deliver(list(hops), msg))
+
+    def close(self) -> defer.Deferred:
+        """QUIT the idle connections; fires when they (and earlier QUITs) are closed."""
+        self._closed = True
+        for conns in list(self._idle.values()):
+            for conn in list(conns):
+                self._drop_idle(conn)
+                self._quit(conn)
+        self._idle.clear()
+        return defer.DeferredList(list(self._quitting), consumeErrors=True).addCallback(
+            lambda _: None)
+
+    def idle_count(self, hop: NextHop | None = None) -> int:
+        if hop is not None:
+            return len(self._idle.get((hop.address, hop.port), ()))
+        return sum(len(v) for v in self._idle.values())
+
+    # -- delivery ---------------------------------------------------------------------
+    async def _deliver(self, hops: list[NextHop], msg: OutboundMessage) -> DeliveryResult:
+        # Nothing stored should hold a control character in an address, but
+        # a CR or LF here would be command injection: refuse, never send.
+        if _CONTROL.search(msg.sender):
+            text = "553 5.1.7 sender address contains control characters"
+            return DeliveryResult([RecipientResult(r.address, 553, "5.1.7", text, from_remote=False)
+                                   for r in msg.recipients], None, False)
+        bad = [i for i, r in enumerate(msg.recipients) if _CONTROL.search(r.address)]
+        if bad:
+            good = [r for i, r in enumerate(msg.recipients) if i not in bad]
+            sub = (await self._deliver(hops, replace(msg, recipients=good)) if good
+                   else DeliveryResult([], None, False))
+            it = iter(sub.results)
+            text = "553 5.1.3 recipient address contains control characters"
+            return DeliveryResult(
+                [RecipientResult(r.address, 553, "5.1.3", text, from_remote=False) if i in bad
+                 else next(it) for i, r in enumerate(msg.recipients)],
+                sub.remote, sub.dsn_offered)
+        content = _prepare(msg)
+        failures: list[_HopFailure] = []
+        for hop in self._order(hops):
+            try:
+                return await self._attempt(hop, msg, content)
+            except _HopFailure as e:
+                failure = e
+            except defer.CancelledError:
+                raise
+            except Exception:
+                log.failure("{queue_id}: delivery to {hop} failed", queue_id=msg.queue_id,
+                            hop=_hopname(hop))
+                failure = _HopFailure(hop, 451, "4.3.0", "local error in the SMTP client",
+                                      from_remote=False, reached=False)
+            log.info("{queue_id}: {hop}: {text}", queue_id=msg.queue_id,
+                     hop=_hopname(hop), text=failure.text)
+            failures.append(failure)
+        if not failures:
+            text = "451 4.4.1 no next hop to deliver to"
+            results = [RecipientResult(r.address, 451, "4.4.1", text, from_remote=False)
+                       for r in msg.recipients]
+            return DeliveryResult(results, None, False)
+        reached = [f for f in failures if f.reached]
+        last = reached[-1] if reached else failures[-1]
+        code, status = last.code, last.status
+        if code >= 500 and not all(f.permanent for f in failures):
+            code, status = 451, "4" + status[1:]
+        results = [RecipientResult(r.address, code, status, last.text, from_remote=last.from_remote)
+                   for r in msg.recipients]
+        return DeliveryResult(results, last.hop if last.reached else None, False)
+
+    def _order(self, hops: list[NextHop]) -> list[NextHop]:
+        """The hops in order, but one with a cached connection first."""
+        for i, hop in enumerate(hops):
+            if any(c.usable for c in self._idle.get((hop.address, hop.port), ())):
+                return [hop] + hops[:i] + hops[i + 1:]
+        return hops
+
+    async def _attempt(self, hop: NextHop, msg: OutboundMessage,
+                       content: _Content) -> DeliveryResult:
+        conn = self._take_idle(hop)
+        use_tls = self.starttls
+        while True:
+            reused = conn is not None
+            if conn is None:
+                try:
+                    conn = await self._open(hop, use_tls)
+                except _TLSFailed:
+                    log.info("{hop}: TLS handshake failed, retrying without TLS",
+                             hop=_hopname(hop))
+                    use_tls = False
+                    continue
+            try:
+                return await self._transaction(conn, hop, msg, content, reused)
+            except _DeadConnection:
+                log.debug("{hop}: cached connection was dead, reconnecting", hop=_hopname(hop))
+                conn.abort()
+                conn = None
+
+    # -- connection setup ---------------------------------------------------------------
+    async def _connect(self, hop: NextHop) -> SMTPClientProtocol:
+        t = self.timeouts
+        proto = SMTPClientProtocol(self.reactor, hop)
+        d = proto.connected_d
+        timer: Any = None
+        try:
+            connector = self.reactor.connectTCP(hop.address, hop.port, _ConnectFactory(proto),
+                                                timeout=t.connect)
+            proto.connector = connector
+
+            def timed_out() -> None:
+                if not d.called:
+                    d.errback(error.TimeoutError())
+                    connector.stopConnecting()
+            timer = self.reactor.callLater(t.connect, timed_out)
+            await d
+        except defer.CancelledError:
+            raise
+        except Exception as e:
+            if isinstance(e, (error.TimeoutError, error.UserError)):
+                why = "Connection timed out"
+            elif isinstance(e, error.ConnectionRefusedError):
+                why = "Connection refused"
+            else:
+                why = str(e) or e.__class__.__name__
+            raise _HopFailure(hop, 451, "4.4.1", f"connect to {_hopname(hop)}: {why}",
+                              from_remote=False, reached=False) from None
+        finally:
+            if timer is not None and timer.active():
+                timer.cancel()
+        self.connections_made += 1
+        return proto
+
+    async def _open(self, hop: NextHop, use_tls: bool) -> SMTPClientProtocol:
+        t = self.timeouts
+        conn = await self._connect(hop)
+        try:
+            greeting = (await conn.command(
+                None, [(t.greeting, "receiving the initial server greeting")]))[0]
+            if greeting.code != 220:
+                self._quit(conn)
+                raise _HopFailure.from_reply(hop, greeting, permanent_ok=True)
+            await self._hello(conn, hop)
+            if use_tls and "STARTTLS" in conn.extensions and hasattr(conn.transport, "startTLS"):
+                r = (await conn.command(b"STARTTLS\r\n", [(t.helo, "sending STARTTLS")]))[0]
+                if r.code == 220:
+                    conn.start_tls(self._client_tls())
+                    conn.extensions = {}
+                    try:
+                        await self._hello(conn, hop)
+                    except (_StepLost, _StepTimeout) as e:
+                        if conn.tls_pending or getattr(e, "tls_failed", False):
+                            conn.abort()
+                            raise _TLSFailed() from None
+                        raise
+        except _StepError as e:
+            conn.abort()
+            raise _step_failure(hop, e) from None
+        return conn
+
+    async def _hello(self, conn: SMTPClientProtocol, hop: NextHop) -> None:
+        t = self.timeouts
+        name = (self.helo_name.encode() if self.helo_name.isascii()
+                else self.helo_name.encode("idna"))
+        r = (await conn.command(b"EHLO " + name + b"\r\n", [(t.helo, "sending EHLO")]))[0]
+        if r.ok:
+            conn.esmtp = True
+            conn.extensions = parse_ehlo(r)
+            return
+        if r.code < 500:
+            self._quit(conn)
+            raise _HopFailure.from_reply(hop, r, permanent_ok=False)
+        r = (await conn.command(b"HELO " + name + b"\r\n", [(t.helo, "sending HELO")]))[0]
+        if not r.ok:
+            self._quit(conn)
+            raise _HopFailure.from_reply(hop, r, permanent_ok=True)
+        conn.esmtp = False
+        conn.extensions = {}
+
+    def _client_tls(self) -> Any:
+        if self._tls_options is None:
+            from twisted.internet import ssl
+            # Opportunistic and unauthenticated: no CA, no verification.
+            self._tls_options = ssl.CertificateOptions(verify=False)
+        return self._tls_options
+
+    # -- the transaction ------------------------------------------------------------------
+    def _local_check(self, conn: SMTPClientProtocol, msg: OutboundMessage,
+                     content: _Content) -> tuple[int, str, str] | None:
+        ext = conn.extensions
+        if self._needs_utf8(msg) and "SMTPUTF8" not in ext:
+            return (553, "5.6.7", f"SMTPUTF8 is required, but was not offered by host "
+                                  f"{_hopname(conn.hop)}")
+        if content.binary and not ("BINARYMIME" in ext and "CHUNKING" in ext):
+            return (554, "5.6.3", f"BINARYMIME content, but CHUNKING and BINARYMIME were not "
+                                  f"offered by host {_hopname(conn.hop)}")
+        if content.eightbit and "8BITMIME" not in ext:
+            return (554, "5.6.3", f"8-bit content, but 8BITMIME was not offered by host "
+                                  f"{_hopname(conn.hop)}")
+        limit = ext.get("SIZE", "").strip()
+        if "SIZE" in ext and limit.isdigit() and 0 < int(limit) < content.size:
+            return (552, "5.3.4", "Message too big for next hop")
+        return None
+
+    @staticmethod
+    def _needs_utf8(msg: OutboundMessage) -> bool:
+        return msg.smtputf8 or not msg.sender.isascii() or not all(
+            r.address.isascii() for r in msg.recipients)
+
+    def _mail_line(self, conn: SMTPClientProtocol, msg: OutboundMessage,
+                   content: _Content) -> bytes:
+        ext = conn.extensions
+        params: list[str] = []
+        if "SIZE" in ext:
+            params.append(f"SIZE={content.size}")
+        if content.binary:
+            params.append("BODY=BINARYMIME")
+        elif "8BITMIME" in ext:
+            if content.eightbit:
+                params.append("BODY=8BITMIME")
+            elif (msg.body_type or "").upper() == "7BIT":
+                params.append("BODY=7BIT")
+        if "SMTPUTF8" in ext and self._needs_utf8(msg):
+            params.append("SMTPUTF8")
+        if "DSN" in ext:
+            if msg.ret and _PARAM_VALUE.fullmatch(msg.ret):
+                params.append(f"RET={msg.ret}")
+            if msg.envid and _PARAM_VALUE.fullmatch(msg.envid) and msg.envid.isascii():
+                params.append(f"ENVID={msg.envid}")
+        line = f"MAIL FROM:<{msg.sender}>" + "".join(" " + p for p in params) + "\r\n"
+        return line.encode("utf-8")
+
+    def _rcpt_line(self, conn: SMTPClientProtocol, msg: OutboundMessage,
+                   rcpt: OutboundRecipient, utf8: bool) -> bytes:
+        params: list[str] = []
+        if "DSN" in conn.extensions:
+            if rcpt.notify and _PARAM_VALUE.fullmatch(rcpt.notify):
+                params.append(f"NOTIFY={rcpt.notify}")
+            if rcpt.orcpt:
+                orcpt = rcpt.orcpt
+                if not orcpt.isascii() and not utf8:
+                    orcpt = _orcpt_for_ascii(orcpt)
+                if _PARAM_VALUE.fullmatch(orcpt):
+                    params.append(f"ORCPT={orcpt}")
+        line = f"RCPT TO:<{rcpt.address}>" + "".join(" " + p for p in params) + "\r\n"
+        return line.encode("utf-8")
+
+    async def _transaction(self, conn: SMTPClientProtocol, hop: NextHop, msg: OutboundMessage,
+                           content: _Content, reused: bool) -> DeliveryResult:
+        t = self.timeouts
+        dsn = "DSN" in conn.extensions
+        local = self._local_check(conn, msg, content)
+        if local is not None:
+            code, status, text = local
+            self._release(conn)
+            return DeliveryResult([RecipientResult(r.address, code, status,
+                                                   f"{code} {status} {text}", from_remote=False)
+                                   for r in msg.recipients], hop, dsn)
+        pipelining = "PIPELINING" in conn.extensions
+        use_bdat = content.binary
+        utf8 = "SMTPUTF8" in conn.extensions and self._needs_utf8(msg)
+        mail = self._mail_line(conn, msg, content)
+        rcpts = [self._rcpt_line(conn, msg, r, utf8) for r in msg.recipients]
+        n = len(rcpts)
+        mail_step = (t.mail, "sending MAIL FROM")
+        rcpt_step = (t.rcpt, "sending RCPT TO")
+        data_step = (t.data_init, "sending DATA")
+        data_reply: Reply | None = None
+        try:
+            if pipelining:
+                steps = [mail_step] + [rcpt_step] * n
+                data = mail + b"".join(rcpts)
+                if not use_bdat:
+                    steps.append(data_step)
+                    data += b"DATA\r\n"
+                try:
+                    replies = await conn.command(data, steps)
+                except _StepLost as e:
+                    if reused and e.got == 0:
+                        raise _DeadConnection() from None
+                    raise
+                mail_reply = replies[0]
+                if reused and mail_reply.code == 421:
+                    raise _DeadConnection()
+                rcpt_replies = replies[1:1 + n]
+                if not use_bdat:
+                    data_reply = replies[-1]
+                if not mail_reply.ok:
+                    if data_reply is not None and data_reply.code == 354:
+                        conn.write(b".\r\n")   # a broken server wants a message: give it nothing
+                    self._quit(conn)
+                    raise _HopFailure.from_reply(hop, mail_reply, permanent_ok=True)
+            else:
+                try:
+                    mail_reply = (await conn.command(mail, [mail_step]))[0]
+                except _StepLost as e:
+                    if reused:
+                        raise _DeadConnection() from None
+                    raise
+                if reused and mail_reply.code == 421:
+                    raise _DeadConnection()
+                if not mail_reply.ok:
+                    self._quit(conn)
+                    raise _HopFailure.from_reply(hop, mail_reply, permanent_ok=True)
+                rcpt_replies = []
+                for line in rcpts:
+                    rcpt_replies.append((await conn.command(line, [rcpt_step]))[0])
+
+            results = [RecipientResult(r.address, rep.code, rep.status, rep.text)
+                       for r, rep in zip(msg.recipients, rcpt_replies)]
+            accepted = [i for i, rep in enumerate(rcpt_replies) if rep.ok]
+            if not accepted:
+                if data_reply is not None and data_reply.code == 354:
+                    # RFC 2920 §3.1: all RCPTs failed but DATA was accepted.
+                    await conn.command(b".\r\n", [(t.data_end, "sending end of data")])
+                await self._rset_and_release(conn)
+                return DeliveryResult(results, hop, dsn)
+
+            if use_bdat:
+                conn.write(f"BDAT {content.size} LAST\r\n".encode())
+                await conn.send_content(content.parts, stuff=False, block_timeout=t.data_block)
+                final = (await conn.command(None, [(t.data_end, "sending end of data")]))[0]
+            else:
+                if data_reply is None:
+                    data_reply = (await conn.command(b"DATA\r\n", [data_step]))[0]
+                if data_reply.code != 354:
+                    for i in accepted:
+                        results[i] = RecipientResult(msg.recipients[i].address, data_reply.code,
+                                                     data_reply.status, data_reply.text)
+                    await self._rset_and_release(conn)
+                    return DeliveryResult(results, hop, dsn)
+                await conn.send_content(content.parts, stuff=True, block_timeout=t.data_block)
+                final = (await conn.command(b".\r\n", [(t.data_end, "sending end of data")]))[0]
+        except _StepError as e:
+            conn.abort()
+            raise _step_failure(hop, e) from None
+        for i in accepted:
+            results[i] = RecipientResult(msg.recipients[i].address, final.code, final.status,
+                                         final.text)
+        conn.transactions += 1
+        if final.code == 421:
+            self._quit(conn)
+        else:
+            self._release(conn)
+        return DeliveryResult(results, hop, dsn)
+
+    async def _rset_and_release(self, conn: SMTPClientProtocol) -> None:
+        try:
+            r = (await conn.command(b"RSET\r\n", [(self.timeouts.helo, "sending RSET")]))[0]
+        except _StepError:
+            conn.abort()
+            return
+        if r.ok:
+            self._release(conn)
+        else:
+            self._quit(conn)
+
+    # -- the cache ------------------------------------------------------------------------
+    def _release(self, conn: SMTPClientProtocol) -> None:
+        if not conn.usable:
+            return
+        if conn._early:
+            # The server said more than it was asked: replies would be out of step.
+            conn.abort()
+            return
+        key = (conn.hop.address, conn.hop.port)
+        conns = self._idle.setdefault(key, [])
+        if self._closed or len(conns) >= self.max_idle_per_host or self.timeouts.idle <= 0:
+            if not conns:
+                del self._idle[key]
+            self._quit(conn)
+            return
+        conn.idle = True
+        conn.on_lost = self._lost_idle
+        conn.idle_timer = self.reactor.callLater(self.timeouts.idle, self._expire, conn)
+        conns.append(conn)
+
+    def _take_idle(self, hop: NextHop) -> SMTPClientProtocol | None:
+        conns = self._idle.get((hop.address, hop.port))
+        while conns:
+            conn = conns.pop()          # the most recently used
+            self._unidle(conn)
+            if conn.usable:
+                if not conns:
+                    self._idle.pop((hop.address, hop.port), None)
+                return conn
+        self._idle.pop((hop.address, hop.port), None)
+        return None
+
+    def _unidle(self, conn: SMTPClientProtocol) -> None:
+        conn.idle = False
+        conn.on_lost = None
+        if conn.idle_timer is not None and conn.idle_timer.active():
+            conn.idle_timer.cancel()
+        conn.idle_timer = None
+
+    def _drop_idle(self, conn: SMTPClientProtocol) -> None:
+        key = (conn.hop.address, conn.hop.port)
+        conns = self._idle.get(key)
+        if conns and conn in conns:
+            conns.remove(conn)
+            if not conns:
+                del self._idle[key]
+        self._unidle(conn)
+
+    def _lost_idle(self, conn: SMTPClientProtocol) -> None:
+        self._drop_idle(conn)
+
+    def _expire(self, conn: SMTPClientProtocol) -> None:
+        conn.idle_timer = None
+        self._drop_idle(conn)
+        self._quit(conn)
+
+    def _quit(self, conn: SMTPClientProtocol) -> None:
+        d = conn.quit(self.timeouts.quit)
+        if d.called:
+            return
+        self._quitting.add(d)
+        d.addBoth(lambda r: self._quitting.discard(d))

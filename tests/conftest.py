@@ -1,0 +1,297 @@
+"""Shared fixtures for the end-to-end tests: the real daemon (``twistd -n mta``)
+on a free loopback port with a temporary SQLite spool.
+
+* ``mta`` — a started daemon with the default test configuration; a test can
+  change it with ``@pytest.mark.mta_config(server={...}, policy={...}, extra="...")``.
+* ``mta_factory`` — ``mta_factory(server=..., policy=..., extra=..., spool=...)``
+  starts more daemons (or one configured inside the test).
+* ``twistd`` — ``twistd(*args)`` runs ``twistd ...`` to completion (startup
+  errors, ``--help``) and returns the CompletedProcess.
+
+Daemons are stopped at teardown and their log is printed (pytest shows it when
+a test fails).  A daemon whose log shows a traceback fails the test at teardown
+unless the test set ``daemon.expect_errors = True``.
+
+Nothing here sleeps for a fixed time: every wait polls against a deadline.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TWISTD = Path(sys.executable).with_name("twistd")
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 15.0
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "mta_config(server=None, policy=None, extra='', host='127.0.0.1'): "
+        "configuration of the `mta` fixture")
+
+
+def twistd_command(*args: str) -> list[str]:
+    if TWISTD.exists():
+        return [str(TWISTD), *args]
+    return [sys.executable, "-m", "twisted", *args]
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"          # the log is complete even after kill -9
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.01) -> Any:
+    """Poll *predicate* until it returns something true; fail after *timeout*."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def toml_text(sections: dict[str, dict[str, Any]]) -> str:
+    out = []
+    for name, table in sections.items():
+        out.append(f"[{name}]")
+        out.extend(f"{key} = {_toml_value(value)}" for key, value in table.items())
+        out.append("")
+    return "\n".join(out)
+
+
+class MTADaemon:
+    """One ``twistd -n mta`` process with its own config file and spool."""
+
+    def __init__(self, directory: Path, *, server: dict | None = None, policy: dict | None = None,
+                 extra: str = "", spool: Path | None = None, hostname: str = "mx.e2e.test",
+                 host: str = "127.0.0.1"):
+        self.directory = directory
+        self.host = host              # loopback address to listen on: 127.0.0.1 or ::1
+        directory.mkdir(parents=True, exist_ok=True)
+        self.server_options = dict(server or {})
+        self.policy_options = dict(policy or {})
+        self.extra = extra
+        self.hostname = hostname
+        self.spool = Path(spool) if spool is not None else directory / "spool" / "mta.sqlite"
+        self.config_path = directory / "mta.toml"
+        self.log_path = directory / "twistd.log"
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+        self.expect_errors = False
+        self.starts = 0
+        self._logs: list[str] = []
+
+    # -- configuration --------------------------------------------------------
+    @property
+    def spool_url(self) -> str:
+        return f"sqlite:///{self.spool}"
+
+    def write_config(self) -> None:
+        if ":" in self.host:
+            listen = f"tcp6:{self.port}:interface=" + self.host.replace(":", "\\:")
+        else:
+            listen = f"tcp:{self.port}:interface={self.host}"
+        server = {"hostname": self.hostname, "listen": [listen]}
+        server.update(self.server_options)
+        sections: dict[str, dict[str, Any]] = {"server": server}
+        if self.policy_options:
+            sections["policy"] = self.policy_options
+        sections["spool"] = {"url": self.spool_url}
+        self.config_path.write_text(toml_text(sections) + "\n" + self.extra + "\n")
+
+    # -- process ----------------------------------------------------------------
+    def start(self, timeout: float = START_TIMEOUT) -> "MTADaemon":
+        """Start the daemon (on a new free port) and wait until it greets."""
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        for attempt in range(3):
+            self.port = free_port(self.host)
+            self.write_config()
+            self._spawn()
+            try:
+                self._wait_ready(timeout)
+                return self
+            except _PortTaken:
+                continue
+        raise AssertionError(f"could not find a free port for mta:\n{self.log()}")
+
+    def _spawn(self) -> None:
+        self.starts += 1
+        previous = self.log()
+        if previous:
+            self._logs.append(previous)
+        log = open(self.log_path, "wb")
+        try:
+            self.proc = subprocess.Popen(
+                twistd_command("-n", "--pidfile=", "mta", "--config", str(self.config_path)),
+                cwd=self.directory, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, env=subprocess_env())
+        finally:
+            log.close()
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            code = self.proc.poll()
+            if code is not None:
+                text = self.log()
+                if "Address already in use" in text:
+                    raise _PortTaken()
+                raise AssertionError(f"mta exited with status {code} during startup:\n{text}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=2) as s:
+                    s.settimeout(5)
+                    banner = s.recv(512)
+                if banner.startswith(b"220 "):
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"mta did not accept connections within {timeout}s:\n{self.log()}")
+            time.sleep(0.02)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
+        """SIGTERM, wait; SIGKILL if it does not go.  Returns the exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"mta did not stop within {timeout}s of SIGTERM:\n{self.log()}")
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """kill -9, and wait until the process is gone."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def restart(self) -> "MTADaemon":
+        self.stop()
+        return self.start()
+
+    # -- inspection -------------------------------------------------------------
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def all_logs(self) -> str:
+        parts = self._logs + [self.log()]
+        return "\n----- restart -----\n".join(p for p in parts if p)
+
+    def rows(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
+        """Run a query on the spool with the stdlib sqlite3 module."""
+        conn = sqlite3.connect(f"file:{self.spool}?mode=ro", uri=True, timeout=30)
+        try:
+            conn.row_factory = sqlite3.Row
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    def execute(self, sql: str, params: Any = ()) -> None:
+        """Change the spool behind the daemon's back (tests of failure paths)."""
+        conn = sqlite3.connect(self.spool, timeout=30)
+        try:
+            conn.execute(sql, params)
+            conn.commit()
+        finally:
+            conn.close()
+
+    def count(self, table: str = "messages") -> int:
+        return self.rows(f"SELECT COUNT(*) FROM {table}")[0][0]
+
+
+class _PortTaken(Exception):
+    pass
+
+
+_TRACEBACK_MARKERS = ("Traceback (most recent call last)", "Unhandled Error", "Unhandled error")
+
+
+@pytest.fixture
+def mta_factory(tmp_path: Path) -> Iterator[Callable[..., MTADaemon]]:
+    daemons: list[MTADaemon] = []
+
+    def make(*, start: bool = True, **kw: Any) -> MTADaemon:
+        daemon = MTADaemon(tmp_path / f"mta{len(daemons)}", **kw)
+        daemons.append(daemon)
+        return daemon.start() if start else daemon
+
+    yield make
+
+    problems = []
+    for daemon in daemons:
+        try:
+            status = daemon.stop()
+        except AssertionError as e:
+            problems.append(str(e))
+            status = None
+        text = daemon.all_logs()
+        print(f"===== {daemon.config_path} (exit status {status}) =====")
+        print(text)
+        if not daemon.expect_errors and any(m in text for m in _TRACEBACK_MARKERS):
+            problems.append(f"{daemon.config_path}: the daemon logged a traceback (see its log above)")
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def mta(request: pytest.FixtureRequest, mta_factory: Callable[..., MTADaemon]) -> MTADaemon:
+    marker = request.node.get_closest_marker("mta_config")
+    kw = dict(marker.kwargs) if marker else {}
+    return mta_factory(**kw)
+
+
+@pytest.fixture
+def twistd(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
+    def run(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
+        return subprocess.run(twistd_command(*args), cwd=tmp_path, stdin=subprocess.DEVNULL,
+                              capture_output=True, timeout=timeout, env=subprocess_env())
+    return run
