@@ -75,6 +75,7 @@ class SpoolConfig:
 @dataclass(frozen=True)
 class RelayConfig:
     smarthost: str = ""               # "host:port": send everything there; "" = route by MX
+    deliver: bool = True              # false: accept and queue only, attempt no delivery
     concurrency: int = 20             # simultaneous deliveries in total
     per_destination: int = 10         # simultaneous deliveries to one domain
     recipient_limit: int = 50         # recipients per outbound transaction
@@ -171,6 +172,12 @@ def _int(minimum: int = 0) -> Callable[[object], int]:
         return value
 
     return convert
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"expected true or false, got {value!r}")
+    return value
 
 
 def _str(value: object) -> str:
@@ -373,6 +380,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[object], Any]]]] = {
         RelayConfig,
         {
             "smarthost": _hostport,
+            "deliver": _bool,
             "concurrency": _int(1),
             "per_destination": _int(1),
             "recipient_limit": _int(1),

@@ -103,8 +103,33 @@ def makeService(options: Options) -> service.IService:
 
     top = service.MultiService()
     SpoolService(spool).setServiceParent(top)
+    if config.relay.deliver:
+        runner = _make_runner(config, spool, reactor)
+        runner.setServiceParent(top)
+        factory.on_stored = runner.kick
     where = "--listen" if options["listen"] else f"{config.path}: [server] listen"
     for ep in options["listen"] or s.listen:
         svc = _ListenService(ep, where, factory, reactor)
         svc.setServiceParent(top)
     return top
+
+
+def _make_runner(config: Config, spool: object, reactor: object) -> service.IService:
+    from .delivery.router import Router
+    from .delivery.scheduler import QueueRunner
+    from .smtp.client import ConnectionPool, Timeouts
+
+    relay = config.relay
+    try:
+        router = Router(smarthost=relay.smarthost, routes=dict(config.routes),
+                        nameservers=list(config.dns.nameservers), reactor=reactor,
+                        timeout=(max(1, round(config.dns.timeout)),))
+    except ValueError as e:
+        _die(f"{config.path}: [relay]/[routes]/[dns]: {e}")
+    t = relay.command_timeout
+    timeouts = Timeouts(connect=relay.connect_timeout, greeting=t, helo=t, mail=t, rcpt=t,
+                        data_init=min(t, 120.0), data_block=min(relay.data_timeout, 180.0),
+                        data_end=relay.data_timeout)
+    pool = ConnectionPool(helo_name=config.server.hostname, reactor=reactor, timeouts=timeouts)
+    return QueueRunner(spool, router, pool, hostname=config.server.hostname,
+                       retry=config.retry, relay=relay, reactor=reactor)

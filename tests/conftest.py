@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import sqlite3
+import re
 import subprocess
 import sys
 import time
@@ -131,6 +132,12 @@ class MTADaemon:
         if self.policy_options:
             sections["policy"] = self.policy_options
         sections["spool"] = {"url": self.spool_url}
+        # Tests never reach outside loopback: no delivery unless a test asks
+        # for it, and never the system resolver.
+        if "[relay]" not in self.extra:
+            sections["relay"] = {"deliver": False}
+        if "[dns]" not in self.extra:
+            sections["dns"] = {"nameservers": ["127.0.0.1:9"]}
         self.config_path.write_text(toml_text(sections) + "\n" + self.extra + "\n")
 
     # -- process ----------------------------------------------------------------
@@ -278,6 +285,10 @@ def mta_factory(tmp_path: Path) -> Iterator[Callable[..., MTADaemon]]:
         print(text)
         if not daemon.expect_errors and any(m in text for m in _TRACEBACK_MARKERS):
             problems.append(f"{daemon.config_path}: the daemon logged a traceback (see its log above)")
+        for m in re.finditer(r"Resolver added \('([^']*)'", text):
+            if not m.group(1).startswith(("127.", "::1")):
+                problems.append(f"{daemon.config_path}: the daemon used a non-loopback "
+                                f"nameserver {m.group(1)}: tests must stay on loopback")
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)
 

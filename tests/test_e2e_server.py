@@ -815,7 +815,8 @@ def test_port_in_use_is_one_line(twistd, tmp_path):
         port = s.getsockname()[1]
         config = tmp_path / "busy.toml"
         config.write_text(f'[server]\nlisten = ["tcp:{port}:interface=127.0.0.1"]\n'
-                          f'[spool]\nurl = "sqlite:///{tmp_path}/ok.sqlite"\n')
+                          f'[spool]\nurl = "sqlite:///{tmp_path}/ok.sqlite"\n'
+                          f'[relay]\ndeliver = false\n')
         result = twistd("-n", "--pidfile=", "mta", "--config", str(config))
     line = _check_one_line(result, ["[server] listen", str(port)])
     assert str(config) in line
@@ -1034,7 +1035,8 @@ def test_daemon_mode(tmp_path):
     config = tmp_path / "mta.toml"
     config.write_text(f'[server]\nhostname = "mx.e2e.test"\n'
                       f'listen = ["tcp:{port}:interface=127.0.0.1"]\n'
-                      f'[spool]\nurl = "sqlite:///{spool}"\n')
+                      f'[spool]\nurl = "sqlite:///{spool}"\n'
+                      f'[relay]\ndeliver = false\n[dns]\nnameservers = ["127.0.0.1:9"]\n')
     pidfile, logfile = tmp_path / "twistd.pid", tmp_path / "twistd.log"
     result = subprocess.run(
         twistd_command(f"--pidfile={pidfile}", f"--logfile={logfile}", "mta", "--config", str(config)),

@@ -108,6 +108,9 @@ class QueueRunner(service.Service):
             self._loop.stop()
         d = defer.DeferredList(list(self._jobs), consumeErrors=True)
         d.addBoth(lambda _: self.pool.close())
+        close_router = getattr(self.router, "close", None)
+        if close_router is not None:
+            d.addBoth(lambda _: close_router())
         return d
 
     def kick(self, *_: Any) -> None:

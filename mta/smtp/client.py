@@ -689,6 +689,7 @@ class SMTPClientProtocol(protocol.Protocol):
 
 
 class _ConnectFactory(protocol.ClientFactory):
+    noisy = False  # no "Starting/Stopping factory" line per connection
     def __init__(self, proto: SMTPClientProtocol):
         self.proto = proto
 
