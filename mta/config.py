@@ -20,12 +20,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "AuthConfig",
     "Config",
     "ConfigError",
     "PolicyConfig",
     "ServerConfig",
     "SpoolConfig",
+    "TLSConfig",
     "config_from_dict",
+    "implicit_tls_endpoint",
     "load_config",
     "parse_duration",
 ]
@@ -58,7 +61,7 @@ class ServerConfig:
     data_timeout: float = 300.0  # seconds idle while receiving DATA/BDAT content
     max_errors: int = 20
     bare_newlines: str = "reject"  # "reject" or "normalize"
-    submission: tuple[str, ...] = ()  # reserved: submission endpoints
+    submission: tuple[str, ...] = ()  # endpoints where AUTH is required before MAIL (port 587)
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class SpoolConfig:
 @dataclass(frozen=True)
 class RelayConfig:
     smarthost: str = ""               # "host:port": send everything there; "" = route by MX
+    port: int = 25                    # TCP port for MX deliveries (and routes without a port)
     deliver: bool = True              # false: accept and queue only, attempt no delivery
     concurrency: int = 20             # simultaneous deliveries in total
     per_destination: int = 10         # simultaneous deliveries to one domain
@@ -100,6 +104,30 @@ class RetryConfig:
 
 
 @dataclass(frozen=True)
+class TLSConfig:
+    certificate: str = ""             # PEM chain, server certificate first; "" = no TLS
+    private_key: str = ""             # PEM key (unencrypted) of that certificate
+    min_version: str = "1.2"          # "1.2" or "1.3"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.certificate and self.private_key)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    users_file: str = ""              # user:hash lines, managed by `mta passwd`; "" = no AUTH
+    allow_plaintext_on_loopback: bool = False  # offer AUTH without TLS on loopback connections
+    failure_delay: float = 1.0        # the 535 for the n-th failure waits delay * 2**(n-1) (<= 16x)
+    max_failures: int = 5             # failures from one address before AUTH is refused (0 = never)
+    lockout: float = 900.0            # failures are forgotten this long after the last one
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.users_file)
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -108,6 +136,8 @@ class Config:
     routes: tuple[tuple[str, str], ...] = ()   # (domain, "host:port"), checked before smarthost/MX
     dns: DNSConfig = field(default_factory=DNSConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     path: str = "<config>"
 
 
@@ -209,6 +239,13 @@ def _duration(value: object) -> float:
     return seconds
 
 
+def _port(value: object) -> int:
+    port = _int(1)(value)
+    if port > 65535:
+        raise _Invalid(f"must be a TCP port (1-65535), got {value!r}")
+    return port
+
+
 def _hostname(value: object) -> str:
     host = _str(value)
     if not host:
@@ -229,6 +266,49 @@ def _choice(*choices: str) -> Callable[[object], str]:
     return convert
 
 
+def _split_endpoint(description: str) -> list[str]:
+    """Split a Twisted endpoint string on its unescaped colons (escapes kept)."""
+    parts: list[str] = []
+    cur: list[str] = []
+    i = 0
+    while i < len(description):
+        c = description[i]
+        if c == "\\" and i + 1 < len(description):
+            cur.append(description[i:i + 2])
+            i += 2
+            continue
+        if c == ":":
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    parts.append("".join(cur))
+    return parts
+
+
+_SSL_KEY_OPTIONS = {"privateKey", "certKey"}
+_SSL_ONLY_OPTIONS = {"sslmethod", "extraCertChain", "dhParameters"}
+
+
+def implicit_tls_endpoint(description: str) -> str | None:
+    """For an ``ssl:`` endpoint string without its own ``privateKey=``/``certKey=``,
+    the ``tcp:`` string to listen on (TLS is then added with the ``[tls]``
+    certificate); None for any other endpoint string.  Raises ValueError for an
+    ``ssl:`` string that sets other TLS options but no key."""
+    parts = _split_endpoint(description)
+    if parts[0] != "ssl":
+        return None
+    keys = {p.split("=", 1)[0] for p in parts[1:] if "=" in p}
+    if keys & _SSL_KEY_OPTIONS:
+        return None
+    stray = sorted(keys & _SSL_ONLY_OPTIONS)
+    if stray:
+        raise ValueError(f"{stray[0]}= needs privateKey= in the endpoint "
+                         "(or drop it to use [tls] certificate and private_key)")
+    return ":".join(["tcp", *parts[1:]])
+
+
 def _endpoints(value: object) -> tuple[str, ...]:
     from twisted.internet.endpoints import serverFromString
     from twisted.internet.testing import MemoryReactor
@@ -240,7 +320,10 @@ def _endpoints(value: object) -> tuple[str, ...]:
     descriptions = _str_list(value)
     for description in descriptions:
         try:
-            endpoint = serverFromString(reactor, description)
+            # "ssl:465" without privateKey= takes the [tls] certificate (checked
+            # in config_from_dict); parse it as the tcp: endpoint it listens on.
+            tcp = implicit_tls_endpoint(description)
+            endpoint = serverFromString(reactor, tcp or description)
         except Exception as e:
             raise _Invalid(
                 f"invalid endpoint {description!r}: {type(e).__name__}: {e}"
@@ -338,6 +421,19 @@ def _optional_duration(value: object) -> float | None:
     return _duration(value)
 
 
+def _nonnegative_duration(value: object) -> float:
+    if value == 0 or value == "0":
+        return 0.0
+    return _duration(value)
+
+
+def _path(value: object) -> str:
+    text = _str(value)
+    if "\x00" in text:
+        raise _Invalid("must not contain NUL")
+    return text
+
+
 def _address(value: object) -> str:
     text = _str(value).strip()
     if text and ("@" not in text or any(c.isspace() for c in text)):
@@ -380,6 +476,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[object], Any]]]] = {
         RelayConfig,
         {
             "smarthost": _hostport,
+            "port": _port,
             "deliver": _bool,
             "concurrency": _int(1),
             "per_destination": _int(1),
@@ -404,6 +501,24 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[object], Any]]]] = {
             "max": _duration,
             "lifetime": _duration,
             "warn_after": _optional_duration,
+        },
+    ),
+    "tls": (
+        TLSConfig,
+        {
+            "certificate": _path,
+            "private_key": _path,
+            "min_version": _choice("1.2", "1.3"),
+        },
+    ),
+    "auth": (
+        AuthConfig,
+        {
+            "users_file": _path,
+            "allow_plaintext_on_loopback": _bool,
+            "failure_delay": _nonnegative_duration,
+            "max_failures": _int(0),
+            "lockout": _duration,
         },
     ),
 }
@@ -446,7 +561,27 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<config>") -> Confi
                 raise ConfigError(source, f"[{name}] {key}", str(e)) from None
         sections[name] = cls(**kwargs)
     routes = _routes(source, data.get("routes", {}))
+    _check_tls(source, sections["tls"], sections["server"])
     return Config(path=source, routes=routes, **sections)
+
+
+def _check_tls(source: str, tls: TLSConfig, server: ServerConfig) -> None:
+    """Rules that span keys: the certificate and key come as a pair, and an
+    ``ssl:`` listener without its own key needs them.  (The files themselves
+    are read at startup, not here, so that ``mta passwd`` works without them.)"""
+    if tls.certificate and not tls.private_key:
+        raise ConfigError(source, "[tls] private_key", "must be set when certificate is set")
+    if tls.private_key and not tls.certificate:
+        raise ConfigError(source, "[tls] certificate", "must be set when private_key is set")
+    if tls.enabled:
+        return
+    for key in ("listen", "submission"):
+        for description in getattr(server, key):
+            if implicit_tls_endpoint(description) is not None:
+                raise ConfigError(
+                    source, f"[server] {key}",
+                    f"{description!r} is an implicit-TLS listener without privateKey=: "
+                    "set [tls] certificate and private_key")
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

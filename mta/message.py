@@ -99,11 +99,15 @@ def _sanitize(text: str) -> str:
 
 
 def received_header(*, helo: str, client_ip: str, hostname: str, protocol: str,
-                    queue_id: str, recipient: str | None, now: float) -> bytes:
-    """RFC 5321 §4.4 trace field, folded to stay under 78 octets per line."""
+                    queue_id: str, recipient: str | None, now: float,
+                    tls: str | None = None) -> bytes:
+    """RFC 5321 §4.4 trace field, folded to stay under 78 octets per line.
+    *tls* ("TLSv1.3 with cipher ...") becomes a comment line, as Postfix does."""
     literal = f"[IPv6:{client_ip}]" if ":" in client_ip else f"[{client_ip}]"
-    lines = [f"Received: from {_sanitize(helo) or literal} ({literal})",
-             f"\tby {hostname} (mta) with {protocol} id {queue_id}"]
+    lines = [f"Received: from {_sanitize(helo) or literal} ({literal})"]
+    if tls:
+        lines.append("\t(using " + re.sub(r"[^A-Za-z0-9_.\-/ ()]", "?", tls)[:200] + ")")
+    lines.append(f"\tby {hostname} (mta) with {protocol} id {queue_id}")
     if recipient:
         lines.append(f"\tfor <{recipient}>;")
     else:

@@ -16,6 +16,7 @@ Nothing here sleeps for a fixed time: every wait polls against a deadline.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -257,6 +258,172 @@ class MTADaemon:
 
 class _PortTaken(Exception):
     pass
+
+
+# --------------------------------------------------------------------------- next hops and DNS
+
+class LoopbackPeer:
+    """A scripted SMTP next hop (``tests/peers.py``) in a subprocess, on any
+    loopback address (127.0.0.x, so MX hosts can differ by address and share
+    one port).  ``transactions()`` are the finished transactions it recorded."""
+
+    def __init__(self, script: dict | None, record: Path, *, interface: str = "127.0.0.1",
+                 port: int = 0, program: Path | None = None):
+        self.program = program or ROOT / "tests" / "peers.py"   # or a script that wraps it
+        self.script = dict(script or {})
+        self.record = record
+        self.interface = interface
+        self.port_wanted = port
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+        self.expect_violations = False
+
+    def start(self) -> "LoopbackPeer":
+        self.spawn()
+        return self.wait_started()
+
+    def spawn(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(self.program), "--script", json.dumps(self.script),
+             "--record", str(self.record), "--interface", self.interface,
+             "--port", str(self.port_wanted)],
+            stdout=subprocess.PIPE, text=True, env=subprocess_env())
+
+    def wait_started(self) -> "LoopbackPeer":
+        assert self.proc is not None and self.proc.stdout is not None
+        line = self.proc.stdout.readline()     # the peer prints it once it listens
+        if not line.startswith("PORT "):
+            self.stop()
+            raise AssertionError(f"peer did not start on {self.interface}: {line!r}")
+        self.port = int(line.split()[1])
+        return self
+
+    @property
+    def address(self) -> str:
+        """``host:port`` for [routes] and smarthost."""
+        port = self.port or self.port_wanted
+        return f"[{self.interface}]:{port}" if ":" in self.interface else \
+            f"{self.interface}:{port}"
+
+    def _records(self) -> list[dict]:
+        try:
+            text = self.record.read_text()
+        except FileNotFoundError:
+            return []
+        # The last line may be half written.
+        out = []
+        for line in text.splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def transactions(self) -> list:
+        from peers import Transaction
+        return [Transaction.from_json(d["transaction"]) for d in self._records()
+                if d.get("kind") == "transaction"]
+
+    def violations(self) -> list[str]:
+        return [d["violation"] for d in self._records() if d.get("kind") == "violation"]
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+        self.proc = None
+
+
+class PeerFactory:
+    """``peer_factory(script, interface="127.0.0.1", port=0)`` starts one scripted
+    next hop; ``peer_factory.several(script1, script2, ...)`` starts several at
+    once (in parallel: each is a Python process)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.peers: list[LoopbackPeer] = []
+        self._pending: list[LoopbackPeer] = []
+
+    def new(self, script: dict | None = None, **kw: Any) -> LoopbackPeer:
+        """A peer not started yet (``spawn()`` then ``wait_started()``)."""
+        peer = LoopbackPeer(script, self.directory / f"peer{len(self.peers)}.jsonl", **kw)
+        self.peers.append(peer)
+        return peer
+
+    def __call__(self, script: dict | None = None, **kw: Any) -> LoopbackPeer:
+        return self.new(script, **kw).start()
+
+    def several(self, *scripts: dict | None, **kw: Any) -> list[LoopbackPeer]:
+        peers = [self.new(script, **kw) for script in scripts]
+        for peer in peers:
+            peer.spawn()
+        return [peer.wait_started() for peer in peers]
+
+    def spawn(self, *scripts: dict | None, **kw: Any) -> list[LoopbackPeer]:
+        """Start peers on ports chosen now, without waiting for them, so that
+        ``address`` can go into a daemon's configuration while they start;
+        ``ready()`` waits for them (before anything is sent their way)."""
+        peers = []
+        for script in scripts:
+            peer = self.new(script, port=free_port(kw.get("interface", "127.0.0.1")), **kw)
+            peer.spawn()
+            peers.append(peer)
+        self._pending.extend(peers)
+        return peers
+
+    def ready(self) -> None:
+        pending, self._pending = self._pending, []
+        for peer in pending:
+            peer.wait_started()
+
+
+@pytest.fixture
+def peer_factory(tmp_path: Path) -> Iterator[PeerFactory]:
+    """Scripted next hops (see PeerFactory); all are stopped at teardown, and a
+    peer that saw a protocol violation fails the test (unless
+    ``peer.expect_violations = True``)."""
+    factory = PeerFactory(tmp_path)
+
+    yield factory
+
+    problems = []
+    for peer in factory.peers:
+        peer.stop()
+        bad = peer.violations()
+        if bad and not peer.expect_violations:
+            problems.append(f"peer {peer.address}: protocol violations: {bad}")
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def dns_factory(tmp_path: Path) -> Iterator[Callable[..., int]]:
+    """``dns_factory(records=[...])`` runs the test DNS server (tests/dnsserver.py,
+    zone ``test.`` plus *records*) on 127.0.0.1 and returns its port."""
+    from dnsserver import spawn_dns_server
+    procs: list[subprocess.Popen] = []
+
+    def make(records: list[str] = ()) -> int:
+        port, proc = spawn_dns_server(tmp_path, records=list(records))
+        procs.append(proc)
+        return port
+
+    yield make
+
+    for proc in procs:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 _TRACEBACK_MARKERS = ("Traceback (most recent call last)", "Unhandled Error", "Unhandled error")

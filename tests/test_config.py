@@ -99,8 +99,12 @@ def test_example_file_loads_with_contract_values():
     assert config.policy.relay_networks == ("127.0.0.0/8", "::1/128")
     assert config.policy.relay_domains == ("example.test",)
     assert config.spool.url == "sqlite:///spool/mta.sqlite"
+    assert config.server.submission == ("tcp:2587:interface=127.0.0.1",)
+    assert (config.tls.certificate, config.tls.private_key) == ("", "")   # TLS off by default
+    assert config.auth.users_file == "etc/users"
     # The commented keys are the defaults.
-    defaults = ServerConfig(hostname="mx.example.test")
+    defaults = ServerConfig(hostname="mx.example.test",
+                            submission=("tcp:2587:interface=127.0.0.1",))
     assert config.server == defaults
 
 

@@ -1,27 +1,47 @@
 """The inbound ESMTP server (RFC 5321) as a Twisted protocol and factory.
 
-The protocol parses and replies; a policy object decides who may relay and
-the spool stores.  One command is processed at a time: while a spool write
+The protocol parses and replies; a policy object decides who may relay, the
+spool stores, and a ``twisted.cred`` portal checks AUTH credentials.  One
+command is processed at a time: while a spool write (or a password check)
 is outstanding, further input (pipelined commands, RFC 2920) waits in the
 buffer, so replies always come in order and nothing a client pipelined after
 the final dot is lost.  Replies produced by one burst of input are written
 in one go.
 
+STARTTLS (RFC 3207) and implicit TLS (RFC 8314): after ``220 Ready to start
+TLS`` whatever the client pipelined in plaintext is thrown away (the
+CVE-2011-0411 class of bug), and everything learnt from the client so far
+(EHLO, transaction, AUTH) is forgotten.  AUTH PLAIN and LOGIN (RFC 4954) are
+offered over TLS, or in plaintext on a loopback connection when the settings
+allow it; a credential check holds further input like a spool write does.
+On a submission listener (port 587 semantics) MAIL needs AUTH first.
+
 No SQL and no configuration parsing in here.
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import ipaddress
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, protocol
+from twisted.internet.address import UNIXAddress
+from twisted.internet.interfaces import IHandshakeListener, ISSLTransport, ITLSTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from .. import address
 from ..address import AddressError, Mailbox
+from ..auth.checker import IMailUser
+from ..auth.limiter import FailureLimiter
+from ..tls import connection_info
 from ..message import (InboundMessage, Recipient, new_queue_id, received_header,
                        split_header_block)
 from . import replies as r
@@ -32,6 +52,7 @@ from .replies import R, Reply, SMTPReplyError
 log = Logger(namespace="mta.smtpd")
 
 MAX_COMMAND_LINE = 512          # octets including CRLF (RFC 5321 §4.5.3.1.4)
+MAX_AUTH_LINE = 12288           # AUTH command and SASL response lines (RFC 4954 §4)
 _BDAT = re.compile(r"(\d{1,15})(?: +(LAST))? *", re.I)
 _PAUSE_AT = 256 * 1024          # buffered input while busy before we stop reading
 
@@ -49,11 +70,17 @@ class ServerSettings:
     data_timeout: float = 600.0
     max_errors: int = 20
     bare_newlines: str = "reject"
+    auth_plaintext_on_loopback: bool = False   # offer AUTH without TLS on loopback
 
 
 class SMTPServerFactory(protocol.Factory):
+    """Shared state of all listeners: settings, spool, policy, connection
+    counters, and (optional) the TLS context factory, the cred portal and the
+    AUTH failure limiter.  ``listener()`` gives the per-endpoint factory."""
+
     def __init__(self, settings: ServerSettings, spool: Any, policy: Any,
-                 reactor: Any = None):
+                 reactor: Any = None, *, tls: Any = None, portal: Any = None,
+                 limiter: FailureLimiter | None = None):
         if reactor is None:
             from twisted.internet import reactor as _r
             reactor = _r
@@ -61,6 +88,9 @@ class SMTPServerFactory(protocol.Factory):
         self.spool = spool
         self.policy = policy
         self.reactor = reactor
+        self.tls = tls            # IOpenSSLContextFactory for STARTTLS, or None
+        self.portal = portal      # twisted.cred Portal giving IMailUser avatars, or None
+        self.limiter = limiter if limiter is not None else FailureLimiter(clock=reactor)
         self.connections = 0
         self.per_client: Counter[str] = Counter()
         self.on_stored: Callable[[str], Any] | None = None  # e.g. kick the queue runner
@@ -70,9 +100,55 @@ class SMTPServerFactory(protocol.Factory):
         p.factory = self
         return p
 
+    def listener(self, *, submission: bool = False, implicit_tls: bool = False) -> "ListenerFactory":
+        return ListenerFactory(self, submission=submission, implicit_tls=implicit_tls)
 
+
+class ListenerFactory(protocol.Factory):
+    """The factory of one listening endpoint: sessions share the main factory
+    (limits, counters) and learn whether they are on a submission listener
+    and whether the listener speaks TLS from the first byte."""
+    noisy = False
+
+    def __init__(self, main: SMTPServerFactory, *, submission: bool, implicit_tls: bool):
+        self.main = main
+        self.submission = submission
+        self.implicit_tls = implicit_tls
+
+    def logPrefix(self) -> str:  # "submission starting on 2587"
+        return "submission" if self.submission else "smtp"
+
+    def buildProtocol(self, addr: Any) -> "SMTPServer":
+        p = self.main.buildProtocol(addr)
+        p.submission = self.submission
+        p.implicit_tls = self.implicit_tls
+        return p
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+def _is_tls_transport(transport: Any) -> bool:
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
+    return ISSLTransport.providedBy(transport) or isinstance(transport, TLSMemoryBIOProtocol)
+
+
+_LOGIN_USERNAME = base64.b64encode(b"Username:").decode()
+_LOGIN_PASSWORD = base64.b64encode(b"Password:").decode()
+
+
+@implementer(IHandshakeListener)
 class SMTPServer(protocol.Protocol):
     factory: SMTPServerFactory
+    submission = False      # set by ListenerFactory: AUTH required before MAIL
+    implicit_tls = False    # set by ListenerFactory: TLS from the first byte
 
     def __init__(self, factory: SMTPServerFactory):
         self.factory = factory
@@ -93,7 +169,15 @@ class SMTPServer(protocol.Protocol):
         self.esmtp = False
         self.enhanced = False
         self.tls = False
+        self.tls_version = ""
+        self.tls_cipher = ""
+        self._tls_bits = 0
+        self._handshake_done = False
+        self._discard_input = False  # drop what is buffered (set by STARTTLS)
         self.authenticated: str | None = None
+        self._sasl_mech: str | None = None      # an AUTH exchange is waiting for a response
+        self._sasl_user: str | None = None      # LOGIN: the user name already given
+        self._delayed: Any = None               # a held-back reply (failed AUTH)
         self.client_ip = "unknown"
         self._reset_transaction()
 
@@ -124,16 +208,44 @@ class SMTPServer(protocol.Protocol):
         if f.per_client[self.client_ip] > self.settings.max_connections_per_client:
             self._close_with(r.TOO_MANY_FROM_CLIENT, enhanced=True)
             return
+        if self.implicit_tls or _is_tls_transport(self.transport):
+            self.tls = True   # an ssl: listener; the greeting waits for the handshake
         self._timer = self.reactor.callLater(self.settings.command_timeout, self._timed_out)
         self.transport.write(f"220 {self.settings.hostname} ESMTP mta\r\n".encode())
 
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: the TLS handshake (STARTTLS or implicit) is done."""
+        self._handshake_done = True
+        try:
+            handle = self.transport.getHandle()
+        except Exception:
+            handle = None
+        self.tls_version, self.tls_cipher, self._tls_bits = connection_info(handle)
+        log.info("TLS established client={client} version={version} cipher={cipher} "
+                 "bits={bits}", client=self.client_ip, version=self.tls_version or "?",
+                 cipher=self.tls_cipher or "?", bits=self._tls_bits)
+
+    def tls_description(self) -> str | None:
+        """For the Received header: "TLSv1.3 with cipher X (256 bits)"."""
+        if not self.tls or not self.tls_version:
+            return None
+        bits = f" ({self._tls_bits} bits)" if self._tls_bits else ""
+        return f"{self.tls_version} with cipher {self.tls_cipher}{bits}"
+
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if self.tls and not self._handshake_done and self._mode != _CLOSED:
+            log.info("TLS handshake not completed client={client}: {reason}",
+                     client=self.client_ip, reason=reason.getErrorMessage())
         self._mode = _CLOSED
         self._buf = b""
         self._reset_transaction()
+        self._sasl_mech = self._sasl_user = None
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self._delayed is not None and self._delayed.active():
+            self._delayed.cancel()
+        self._delayed = None
         if self._counted:
             self._counted = False
             f = self.factory
@@ -198,22 +310,36 @@ class SMTPServer(protocol.Protocol):
             if mode == _CMD:
                 nl = buf.find(b"\n", pos)
                 if nl < 0:
-                    if n - pos > MAX_COMMAND_LINE:
+                    if n - pos > MAX_COMMAND_LINE and n - pos > self._line_limit(buf, pos):
                         self._skipping = True  # answer when the line finally ends
                         pos = n
                     break
                 line = buf[pos:nl]
+                start = pos
                 pos = nl + 1
                 if self._skipping:
                     self._skipping = False
-                    self._reply(r.LINE_TOO_LONG)
+                    self._line_too_long()
                     continue
                 if line.endswith(b"\r"):
                     line = line[:-1]
-                if len(line) > MAX_COMMAND_LINE - 2:
-                    self._reply(r.LINE_TOO_LONG)
+                if (len(line) > MAX_COMMAND_LINE - 2
+                        and len(line) > self._line_limit(buf, start) - 2):
+                    self._line_too_long()
                     continue
-                self._command(line)
+                if self._sasl_mech is not None:
+                    self._sasl_response(line)
+                else:
+                    self._command(line)
+                if self._discard_input:
+                    # STARTTLS: anything after it in this buffer came in
+                    # plaintext before the handshake; it must not be obeyed.
+                    self._discard_input = False
+                    if n > pos:
+                        log.info("discarded {n} octets pipelined after STARTTLS "
+                                 "client={client}", n=n - pos, client=self.client_ip)
+                    pos = n
+                    break
             elif mode == _DATA:
                 end = self._reader.feed(buf, pos)
                 if end is None:
@@ -241,6 +367,18 @@ class SMTPServer(protocol.Protocol):
             self._buf = buf[pos:] if pos < n else b""
             if self._mode == _BDAT_MODE and self._bdat_left == 0 and not self._busy:
                 self._end_of_chunk()  # zero-length chunk arriving with nothing after it
+
+    def _line_limit(self, buf: bytes, start: int) -> int:
+        if self._sasl_mech is not None or buf[start:start + 5].upper() == b"AUTH ":
+            return MAX_AUTH_LINE
+        return MAX_COMMAND_LINE
+
+    def _line_too_long(self) -> None:
+        if self._sasl_mech is not None:
+            self._sasl_mech = self._sasl_user = None
+            self._reply(R(500, "5.5.6", "Authentication exchange line is too long"))
+        else:
+            self._reply(r.LINE_TOO_LONG)
 
     def _flush(self) -> None:
         if self._out:
@@ -305,6 +443,10 @@ class SMTPServer(protocol.Protocol):
                  "SMTPUTF8",
                  "DSN",
                  "HELP"]
+        if self._starttls_offered():
+            lines.append("STARTTLS")
+        if self._auth_offered():
+            lines.append("AUTH PLAIN LOGIN")
         self._out.append(Reply(250, None, "\n".join(lines)).encode(False))
 
     def do_MAIL(self, arg: str) -> None:
@@ -312,6 +454,8 @@ class SMTPServer(protocol.Protocol):
             raise SMTPReplyError(r.NEED_HELO)
         if self.has_sender:
             raise SMTPReplyError(r.NESTED_MAIL)
+        if self.submission and self.authenticated is None:
+            raise SMTPReplyError(r.AUTH_REQUIRED)
         if arg[:5].upper() != "FROM:":
             raise SMTPReplyError(R(501, "5.5.2", "Syntax: MAIL FROM:<address>"))
         try:
@@ -328,6 +472,10 @@ class SMTPServer(protocol.Protocol):
         limit = self.settings.max_message_size
         if limit and params.size is not None and params.size > limit:
             raise SMTPReplyError(r.MSG_TOO_BIG)
+        if params.auth is not None and self.authenticated is None:
+            # RFC 4954 §5: from a client that has not authenticated, behave
+            # as if AUTH=<> had been given.
+            params = replace(params, auth="<>")
         self.sender = sender
         self.has_sender = True
         self.mail_params = params
@@ -486,7 +634,8 @@ class SMTPServer(protocol.Protocol):
         received = received_header(
             helo=self.helo or "", client_ip=self.client_ip, hostname=self.settings.hostname,
             protocol=proto, queue_id=qid,
-            recipient=rcpts[0].address if len(rcpts) == 1 else None, now=now)
+            recipient=rcpts[0].address if len(rcpts) == 1 else None, now=now,
+            tls=self.tls_description())
         headers = received + bytes(content[:hdr_end])
         body = memoryview(content)[hdr_end:] if hdr_end else content
         p = self.mail_params
@@ -504,10 +653,17 @@ class SMTPServer(protocol.Protocol):
         d.addCallbacks(self._stored, self._store_failed, callbackArgs=(msg,), errbackArgs=(msg,))
 
     def _stored(self, qid: str, msg: InboundMessage) -> None:
-        log.info("{queue_id}: client={client} helo={helo} from=<{sender}> size={size} "
-                 "nrcpt={nrcpt} proto={proto}", queue_id=qid, client=msg.client_address,
-                 helo=msg.helo, sender=msg.sender, size=msg.size, nrcpt=len(msg.recipients),
-                 proto=msg.protocol)
+        if self.authenticated is not None:
+            log.info("{queue_id}: client={client} helo={helo} from=<{sender}> size={size} "
+                     "nrcpt={nrcpt} proto={proto} sasl_username={user}", queue_id=qid,
+                     client=msg.client_address, helo=msg.helo, sender=msg.sender,
+                     size=msg.size, nrcpt=len(msg.recipients), proto=msg.protocol,
+                     user=self.authenticated)
+        else:
+            log.info("{queue_id}: client={client} helo={helo} from=<{sender}> size={size} "
+                     "nrcpt={nrcpt} proto={proto}", queue_id=qid, client=msg.client_address,
+                     helo=msg.helo, sender=msg.sender, size=msg.size,
+                     nrcpt=len(msg.recipients), proto=msg.protocol)
         self._done(R(250, "2.0.0", f"Ok: queued as {qid}"))
         if self.factory.on_stored is not None:
             self.factory.on_stored(qid)
@@ -519,8 +675,14 @@ class SMTPServer(protocol.Protocol):
         self._done(r.SPOOL_FAILED)
 
     def _done(self, reply: Reply) -> None:
-        self._busy = False
         self._reset_transaction()
+        self._resume(reply)
+
+    def _resume(self, reply: Reply) -> None:
+        """The outstanding operation is over: reply, and go on with what the
+        client pipelined meanwhile."""
+        self._busy = False
+        self._delayed = None
         if self._mode == _CLOSED:
             return
         self._reply(reply)
@@ -555,11 +717,159 @@ class SMTPServer(protocol.Protocol):
     def do_HELP(self, arg: str) -> None:
         self._reply(r.HELP)
 
+    # -- STARTTLS (RFC 3207) -------------------------------------------------------
+    def _starttls_offered(self) -> bool:
+        return (self.factory.tls is not None and not self.tls
+                and ITLSTransport.providedBy(self.transport))
+
     def do_STARTTLS(self, arg: str) -> None:
-        self._reply(r.STARTTLS_UNAVAILABLE)
+        if self.tls:
+            raise SMTPReplyError(r.TLS_ALREADY_ACTIVE)
+        ctx = self.factory.tls
+        if ctx is None or not ITLSTransport.providedBy(self.transport):
+            raise SMTPReplyError(r.STARTTLS_UNAVAILABLE)
+        if arg:
+            raise SMTPReplyError(R(501, "5.5.4", "Syntax: STARTTLS"))
+        if self.has_sender:
+            raise SMTPReplyError(R(503, "5.5.1", "STARTTLS not permitted during a mail transaction"))
+        try:
+            ctx.getContext()
+        except Exception as e:
+            log.error("STARTTLS impossible client={client}: {error}", client=self.client_ip,
+                      error=str(e) or type(e).__name__)
+            raise SMTPReplyError(r.TLS_TEMP_UNAVAILABLE) from None
+        self._reply(r.READY_TO_START_TLS)
+        self._flush()                     # the 220 goes out in plaintext
+        self._discard_input = True        # and nothing buffered behind STARTTLS is obeyed
+        self.transport.startTLS(ctx)
+        self.tls = True
+        # RFC 3207 §4.2: discard any knowledge obtained from the client.
+        self._reset_transaction()
+        self.helo = None
+        self.esmtp = False
+        self.enhanced = False
+        self.authenticated = None
+
+    # -- AUTH (RFC 4954) ---------------------------------------------------------------
+    def _on_loopback(self) -> bool:
+        try:
+            host = self.transport.getHost()
+        except Exception:
+            return False
+        if isinstance(host, UNIXAddress):
+            return True
+        return _is_loopback(self.client_ip) and _is_loopback(getattr(host, "host", "") or "")
+
+    def _auth_offered(self) -> bool:
+        if self.factory.portal is None:
+            return False
+        return self.tls or (self.settings.auth_plaintext_on_loopback and self._on_loopback())
 
     def do_AUTH(self, arg: str) -> None:
-        self._reply(r.AUTH_UNAVAILABLE)
+        if self.factory.portal is None:
+            raise SMTPReplyError(r.AUTH_UNAVAILABLE)
+        if not self._auth_offered():
+            raise SMTPReplyError(r.ENCRYPTION_REQUIRED)
+        if not self.esmtp:
+            raise SMTPReplyError(R(503, "5.5.1", "Send EHLO first"))
+        if self.authenticated is not None:
+            raise SMTPReplyError(R(503, "5.5.1", "Already authenticated"))
+        if self.has_sender:
+            raise SMTPReplyError(R(503, "5.5.1", "AUTH not permitted during a mail transaction"))
+        mech, _, initial = arg.partition(" ")
+        initial = initial.strip(" ")
+        if not mech or " " in initial:
+            raise SMTPReplyError(R(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]"))
+        mech = mech.upper()
+        if mech not in ("PLAIN", "LOGIN"):
+            raise SMTPReplyError(R(504, "5.5.4", "Unrecognized authentication type"))
+        if self.factory.limiter.refused(self.client_ip):
+            log.info("auth refused client={client}: too many failures", client=self.client_ip)
+            raise SMTPReplyError(r.AUTH_TOO_MANY_FAILURES)
+        self._sasl_mech = mech
+        self._sasl_user = None
+        if not initial:
+            self._reply(R(334, None, _LOGIN_USERNAME if mech == "LOGIN" else ""))
+            return
+        # An initial response of "=" is an empty one (RFC 4954 §4).
+        self._sasl_response(b"" if initial == "=" else initial.encode("ascii", "replace"),
+                            initial=True)
+
+    def _sasl_response(self, line: bytes, initial: bool = False) -> None:
+        """One client response of the AUTH exchange (or the initial response)."""
+        mech = self._sasl_mech
+        if line == b"*" and not initial:
+            self._sasl_mech = self._sasl_user = None
+            self._reply(R(501, "5.7.0", "Authentication cancelled"))
+            return
+        try:
+            data = base64.b64decode(line, validate=True)
+        except (binascii.Error, ValueError):
+            self._sasl_mech = self._sasl_user = None
+            self._reply(R(501, "5.5.2", "Cannot decode response"))
+            return
+        if mech == "LOGIN":
+            if self._sasl_user is None:
+                try:
+                    self._sasl_user = data.decode("utf-8")
+                except UnicodeDecodeError:
+                    self._sasl_user = "\ufffd"  # no such user; fails after the password
+                self._reply(R(334, None, _LOGIN_PASSWORD))
+                return
+            user, password = self._sasl_user, data
+        else:  # PLAIN: authzid NUL authcid NUL passwd (RFC 4616)
+            parts = data.split(b"\0")
+            if len(parts) != 3:
+                self._sasl_mech = self._sasl_user = None
+                self._reply(R(501, "5.5.2", "Invalid PLAIN response"))
+                return
+            authzid, authcid, password = parts
+            try:
+                user = authcid.decode("utf-8")
+                zid = authzid.decode("utf-8")
+            except UnicodeDecodeError:
+                user, zid = "\ufffd", ""
+            if zid and zid != user:
+                user = "\ufffd"     # acting for someone else is not allowed: fail below
+        self._sasl_mech = self._sasl_user = None
+        self._check_credentials(mech or "?", user, password)
+
+    def _check_credentials(self, mech: str, user: str, password: bytes) -> None:
+        self._busy = True            # pipelined input waits for the verdict
+        self.factory.limiter.started(self.client_ip)
+        creds = UsernamePassword(user.encode("utf-8", "replace"), password)
+        try:
+            d = self.factory.portal.login(creds, None, IMailUser)
+        except Exception:
+            d = defer.fail()
+        d.addCallbacks(self._auth_succeeded, self._auth_failed,
+                       callbackArgs=(mech,), errbackArgs=(mech, user))
+
+    def _auth_succeeded(self, result: tuple, mech: str) -> None:
+        _iface, avatar, _logout = result
+        self.factory.limiter.finished(self.client_ip)
+        if self._mode == _CLOSED:
+            self._busy = False
+            return
+        self.authenticated = avatar.username
+        log.info("auth ok client={client} mechanism={mech} sasl_username={user}",
+                 client=self.client_ip, mech=mech, user=self.authenticated)
+        self._resume(r.AUTH_OK)
+
+    def _auth_failed(self, failure: Failure, mech: str, user: str) -> None:
+        self.factory.limiter.finished(self.client_ip)
+        if not failure.check(UnauthorizedLogin):
+            log.failure("auth check failed client={client}", failure, client=self.client_ip)
+            self._resume(r.AUTH_TEMP_FAILURE)
+            return
+        delay = self.factory.limiter.failed(self.client_ip)
+        log.info("auth failed client={client} mechanism={mech} sasl_username={user} "
+                 "failures={n}", client=self.client_ip, mech=mech, user=user,
+                 n=self.factory.limiter.failures(self.client_ip))
+        if delay > 0 and self._mode != _CLOSED:
+            self._delayed = self.reactor.callLater(delay, self._resume, r.AUTH_INVALID)
+        else:
+            self._resume(r.AUTH_INVALID)
 
     def do_ETRN(self, arg: str) -> None:
         self._reply(r.ETRN_UNAVAILABLE)
