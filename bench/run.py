@@ -23,6 +23,20 @@ What it does, all on loopback:
     until its queue has drained, so it includes relaying to the sink;
   - that mta's spool holds exactly warm-up + N rows in ``messages`` afterwards.
 
+  In these acceptance cases mta runs with ``[relay] deliver = false`` (accept and queue
+  only), so they measure acceptance alone, as in Step 1; its resolver and smarthost are
+  still pinned to a refusing loopback port.
+
+* then the end-to-end case (``--e2e`` runs only that, ``--no-e2e`` skips it):
+  ``smtp-source -s 20 -m N -l 1024`` against each server, which relays everything to
+  the same ``smtp-sink`` (mta: ``[relay] smarthost = "127.0.0.1:SINKPORT"``, ``[dns]
+  nameservers`` on a refusing loopback port; Postfix: its relayhost).  The clock runs
+  from the start of smtp-source until the sink has counted N more messages *and* the
+  server's queue is empty (mta: ``SELECT COUNT(*) FROM messages`` = 0; Postfix:
+  ``postfix-reference queued`` = 0); delivered messages/s = N / that time.  mta CPU and
+  peak RSS cover the same interval; the sink's session counter gives the connections
+  each server opened to it (connection reuse).
+
 It needs root (Postfix) and stops everything it started at the end, even on error.
 """
 
@@ -173,6 +187,69 @@ def stop_process(proc: subprocess.Popen | None, name: str) -> None:
         proc.wait()
 
 
+class Sink:
+    """``smtp-sink -c`` on loopback: the next hop of both servers.  A thread reads its
+    running counters (``sess=N quit=N mesg=N``, one per event, ended by CR) so the
+    bench knows how many messages and sessions it has received."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.proc = subprocess.Popen([SMTP_SINK, "-c", "-u", "nobody", f"127.0.0.1:{port}", "1000"],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL)
+        self.messages = 0
+        self.sessions = 0
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, name="sink-counter", daemon=True)
+        self._reader.start()
+        wait_for_port(port, 10, self.proc)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        buf = b""
+        while True:
+            chunk = self.proc.stdout.read1(65536)
+            if not chunk:
+                return
+            buf += chunk
+            *done, buf = buf.replace(b"\n", b"\r").split(b"\r")
+            for rec in reversed(done):
+                fields = dict(kv.split(b"=", 1) for kv in rec.split() if b"=" in kv)
+                if b"mesg" in fields:
+                    with self._changed:
+                        self.messages = int(fields[b"mesg"])
+                        self.sessions = int(fields.get(b"sess", b"0"))
+                        self._changed.notify_all()
+                    break
+
+    def wait_messages(self, target: int, timeout: float) -> bool:
+        """Wait until the sink has counted at least *target* messages in all."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while self.messages < target:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(left)
+        return True
+
+    def settle_sessions(self, quiet: float, limit: float = 15.0) -> int:
+        """The session count once it has not changed for *quiet* seconds (cached
+        connections closing after a run), waiting at most *limit* seconds."""
+        deadline = time.monotonic() + limit
+        last, since = self.sessions, time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            if self.sessions != last:
+                last, since = self.sessions, time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                break
+        return last
+
+    def stop(self) -> None:
+        stop_process(self.proc, "smtp-sink")
+
+
 @dataclass
 class SourceResult:
     seconds: float
@@ -294,23 +371,45 @@ def _config_ok(tree: Path | None, toml: str) -> tuple[bool, str]:
     return r.returncode == 0, (r.stderr.strip().splitlines() or [""])[-1]
 
 
-def loopback_guard(tree: Path | None, dead_port: int) -> str:
-    """Config text that keeps an mta able to deliver (one with [relay] and [dns]) on loopback:
-    everything goes to a loopback port where nothing listens (so it stays queued), and the
-    resolver is a loopback address.  Empty for an mta that cannot deliver yet."""
-    relay_dns = ("[relay]\n"
-                 f'smarthost = "127.0.0.1:{dead_port}"\n'
-                 "[dns]\n"
-                 f'nameservers = ["127.0.0.1:{dead_port}"]\n')
-    for guard in (relay_dns + '[retry]\nfirst = "1h"\n', relay_dns):
+def _relay_dns(smarthost_port: int, dns_port: int, relay_extra: str = "") -> str:
+    return ("[relay]\n"
+            f'smarthost = "127.0.0.1:{smarthost_port}"\n'
+            + relay_extra
+            + "[dns]\n"
+            f'nameservers = ["127.0.0.1:{dns_port}"]\n')
+
+
+def loopback_guard(tree: Path | None, dead_port: int) -> tuple[str, str]:
+    """Config text for the acceptance cases, and what it does.  For an mta that knows
+    ``[relay] deliver``: no delivery at all (acceptance is measured alone).  For an older
+    one that can deliver: everything goes to a loopback port where nothing listens (so it
+    stays queued).  Either way the resolver is a loopback address.  ("", ...) for an mta
+    that cannot deliver yet."""
+    relay_dns = _relay_dns(dead_port, dead_port)
+    candidates = [
+        (_relay_dns(dead_port, dead_port, "deliver = false\n"), "[relay] deliver = false (accept and queue only)"),
+        (relay_dns + '[retry]\nfirst = "1h"\n', "delivering to a refusing loopback port (retry after 1h)"),
+        (relay_dns, "delivering to a refusing loopback port"),
+    ]
+    for guard, what in candidates:
         ok, _ = _config_ok(tree, guard)
         if ok:
-            return guard
+            return guard, what
     ok, err = _config_ok(tree, "[relay]\n")
     if not ok and "unknown section" in err:
-        return ""
+        return "", "no delivery (this mta has no [relay] section)"
     raise BenchError("this mta has a [relay] section but bench/run.py cannot pin its delivery to "
                      f"loopback ({err}); refusing to run it")
+
+
+def e2e_relay_config(tree: Path | None, sink_port: int, dead_port: int, relay_extra: str) -> str:
+    """Config text for the end-to-end case: everything to the sink, the resolver on a
+    refusing loopback port (nothing may leave loopback)."""
+    guard = _relay_dns(sink_port, dead_port, relay_extra)
+    ok, err = _config_ok(tree, guard)
+    if not ok:
+        raise BenchError(f"this mta cannot relay to the sink ({err})")
+    return guard
 
 
 # --------------------------------------------------------------------------- measurements
@@ -335,6 +434,9 @@ class Run:
     main_thread_cpu_ms_per_msg: float | None = None  # mta: the reactor thread alone
     reactor_busy_pct: float | None = None  # mta: reactor thread CPU / wall time
     notes: list[str] = field(default_factory=list)
+    kind: str = "accept"  # "accept": acceptance only; "e2e": smtp-source -> server -> sink, until drained
+    source_seconds: float | None = None  # e2e: when smtp-source was done (all accepted)
+    sink_sessions: int | None = None  # e2e: SMTP sessions the server opened to the sink
 
 
 class BenchError(Exception):
@@ -433,11 +535,162 @@ def run_postfix(args, port: int, sessions: int, size: int, count: int, rep: int,
                r.client_cpu * 1000 / count, 100 * r.machine_busy, r.load1, drain_seconds=drain, notes=notes)
 
 
+# --------------------------------------------------------------------------- end to end
+
+def _spy_start(args, pid: int, name: str) -> subprocess.Popen | None:
+    if not args.py_spy:
+        return None
+    out = Path(args.profile_dir) / f"{name}.pyspy.txt"
+    extra_spy = args.py_spy_args.split()
+    if "--native" not in extra_spy and "-n" not in extra_spy:
+        extra_spy.append("--nonblocking")  # py-spy cannot do both
+    spy = subprocess.Popen([args.py_spy, "record", "--pid", str(pid), "--threads",
+                            "--rate", "250", "--format", "raw", "--output", str(out), *extra_spy],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    return spy
+
+
+def _spy_stop(spy: subprocess.Popen | None) -> None:
+    if spy is None:
+        return
+    spy.send_signal(signal.SIGINT)
+    try:
+        spy.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        spy.wait()
+
+
+def _start_source(port: int, sessions: int, count: int, size: int, reuse: bool, timeout: float):
+    """smtp-source in a thread (the e2e clock keeps running after it exits)."""
+    box: dict[str, SourceResult] = {}
+    t = threading.Thread(target=lambda: box.setdefault(
+        "r", run_smtp_source(port, sessions, count, size, reuse, timeout)), daemon=True)
+    t.start()
+    return t, box
+
+
+def _drain(sink: Sink, target: int, queue_empty, t0: float, timeout: float, what: str,
+           src: tuple[threading.Thread, dict]) -> float:
+    """Wait until the sink has *target* messages in all and queue_empty() is true; returns
+    the seconds since t0 at that moment.  Fails early if smtp-source failed."""
+    thread, box = src
+    deadline = time.monotonic() + timeout
+    while not sink.wait_messages(target, 0.25):
+        if not thread.is_alive() and box.get("r") is not None and box["r"].returncode != 0:
+            raise BenchError(f"smtp-source against {what} failed ({box['r'].returncode}): {box['r'].stderr}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"{what}: the sink has {sink.messages} of {target} messages after {timeout}s")
+    while not queue_empty():
+        if time.monotonic() > deadline:
+            raise BenchError(f"{what}: queue not empty after {timeout}s")
+        time.sleep(0.005)
+    return time.perf_counter() - t0
+
+
+def run_mta_e2e(args, sink: Sink, sessions: int, size: int, count: int, rep: int, order: int,
+                tmp: Path) -> Run:
+    name = f"mta-e2e-s{sessions}-l{size}-r{rep}"
+    workdir = tmp / name
+    workdir.mkdir()
+    extra = []
+    if args.profile:
+        extra = ["--profiler=cprofile", "--savestats",
+                 "--profile", str(Path(args.profile_dir) / f"{name}.pstats")]
+    mta = Mta(workdir, free_port(), max(args.max_message_size, 2 * size), extra, args.tree_path,
+              args.e2e_guard)
+    try:
+        mta.start()
+        db = sqlite3.connect(f"file:{mta.spool}?mode=ro", uri=True, timeout=30)
+        with contextlib.closing(db):
+            def spool_empty() -> bool:
+                return db.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+            warm = min(args.warmup, count)
+            if warm:
+                base = sink.messages
+                src = _start_source(mta.port, min(sessions, warm), warm, size, args.reuse, args.timeout)
+                _drain(sink, base + warm, spool_empty, time.perf_counter(), args.drain_timeout,
+                       "mta warm-up", src)
+                src[0].join()
+            time.sleep(0.2)
+            with open(f"/proc/{mta.pid}/clear_refs", "w") as f:  # reset VmHWM
+                f.write("5")
+            spy = _spy_start(args, mta.pid, name)
+            base, sess0 = sink.messages, sink.sessions
+            cpu0 = cpu_seconds(mta.pid)
+            main0 = main_thread_cpu_seconds(mta.pid)
+            busy0, tot0 = machine_cpu()
+            t0 = time.perf_counter()
+            src = _start_source(mta.port, sessions, count, size, args.reuse, args.timeout)
+            try:
+                seconds = _drain(sink, base + count, spool_empty, t0, args.drain_timeout, "mta", src)
+            except BenchError as e:
+                raise BenchError(f"{e}\n{mta.tail_log()}") from None
+            cpu1 = cpu_seconds(mta.pid)
+            main1 = main_thread_cpu_seconds(mta.pid)
+            busy1, tot1 = machine_cpu()
+            src[0].join()
+            _spy_stop(spy)
+            hwm = vm_hwm_kb(mta.pid)
+            r = src[1]["r"]
+            if r.returncode != 0:
+                raise BenchError(f"smtp-source against mta failed ({r.returncode}): {r.stderr}\n{mta.tail_log()}")
+            time.sleep(0.2)
+            got = sink.messages - base
+            if got != count:
+                raise BenchError(f"the sink received {got} messages from mta, expected {count}")
+    finally:
+        mta.stop()  # QUITs its cached connections, so the sink counts them as sessions
+    conns = sink.settle_sessions(0.5) - sess0
+    if not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return Run("mta", sessions, size, count, rep, order, seconds, count / seconds,
+               (cpu1 - cpu0) * 1000 / count, r.client_cpu * 1000 / count,
+               100 * (busy1 - busy0) / max(tot1 - tot0, 1), r.load1, peak_rss_mb=hwm / 1024,
+               stored=got, main_thread_cpu_ms_per_msg=(main1 - main0) * 1000 / count,
+               reactor_busy_pct=100 * (main1 - main0) / seconds, kind="e2e",
+               source_seconds=r.seconds, sink_sessions=conns)
+
+
+def run_postfix_e2e(args, sink: Sink, port: int, sessions: int, size: int, count: int, rep: int,
+                    order: int) -> Run:
+    warm = min(args.warmup, count)
+    if warm:
+        w = run_smtp_source(port, min(sessions, warm), warm, size, args.reuse, args.timeout)
+        if w.returncode != 0:
+            raise BenchError(f"Postfix warm-up failed: {w.stderr}")
+    wait_postfix_drained(args.drain_timeout)
+    time.sleep(0.2)
+    base, sess0 = sink.messages, sink.sessions
+    cpu0 = postfix_cpu_seconds()
+    busy0, tot0 = machine_cpu()
+    t0 = time.perf_counter()
+    src = _start_source(port, sessions, count, size, args.reuse, args.timeout)
+    seconds = _drain(sink, base + count, lambda: postfix_queued() == 0, t0, args.drain_timeout,
+                     "Postfix", src)
+    cpu1 = postfix_cpu_seconds()
+    busy1, tot1 = machine_cpu()
+    src[0].join()
+    r = src[1]["r"]
+    if r.returncode != 0:
+        raise BenchError(f"smtp-source against Postfix failed ({r.returncode}): {r.stderr}")
+    time.sleep(0.2)
+    got = sink.messages - base
+    if got != count:
+        raise BenchError(f"the sink received {got} messages from Postfix, expected {count}")
+    cpu = None if cpu0 is None or cpu1 is None else (cpu1 - cpu0) * 1000 / count
+    conns = sink.settle_sessions(3.0) - sess0  # Postfix's connection cache lets go after 2s
+    return Run("postfix", sessions, size, count, rep, order, seconds, count / seconds, cpu,
+               r.client_cpu * 1000 / count, 100 * (busy1 - busy0) / max(tot1 - tot0, 1), r.load1,
+               stored=got, kind="e2e", source_seconds=r.seconds, sink_sessions=conns)
+
+
 # --------------------------------------------------------------------------- report
 
 def fmt(v: float | None, spec: str) -> str:
     if v is None:
-        width = spec.split(".")[0]
+        width = spec.split(".")[0].rstrip("dfs")
         return "-".rjust(int(width) if width.isdigit() else 0)
     return format(v, spec)
 
@@ -448,7 +701,65 @@ def case_name(sessions: int, size: int) -> str:
 
 
 def report(runs: list[Run], args) -> str:
-    lines = []
+    accept = [r for r in runs if r.kind == "accept"]
+    e2e = [r for r in runs if r.kind == "e2e"]
+    parts = []
+    if accept:
+        parts.append(report_accept(accept, args))
+    if e2e:
+        parts.append(report_e2e(e2e, args))
+    return "\n\n".join(parts)
+
+
+def report_e2e(runs: list[Run], args) -> str:
+    lines = ["End to end: smtp-source -> server -> smtp-sink, until the sink has every message "
+             "and the server's queue is empty"]
+    hdr = (f"{'case':<9} {'rep':>3} {'msgs':>5} | {'mta msg/s':>9} {'CPU ms/msg':>10} {'RSS MB':>7} "
+           f"{'src s':>6} {'conns':>5} {'busy%':>5} | {'Postfix msg/s':>13} {'CPU ms/msg':>10} "
+           f"{'src s':>6} {'conns':>5} {'busy%':>5} | {'mta/Postfix':>11}")
+    lines.append(hdr)
+    lines.append("-" * len(hdr))
+    keys = sorted({(r.sessions, r.size, r.rep) for r in runs}, key=lambda k: (k[1], k[0], k[2]))
+    ratios: dict[tuple[int, int], list[float]] = {}
+    for s, l, rep in keys:
+        m = next((r for r in runs if (r.server, r.sessions, r.size, r.rep) == ("mta", s, l, rep)), None)
+        p = next((r for r in runs if (r.server, r.sessions, r.size, r.rep) == ("postfix", s, l, rep)), None)
+        ratio = m.rate / p.rate if m and p else None
+        if ratio is not None:
+            ratios.setdefault((s, l), []).append(ratio)
+        first = ""
+        if m and p:
+            first = " (mta first)" if m.order == 0 else " (Postfix first)"
+        lines.append(
+            f"{case_name(s, l):<9} {rep + 1:>3} {(m or p).messages:>5} | "
+            f"{fmt(m and m.rate, '9.0f')} {fmt(m and m.cpu_ms_per_msg, '10.3f')} "
+            f"{fmt(m and m.peak_rss_mb, '7.1f')} {fmt(m and m.source_seconds, '6.2f')} "
+            f"{fmt(m and m.sink_sessions, '5d')} {fmt(m and m.machine_busy_pct, '5.0f')} | "
+            f"{fmt(p and p.rate, '13.0f')} {fmt(p and p.cpu_ms_per_msg, '10.3f')} "
+            f"{fmt(p and p.source_seconds, '6.2f')} {fmt(p and p.sink_sessions, '5d')} "
+            f"{fmt(p and p.machine_busy_pct, '5.0f')} | "
+            + (f"{ratio:10.2f}x" if ratio is not None else f"{'-':>11}") + first)
+    if any(len(v) > 1 for v in ratios.values()):
+        lines.append("")
+        lines.append("median mta/Postfix ratio: " + ", ".join(
+            f"{case_name(s, l)} {statistics.median(v):.2f}x" for (s, l), v in ratios.items()))
+    lines.append("")
+    lines.append(
+        "msg/s = messages delivered to the sink / seconds from the start of smtp-source until the "
+        "sink had them all and the queue was empty (mta: no rows in messages; Postfix: "
+        "postfix-reference queued = 0); src s = when smtp-source was done; conns = SMTP sessions "
+        "the server opened to the sink; CPU = all of the server's processes/threads over the run; "
+        "busy% = whole machine.")
+    lines.append(
+        f"mta: [relay] smarthost = the sink, [dns] nameservers on a refusing loopback port"
+        + (f", [relay] {args.e2e_relay.strip()}" if args.e2e_relay.strip() else
+           ", other [relay] keys at their defaults")
+        + "; fresh daemon and empty spool per run; RSS = VmHWM reset before the run.")
+    return "\n".join(lines)
+
+
+def report_accept(runs: list[Run], args) -> str:
+    lines = ["Acceptance: smtp-source -> server (mta: " + args.guard_what + ")"]
     hdr = (f"{'case':<9} {'rep':>3} {'msgs':>5} | {'mta msg/s':>9} {'CPU ms/msg':>10} {'RSS MB':>7} "
            f"{'busy%':>5} | {'Postfix msg/s':>13} {'CPU ms/msg':>10} {'busy%':>5} {'drain s':>7} | "
            f"{'mta/Postfix':>11}")
@@ -490,6 +801,7 @@ def report(runs: list[Run], args) -> str:
     lines.append(
         "Postfix relays what it accepts to smtp-sink while it accepts (its queue drains concurrently); "
         "its CPU covers all its processes from the start of the run until the queue is empty, relay included.")
+    lines.append(f"mta in these cases: {args.guard_what}.")
     return "\n".join(lines)
 
 
@@ -524,6 +836,17 @@ def parse_args(argv: list[str] | None = None):
                    "(all threads, raw collapsed stacks in --profile-dir)")
     p.add_argument("--py-spy-args", default="", help="extra py-spy record arguments, e.g. --native")
     p.add_argument("--profile-dir", default="bench/profiles")
+    e = p.add_mutually_exclusive_group()
+    e.add_argument("--e2e", action="store_true",
+                   help="run only the end-to-end case (smtp-source -> server -> smtp-sink)")
+    e.add_argument("--no-e2e", action="store_true", help="run only the acceptance cases")
+    p.add_argument("--e2e-sessions", type=int, default=20, help="end-to-end: smtp-source sessions (20)")
+    p.add_argument("--e2e-size", type=int, default=1024, help="end-to-end: message size (1024)")
+    p.add_argument("--e2e-messages", type=int, default=None,
+                   help="end-to-end: messages per run (default 3000, times --scale)")
+    p.add_argument("--e2e-relay", default="",
+                   help="end-to-end: extra [relay] keys for mta, separated by ';', e.g. "
+                   "'per_destination = 20; concurrency = 40' (default: none, the defaults)")
     args = p.parse_args(argv)
     args.session_list = [int(x) for x in args.sessions.split(",") if x]
     args.size_list = [int(x) for x in args.sizes.split(",") if x]
@@ -550,35 +873,38 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"bench: {TWISTD} not found: run make venv")
     use_postfix = args.only in ("postfix", "both")
     use_mta = args.only in ("mta", "both")
+    do_accept = not args.e2e
+    do_e2e = not args.no_e2e
     if use_postfix and os.geteuid() != 0:
         sys.exit("bench: the Postfix reference needs root (or use --only mta)")
     if args.profile or args.py_spy:
         Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
 
     tmp = Path(tempfile.mkdtemp(prefix="mta-bench-"))
-    sink: subprocess.Popen | None = None
+    sink: Sink | None = None
     postfix_started = False
     runs: list[Run] = []
     failures: list[str] = []
     interrupted = False
     try:
         pf_port = sink_port = 0
-        if use_postfix:
+        if use_postfix or do_e2e:
             sink_port = free_port()
+            sink = Sink(sink_port)
+            log(f"smtp-sink on 127.0.0.1:{sink_port}")
+        if use_postfix:
             pf_port = free_port()
             while pf_port == sink_port:
                 pf_port = free_port()
-            sink = subprocess.Popen([SMTP_SINK, "-u", "nobody", f"127.0.0.1:{sink_port}", "1000"],
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL)
-            wait_for_port(sink_port, 10, sink)
-            log(f"smtp-sink on 127.0.0.1:{sink_port}; starting Postfix on 127.0.0.1:{pf_port}")
+            log(f"starting Postfix on 127.0.0.1:{pf_port}")
             postfix_started = True
             subprocess.run([str(POSTFIX_REFERENCE), "start", str(pf_port), str(sink_port)], check=True)
             wait_postfix_drained(args.drain_timeout)
 
         args.tree_path = None
         args.guard = ""
+        args.guard_what = "-"
+        args.e2e_guard = ""
         if use_mta:
             if args.tree:
                 args.tree_path = Path(args.tree).resolve()
@@ -594,11 +920,16 @@ def main(argv: list[str] | None = None) -> int:
             # A socket bound but not listening: connections to it are refused.
             args.dead_socket = socket.socket()
             args.dead_socket.bind(("127.0.0.1", 0))
-            args.guard = loopback_guard(args.tree_path, args.dead_socket.getsockname()[1])
-            if args.guard:
-                log("this mta can deliver: its delivery is pinned to a refusing loopback port")
+            dead_port = args.dead_socket.getsockname()[1]
+            args.guard, args.guard_what = loopback_guard(args.tree_path, dead_port)
+            if do_accept:
+                log(f"acceptance cases: mta runs with {args.guard_what}")
+            if do_e2e:
+                args.e2e_guard = e2e_relay_config(args.tree_path, sink_port, dead_port,
+                                                  "\n".join(x.strip() for x in args.e2e_relay.split(";")
+                                                            if x.strip()) + ("\n" if args.e2e_relay.strip() else ""))
 
-        cases = [(s, l) for l in args.size_list for s in args.session_list]
+        cases = [(s, l) for l in args.size_list for s in args.session_list] if do_accept else []
         for rep in range(args.repeat):
             for i, (s, l) in enumerate(cases):
                 n = count_for(args, s, l)
@@ -627,6 +958,35 @@ def main(argv: list[str] | None = None) -> int:
                            f"{run.reactor_busy_pct:.0f}% busy" if run.reactor_busy_pct is not None else "")
                         + (f"; {'; '.join(run.notes)}" if run.notes else ""))
                     runs.append(run)
+        if do_e2e:
+            s, l = args.e2e_sessions, args.e2e_size
+            n = args.e2e_messages or max(1, int(3000 * args.scale))
+            for rep in range(args.repeat):
+                servers = []
+                if use_postfix:
+                    servers.append("postfix")
+                if use_mta:
+                    servers.append("mta")
+                if rep % 2:
+                    servers.reverse()
+                for order, server in enumerate(servers):
+                    log(f"rep {rep + 1}/{args.repeat} end to end {case_name(s, l)} x {n} -> {server} -> sink")
+                    try:
+                        if server == "mta":
+                            run = run_mta_e2e(args, sink, s, l, n, rep, order, tmp)
+                        else:
+                            run = run_postfix_e2e(args, sink, pf_port, s, l, n, rep, order)
+                    except (BenchError, RuntimeError) as e:
+                        log(f"FAILED: {e}")
+                        failures.append(f"rep {rep + 1} e2e {case_name(s, l)} {server}: {str(e).splitlines()[0]}")
+                        continue
+                    log(f"   {run.rate:.0f} msg/s delivered in {run.seconds:.2f}s (smtp-source done after "
+                        f"{run.source_seconds:.2f}s), server CPU {fmt(run.cpu_ms_per_msg, '.3f')} ms/msg, "
+                        f"{run.sink_sessions} sessions to the sink, machine busy {run.machine_busy_pct:.0f}%"
+                        + (f", peak RSS {run.peak_rss_mb:.1f} MB" if run.peak_rss_mb else "")
+                        + (f"; reactor thread {run.main_thread_cpu_ms_per_msg:.3f} ms/msg, "
+                           f"{run.reactor_busy_pct:.0f}% busy" if run.reactor_busy_pct is not None else ""))
+                    runs.append(run)
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted")
@@ -636,7 +996,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if postfix_started:
             subprocess.run([str(POSTFIX_REFERENCE), "stop"], check=False)
-        stop_process(sink, "smtp-sink")
+        if sink is not None:
+            sink.stop()
         if args.keep:
             log(f"kept {tmp}")
         else:

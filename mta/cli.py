@@ -23,7 +23,8 @@ from collections.abc import Sequence
 
 SUBCOMMAND_MODULES = (
     "mta.passwdcmd",   # mta passwd add|remove|list
-    "mta.queuecmd",    # mta queue ... (when it exists)
+    "mta.queuecmd",    # mta queue list|show|flush|delete|hold|release|requeue|bounce|stats
+    "mta.sendmail",    # mta sendmail [sendmail flags] (also the `sendmail` console script)
 )
 
 DEFAULT_CONFIG = "etc/mta.toml"

@@ -24,6 +24,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "PolicyConfig",
+    "SendmailConfig",
     "ServerConfig",
     "SpoolConfig",
     "TLSConfig",
@@ -87,6 +88,11 @@ class RelayConfig:
     command_timeout: float = 300.0    # greeting, EHLO, MAIL, RCPT (RFC 5321 4.5.3.2)
     data_timeout: float = 600.0       # DATA and after the final dot
     postmaster: str = ""              # where failed bounces go; "" = log and drop
+    tls: str = "may"                  # outbound TLS policy: none, may, encrypt, verify
+    tls_ca_file: str = ""             # CAs (PEM) for policy "verify"; "" = the system's
+    smarthost_user: str = ""          # AUTH PLAIN/LOGIN to the smarthost, over TLS only
+    smarthost_password: str = ""
+    smarthost_password_file: str = ""  # or: a file whose first line is the password
 
 
 @dataclass(frozen=True)
@@ -128,16 +134,23 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class SendmailConfig:
+    domain: str = ""                  # qualifies bare local names; "" = [server] hostname
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
     routes: tuple[tuple[str, str], ...] = ()   # (domain, "host:port"), checked before smarthost/MX
+    route_tls: tuple[tuple[str, str], ...] = ()  # (domain of routes, TLS policy)
     dns: DNSConfig = field(default_factory=DNSConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    sendmail: SendmailConfig = field(default_factory=SendmailConfig)
     path: str = "<config>"
 
 
@@ -362,6 +375,15 @@ def _domains(value: object) -> tuple[str, ...]:
     return tuple(result)
 
 
+def _optional_domain(value: object) -> str:
+    text = _str(value).strip()
+    if not text:
+        return ""
+    if text.startswith("."):
+        raise _Invalid(f"invalid domain {value!r}")
+    return _domains([text])[0]
+
+
 def _sqlalchemy_url(value: object) -> str:
     from sqlalchemy.engine import make_url
 
@@ -434,6 +456,23 @@ def _path(value: object) -> str:
     return text
 
 
+def _secret(value: object) -> str:
+    text = _str(value)
+    if "\x00" in text:
+        raise _Invalid("must not contain NUL")
+    return text
+
+
+def _user(value: object) -> str:
+    text = _str(value)
+    if any(not ch.isprintable() for ch in text):
+        raise _Invalid(f"must not contain control characters, got {text!r}")
+    return text
+
+
+_TLS_POLICY = ("none", "may", "encrypt", "verify")
+
+
 def _address(value: object) -> str:
     text = _str(value).strip()
     if text and ("@" not in text or any(c.isspace() for c in text)):
@@ -485,6 +524,11 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[object], Any]]]] = {
             "command_timeout": _duration,
             "data_timeout": _duration,
             "postmaster": _address,
+            "tls": _choice(*_TLS_POLICY),
+            "tls_ca_file": _path,
+            "smarthost_user": _user,
+            "smarthost_password": _secret,
+            "smarthost_password_file": _path,
         },
     ),
     "dns": (
@@ -521,6 +565,12 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[object], Any]]]] = {
             "lockout": _duration,
         },
     ),
+    "sendmail": (
+        SendmailConfig,
+        {
+            "domain": _optional_domain,
+        },
+    ),
 }
 
 
@@ -535,13 +585,57 @@ def _routes(source: str, table: Mapping[str, Any]) -> tuple[tuple[str, str], ...
     return tuple(out)
 
 
+def _route_tls(source: str, table: Mapping[str, Any],
+               routes: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """``[route_tls]``: domain -> TLS policy, for domains that have a ``[routes]`` entry."""
+    routed = {name for name, _ in routes}
+    out = []
+    for domain, value in table.items():
+        where = f"[route_tls] {domain}"
+        try:
+            (name,) = _domains([domain])
+            policy = _choice(*_TLS_POLICY)(value)
+        except _Invalid as e:
+            raise ConfigError(source, where, str(e)) from None
+        if name not in routed:
+            raise ConfigError(source, where, "no [routes] entry for this domain "
+                              "(a TLS policy is set per route; [relay] tls covers the rest)")
+        out.append((name, policy))
+    return tuple(out)
+
+
+def _check_relay(source: str, relay: RelayConfig) -> None:
+    """Smarthost credentials: complete, for a smarthost, and never without TLS."""
+    user = relay.smarthost_user
+    secret = relay.smarthost_password or relay.smarthost_password_file
+    if relay.smarthost_password and relay.smarthost_password_file:
+        raise ConfigError(source, "[relay] smarthost_password_file",
+                          "cannot be set together with smarthost_password (choose one)")
+    if secret and not user:
+        key = "smarthost_password" if relay.smarthost_password else "smarthost_password_file"
+        raise ConfigError(source, "[relay] smarthost_user", f"must be set when {key} is set")
+    if not user:
+        return
+    if not secret:
+        raise ConfigError(source, "[relay] smarthost_password",
+                          "must be set when smarthost_user is set (or smarthost_password_file)")
+    if not relay.smarthost.strip():
+        raise ConfigError(source, "[relay] smarthost_user",
+                          "is set, but [relay] smarthost is empty (the credentials are only "
+                          "used for the smarthost)")
+    if relay.tls == "none":
+        raise ConfigError(source, "[relay] tls",
+                          "\"none\" cannot be used with smarthost_user: the password is only "
+                          "sent over TLS (use \"may\", \"encrypt\" or \"verify\")")
+
+
 # --------------------------------------------------------------------------- loading
 
 def config_from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     """Build a Config from parsed TOML (a dict of sections); ``source`` names it in errors."""
     source = str(source)
     for name, value in data.items():
-        if name not in _SCHEMA and name != "routes":
+        if name not in _SCHEMA and name not in ("routes", "route_tls"):
             if isinstance(value, Mapping):
                 raise ConfigError(source, f"[{name}]", "unknown section")
             raise ConfigError(source, name, "unknown key (settings belong in a section such as [server])")
@@ -561,8 +655,10 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<config>") -> Confi
                 raise ConfigError(source, f"[{name}] {key}", str(e)) from None
         sections[name] = cls(**kwargs)
     routes = _routes(source, data.get("routes", {}))
+    route_tls = _route_tls(source, data.get("route_tls", {}), routes)
     _check_tls(source, sections["tls"], sections["server"])
-    return Config(path=source, routes=routes, **sections)
+    _check_relay(source, sections["relay"])
+    return Config(path=source, routes=routes, route_tls=route_tls, **sections)
 
 
 def _check_tls(source: str, tls: TLSConfig, server: ServerConfig) -> None:

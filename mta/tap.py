@@ -265,17 +265,65 @@ def _make_runner(config: Config, spool: object, reactor: object) -> service.ISer
     from .smtp.client import ConnectionPool, Timeouts
 
     relay = config.relay
+    trust_root, credentials = _relay_tls_auth(config)
     try:
         router = Router(smarthost=relay.smarthost, routes=dict(config.routes),
                         nameservers=list(config.dns.nameservers), reactor=reactor,
                         port=relay.port,
-                        timeout=(max(1, round(config.dns.timeout)),))
+                        timeout=(max(1, round(config.dns.timeout)),),
+                        tls=relay.tls, route_tls=dict(config.route_tls),
+                        smarthost_auth=credentials)
     except ValueError as e:
         _die(f"{config.path}: [relay]/[routes]/[dns]: {e}")
     t = relay.command_timeout
     timeouts = Timeouts(connect=relay.connect_timeout, greeting=t, helo=t, mail=t, rcpt=t,
                         data_init=min(t, 120.0), data_block=min(relay.data_timeout, 180.0),
                         data_end=relay.data_timeout)
-    pool = ConnectionPool(helo_name=config.server.hostname, reactor=reactor, timeouts=timeouts)
+    # Cache as many idle connections per next hop as can be busy at once (with a
+    # smarthost every delivery goes to one host), so none is closed and reopened
+    # under steady load just for want of room in the cache.
+    pool = ConnectionPool(helo_name=config.server.hostname, reactor=reactor, timeouts=timeouts,
+                          max_idle_per_host=max(4, relay.concurrency), trust_root=trust_root)
     return QueueRunner(spool, router, pool, hostname=config.server.hostname,
                        retry=config.retry, relay=relay, reactor=reactor)
+
+
+def _relay_tls_auth(config: Config) -> tuple[Any, Any]:
+    """(trust root for TLS policy "verify", smarthost Credentials), each None
+    when not configured.  An unreadable CA or password file stops startup
+    with one line naming the key."""
+    from .delivery.router import Credentials
+    from .smtp.client import load_trust_root
+
+    relay = config.relay
+    trust_root = None
+    if relay.tls_ca_file:
+        try:
+            trust_root = load_trust_root(relay.tls_ca_file)
+        except ValueError as e:
+            _die(f"{config.path}: [relay] tls_ca_file: {e}")
+    credentials = None
+    if relay.smarthost_user:
+        password = relay.smarthost_password
+        if relay.smarthost_password_file:
+            path = relay.smarthost_password_file
+            try:
+                with open(path, encoding="utf-8") as f:
+                    password = f.readline().rstrip("\r\n")
+            except (OSError, UnicodeDecodeError) as e:
+                why = getattr(e, "strerror", None) or str(e)
+                _die(f"{config.path}: [relay] smarthost_password_file: {path}: cannot read: {why}")
+            if not password or "\x00" in password:
+                _die(f"{config.path}: [relay] smarthost_password_file: {path}: the first line "
+                     "must be the password (empty, or contains NUL)")
+            import os
+            try:
+                if os.stat(path).st_mode & 0o077:
+                    log.warn("{path}: the smarthost password file is readable by others "
+                             "(chmod 600 it)", path=path)
+            except OSError:
+                pass
+        credentials = Credentials(relay.smarthost_user, password)
+        log.info("smarthost {host}: AUTH as {user}, over TLS only", host=relay.smarthost,
+                 user=relay.smarthost_user)
+    return trust_root, credentials

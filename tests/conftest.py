@@ -394,6 +394,9 @@ def peer_factory(tmp_path: Path) -> Iterator[PeerFactory]:
     yield factory
 
     problems = []
+    for peer in factory.peers:     # all at once: each takes a moment to go
+        if peer.proc is not None and peer.proc.poll() is None:
+            peer.proc.terminate()
     for peer in factory.peers:
         peer.stop()
         bad = peer.violations()

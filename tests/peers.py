@@ -30,10 +30,19 @@ The script (a dict, JSON-able):
                  CHUNKING BDAT is refused, ``SIZE n`` refuses bigger MAIL
                  SIZE= and bigger messages, ...
 ``ehlo``         False: EHLO is answered 502 (the client must use HELO)
-``starttls``     True: advertise STARTTLS and do it (self-signed cert)
+``starttls``     True: advertise STARTTLS and do it (self-signed cert for
+                 peer.test, or ``ScriptedPeer(tls_options=...)``, or the
+                 PEM files named by ``certificate`` and ``private_key``)
 ``tls_fail``     True: answer STARTTLS 220, then send garbage and close
+``auth``         SASL mechanisms to advertise (["PLAIN", "LOGIN"]): AUTH is
+                 done (RFC 4954, initial response or 334 dialogue) and each
+                 attempt recorded in ``auths`` as (connection, mechanism,
+                 user, password, tls); ``users`` {"user": "password"} get
+                 235, anyone else 535 5.7.8 (or the "AUTH" action's reply)
+``auth_after_tls`` True: advertise AUTH only after STARTTLS
+``auth_required`` True: MAIL before a successful AUTH gets 530 5.7.0
 ``actions``      {"STEP": ACTION}; STEP is one of greeting EHLO HELO STARTTLS
-                 MAIL RCPT DATA DATA_END BDAT RSET NOOP QUIT, optionally
+                 AUTH MAIL RCPT DATA DATA_END BDAT RSET NOOP QUIT, optionally
                  "#n" (only the nth such command on a connection) and/or
                  "@c" (only on the cth connection), e.g. "MAIL@1#2".
                  DATA_END is the end of the content (final dot or BDAT LAST).
@@ -69,8 +78,8 @@ from twisted.internet import defer, protocol
 DEFAULT_EXTENSIONS = ["PIPELINING", "SIZE 36700160", "8BITMIME", "ENHANCEDSTATUSCODES",
                       "SMTPUTF8", "DSN", "CHUNKING", "BINARYMIME"]
 
-_STEPS = {"greeting", "EHLO", "HELO", "STARTTLS", "MAIL", "RCPT", "DATA", "DATA_END", "BDAT",
-          "RSET", "NOOP", "QUIT"}
+_STEPS = {"greeting", "EHLO", "HELO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "DATA_END",
+          "BDAT", "RSET", "NOOP", "QUIT"}
 _ACTION_KEY = re.compile(r"([A-Za-z_]+)(?:@(\d+))?(?:#(\d+))?")
 _ADDR = re.compile(r"(?i)(?:FROM|TO):\s*<([^>]*)>(.*)")
 _BDAT = re.compile(r"(?i)BDAT +(\d+)( +LAST)? *")
@@ -90,6 +99,7 @@ class Transaction:
     chunks: list[int] = field(default_factory=list)     # BDAT chunk sizes
     reply: str | None = None         # the reply given at the end of the content
     complete: bool = False           # the content was received in full
+    auth: str | None = None          # the user authenticated on the connection at MAIL
 
     @property
     def mail_address(self) -> str:
@@ -174,6 +184,29 @@ def server_tls_options() -> Any:
     return _tls_cache
 
 
+def load_tls_options(certificate: str, private_key: str) -> Any:
+    """Server TLS options from PEM files (the certificate file may hold a chain)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from OpenSSL import crypto
+    from twisted.internet import ssl
+
+    with open(certificate, "rb") as f:
+        certs = x509.load_pem_x509_certificates(f.read())
+    with open(private_key, "rb") as f:
+        key = serialization.load_pem_private_key(f.read(), None)
+    try:  # pyOpenSSL >= 24.3 takes cryptography objects directly
+        options = ssl.CertificateOptions(privateKey=key, certificate=certs[0],
+                                         extraCertChain=certs[1:])
+        options.getContext()
+    except Exception:
+        options = ssl.CertificateOptions(
+            privateKey=crypto.PKey.from_cryptography_key(key),
+            certificate=crypto.X509.from_cryptography(certs[0]),
+            extraCertChain=[crypto.X509.from_cryptography(c) for c in certs[1:]])
+    return options
+
+
 class PeerConnection(protocol.Protocol):
     factory: "ScriptedPeer"
 
@@ -198,6 +231,9 @@ class PeerConnection(protocol.Protocol):
         self._size_limit()
         self.body_type: str | None = None
         self.utf8 = False
+        self.authenticated: str | None = None
+        self.sasl: Callable[[str], None] | None = None   # the AUTH dialogue's next line
+        self.sasl_parts: list[str] = []
 
     def _size_limit(self) -> None:
         self.ext_size = 0
@@ -209,6 +245,9 @@ class PeerConnection(protocol.Protocol):
         ext = list(self.script.get("extensions", DEFAULT_EXTENSIONS))
         if self.script.get("starttls") or self.script.get("tls_fail"):
             ext.append("STARTTLS")
+        mechanisms = self.script.get("auth")
+        if mechanisms and (self.tls or not self.script.get("auth_after_tls")):
+            ext.append("AUTH " + " ".join(mechanisms))
         return ext
 
     def has(self, word: str) -> bool:
@@ -336,6 +375,13 @@ class PeerConnection(protocol.Protocol):
         except UnicodeDecodeError:
             self.reply("500 5.5.2 Bad characters")
             return
+        if self.sasl is not None:
+            handler_, self.sasl = self.sasl, None
+            if line == "*":
+                self.reply("501 5.0.0 Authentication cancelled")
+            else:
+                handler_(line)
+            return
         verb, _, arg = line.partition(" ")
         verb = verb.upper()
         handler = getattr(self, "do_" + verb, None)
@@ -383,15 +429,85 @@ class PeerConnection(protocol.Protocol):
             self.mode = "closed"
             self.transport.loseConnection()
             return
-        self.transport.startTLS(server_tls_options())
+        self.transport.startTLS(self.peer.tls_options or server_tls_options())
         self.tls = True
+        self.authenticated = None
         self.helo = None
         self.tx = None
         self.ext = [e for e in self._extensions() if e.upper() != "STARTTLS"]
 
+    # -- AUTH (RFC 4954) -----------------------------------------------------------
+    def do_AUTH(self, arg: str, line: str) -> None:
+        if not self.has("AUTH"):
+            self.reply("502 5.5.1 AUTH not available")
+            return
+        if self.helo is None:
+            self.reply("503 5.5.1 Send EHLO first")
+            return
+        if self.authenticated is not None or self.tx is not None:
+            self.reply("503 5.5.1 Already authenticated or in a transaction")
+            return
+        mech, _, initial = arg.strip().partition(" ")
+        mech = mech.upper()
+        if mech not in [m.upper() for m in self.script.get("auth", [])]:
+            self.reply("504 5.5.4 Unrecognized authentication type")
+            return
+        self.sasl_parts = []
+        if mech == "PLAIN":
+            if initial:
+                self._sasl_plain(initial)
+            else:
+                self.reply("334 ")
+                self.sasl = self._sasl_plain
+        else:
+            if initial:
+                self._sasl_login(initial)
+            else:
+                self.reply("334 VXNlcm5hbWU6")
+                self.sasl = self._sasl_login
+
+    @staticmethod
+    def _b64(text: str) -> str | None:
+        try:
+            return base64.b64decode(text.strip(), validate=True).decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            return None
+
+    def _sasl_plain(self, text: str) -> None:
+        decoded = "" if text.strip() == "=" else self._b64(text)
+        parts = decoded.split("\0") if decoded is not None else []
+        if len(parts) != 3:
+            self.reply("501 5.5.2 Cannot decode the AUTH PLAIN response")
+            return
+        self._sasl_done("PLAIN", parts[1], parts[2])
+
+    def _sasl_login(self, text: str) -> None:
+        decoded = self._b64(text)
+        if decoded is None:
+            self.reply("501 5.5.2 Cannot decode the AUTH LOGIN response")
+            return
+        self.sasl_parts.append(decoded)
+        if len(self.sasl_parts) == 1:
+            self.reply("334 UGFzc3dvcmQ6")
+            self.sasl = self._sasl_login
+            return
+        self._sasl_done("LOGIN", self.sasl_parts[0], self.sasl_parts[1])
+
+    def _sasl_done(self, mech: str, user: str, password: str) -> None:
+        self.peer.auths.append((self.number, mech, user, password, self.tls))
+        users = self.script.get("users", {})
+        good = user in users and users[user] == password
+        r = self.perform("AUTH", "235 2.7.0 Authentication successful" if good
+                         else "535 5.7.8 Authentication credentials invalid")
+        if r and r.startswith("235"):
+            self.authenticated = user
+
     def do_MAIL(self, arg: str, line: str) -> None:
         if self.helo is None:
             self.reply("503 5.5.1 Send HELO/EHLO first")
+            return
+        if self.script.get("auth_required") and self.authenticated is None:
+            self.reply("530 5.7.0 Authentication required")
             return
         if self.tx is not None:
             self.reply("503 5.5.1 Sender already specified")
@@ -420,7 +536,7 @@ class PeerConnection(protocol.Protocol):
         if self.ext_size and size and size.isdigit() and int(size) > self.ext_size:
             default = "552 5.3.4 Message size exceeds fixed maximum message size"
         r = self.perform("MAIL", default)
-        tx = Transaction(self.number, self.helo, self.tls, line)
+        tx = Transaction(self.number, self.helo, self.tls, line, auth=self.authenticated)
         self.peer.transactions.append(tx)
         if r and r.startswith("2"):
             self.tx = tx
@@ -572,7 +688,8 @@ class ScriptedPeer(protocol.Factory):
     """The listening side; one PeerConnection per client connection."""
 
     def __init__(self, script: dict[str, Any] | None = None, *, reactor: Any = None,
-                 on_transaction: Callable[[Transaction], None] | None = None):
+                 on_transaction: Callable[[Transaction], None] | None = None,
+                 tls_options: Any = None):
         if reactor is None:
             from twisted.internet import reactor as _r
             reactor = _r
@@ -598,6 +715,11 @@ class ScriptedPeer(protocol.Factory):
         self.stalls = 0
         self.pipelined = 0               # commands that arrived with more input behind them
         self._on_transaction = on_transaction
+        self.auths: list[tuple[int, str, str, str, bool]] = []  # (conn, mech, user, password, tls)
+        if tls_options is None and self.script.get("certificate"):
+            tls_options = load_tls_options(self.script["certificate"],
+                                           self.script["private_key"])
+        self.tls_options = tls_options   # for STARTTLS; None: the self-signed peer.test one
 
     def buildProtocol(self, addr: Any) -> PeerConnection:
         p = PeerConnection(self, self.connections + 1)

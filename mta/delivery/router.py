@@ -42,6 +42,11 @@ authoritative data says have no address.  Nothing is cached here; each
 ``route()`` asks the resolver (the scheduler groups recipients by domain, so
 one lookup serves a whole batch).
 
+Every NextHop carries the TLS policy the client applies to it (``tls``:
+``Router(tls=...)``, i.e. ``[relay] tls``, or the ``route_tls`` entry of a
+routed domain) and, for the smarthost's hops only, the login credentials
+(``auth``, ``[relay] smarthost_user``); see mta.smtp.client.
+
 Not done (yet): discarding MX records that point at this MTA itself (RFC
 5321 5.1 "loops back to myself"), DNSSEC/DANE.
 """
@@ -52,7 +57,7 @@ import random as _random
 import re
 import socket
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.internet import defer
@@ -61,7 +66,8 @@ from twisted.logger import Logger
 from twisted.names import client, dns
 from twisted.names import error as dns_error
 
-__all__ = ["NextHop", "RouteError", "Router", "parse_hostport", "to_ascii_domain"]
+__all__ = ["TLS_POLICIES", "Credentials", "NextHop", "RouteError", "Router", "parse_hostport",
+           "to_ascii_domain"]
 
 log = Logger()
 
@@ -71,12 +77,25 @@ DNS_PORT = 53
 
 _LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
 
+#: Outbound TLS policies (see mta.smtp.client): never STARTTLS; opportunistic;
+#: TLS required, any certificate; TLS required, certificate must match NextHop.host.
+TLS_POLICIES = ("none", "may", "encrypt", "verify")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What the client logs in with (AUTH PLAIN/LOGIN, over TLS only)."""
+    user: str
+    password: str = field(repr=False)
+
 
 @dataclass(frozen=True)
 class NextHop:
     host: str     # MX host name (or the route/smarthost host as configured, or the IP): logs, SNI
     address: str  # IP address to connect to
     port: int
+    tls: str = "may"                    # one of TLS_POLICIES; "verify" checks ``host``
+    auth: Credentials | None = field(default=None, repr=False)  # smarthost login
 
     def __str__(self) -> str:
         """Postfix's ``relay=`` form: ``host[address]:port``."""
@@ -233,6 +252,11 @@ class Router:
     the query fails after their sum).  ``port`` is the SMTP port for next hops
     found by MX/implicit MX/address literal and for routes without a port.
     ``random`` may be a seeded ``random.Random`` for reproducible ordering.
+
+    ``tls`` is the TLS policy (``TLS_POLICIES``) given to every next hop,
+    except those of a domain in ``route_tls`` (domain -> policy, for domains
+    of ``routes``); ``smarthost_auth`` is given to the smarthost's next hops
+    only.
     """
 
     def __init__(
@@ -245,6 +269,9 @@ class Router:
         port: int = 25,
         timeout: Sequence[float] = (1, 3, 5),
         random: _random.Random | None = None,
+        tls: str = "may",
+        route_tls: Mapping[str, str] | Iterable[tuple[str, str]] = {},
+        smarthost_auth: Credentials | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
@@ -268,6 +295,24 @@ class Router:
             parse_hostport(smarthost, port) if smarthost.strip() else None)
         self.nameservers: list[tuple[str, int]] = [_parse_nameserver(n) for n in nameservers]
         self._resolver: Any = None
+        if tls not in TLS_POLICIES:
+            raise ValueError(f"bad TLS policy {tls!r} (expected one of {', '.join(TLS_POLICIES)})")
+        self.tls = tls
+        self.route_tls: dict[str, str] = {}
+        pairs = route_tls.items() if isinstance(route_tls, Mapping) else route_tls
+        for domain, policy in pairs:
+            key = domain.strip().lower()
+            if not key.startswith("["):
+                try:
+                    key = to_ascii_domain(domain)
+                except ValueError as e:
+                    raise ValueError(f"bad route_tls domain {domain!r}: {e}") from None
+            if policy not in TLS_POLICIES:
+                raise ValueError(f"bad TLS policy {policy!r} for {domain!r} "
+                                 f"(expected one of {', '.join(TLS_POLICIES)})")
+            self.route_tls[key] = policy
+        self.smarthost_auth = smarthost_auth
+        self._logged: dict[str, tuple[str, tuple[NextHop, ...]]] = {}  # domain -> last route logged
 
     # -- resolver ------------------------------------------------------------------
     def _get_resolver(self) -> Any:
@@ -331,8 +376,19 @@ class Router:
         else:
             hops = await self._mx(key)
             how = "mx"
-        log.debug("route {domain} via {how}: {hops}", domain=domain, how=how,
-                  hops=" ".join(map(str, hops)))
+        tls = self.route_tls.get(key, self.tls) if how == "route" else self.tls
+        auth = self.smarthost_auth if how == "smarthost" else None
+        if tls != "may" or auth is not None:
+            hops = [replace(h, tls=tls, auth=auth) for h in hops]
+        # Logged when a domain's route changes, not for every delivery (the same
+        # debug line per message costs more than the routing itself).
+        route = (how, tuple(hops))
+        if self._logged.get(domain) != route:
+            if len(self._logged) >= 10000:
+                self._logged.clear()
+            self._logged[domain] = route
+            log.debug("route {domain} via {how}: {hops}", domain=domain, how=how,
+                      hops=" ".join(map(str, hops)))
         return hops
 
     # -- the cases -----------------------------------------------------------------

@@ -106,7 +106,15 @@ class QueueRunner(service.Service):
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-        d = defer.DeferredList(list(self._jobs), consumeErrors=True)
+        # Deliveries in progress are cancelled (their connections aborted), not
+        # awaited: the spool stops at the same time, so their last writes would
+        # never be answered, and a stalled next hop would hold the stop for the
+        # full network timeouts.  Their recipients stay "inflight" and are
+        # attempted again at the next start (at least once, see README).
+        jobs = list(self._jobs)
+        for job in jobs:
+            job.cancel()
+        d = defer.DeferredList(jobs, consumeErrors=True)
         d.addBoth(lambda _: self.pool.close())
         close_router = getattr(self.router, "close", None)
         if close_router is not None:
@@ -138,12 +146,11 @@ class QueueRunner(service.Service):
         if limit == 0:
             return
         now = self.reactor.seconds()
-        rows = await self.spool.write(ops.claim_due, now, limit)
+        rows, msgs = await self.spool.write(ops.claim_due_and_load, now, limit)
         if not rows:
             return
         if len(rows) >= limit:
             self._again = True
-        msgs = await self.spool.run(ops.load_messages, {r["queue_id"] for r in rows})
         groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
         for r in rows:
             groups[(r["queue_id"], self._domain_of(r["address"]))].append(r)
@@ -175,6 +182,8 @@ class QueueRunner(service.Service):
             return domain.lower()
 
     def _start(self, job: Job) -> None:
+        if not self.running:  # stopping: the claimed recipients are requeued at the next start
+            return
         self._queued_jobs += 1
         d = defer.Deferred.fromCoroutine(self._run_job(job))
         self._jobs.add(d)
@@ -182,8 +191,15 @@ class QueueRunner(service.Service):
         def done(result: Any) -> Any:
             self._jobs.discard(d)
             return result
-        d.addErrback(lambda f: log.failure("delivery of {queue_id} to {domain} failed", f,
-                                           queue_id=job.queue_id, domain=job.domain))
+        def failed(f: Any) -> None:
+            if f.check(defer.CancelledError):
+                log.info("{queue_id}: delivery to {domain} interrupted by shutdown; it will be "
+                         "attempted again at the next start", queue_id=job.queue_id,
+                         domain=job.domain)
+            else:
+                log.failure("delivery of {queue_id} to {domain} failed", f,
+                            queue_id=job.queue_id, domain=job.domain)
+        d.addErrback(failed)
         d.addBoth(done)
 
     async def _run_job(self, job: Job) -> None:

@@ -36,12 +36,40 @@ Choices:
   hop that was reached (a server reply, a drop or a timeout), or else the
   last connection error.  It is made 4xx (451, status 4.x.y) unless every
   hop answered 5xx to the greeting, HELO or MAIL.
-* STARTTLS is opportunistic and unauthenticated (no certificate check: an
-  MX certificate cannot be checked meaningfully without DANE or
-  MTA-STS).  A failed TLS handshake reconnects to the same hop without TLS
-  (Postfix's behaviour at ``smtp_tls_security_level = may``), once per
-  delivery.  A STARTTLS command answered with anything but 220 continues in
-  plain text on the same connection.
+* STARTTLS follows the next hop's TLS policy (``NextHop.tls``, set by the
+  router from ``[relay] tls`` and ``[route_tls]``):
+
+  - ``may`` (the default; MX certificates cannot be checked meaningfully
+    without DANE or MTA-STS): opportunistic and unauthenticated.  A failed
+    TLS handshake reconnects to the same hop without TLS (Postfix's
+    behaviour at ``smtp_tls_security_level = may``), once per delivery.  A
+    STARTTLS command answered with anything but 220 continues in plain text
+    on the same connection.
+  - ``none``: STARTTLS is never sent.
+  - ``encrypt``: TLS is required, any certificate is accepted.
+  - ``verify``: TLS is required and the certificate must chain to the trust
+    root (``trust_root``: the ``[relay] tls_ca_file`` CAs, else the system's)
+    and match ``NextHop.host`` (service-identity, via
+    ``optionsForClientTLS``).
+
+  With ``encrypt``/``verify``, no STARTTLS offered, a STARTTLS refused, a
+  failed handshake or a certificate that does not verify is a hop failure
+  with ``451 4.7.5`` (the next hop is tried; the recipients are deferred,
+  never bounced), logged with its reason.
+* A next hop with credentials (``NextHop.auth``, the smarthost's) is
+  logged in to after the EHLO that follows STARTTLS: AUTH PLAIN, or LOGIN
+  when only LOGIN is offered.  Credentials make ``may`` behave as
+  ``encrypt``: the password is never sent without TLS (4.7.5), and a hop
+  that offers neither mechanism is a hop failure (4.7.0).  A login rejected
+  with 5xx (535) is logged with ``log.error`` and defers the whole
+  delivery at once (451 4.7.8 for every recipient, the other hops are not
+  tried); for ``auth_failure_hold`` seconds after it, deliveries with the
+  same credentials to that address fail the same way without connecting,
+  so a queue of messages cannot lock the account at the smarthost.  A 4xx
+  answer to AUTH is an ordinary (temporary) hop failure.
+* Cached connections are keyed by address, port, TLS policy (and the
+  verified name) and credentials, so a connection is only reused for a hop
+  with the same requirements.
 * After a transaction (RSET first if the transaction did not end with the
   final dot) the connection waits in the pool, keyed by (address, port),
   for ``Timeouts.idle`` seconds (at most ``max_idle_per_host`` per key),
@@ -62,6 +90,7 @@ Choices:
 """
 from __future__ import annotations
 
+import base64
 import re
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -75,17 +104,7 @@ from zope.interface import implementer
 
 from .data import has_bare_newline, normalize_newlines
 
-try:
-    from ..delivery.router import NextHop
-except ModuleNotFoundError as _e:  # the router is written concurrently
-    if _e.name not in ("mta.delivery", "mta.delivery.router"):
-        raise
-
-    @dataclass(frozen=True)
-    class NextHop:  # type: ignore[no-redef]
-        host: str
-        address: str
-        port: int = 25
+from ..delivery.router import NextHop
 
 log = Logger(namespace="mta.smtp")
 
@@ -219,7 +238,8 @@ class _HopFailure(Exception):
     """This next hop did not take the message; try the next one."""
 
     def __init__(self, hop: NextHop, code: int, status: str, text: str, *,
-                 from_remote: bool, reached: bool, permanent: bool = False):
+                 from_remote: bool, reached: bool, permanent: bool = False,
+                 final: bool = False):
         if not from_remote:
             text = f"{code} {status} {text}"
         super().__init__(text)
@@ -230,6 +250,7 @@ class _HopFailure(Exception):
         self.from_remote = from_remote
         self.reached = reached
         self.permanent = permanent
+        self.final = final              # no other hop is tried (a rejected login)
 
     @classmethod
     def from_reply(cls, hop: NextHop, reply: Reply, *, permanent_ok: bool) -> "_HopFailure":
@@ -238,7 +259,9 @@ class _HopFailure(Exception):
 
 
 class _TLSFailed(Exception):
-    pass
+    def __init__(self, reason: str = ""):
+        super().__init__(reason)
+        self.reason = reason
 
 
 class _DeadConnection(Exception):
@@ -498,7 +521,8 @@ class SMTPClientProtocol(protocol.Protocol):
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.closed = True
         tls_failed = self.tls_pending
-        why = "" if reason.check(error.ConnectionDone) else reason.getErrorMessage()
+        why = "" if reason.check(error.ConnectionDone) else (
+            _tls_error_text(reason, self.hop) if tls_failed else reason.getErrorMessage())
         self._cancel_timer()
         if self.idle_timer is not None and self.idle_timer.active():
             self.idle_timer.cancel()
@@ -701,6 +725,56 @@ class _ConnectFactory(protocol.ClientFactory):
             self.proto.connected_d.errback(reason)
 
 
+def _tls_error_text(reason: Failure, hop: NextHop) -> str:
+    """A short reason for a failed TLS handshake (for logs and the deferral text)."""
+    try:
+        from service_identity import VerificationError
+        if reason.check(VerificationError):
+            return f"certificate does not match the name {hop.host}"
+    except ImportError:
+        pass
+    try:
+        from OpenSSL import SSL
+        if reason.check(SSL.Error):
+            errors = reason.value.args[0] if reason.value.args else None
+            if isinstance(errors, list):
+                texts = [e[-1] for e in errors if isinstance(e, tuple) and e and e[-1]]
+                if texts:
+                    return "; ".join(texts)
+    except ImportError:
+        pass
+    return reason.getErrorMessage()
+
+
+def _auth_mechanisms(ext: dict[str, str]) -> list[str]:
+    """SASL mechanisms from EHLO: ``AUTH PLAIN LOGIN`` and the old ``AUTH=LOGIN`` form."""
+    words = ext.get("AUTH", "").upper().split()
+    for key, value in ext.items():
+        if key.startswith("AUTH="):
+            words += f"{key[5:]} {value}".upper().split()
+    return words
+
+
+def load_trust_root(path: str) -> Any:
+    """The CA certificates in the PEM file ``path`` as a trust root for policy
+    ``verify``.  Raises ValueError (one line) if it cannot be read or holds none."""
+    from twisted.internet import ssl
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read: {e.strerror or e}") from None
+    blocks = re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", data,
+                        re.DOTALL)
+    if not blocks:
+        raise ValueError(f"{path}: no PEM certificate in the file")
+    try:
+        certs = [ssl.Certificate.loadPEM(b) for b in blocks]
+    except Exception as e:
+        raise ValueError(f"{path}: bad certificate: {e}") from None
+    return ssl.trustRootFromCertificates(certs)
+
+
 def parse_ehlo(reply: Reply) -> dict[str, str]:
     """EHLO keywords (upper-cased) → their parameters ("" when none)."""
     ext: dict[str, str] = {}
@@ -718,14 +792,20 @@ def parse_ehlo(reply: Reply) -> dict[str, str]:
 class ConnectionPool:
     """Delivers messages to next hops and keeps connections for reuse.
 
-    ``starttls=False`` disables opportunistic STARTTLS; ``tls_options`` is an
+    ``starttls=False`` disables opportunistic STARTTLS (policy ``may``
+    becomes ``none``); ``tls_options`` is an
     ``IOpenSSLClientConnectionCreator`` or context factory to use instead of
-    the default unverified one.
+    the default unverified one (policies ``may`` and ``encrypt``).
+    ``trust_root`` (an ``IOpenSSLTrustRoot``, see :func:`load_trust_root`)
+    is what policy ``verify`` checks certificates against; None: the
+    system's (``platformTrust()``).  ``auth_failure_hold``: seconds during
+    which a rejected login is not tried again (0: no hold).
     """
 
     def __init__(self, *, helo_name: str, reactor: Any = None, timeouts: Timeouts = Timeouts(),
                  max_idle_per_host: int = 4, starttls: bool = True,
-                 tls_options: Any = None):
+                 tls_options: Any = None, trust_root: Any = None,
+                 auth_failure_hold: float = 300.0):
         if reactor is None:
             from twisted.internet import reactor as _r
             reactor = _r
@@ -739,6 +819,10 @@ class ConnectionPool:
         self._quitting: set[defer.Deferred] = set()
         self._closed = False
         self.connections_made = 0
+        self.trust_root = trust_root
+        self.auth_failure_hold = auth_failure_hold
+        self._verify_options: dict[str, Any] = {}      # host -> optionsForClientTLS
+        self._auth_rejected: dict[tuple, tuple[float, str, str]] = {}  # until, status, why
 
     # -- public -----------------------------------------------------------------
     def deliver(self, hops: list[NextHop], msg: OutboundMessage) -> defer.Deferred:
@@ -757,7 +841,7 @@ class ConnectionPool:
 
     def idle_count(self, hop: NextHop | None = None) -> int:
         if hop is not None:
-            return len(self._idle.get((hop.address, hop.port), ()))
+            return len(self._idle.get(self._key(hop), ()))
         return sum(len(v) for v in self._idle.values())
 
     # -- delivery ---------------------------------------------------------------------
@@ -796,6 +880,8 @@ class ConnectionPool:
             log.info("{queue_id}: {hop}: {text}", queue_id=msg.queue_id,
                      hop=_hopname(hop), text=failure.text)
             failures.append(failure)
+            if failure.final:
+                break
         if not failures:
             text = "451 4.4.1 no next hop to deliver to"
             results = [RecipientResult(r.address, 451, "4.4.1", text, from_remote=False)
@@ -813,22 +899,24 @@ class ConnectionPool:
     def _order(self, hops: list[NextHop]) -> list[NextHop]:
         """The hops in order, but one with a cached connection first."""
         for i, hop in enumerate(hops):
-            if any(c.usable for c in self._idle.get((hop.address, hop.port), ())):
+            if any(c.usable for c in self._idle.get(self._key(hop), ())):
                 return [hop] + hops[:i] + hops[i + 1:]
         return hops
 
     async def _attempt(self, hop: NextHop, msg: OutboundMessage,
                        content: _Content) -> DeliveryResult:
+        if hop.auth is not None:
+            self._check_auth_hold(hop)
         conn = self._take_idle(hop)
-        use_tls = self.starttls
+        use_tls = self._policy(hop) != "none"
         while True:
             reused = conn is not None
             if conn is None:
                 try:
                     conn = await self._open(hop, use_tls)
-                except _TLSFailed:
-                    log.info("{hop}: TLS handshake failed, retrying without TLS",
-                             hop=_hopname(hop))
+                except _TLSFailed as e:
+                    log.info("{hop}: TLS handshake failed ({why}), retrying without TLS",
+                             hop=_hopname(hop), why=e.reason or "no reason given")
                     use_tls = False
                     continue
             try:
@@ -882,18 +970,42 @@ class ConnectionPool:
                 self._quit(conn)
                 raise _HopFailure.from_reply(hop, greeting, permanent_ok=True)
             await self._hello(conn, hop)
+            policy = self._policy(hop)
+            required = policy in ("encrypt", "verify")
             if use_tls and "STARTTLS" in conn.extensions and hasattr(conn.transport, "startTLS"):
                 r = (await conn.command(b"STARTTLS\r\n", [(t.helo, "sending STARTTLS")]))[0]
                 if r.code == 220:
-                    conn.start_tls(self._client_tls())
+                    conn.start_tls(self._client_tls(hop, policy))
                     conn.extensions = {}
                     try:
                         await self._hello(conn, hop)
                     except (_StepLost, _StepTimeout) as e:
                         if conn.tls_pending or getattr(e, "tls_failed", False):
                             conn.abort()
-                            raise _TLSFailed() from None
+                            why = (getattr(e, "reason", "") or
+                                   ("timed out" if isinstance(e, _StepTimeout) else ""))
+                            if required:
+                                raise self._tls_policy_failure(
+                                    hop, policy, f"TLS handshake failed"
+                                                 f"{f' ({why})' if why else ''}") from None
+                            raise _TLSFailed(why) from None
                         raise
+                elif required:
+                    self._quit(conn)
+                    raise self._tls_policy_failure(hop, policy, f"STARTTLS refused: {r.text}")
+            elif required:
+                self._quit(conn)
+                offered = "STARTTLS" in conn.extensions
+                raise self._tls_policy_failure(
+                    hop, policy, "STARTTLS not offered" if not offered else
+                    "TLS not possible on this transport")
+            if hop.auth is not None:
+                if not conn.tls:
+                    # Only reachable with policy "none": never send the password in clear.
+                    self._quit(conn)
+                    raise self._tls_policy_failure(hop, policy,
+                                                   "not sending the password without TLS")
+                await self._authenticate(conn, hop)
         except _StepError as e:
             conn.abort()
             raise _step_failure(hop, e) from None
@@ -918,7 +1030,102 @@ class ConnectionPool:
         conn.esmtp = False
         conn.extensions = {}
 
-    def _client_tls(self) -> Any:
+    # -- TLS policy and AUTH -----------------------------------------------------------
+    def _policy(self, hop: NextHop) -> str:
+        """The TLS policy applied to ``hop``: credentials require TLS."""
+        policy = hop.tls
+        if hop.auth is not None and policy == "may":
+            policy = "encrypt"
+        if policy == "may" and not self.starttls:
+            policy = "none"
+        return policy
+
+    def _tls_policy_failure(self, hop: NextHop, policy: str, why: str) -> _HopFailure:
+        text = f"TLS is required (policy {policy}) with {_hopname(hop)}: {why}"
+        log.warn("{hop}: TLS policy {policy} not met: {why}", hop=_hopname(hop),
+                 policy=policy, why=why)
+        return _HopFailure(hop, 451, "4.7.5", text, from_remote=False, reached=True)
+
+    async def _authenticate(self, conn: SMTPClientProtocol, hop: NextHop) -> None:
+        """AUTH PLAIN (or LOGIN) with ``hop.auth``; raises _HopFailure unless accepted."""
+        t = self.timeouts
+        cred = hop.auth
+        assert cred is not None
+        mechanisms = _auth_mechanisms(conn.extensions)
+        user, password = cred.user.encode("utf-8"), cred.password.encode("utf-8")
+        step = [(t.helo, "authenticating")]
+        if "PLAIN" in mechanisms:
+            mech = "PLAIN"
+            token = base64.b64encode(b"\0" + user + b"\0" + password)
+            r = (await conn.command(b"AUTH PLAIN " + token + b"\r\n", step))[0]
+        elif "LOGIN" in mechanisms:
+            mech = "LOGIN"
+            r = (await conn.command(b"AUTH LOGIN\r\n", step))[0]
+            for secret in (user, password):
+                if r.code != 334:
+                    break
+                r = (await conn.command(base64.b64encode(secret) + b"\r\n", step))[0]
+        else:
+            self._quit(conn)
+            offered = " ".join(mechanisms) or "no AUTH"
+            raise _HopFailure(hop, 451, "4.7.0", f"{_hopname(hop)} offers no AUTH mechanism we "
+                              f"use (PLAIN, LOGIN): {offered}", from_remote=False, reached=True)
+        if r.ok:
+            log.debug("{hop}: authenticated as {user} ({mech})", hop=_hopname(hop),
+                      user=cred.user, mech=mech)
+            return
+        if r.code == 334:
+            # More challenges than the mechanism has: cancel (RFC 4954 "*").
+            try:
+                await conn.command(b"*\r\n", step)
+            except _StepError:
+                conn.abort()
+            else:
+                self._quit(conn)
+            raise _HopFailure(hop, 451, "4.7.0", f"unexpected AUTH {mech} dialogue with "
+                              f"{_hopname(hop)}: {r.text}", from_remote=False, reached=True)
+        self._quit(conn)
+        if r.code < 500:
+            raise _HopFailure.from_reply(hop, r, permanent_ok=False)
+        status = "4.7.8" if r.code == 535 else "4" + r.status[1:]
+        why = f"login as {cred.user} to {_hopname(hop)} (AUTH {mech}) rejected: {r.text}"
+        log.error("SMARTHOST LOGIN REJECTED: {hop} refused user {user} (AUTH {mech}): {reply}; "
+                  "mail for it is deferred, not bounced; check the credentials in the "
+                  "configuration", hop=_hopname(hop), user=cred.user, mech=mech, reply=r.text)
+        if self.auth_failure_hold > 0:
+            self._auth_rejected[(hop.address, hop.port, cred)] = (
+                self.reactor.seconds() + self.auth_failure_hold, status, why)
+        raise _HopFailure(hop, 451, status, why, from_remote=False, reached=True, final=True)
+
+    def _check_auth_hold(self, hop: NextHop) -> None:
+        key = (hop.address, hop.port, hop.auth)
+        held = self._auth_rejected.get(key)
+        if held is None:
+            return
+        until, status, why = held
+        left = until - self.reactor.seconds()
+        if left <= 0:
+            del self._auth_rejected[key]
+            return
+        raise _HopFailure(hop, 451, status, f"{why} (not tried again for another {left:.0f}s)",
+                          from_remote=False, reached=True, final=True)
+
+    def _key(self, hop: NextHop) -> tuple:
+        """The connection cache key: a connection is reused only for the same requirements."""
+        policy = self._policy(hop)
+        return (hop.address, hop.port, policy, hop.host if policy == "verify" else "", hop.auth)
+
+    def _client_tls(self, hop: NextHop, policy: str = "may") -> Any:
+        if policy == "verify":
+            options = self._verify_options.get(hop.host)
+            if options is None:
+                from twisted.internet import ssl
+                trust = self.trust_root if self.trust_root is not None else ssl.platformTrust()
+                options = ssl.optionsForClientTLS(hop.host, trustRoot=trust)
+                if len(self._verify_options) >= 1000:
+                    self._verify_options.clear()
+                self._verify_options[hop.host] = options
+            return options
         if self._tls_options is None:
             from twisted.internet import ssl
             # Opportunistic and unauthenticated: no CA, no verification.
@@ -1104,7 +1311,7 @@ class ConnectionPool:
             # The server said more than it was asked: replies would be out of step.
             conn.abort()
             return
-        key = (conn.hop.address, conn.hop.port)
+        key = self._key(conn.hop)
         conns = self._idle.setdefault(key, [])
         if self._closed or len(conns) >= self.max_idle_per_host or self.timeouts.idle <= 0:
             if not conns:
@@ -1117,15 +1324,16 @@ class ConnectionPool:
         conns.append(conn)
 
     def _take_idle(self, hop: NextHop) -> SMTPClientProtocol | None:
-        conns = self._idle.get((hop.address, hop.port))
+        key = self._key(hop)
+        conns = self._idle.get(key)
         while conns:
             conn = conns.pop()          # the most recently used
             self._unidle(conn)
             if conn.usable:
                 if not conns:
-                    self._idle.pop((hop.address, hop.port), None)
+                    self._idle.pop(key, None)
                 return conn
-        self._idle.pop((hop.address, hop.port), None)
+        self._idle.pop(key, None)
         return None
 
     def _unidle(self, conn: SMTPClientProtocol) -> None:
@@ -1136,7 +1344,7 @@ class ConnectionPool:
         conn.idle_timer = None
 
     def _drop_idle(self, conn: SMTPClientProtocol) -> None:
-        key = (conn.hop.address, conn.hop.port)
+        key = self._key(conn.hop)
         conns = self._idle.get(key)
         if conns and conn in conns:
             conns.remove(conn)

@@ -59,57 +59,72 @@ def has_long_line(data: bytes | bytearray) -> bool:
 
 
 class DataReader:
-    """Accumulates a DATA block until ``<CRLF>.<CRLF>``.
+    """Accumulates a DATA block until ``<CRLF>.<CRLF>``, undoing the
+    dot-stuffing as the text arrives.
 
     ``feed(data, start)`` returns the offset in *data* just past the
     terminator, or ``None`` if more input is needed.  Afterwards
     ``result()`` gives ``(content, None)`` or ``(None, reply)`` when the
     message must be refused.
+
+    Memory: the content is kept once, unstuffed, in one bytearray that
+    ``result()`` hands over as it is; each read is copied a bounded number
+    of times on its way in.  Beyond *max_size* octets of content the text is
+    no longer kept (the terminator is still looked for, to stay in step).
     """
 
-    __slots__ = ("_buf", "_scan", "_limit", "_size", "_overflow", "_bare")
+    __slots__ = ("_buf", "_tail", "_max", "_overflow", "_bare")
 
     def __init__(self, max_size: int, bare_newlines: str = "reject"):
-        # The DATA command line's CRLF precedes the first text line, so a
-        # message consisting of ".\r\n" alone is the empty message.
-        self._buf = bytearray(b"\r\n")
-        self._scan = 0
-        # Stuffing dots inflate the wire size; the exact check is made on the
-        # unstuffed content in result().  A stuffed line is at least "..\r\n"
-        # for 3 octets of content, so the wire form is at most 4/3 of it: a
-        # smaller margin would refuse a dot-heavy message that is within
-        # the limit.
-        self._limit = (max_size + max_size // 3 + 1024) if max_size else 0
-        self._size = 0
+        self._buf = bytearray()   # unstuffed content so far
+        # Input not yet unstuffed into _buf (at most the 4 octets that may
+        # begin the terminator), preceded by the 2 octets before it: a
+        # "<CRLF>." or the terminator may straddle reads.  The DATA command
+        # line's CRLF precedes the first text line, so a message consisting
+        # of ".\r\n" alone is the empty message.
+        self._tail = b"\r\n"
+        self._max = max_size
         self._overflow = False
         self._bare = bare_newlines
 
     def feed(self, data: bytes, start: int = 0) -> int | None:
-        buf = self._buf
-        base = len(buf)
-        if start:
-            buf += memoryview(data)[start:]
-        else:
-            buf += data
-        i = buf.find(END, self._scan)
+        tail = self._tail
+        raw = tail + (memoryview(data)[start:] if start else data)
+        i = raw.find(END)
         if i >= 0:
-            consumed = start + (i + 5 - base)
-            del buf[i + 2:]  # keep the last line's CRLF, drop ".\r\n" and beyond
-            return consumed
-        self._size += len(buf) - base
-        if self._limit and self._size > self._limit:
-            # Too big: stop keeping the text, keep scanning for the end.
-            self._overflow = True
-            tail = bytes(buf[-4:])
-            buf.clear()
-            buf += tail
-        self._scan = max(0, len(buf) - 4)
+            self._commit(raw, i + 2)  # keep the last line's CRLF, drop ".\r\n"
+            self._tail = b""
+            # The terminator cannot lie within the old tail: it was searched.
+            return start + i + 5 - len(tail)
+        cut = len(raw) - 4
+        if cut > 2:
+            self._commit(raw, cut)
+            self._tail = raw[cut - 2:]
+        else:
+            self._tail = raw
         return None
+
+    def _commit(self, raw: bytes, end: int) -> None:
+        """Unstuff ``raw[2:end]`` (``raw[:2]`` is context) onto the content."""
+        if end <= 2 or self._overflow:
+            return
+        if raw.find(b"\r\n.", 0, end) >= 0:
+            # A "<CRLF>." match needs 3 octets, so none lies within the 2
+            # context octets and the dot removed always lies after them.
+            piece = memoryview(raw[:end].replace(b"\r\n.", b"\r\n"))[2:]
+        else:
+            piece = memoryview(raw)[2:end]
+        if self._max and len(self._buf) + len(piece) > self._max:
+            # Too big: stop keeping the text, keep looking for the end.
+            self._overflow = True
+            self._buf = bytearray()
+            return
+        self._buf += piece
 
     def result(self, max_size: int) -> tuple[bytearray | None, Reply | None]:
         if self._overflow:
             return None, replies.MSG_TOO_BIG
-        content = unstuff(self._buf)
+        content = self._buf
         self._buf = bytearray()
         if max_size and len(content) > max_size:
             return None, replies.MSG_TOO_BIG

@@ -8,6 +8,19 @@ buffer, so replies always come in order and nothing a client pipelined after
 the final dot is lost.  Replies produced by one burst of input are written
 in one go.
 
+Abuse resistance: input is read only while it can be dealt with.  The
+protocol is registered as a streaming producer with its transport, so when
+a client does not read our replies and the transport's output buffer fills
+up, we stop working through the input until it drains.  While we do not
+work through it (output full, or a spool write outstanding), at most
+``_PAUSE_AT`` octets are buffered before we stop reading.  (Reading is not
+stopped as soon as the output is full: a TLS layer says its output is full
+while its handshake is under way, and the handshake needs reading.)  The command timeout is the time allowed to send a complete
+command line (bytes trickling in do not extend it: no slowloris); during
+DATA and BDAT the timeout is extended only by ``_DATA_PROGRESS`` octets of
+progress.  A connection we close is aborted if its last reply cannot be
+delivered within ``_CLOSE_GRACE`` seconds (or the command timeout).
+
 STARTTLS (RFC 3207) and implicit TLS (RFC 8314): after ``220 Ready to start
 TLS`` whatever the client pipelined in plaintext is thrown away (the
 CVE-2011-0411 class of bug), and everything learnt from the client so far
@@ -32,7 +45,8 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, protocol
 from twisted.internet.address import UNIXAddress
-from twisted.internet.interfaces import IHandshakeListener, ISSLTransport, ITLSTransport
+from twisted.internet.interfaces import (IHandshakeListener, IPushProducer, ISSLTransport,
+                                         ITLSTransport)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -55,6 +69,9 @@ MAX_COMMAND_LINE = 512          # octets including CRLF (RFC 5321 §4.5.3.1.4)
 MAX_AUTH_LINE = 12288           # AUTH command and SASL response lines (RFC 4954 §4)
 _BDAT = re.compile(r"(\d{1,15})(?: +(LAST))? *", re.I)
 _PAUSE_AT = 256 * 1024          # buffered input while busy before we stop reading
+_FLUSH_AT = 256                 # replies gathered before they are written out
+_DATA_PROGRESS = 1024           # octets of DATA/BDAT input that extend the data timeout
+_CLOSE_GRACE = 30.0             # seconds for our last reply to go before we abort
 
 _CMD, _DATA, _BDAT_MODE, _CLOSED = range(4)
 
@@ -144,7 +161,7 @@ _LOGIN_USERNAME = base64.b64encode(b"Username:").decode()
 _LOGIN_PASSWORD = base64.b64encode(b"Password:").decode()
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IPushProducer)
 class SMTPServer(protocol.Protocol):
     factory: SMTPServerFactory
     submission = False      # set by ListenerFactory: AUTH required before MAIL
@@ -160,7 +177,12 @@ class SMTPServer(protocol.Protocol):
         self._mode = _CMD
         self._busy = False
         self._processing = False
-        self._paused = False
+        self._input_full = False     # enough input buffered while we cannot take it
+        self._out_full = False       # the transport's output buffer is full
+        self._read_paused = False    # we told the transport to stop reading
+        self._registered = False     # registered as the transport's producer
+        self._progress = 0           # DATA/BDAT octets since the timer was last extended
+        self._abort_timer: Any = None
         self._skipping = False       # discarding the rest of an over-long command line
         self._errors = 0
         self._timer: Any = None
@@ -211,6 +233,10 @@ class SMTPServer(protocol.Protocol):
         if self.implicit_tls or _is_tls_transport(self.transport):
             self.tls = True   # an ssl: listener; the greeting waits for the handshake
         self._timer = self.reactor.callLater(self.settings.command_timeout, self._timed_out)
+        register = getattr(self.transport, "registerProducer", None)
+        if register is not None:
+            register(self, True)     # pauseProducing() when our replies pile up
+            self._registered = True
         self.transport.write(f"220 {self.settings.hostname} ESMTP mta\r\n".encode())
 
     def handshakeCompleted(self) -> None:
@@ -246,6 +272,10 @@ class SMTPServer(protocol.Protocol):
         if self._delayed is not None and self._delayed.active():
             self._delayed.cancel()
         self._delayed = None
+        if self._abort_timer is not None and self._abort_timer.active():
+            self._abort_timer.cancel()
+        self._abort_timer = None
+        self._registered = False
         if self._counted:
             self._counted = False
             f = self.factory
@@ -274,20 +304,66 @@ class SMTPServer(protocol.Protocol):
         self._flush()
         self._mode = _CLOSED
         self._buf = b""
+        if self._registered:
+            # A transport with a producer registered does not close.
+            self._registered = False
+            self.transport.unregisterProducer()
         self.transport.loseConnection()
+        # A client that does not read would keep the connection (and its
+        # slot) forever, waiting for this last reply to be written.
+        grace = min(_CLOSE_GRACE, self.settings.command_timeout)
+        if self._abort_timer is None:
+            self._abort_timer = self.reactor.callLater(grace, self._abort)
+
+    def _abort(self) -> None:
+        self._abort_timer = None
+        abort = getattr(self.transport, "abortConnection", None)
+        if abort is not None:
+            log.info("aborting connection client={client}: last reply not taken",
+                     client=self.client_ip)
+            abort()
+
+    # -- flow control (IPushProducer, for the transport) ----------------------
+    def pauseProducing(self) -> None:
+        """The transport's output buffer is full (the client is not reading
+        our replies, or TLS is still being negotiated): answer no more until
+        it drains.  Input is buffered meanwhile, up to _PAUSE_AT."""
+        self._out_full = True
+
+    def resumeProducing(self) -> None:
+        self._out_full = False
+        if self._mode != _CLOSED and not self._busy and self._buf:
+            self._process()
+
+    def stopProducing(self) -> None:
+        self._registered = False   # the connection is going away
+
+    def _set_reading(self) -> None:
+        pause = self._input_full
+        if pause != self._read_paused and self._mode != _CLOSED:
+            self._read_paused = pause
+            if pause:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
 
     # -- input ----------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
         if self._mode == _CLOSED:
             return
-        if self._timer is not None:
-            self._timer.reset(self.settings.data_timeout if self._mode != _CMD
-                              else self.settings.command_timeout)
+        if self._mode != _CMD and self._timer is not None:
+            # Message content extends the data timeout by steady progress
+            # only; commands extend the command timeout when they are
+            # complete (in _process), not octet by octet.
+            self._progress += len(data)
+            if self._progress >= _DATA_PROGRESS:
+                self._progress = 0
+                self._timer.reset(self.settings.data_timeout)
         self._buf = self._buf + data if self._buf else data
-        if self._busy:
-            if not self._paused and len(self._buf) > _PAUSE_AT:
-                self._paused = True
-                self.transport.pauseProducing()
+        if self._busy or self._out_full:
+            if not self._input_full and len(self._buf) > _PAUSE_AT:
+                self._input_full = True
+                self._set_reading()
             return
         self._process()
 
@@ -296,16 +372,26 @@ class SMTPServer(protocol.Protocol):
             return
         self._processing = True
         try:
-            self._process_loop()
+            lines = self._process_loop()
         finally:
             self._processing = False
+        if lines and self._timer is not None and self._mode != _CLOSED and not self._busy:
+            self._progress = 0
+            self._timer.reset(self.settings.command_timeout if self._mode == _CMD
+                              else self.settings.data_timeout)
         self._flush()
+        if self._input_full and not self._busy and not self._out_full:
+            self._input_full = False
+            self._set_reading()
 
-    def _process_loop(self) -> None:
+    def _process_loop(self) -> int:
+        """Work through the buffered input; return how many command lines
+        were complete."""
         buf = self._buf
         pos = 0
         n = len(buf)
-        while pos < n and not self._busy:
+        lines = 0
+        while pos < n and not self._busy and not self._out_full:
             mode = self._mode
             if mode == _CMD:
                 nl = buf.find(b"\n", pos)
@@ -317,6 +403,9 @@ class SMTPServer(protocol.Protocol):
                 line = buf[pos:nl]
                 start = pos
                 pos = nl + 1
+                lines += 1
+                if len(self._out) >= _FLUSH_AT:
+                    self._flush()   # the transport may tell us to pause
                 if self._skipping:
                     self._skipping = False
                     self._line_too_long()
@@ -367,6 +456,7 @@ class SMTPServer(protocol.Protocol):
             self._buf = buf[pos:] if pos < n else b""
             if self._mode == _BDAT_MODE and self._bdat_left == 0 and not self._busy:
                 self._end_of_chunk()  # zero-length chunk arriving with nothing after it
+        return lines
 
     def _line_limit(self, buf: bytes, start: int) -> int:
         if self._sasl_mech is not None or buf[start:start + 5].upper() == b"AUTH ":
@@ -636,7 +726,7 @@ class SMTPServer(protocol.Protocol):
             protocol=proto, queue_id=qid,
             recipient=rcpts[0].address if len(rcpts) == 1 else None, now=now,
             tls=self.tls_description())
-        headers = received + bytes(content[:hdr_end])
+        headers = received + memoryview(content)[:hdr_end]  # one copy of the header block
         body = memoryview(content)[hdr_end:] if hdr_end else content
         p = self.mail_params
         msg = InboundMessage(
@@ -685,10 +775,12 @@ class SMTPServer(protocol.Protocol):
         self._delayed = None
         if self._mode == _CLOSED:
             return
+        if self._timer is not None and self._mode == _CMD:
+            self._timer.reset(self.settings.command_timeout)  # the client's turn now
         self._reply(reply)
-        if self._paused:
-            self._paused = False
-            self.transport.resumeProducing()
+        if self._input_full and not self._out_full:
+            self._input_full = False
+            self._set_reading()
         if self._processing:
             return  # the running loop goes on with what is buffered
         self._process()

@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from ..message import InboundMessage
-from .ops import insert_messages
+from .ops import MERGEABLE, insert_messages
 from .schema import SCHEMA_VERSION, meta, metadata
 
 log = Logger()
@@ -187,12 +187,35 @@ class Spool:
             msgs = [arg for fn, arg, _d in batch if fn is None]
             if msgs:
                 insert_messages(conn, msgs)
-            out = []
-            for fn, arg, d in batch:
+            out: list = [None] * len(batch)
+            # Calls of a MERGEABLE write run as one, at the place of the first.
+            steps: list[int | Callable[..., Any]] = []
+            merged: dict[Callable[..., Any], list[int]] = {}
+            for i, (fn, arg, d) in enumerate(batch):
                 if fn is None:
-                    out.append((d, arg.queue_id, None))
+                    out[i] = (d, arg.queue_id, None)
+                elif fn in MERGEABLE:
+                    if fn not in merged:
+                        merged[fn] = []
+                        steps.append(fn)
+                    merged[fn].append(i)
                 else:
-                    out.append((d, fn(conn, *arg), None))
+                    steps.append(i)
+            for step in steps:
+                if isinstance(step, int):
+                    fn, arg, d = batch[step]
+                    out[step] = (d, fn(conn, *arg), None)
+                    continue
+                idx = merged[step]
+                if len(idx) == 1:
+                    _fn, arg, d = batch[idx[0]]
+                    out[idx[0]] = (d, step(conn, *arg), None)
+                    continue
+                merge, split = MERGEABLE[step]
+                calls = [batch[i][1] for i in idx]
+                result = step(conn, *merge(calls))
+                for i, call in zip(idx, calls):
+                    out[i] = (batch[i][2], split(result, call), None)
             conn.commit()
         except BaseException:
             conn.rollback()

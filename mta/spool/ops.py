@@ -4,9 +4,9 @@ for reads).  All the queue's SQL lives here."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
-from sqlalchemy import bindparam, delete, func, select, update
+from sqlalchemy import and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.engine import Connection
 
 from ..message import InboundMessage
@@ -15,10 +15,37 @@ from .schema import contents, messages, recipients
 PENDING = ("queued", "deferred")
 FINAL = ("delivered", "failed")
 
+# The statements of the hot paths are built once: SQLAlchemy then finds their
+# compiled form in its cache without building the statement and its cache key
+# on every call.  Lists of ids are sent with executemany (one row each) or as
+# one expanding IN; constant state lists are spelled out as bound values so no
+# per-call post-compilation is needed.
 _upd_rcpt = (update(recipients).where(recipients.c.id == bindparam("rid"))
              .values(state=bindparam("b_state"), attempts=bindparam("b_attempts"),
                      next_attempt=bindparam("b_next"), last_reply=bindparam("b_reply"),
                      warned=bindparam("b_warned")))
+_ins_messages = messages.insert()
+_ins_contents = contents.insert()
+_ins_recipients = recipients.insert()
+_pending = or_(*(recipients.c.state == s for s in PENDING))
+_not_final = and_(*(recipients.c.state != s for s in FINAL))
+_sel_due = (select(recipients.c.id, recipients.c.queue_id, recipients.c.address,
+                   recipients.c.notify, recipients.c.orcpt, recipients.c.attempts,
+                   recipients.c.warned, recipients.c.last_reply)
+            .where(_pending, recipients.c.next_attempt <= bindparam("now"))
+            .order_by(recipients.c.next_attempt).limit(bindparam("limit")))
+_sel_due_locked = _sel_due.with_for_update(skip_locked=True)
+_upd_inflight = (update(recipients).where(recipients.c.id == bindparam("rid"))
+                 .values(state="inflight"))
+_sel_messages = (select(messages, contents.c.headers, contents.c.body)
+                 .join(contents, contents.c.queue_id == messages.c.queue_id)
+                 .where(messages.c.queue_id.in_(bindparam("ids", expanding=True))))
+_sel_open = (select(recipients.c.queue_id)
+             .where(recipients.c.queue_id.in_(bindparam("ids", expanding=True)), _not_final)
+             .distinct())
+_del_recipients = delete(recipients).where(recipients.c.queue_id == bindparam("qid"))
+_del_contents = delete(contents).where(contents.c.queue_id == bindparam("qid"))
+_del_messages = delete(messages).where(messages.c.queue_id == bindparam("qid"))
 
 
 def insert_messages(conn: Connection, msgs: list[InboundMessage]) -> None:
@@ -37,10 +64,10 @@ def insert_messages(conn: Connection, msgs: list[InboundMessage]) -> None:
                 "orcpt": r.orcpt, "state": "queued", "attempts": 0,
                 "next_attempt": m.arrival, "last_reply": None, "warned": False,
             })
-    conn.execute(messages.insert(), mrows)
-    conn.execute(contents.insert(), crows)
+    conn.execute(_ins_messages, mrows)
+    conn.execute(_ins_contents, crows)
     if rrows:
-        conn.execute(recipients.insert(), rrows)
+        conn.execute(_ins_recipients, rrows)
 
 
 def recover_inflight(conn: Connection) -> int:
@@ -53,27 +80,26 @@ def recover_inflight(conn: Connection) -> int:
 
 def claim_due(conn: Connection, now: float, limit: int) -> list[dict[str, Any]]:
     """Mark up to *limit* due recipients in flight and return them."""
-    q = (select(recipients.c.id, recipients.c.queue_id, recipients.c.address,
-                recipients.c.notify, recipients.c.orcpt, recipients.c.attempts,
-                recipients.c.warned, recipients.c.last_reply)
-         .where(recipients.c.state.in_(PENDING), recipients.c.next_attempt <= now)
-         .order_by(recipients.c.next_attempt).limit(limit))
-    if conn.dialect.name == "postgresql":
-        q = q.with_for_update(skip_locked=True)
-    rows = [dict(r._mapping) for r in conn.execute(q)]
+    q = _sel_due_locked if conn.dialect.name == "postgresql" else _sel_due
+    rows = [dict(r._mapping) for r in conn.execute(q, {"now": now, "limit": limit})]
     if rows:
-        conn.execute(update(recipients)
-                     .where(recipients.c.id.in_([r["id"] for r in rows]))
-                     .values(state="inflight"))
+        conn.execute(_upd_inflight, [{"rid": r["id"]} for r in rows])
     return rows
+
+
+def claim_due_and_load(conn: Connection, now: float,
+                       limit: int) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """claim_due, and load_messages for the recipients claimed, in one
+    transaction (one trip to the writer instead of a write and a read)."""
+    rows = claim_due(conn, now, limit)
+    if not rows:
+        return rows, {}
+    return rows, load_messages(conn, {r["queue_id"] for r in rows})
 
 
 def load_messages(conn: Connection, queue_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
     ids = list(queue_ids)
-    q = (select(messages, contents.c.headers, contents.c.body)
-         .join(contents, contents.c.queue_id == messages.c.queue_id)
-         .where(messages.c.queue_id.in_(ids)))
-    return {r.queue_id: dict(r._mapping) for r in conn.execute(q)}
+    return {r.queue_id: dict(r._mapping) for r in conn.execute(_sel_messages, {"ids": ids})}
 
 
 def next_due(conn: Connection) -> float | None:
@@ -106,12 +132,32 @@ def record_results(conn: Connection, updates: list[RecipientUpdate],
     ids = list(set(queue_ids))
     if not ids:
         return []
-    open_ids = {r[0] for r in conn.execute(
-        select(recipients.c.queue_id).where(recipients.c.queue_id.in_(ids),
-                                            recipients.c.state.not_in(FINAL)).distinct())}
+    open_ids = {r[0] for r in conn.execute(_sel_open, {"ids": ids})}
     done = [q for q in ids if q not in open_ids]
     if done:
-        conn.execute(delete(recipients).where(recipients.c.queue_id.in_(done)))
-        conn.execute(delete(contents).where(contents.c.queue_id.in_(done)))
-        conn.execute(delete(messages).where(messages.c.queue_id.in_(done)))
+        params = [{"qid": q} for q in done]
+        conn.execute(_del_recipients, params)
+        conn.execute(_del_contents, params)
+        conn.execute(_del_messages, params)
     return done
+
+
+def _merge_record_results(calls: list[tuple]) -> tuple:
+    """The arguments of several record_results calls as one call: their
+    recipients are disjoint, and a message is removed once all its recipients
+    are final after every update, exactly as when run one after another."""
+    return ([u for c in calls for u in c[0]], [m for c in calls for m in c[1]],
+            [q for c in calls for q in c[2]])
+
+
+def _split_record_results(removed: list[str], call: tuple) -> list[str]:
+    gone = set(removed)
+    return [q for q in dict.fromkeys(call[2]) if q in gone]
+
+
+# Writes that the group-commit writer may run as one call when several are in
+# the same batch: fn -> (merge the argument tuples, one caller's share of the result).
+MERGEABLE: dict[Callable[..., Any], tuple[Callable[[list[tuple]], tuple],
+                                          Callable[[Any, tuple], Any]]] = {
+    record_results: (_merge_record_results, _split_record_results),
+}
