@@ -36,6 +36,16 @@ USER, PASSWORD = "relayuser", "s3cret pässword"
 CRED = Credentials(USER, PASSWORD)
 
 
+def _tmp(case) -> str:
+    """A fresh path under the system temp dir (trial's mktemp() writes below
+    the working directory when run by pytest)."""
+    import shutil
+    import tempfile
+    base = tempfile.mkdtemp(prefix="mta-test-")
+    case.addCleanup(shutil.rmtree, base, True)
+    return os.path.join(base, "t")
+
+
 def message(rcpts=("b@example.test",)) -> OutboundMessage:
     return OutboundMessage(queue_id="QTLS", sender="a@example.test",
                            recipients=[OutboundRecipient(r) for r in rcpts],
@@ -49,7 +59,7 @@ class TLSAuthTestCase(unittest.TestCase):
         self.events = []
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
-        self.dir = self.mktemp()
+        self.dir = _tmp(self)
         os.makedirs(self.dir)
 
     def peer(self, script=None, *, leaf=None) -> ScriptedPeer:
@@ -501,7 +511,7 @@ class WiringTests(unittest.SynchronousTestCase):
 
     def test_make_runner_wires_policy_credentials_and_ca(self):
         ca = TestCA()
-        d = self.mktemp()
+        d = _tmp(self)
         os.makedirs(d)
         ca_path, pw_path = os.path.join(d, "ca.pem"), os.path.join(d, "pw")
         with open(ca_path, "wb") as f:
@@ -518,7 +528,7 @@ class WiringTests(unittest.SynchronousTestCase):
         self.assertIsNotNone(runner.pool.trust_root)
 
     def test_unreadable_files_stop_startup(self):
-        missing = os.path.join(self.mktemp(), "nothing")
+        missing = os.path.join(_tmp(self), "nothing")
         with self.assertRaises(SystemExit):
             self.runner({"tls_ca_file": missing})
         with self.assertRaises(SystemExit):
