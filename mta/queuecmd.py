@@ -1,0 +1,491 @@
+"""``mta queue``: see and steer the queue, while the daemon runs or not.
+
+::
+
+    mta queue [--config PATH] list [--state S] [--domain D] [--sender A]
+                                   [--older-than DURATION] [--json]
+    mta queue show ID [--body | --json]
+    mta queue flush [ID... | --domain D | --all]
+    mta queue delete ID... | --all-deferred
+    mta queue hold ID...
+    mta queue release ID...
+    mta queue requeue ID...
+    mta queue bounce ID...
+    mta queue stats [--json]
+
+The configuration is ``--config PATH``, else ``$MTA_CONFIG``, else
+``etc/mta.toml``.  Every command is one short transaction on the spool
+(:mod:`mta.spool.admin`); the running daemon sees the changes at its next
+poll (every second).
+
+Exit status: 0 done; 1 an error, one line ``mta: ...`` on stderr (a queue id
+that is not in the queue: ``mta: queue: no such message: ID``; the other ids
+given are still acted on); 2 a usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from types import SimpleNamespace
+from typing import Any, Callable
+
+from .cli import DEFAULT_CONFIG, CommandError, load_config
+
+CONFIG_ENV = "MTA_CONFIG"
+BOUNCE_STATUS = "5.0.0"
+BOUNCE_REPLY = f"550 {BOUNCE_STATUS} message returned by the mail system administrator"
+
+
+# --------------------------------------------------------------------------- arguments
+
+def _duration(text: str) -> float:
+    from .config import parse_duration
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r} (seconds, or e.g. 30m, 2h, 1d)") from None
+
+
+def _states(text: str) -> list[str]:
+    from .spool.admin import STATES
+    out = [s.strip().lower() for s in text.split(",") if s.strip()]
+    for s in out:
+        if s not in STATES:
+            raise argparse.ArgumentTypeError(
+                f"invalid state {s!r} (choose from {', '.join(STATES)})")
+    return out
+
+
+def _config_option(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("--config", "-c", metavar="PATH", default=default,
+                        help=f"the TOML configuration file (default ${CONFIG_ENV}, "
+                        f"else {DEFAULT_CONFIG})")
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "queue", help="list and manage the queue",
+        description="List and manage the messages in the spool (also while the daemon runs).")
+    _config_option(p, None)
+    sub = p.add_subparsers(dest="action", metavar="ACTION")
+    sub.required = True
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        a = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+        # SUPPRESS: an option given before the action is not reset by the action's default.
+        _config_option(a, argparse.SUPPRESS)
+        a.set_defaults(func=func, parser=a)
+        return a
+
+    a = add("list", run_list, "list the messages and their recipients, like mailq")
+    a.add_argument("--state", type=_states, action="append", metavar="STATE",
+                   help="only recipients in this state (repeatable, or a comma list)")
+    a.add_argument("--domain", metavar="DOMAIN", help="only recipients at this domain")
+    a.add_argument("--sender", metavar="ADDRESS",
+                   help="only messages from this sender (<> for bounces, @domain for a domain)")
+    a.add_argument("--older-than", type=_duration, metavar="DURATION",
+                   help="only messages that arrived at least this long ago (e.g. 30m, 2h, 1d)")
+    a.add_argument("--json", action="store_true",
+                   help="one JSON object per message and line (JSON Lines)")
+
+    a = add("show", run_show, "show one message: envelope, recipients and header")
+    a.add_argument("queue_id", metavar="ID")
+    g = a.add_mutually_exclusive_group()
+    g.add_argument("--body", action="store_true",
+                   help="write the whole message as it will be sent (raw bytes), nothing else")
+    g.add_argument("--json", action="store_true", help="the envelope and header as JSON")
+
+    a = add("flush", run_flush, "make queued and deferred recipients due now")
+    a.add_argument("queue_ids", nargs="*", metavar="ID")
+    g = a.add_mutually_exclusive_group()
+    g.add_argument("--domain", metavar="DOMAIN", help="only recipients at this domain")
+    g.add_argument("--all", action="store_true", help="every message (the default)")
+
+    a = add("delete", run_delete, "remove messages without notice")
+    a.add_argument("queue_ids", nargs="*", metavar="ID")
+    a.add_argument("--all-deferred", action="store_true",
+                   help="every message with a deferred recipient")
+
+    a = add("hold", run_hold, "stop delivery attempts for messages until released")
+    a.add_argument("queue_ids", nargs="+", metavar="ID")
+    a = add("release", run_release, "let held messages be delivered again, now")
+    a.add_argument("queue_ids", nargs="+", metavar="ID")
+    a = add("requeue", run_requeue, "attempt messages again now, as if new (attempts reset)")
+    a.add_argument("queue_ids", nargs="+", metavar="ID")
+    a = add("bounce", run_bounce,
+            "fail messages now: a delivery status notification goes to each sender")
+    a.add_argument("queue_ids", nargs="+", metavar="ID")
+
+    a = add("stats", run_stats, "counts by state and by destination domain, oldest message")
+    a.add_argument("--json", action="store_true", help="as one JSON object")
+
+
+def config_path(args: argparse.Namespace) -> str:
+    return getattr(args, "config", None) or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
+
+
+class _Queue:
+    """The configuration and an engine on its spool."""
+
+    def __init__(self, args: argparse.Namespace):
+        from .spool.admin import AdminError, open_engine
+        self.config = load_config(config_path(args))
+        self.hostname = self.config.server.hostname
+        try:
+            self.engine = open_engine(self.config.spool.url)
+        except AdminError as e:
+            raise CommandError(f"queue: {e}") from None
+
+    def tx(self, *, write: bool) -> Any:
+        from .spool.admin import transaction
+        return transaction(self.engine, write=write)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _with_queue(fn: Callable[[_Queue, argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        from .spool.admin import AdminError
+        q = _Queue(args)
+        try:
+            return fn(q, args)
+        except AdminError as e:
+            raise CommandError(f"queue: {e}") from None
+        finally:
+            q.close()
+    run.__name__ = fn.__name__
+    run.__doc__ = fn.__doc__
+    return run
+
+
+def _ids(raw: list[str]) -> list[str]:
+    return list(dict.fromkeys(i.strip().upper() for i in raw if i.strip()))
+
+
+def _missing(wanted: list[str], found: set[str]) -> list[str]:
+    missing = [i for i in wanted if i not in found]
+    for i in missing:
+        print(f"mta: queue: no such message: {i}", file=sys.stderr)
+    return missing
+
+
+def _warn(text: str) -> None:
+    print(f"mta: queue: {text}", file=sys.stderr)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+# --------------------------------------------------------------------------- formatting
+
+def format_time(t: float | None) -> str:
+    if t is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def format_age(seconds: float) -> str:
+    s = int(max(0, seconds))
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    if d:
+        return f"{d}d{h:02d}h"
+    if h:
+        return f"{h}h{m:02d}m"
+    if m:
+        return f"{m}m{s:02d}s"
+    return f"{s}s"
+
+
+def _one_line(text: str | None) -> str:
+    return " ".join((text or "").split())
+
+
+def _next_text(r: dict[str, Any], now: float) -> str:
+    if r["state"] not in ("queued", "deferred"):
+        return "-"
+    return "now" if r["next_attempt"] <= now else format_time(r["next_attempt"])
+
+
+def recipient_json(r: dict[str, Any]) -> dict[str, Any]:
+    return {"address": r["address"], "state": r["state"], "attempts": r["attempts"],
+            "next_attempt": r["next_attempt"], "last_reply": r["last_reply"],
+            "notify": r["notify"], "orcpt": r["orcpt"]}
+
+
+def message_json(m: dict[str, Any]) -> dict[str, Any]:
+    return {"queue_id": m["queue_id"], "sender": m["sender"], "arrival": m["arrival"],
+            "size": m["size"], "client_address": m["client_address"], "helo": m["helo"],
+            "protocol": m["protocol"], "body_type": m["body_type"], "smtputf8": m["smtputf8"],
+            "ret": m["ret"], "envid": m["envid"],
+            "recipients": [recipient_json(r) for r in m["recipients"]]}
+
+
+# --------------------------------------------------------------------------- list / show / stats
+
+LIST_HEADER = ("Queue ID                   Size  Arrival              Sender\n"
+               "      State      Tries  Next attempt         Recipient")
+
+
+def print_list(msgs: list[dict[str, Any]], *, now: float, filtered: bool) -> None:
+    out = sys.stdout
+    if not msgs:
+        print("No matching messages" if filtered else "Mail queue is empty", file=out)
+        return
+    print(LIST_HEADER, file=out)
+    nrcpt = size = 0
+    for m in msgs:
+        size += m["size"]
+        print(f"{m['queue_id']:<20} {m['size']:>10}  {format_time(m['arrival'])}  "
+              f"<{m['sender']}>", file=out)
+        for r in m["recipients"]:
+            nrcpt += 1
+            print(f"      {r['state']:<9} {r['attempts']:>6}  {_next_text(r, now):<19}  "
+                  f"<{r['address']}>", file=out)
+            if r["last_reply"]:
+                print(f"{'':24}({_one_line(r['last_reply'])})", file=out)
+    print(f"-- {_plural(len(msgs), 'message')}, {_plural(nrcpt, 'recipient')}, "
+          f"{size} bytes", file=out)
+
+
+@_with_queue
+def run_list(q: _Queue, args: argparse.Namespace) -> int:
+    from .spool.admin import list_queue
+    now = time.time()
+    states = [s for group in (args.state or []) for s in group]
+    with q.tx(write=False) as conn:
+        msgs = list_queue(conn, hostname=q.hostname, states=states or None, domain=args.domain,
+                          sender=args.sender,
+                          arrived_before=None if args.older_than is None else now - args.older_than)
+    if args.json:
+        for m in msgs:
+            sys.stdout.write(json.dumps(message_json(m), sort_keys=True) + "\n")
+        return 0
+    filtered = bool(states or args.domain or args.sender is not None or args.older_than is not None)
+    print_list(msgs, now=now, filtered=filtered)
+    return 0
+
+
+@_with_queue
+def run_show(q: _Queue, args: argparse.Namespace) -> int:
+    from .spool.admin import get_message
+    qid = _ids([args.queue_id])
+    with q.tx(write=False) as conn:
+        m = get_message(conn, qid[0]) if qid else None
+    if m is None:
+        raise CommandError(f"queue: no such message: {args.queue_id.strip()}")
+    if args.body:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(m["headers"] + m["body"])
+        sys.stdout.buffer.flush()
+        return 0
+    headers = m["headers"].decode("utf-8", "replace")
+    if args.json:
+        d = message_json(m)
+        d.update(size_param=m["size_param"], auth=m["auth"], headers=headers)
+        print(json.dumps(d, sort_keys=True))
+        return 0
+    now = time.time()
+    lines = [
+        f"Queue ID:   {m['queue_id']}",
+        f"Sender:     <{m['sender']}>",
+        f"Arrival:    {format_time(m['arrival'])} ({format_age(now - m['arrival'])} ago)",
+        f"Size:       {m['size']} bytes",
+        f"Client:     {m['client_address']} (helo {m['helo']}) with {m['protocol']}",
+    ]
+    params = [f"{k.upper()}={m[k]}" for k in ("body_type", "size_param", "ret", "envid", "auth")
+              if m[k] is not None]
+    if m["smtputf8"]:
+        params.append("SMTPUTF8")
+    if params:
+        lines.append(f"Parameters: {' '.join(params)}")
+    lines.append("Recipients:")
+    for r in m["recipients"]:
+        extra = "".join(f" {k.upper()}={r[k]}" for k in ("notify", "orcpt") if r[k])
+        lines.append(f"  <{r['address']}> {r['state']} attempts={r['attempts']} "
+                     f"next={_next_text(r, now)}{extra}")
+        if r["last_reply"]:
+            lines.append(f"      ({_one_line(r['last_reply'])})")
+    lines.append("")
+    print("\n".join(lines))
+    sys.stdout.write(headers.replace("\r\n", "\n"))
+    return 0
+
+
+@_with_queue
+def run_stats(q: _Queue, args: argparse.Namespace) -> int:
+    from .spool.admin import STATES, stats
+    now = time.time()
+    with q.tx(write=False) as conn:
+        s = stats(conn, now=now, hostname=q.hostname)
+    if args.json:
+        print(json.dumps(s, sort_keys=True))
+        return 0
+    out = [f"Messages:   {s['messages']}", f"Recipients: {s['recipients']}",
+           f"Size:       {s['size']} bytes"]
+    if s["oldest_queue_id"] is not None:
+        out.append(f"Oldest:     {s['oldest_queue_id']}, arrived "
+                   f"{format_time(s['oldest_arrival'])} ({format_age(s['oldest_age'])} ago)")
+    out.append("")
+    out.append(f"{'State':<10} {'Count':>8}")
+    out.extend(f"{state:<10} {s['by_state'][state]:>8}" for state in STATES)
+    if s["by_domain"]:
+        out.append("")
+        width = max(24, *(len(d) for d in s["by_domain"]))
+        out.append(f"{'Domain':<{width}} {'total':>7} "
+                   + " ".join(f"{state:>9}" for state in STATES))
+        for d, counts in s["by_domain"].items():
+            out.append(f"{d:<{width}} {counts['total']:>7} "
+                       + " ".join(f"{counts[state]:>9}" for state in STATES))
+    print("\n".join(out))
+    return 0
+
+
+# --------------------------------------------------------------------------- changes
+
+@_with_queue
+def run_flush(q: _Queue, args: argparse.Namespace) -> int:
+    from .spool.admin import existing_ids, flush
+    ids = _ids(args.queue_ids)
+    if ids and (args.all or args.domain):
+        args.parser.error("give queue ids, or --domain, or --all, not both")
+    missing: list[str] = []
+    with q.tx(write=True) as conn:
+        if ids:
+            found = existing_ids(conn, ids)
+            missing = _missing(ids, found)
+            ids = [i for i in ids if i in found]
+            n = flush(conn, now=time.time(), hostname=q.hostname, queue_ids=ids) if ids else 0
+        else:
+            n = flush(conn, now=time.time(), hostname=q.hostname, domain=args.domain)
+    print(f"{_plural(n, 'recipient')} due now")
+    return 1 if missing else 0
+
+
+@_with_queue
+def run_delete(q: _Queue, args: argparse.Namespace) -> int:
+    from .spool.admin import deferred_queue_ids, delete_messages, existing_ids
+    ids = _ids(args.queue_ids)
+    if bool(ids) == bool(args.all_deferred):
+        args.parser.error("give queue ids or --all-deferred")
+    missing: list[str] = []
+    with q.tx(write=True) as conn:
+        if args.all_deferred:
+            ids = deferred_queue_ids(conn)
+        else:
+            found = existing_ids(conn, ids)
+            missing = _missing(ids, found)
+            ids = [i for i in ids if i in found]
+        inflight = delete_messages(conn, ids) if ids else {}
+    for qid in ids:
+        print(f"{qid}: deleted")
+        if inflight.get(qid):
+            _warn(f"{qid}: {_plural(inflight[qid], 'recipient')} in flight: "
+                  "a delivery in progress may still complete")
+    if args.all_deferred:
+        print(f"{_plural(len(ids), 'message')} deleted")
+    return 1 if missing else 0
+
+
+def _per_message(q: _Queue, raw: list[str], change: Callable[[Any, list[str]], Any]) -> tuple[Any, list[str], list[str]]:
+    from .spool.admin import existing_ids
+    ids = _ids(raw)
+    with q.tx(write=True) as conn:
+        found = existing_ids(conn, ids)
+        missing = _missing(ids, found)
+        ids = [i for i in ids if i in found]
+        result = change(conn, ids) if ids else None
+    return result, ids, missing
+
+
+@_with_queue
+def run_hold(q: _Queue, args: argparse.Namespace) -> int:
+    from .spool import admin
+    result, ids, missing = _per_message(q, args.queue_ids, admin.hold)
+    for qid in ids:
+        changed, inflight = result[0][qid], result[1][qid]
+        print(f"{qid}: held {_plural(changed, 'recipient')}")
+        if inflight:
+            _warn(f"{qid}: {_plural(inflight, 'recipient')} in flight, not held")
+    return 1 if missing else 0
+
+
+@_with_queue
+def run_release(q: _Queue, args: argparse.Namespace) -> int:
+    from .spool import admin
+    now = time.time()
+    result, ids, missing = _per_message(q, args.queue_ids,
+                                        lambda c, i: admin.release(c, i, now=now))
+    for qid in ids:
+        print(f"{qid}: released {_plural(result[qid], 'recipient')}")
+    return 1 if missing else 0
+
+
+@_with_queue
+def run_requeue(q: _Queue, args: argparse.Namespace) -> int:
+    from .spool import admin
+    now = time.time()
+    result, ids, missing = _per_message(q, args.queue_ids,
+                                        lambda c, i: admin.requeue(c, i, now=now))
+    for qid in ids:
+        changed, inflight = result[0][qid], result[1][qid]
+        print(f"{qid}: requeued {_plural(changed, 'recipient')}")
+        if inflight:
+            _warn(f"{qid}: {_plural(inflight, 'recipient')} in flight, not requeued")
+    return 1 if missing else 0
+
+
+def dsn_maker(config: Any) -> Callable[[dict[str, Any], list[dict[str, Any]], float], list]:
+    """DSNs for recipients failed by the administrator, built and spooled
+    exactly as the queue runner does for its failures (its ``_make_dsns``,
+    with NOTIFY respected); none for a message from ``<>``."""
+    from .delivery.scheduler import QueueRunner, _notify_allows
+    from .dsn import DSNRecipient
+
+    # _make_dsns needs only these attributes of the runner.
+    runner = SimpleNamespace(hostname=config.server.hostname, relay=config.relay,
+                             _dsn_builder=None)
+
+    def make(m: dict[str, Any], rows: list[dict[str, Any]], now: float) -> list:
+        if m["sender"] == "":
+            return []
+        failed = []
+        for r in rows:
+            if not _notify_allows(r["notify"], "FAILURE"):
+                continue
+            diag = BOUNCE_REPLY
+            if r["last_reply"]:
+                diag += f"; last attempt: {_one_line(r['last_reply'])}"
+            failed.append(DSNRecipient(final_recipient=r["address"], action="failed",
+                                       status=BOUNCE_STATUS, original_recipient=r["orcpt"],
+                                       diagnostic_code=diag))
+        if not failed:
+            return []
+        return QueueRunner._make_dsns(runner, m, {"failure": failed}, now)
+
+    return make
+
+
+@_with_queue
+def run_bounce(q: _Queue, args: argparse.Namespace) -> int:
+    from .spool import admin
+    make = dsn_maker(q.config)
+    now = time.time()
+    result, ids, missing = _per_message(
+        q, args.queue_ids,
+        lambda c, i: admin.bounce(c, i, now=now, reply=BOUNCE_REPLY, make_dsns=make))
+    for qid in ids:
+        r = result[qid]
+        dsn = f"DSN {', '.join(r['dsns'])}" if r["dsns"] else "no DSN"
+        print(f"{qid}: bounced {_plural(r['bounced'], 'recipient')} ({dsn})")
+        if r["inflight"]:
+            _warn(f"{qid}: {_plural(r['inflight'], 'recipient')} in flight, left to their "
+                  "delivery attempt; the message goes when they are done")
+    return 1 if missing else 0

@@ -1,0 +1,389 @@
+"""Queue administration: the SQL of ``mta queue`` and ``mta sendmail``.
+
+These run in their own short-lived processes, next to a running daemon, on
+the same database.  Each command is one short transaction on its own
+engine (:func:`mta.spool.make_engine`: the same SQLite pragmas, so
+``busy_timeout`` makes a command wait for the daemon's writer rather than
+fail).  On SQLite a write starts with ``BEGIN IMMEDIATE``: the write lock is
+taken before anything is read, so what a command reads cannot change under
+it (the daemon claims recipients in its own write transactions), and a read
+is one ``BEGIN`` (deferred) snapshot of the WAL.
+
+Recipients in flight belong to a delivery in progress; the commands here
+leave them alone (``hold``, ``requeue``, ``bounce``) except ``delete``,
+which, as Postfix's ``postsuper -d``, removes the message anyway: the
+daemon's later record of that attempt then updates no rows.
+"""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import delete, func, inspect, select, update
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from ..address import domain_to_ascii
+from ..message import InboundMessage
+from . import SpoolError, make_engine
+from .ops import PENDING, RecipientUpdate, insert_messages, record_results
+from .schema import SCHEMA_VERSION, contents, meta, messages, metadata, recipients
+
+__all__ = [
+    "AdminError", "STATES", "open_engine", "transaction", "list_queue", "get_message",
+    "existing_ids", "flush", "delete_messages", "deferred_queue_ids", "hold", "release",
+    "requeue", "bounce", "stats", "store_messages", "domain_of", "normalize_domain",
+]
+
+STATES = ("queued", "inflight", "deferred", "delivered", "failed", "held")
+#: States an administrator may move a recipient out of (not final, not in flight).
+CHANGEABLE = ("queued", "deferred", "held")
+_CHUNK = 500      # ids per IN (...): well under every database's parameter limit
+
+
+class AdminError(Exception):
+    """The spool cannot be used; ``str()`` is one line."""
+
+
+def _reason(e: BaseException) -> str:
+    orig = getattr(e, "orig", None)
+    return " ".join(str(orig if orig is not None else e).split())
+
+
+# --------------------------------------------------------------------------- engine
+
+def open_engine(url: str, *, create: bool = False) -> Engine:
+    """An engine on the spool at *url*.  Without *create*, a SQLite spool
+    that does not exist yet is an error (rather than an empty new one); with
+    it, the file and the schema are created as the daemon would."""
+    try:
+        u = make_url(url)
+    except Exception as e:
+        raise AdminError(f"{url}: invalid database URL: {e}") from None
+    if u.get_backend_name() == "sqlite" and not create:
+        db = u.database or ""
+        if db and db != ":memory:" and not os.path.exists(db):
+            raise AdminError(f"{url}: no spool at {os.path.abspath(db)} "
+                             "(the daemon creates it when it first starts)")
+    try:
+        engine = make_engine(url)
+    except SpoolError as e:
+        raise AdminError(str(e)) from None
+    try:
+        _check_schema(engine, url, create)
+    except SQLAlchemyError as e:
+        engine.dispose()
+        raise AdminError(f"{url}: cannot use spool: {_reason(e)}") from None
+    except AdminError:
+        engine.dispose()
+        raise
+    return engine
+
+
+def _check_schema(engine: Engine, url: str, create: bool) -> None:
+    with engine.connect() as conn:
+        present = inspect(conn).has_table("messages")
+    if not present:
+        if not create:
+            raise AdminError(f"{url}: not an mta spool (no messages table)")
+        with engine.begin() as conn:
+            metadata.create_all(conn)
+            if conn.execute(select(meta.c.value)
+                            .where(meta.c.key == "schema_version")).first() is None:
+                conn.execute(meta.insert().values(key="schema_version",
+                                                  value=str(SCHEMA_VERSION)))
+    with engine.connect() as conn:
+        found = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).scalar()
+    if found is not None and int(found) > SCHEMA_VERSION:
+        raise AdminError(f"{url}: spool schema version {found} is newer than this mta "
+                         f"supports ({SCHEMA_VERSION}); upgrade mta")
+
+
+@contextmanager
+def transaction(engine: Engine, *, write: bool) -> Iterator[Connection]:
+    """One transaction: committed (a write) or rolled back (a read) at the end.
+    SQLAlchemy errors become :class:`AdminError`."""
+    try:
+        with engine.connect() as conn:
+            if conn.dialect.name == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield conn
+            except BaseException:
+                conn.rollback()
+                raise
+            if write:
+                conn.commit()
+            else:
+                conn.rollback()
+    except SQLAlchemyError as e:
+        raise AdminError(f"{engine.url.render_as_string(hide_password=True)}: "
+                         f"{_reason(e)}") from None
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _chunks(items: Sequence[Any], n: int = _CHUNK) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+def normalize_domain(domain: str) -> str:
+    d = domain.strip().rstrip(".")
+    if d.startswith("@"):
+        d = d[1:]
+    try:
+        return domain_to_ascii(d)
+    except UnicodeError:
+        return d.lower()
+
+
+def domain_of(address: str, hostname: str) -> str:
+    """The destination domain of a recipient, as the queue runner groups
+    them: A-labels, lower case; a bare ``postmaster`` is ours."""
+    if "@" not in address:
+        return hostname.lower()
+    return normalize_domain(address.rsplit("@", 1)[1])
+
+
+def _sender_matches(sender: str, wanted: str) -> bool:
+    """``<>``/``""`` is the null sender; ``@domain`` any sender there;
+    otherwise the address, case-insensitively."""
+    w = wanted.strip()
+    if w.startswith("<") and w.endswith(">"):
+        w = w[1:-1]
+    if not w:
+        return sender == ""
+    if w.startswith("@"):
+        return "@" in sender and normalize_domain(sender.rsplit("@", 1)[1]) == normalize_domain(w)
+    return sender.lower() == w.lower()
+
+
+_MSG_COLS = (messages.c.queue_id, messages.c.sender, messages.c.arrival, messages.c.size,
+             messages.c.client_address, messages.c.helo, messages.c.protocol,
+             messages.c.body_type, messages.c.smtputf8, messages.c.size_param, messages.c.ret,
+             messages.c.envid, messages.c.auth)
+_RCPT_COLS = (recipients.c.id, recipients.c.queue_id, recipients.c.address, recipients.c.state,
+              recipients.c.attempts, recipients.c.next_attempt, recipients.c.last_reply,
+              recipients.c.notify, recipients.c.orcpt, recipients.c.warned)
+
+
+def _recipient(row: Any) -> dict[str, Any]:
+    d = dict(row._mapping)
+    d["warned"] = bool(d["warned"])
+    return d
+
+
+def _message(row: Any) -> dict[str, Any]:
+    d = dict(row._mapping)
+    d["smtputf8"] = bool(d["smtputf8"])
+    d["recipients"] = []
+    return d
+
+
+# --------------------------------------------------------------------------- reads
+
+def list_queue(conn: Connection, *, hostname: str, states: Iterable[str] | None = None,
+               domain: str | None = None, sender: str | None = None,
+               arrived_before: float | None = None) -> list[dict[str, Any]]:
+    """Messages, oldest first, each with the recipients that pass the
+    filters (``states``, destination ``domain``); a message with none, or
+    whose sender or arrival does not pass, is left out."""
+    q = select(*_MSG_COLS).order_by(messages.c.arrival, messages.c.queue_id)
+    if arrived_before is not None:
+        q = q.where(messages.c.arrival <= arrived_before)
+    found: dict[str, dict[str, Any]] = {}
+    for row in conn.execute(q):
+        if sender is not None and not _sender_matches(row.sender, sender):
+            continue
+        found[row.queue_id] = _message(row)
+    rq = select(*_RCPT_COLS).order_by(recipients.c.id)
+    states = list(states or ())
+    if states:
+        rq = rq.where(recipients.c.state.in_(states))
+    want = normalize_domain(domain) if domain else None
+    for row in conn.execute(rq):
+        m = found.get(row.queue_id)
+        if m is None or (want is not None and domain_of(row.address, hostname) != want):
+            continue
+        m["recipients"].append(_recipient(row))
+    return [m for m in found.values() if m["recipients"]]
+
+
+def get_message(conn: Connection, queue_id: str, *, content: bool = True) -> dict[str, Any] | None:
+    """One message: envelope, recipients and (with *content*) ``headers`` and ``body``."""
+    row = conn.execute(select(*_MSG_COLS).where(messages.c.queue_id == queue_id)).first()
+    if row is None:
+        return None
+    m = _message(row)
+    m["recipients"] = [_recipient(r) for r in conn.execute(
+        select(*_RCPT_COLS).where(recipients.c.queue_id == queue_id).order_by(recipients.c.id))]
+    if content:
+        c = conn.execute(select(contents.c.headers, contents.c.body)
+                         .where(contents.c.queue_id == queue_id)).first()
+        m["headers"] = bytes(c.headers) if c is not None else b""
+        m["body"] = bytes(c.body) if c is not None else b""
+    return m
+
+
+def existing_ids(conn: Connection, queue_ids: Sequence[str]) -> set[str]:
+    out: set[str] = set()
+    ids = list(dict.fromkeys(queue_ids))
+    for chunk in _chunks(ids):
+        out.update(r[0] for r in conn.execute(
+            select(messages.c.queue_id).where(messages.c.queue_id.in_(chunk))))
+    return out
+
+
+def deferred_queue_ids(conn: Connection) -> list[str]:
+    """Every message with a deferred recipient."""
+    return [r[0] for r in conn.execute(
+        select(recipients.c.queue_id).where(recipients.c.state == "deferred")
+        .distinct().order_by(recipients.c.queue_id))]
+
+
+def stats(conn: Connection, *, now: float, hostname: str) -> dict[str, Any]:
+    by_state = {s: 0 for s in STATES}
+    by_domain: dict[str, dict[str, int]] = defaultdict(lambda: {s: 0 for s in STATES})
+    for address, state in conn.execute(select(recipients.c.address, recipients.c.state)):
+        by_state[state] = by_state.get(state, 0) + 1
+        counts = by_domain[domain_of(address, hostname)]
+        counts[state] = counts.get(state, 0) + 1
+    n, size, oldest = conn.execute(
+        select(func.count(), func.coalesce(func.sum(messages.c.size), 0),
+               func.min(messages.c.arrival))).one()
+    oldest_id = None
+    if oldest is not None:
+        oldest_id = conn.execute(select(messages.c.queue_id)
+                                 .where(messages.c.arrival == oldest)
+                                 .order_by(messages.c.queue_id).limit(1)).scalar()
+    domains = {}
+    for d in sorted(by_domain, key=lambda d: (-sum(by_domain[d].values()), d)):
+        domains[d] = dict(by_domain[d], total=sum(by_domain[d].values()))
+    return {
+        "messages": int(n),
+        "recipients": sum(by_state.values()),
+        "size": int(size),
+        "oldest_queue_id": oldest_id,
+        "oldest_arrival": oldest,
+        "oldest_age": None if oldest is None else max(0.0, now - oldest),
+        "by_state": by_state,
+        "by_domain": domains,
+    }
+
+
+# --------------------------------------------------------------------------- writes
+
+def flush(conn: Connection, *, now: float, hostname: str, queue_ids: Sequence[str] | None = None,
+          domain: str | None = None) -> int:
+    """Make queued and deferred recipients due now (of *queue_ids*, or to
+    *domain*, or all); returns how many."""
+    q = select(recipients.c.id, recipients.c.address).where(recipients.c.state.in_(PENDING))
+    rows: list[Any] = []
+    if queue_ids is not None:
+        for chunk in _chunks(list(queue_ids)):
+            rows.extend(conn.execute(q.where(recipients.c.queue_id.in_(chunk))))
+    else:
+        rows = list(conn.execute(q))
+    if domain:
+        want = normalize_domain(domain)
+        rows = [r for r in rows if domain_of(r.address, hostname) == want]
+    ids = [r.id for r in rows]
+    for chunk in _chunks(ids):
+        conn.execute(update(recipients)
+                     .where(recipients.c.id.in_(chunk), recipients.c.state.in_(PENDING))
+                     .values(next_attempt=now))
+    return len(ids)
+
+
+def _count_by_message(conn: Connection, queue_ids: Sequence[str],
+                      states: Sequence[str]) -> dict[str, int]:
+    out: dict[str, int] = defaultdict(int)
+    for chunk in _chunks(list(queue_ids)):
+        for qid, n in conn.execute(
+                select(recipients.c.queue_id, func.count())
+                .where(recipients.c.queue_id.in_(chunk), recipients.c.state.in_(states))
+                .group_by(recipients.c.queue_id)):
+            out[qid] = int(n)
+    return out
+
+
+def _change(conn: Connection, queue_ids: Sequence[str], from_states: Sequence[str],
+            **values: Any) -> tuple[dict[str, int], dict[str, int]]:
+    """Set *values* on the recipients of *queue_ids* in *from_states*;
+    returns ({queue_id: recipients changed}, {queue_id: recipients in flight})."""
+    changed = _count_by_message(conn, queue_ids, from_states)
+    inflight = _count_by_message(conn, queue_ids, ("inflight",))
+    for chunk in _chunks(list(queue_ids)):
+        conn.execute(update(recipients)
+                     .where(recipients.c.queue_id.in_(chunk),
+                            recipients.c.state.in_(from_states))
+                     .values(**values))
+    return ({q: changed.get(q, 0) for q in queue_ids}, {q: inflight.get(q, 0) for q in queue_ids})
+
+
+def hold(conn: Connection, queue_ids: Sequence[str]) -> tuple[dict[str, int], dict[str, int]]:
+    """queued/deferred → held (the queue runner never claims held recipients)."""
+    return _change(conn, queue_ids, PENDING, state="held")
+
+
+def release(conn: Connection, queue_ids: Sequence[str], *, now: float) -> dict[str, int]:
+    """held → queued, due now."""
+    return _change(conn, queue_ids, ("held",), state="queued", next_attempt=now)[0]
+
+
+def requeue(conn: Connection, queue_ids: Sequence[str],
+            *, now: float) -> tuple[dict[str, int], dict[str, int]]:
+    """queued/deferred/held → queued with no attempts so far, due now."""
+    return _change(conn, queue_ids, CHANGEABLE, state="queued", attempts=0, next_attempt=now)
+
+
+def delete_messages(conn: Connection, queue_ids: Sequence[str]) -> dict[str, int]:
+    """Remove messages with their content and recipients; returns
+    {queue_id: recipients that were in flight}."""
+    inflight = _count_by_message(conn, queue_ids, ("inflight",))
+    for chunk in _chunks(list(queue_ids)):
+        conn.execute(delete(recipients).where(recipients.c.queue_id.in_(chunk)))
+        conn.execute(delete(contents).where(contents.c.queue_id.in_(chunk)))
+        conn.execute(delete(messages).where(messages.c.queue_id.in_(chunk)))
+    return {q: inflight.get(q, 0) for q in queue_ids}
+
+
+#: make_dsns(message, recipients bounced, now) -> DSN messages to spool
+DSNMaker = Callable[[dict[str, Any], list[dict[str, Any]], float], list[InboundMessage]]
+
+
+def bounce(conn: Connection, queue_ids: Sequence[str], *, now: float, reply: str,
+           make_dsns: DSNMaker) -> dict[str, dict[str, Any]]:
+    """Fail the queued, deferred and held recipients of each message now,
+    with *reply* as their last reply, spool the DSNs *make_dsns* builds for
+    them, and remove each message whose recipients are then all final (as
+    the queue runner does: :func:`mta.spool.ops.record_results`).  Returns
+    {queue_id: {"bounced": n, "inflight": n, "dsns": [ids], "removed": bool}}."""
+    out: dict[str, dict[str, Any]] = {}
+    updates: list[RecipientUpdate] = []
+    dsns: list[InboundMessage] = []
+    for qid in queue_ids:
+        m = get_message(conn, qid)
+        if m is None:
+            continue
+        rows = [r for r in m["recipients"] if r["state"] in CHANGEABLE]
+        made = make_dsns(m, rows, now) if rows else []
+        dsns.extend(made)
+        updates.extend(RecipientUpdate(r["id"], "failed", r["attempts"], now, reply, r["warned"])
+                       for r in rows)
+        out[qid] = {"bounced": len(rows),
+                    "inflight": sum(r["state"] == "inflight" for r in m["recipients"]),
+                    "dsns": [d.queue_id for d in made], "removed": False}
+    removed = record_results(conn, updates, dsns, list(out))
+    for qid in removed:
+        out[qid]["removed"] = True
+    return out
+
+
+def store_messages(conn: Connection, msgs: list[InboundMessage]) -> None:
+    """Spool new messages (local submission), all recipients queued and due."""
+    insert_messages(conn, msgs)
