@@ -29,7 +29,6 @@ import json
 import os
 import sys
 import time
-from types import SimpleNamespace
 from typing import Any, Callable
 
 from .cli import DEFAULT_CONFIG, CommandError, load_config
@@ -444,14 +443,10 @@ def run_requeue(q: _Queue, args: argparse.Namespace) -> int:
 
 def dsn_maker(config: Any) -> Callable[[dict[str, Any], list[dict[str, Any]], float], list]:
     """DSNs for recipients failed by the administrator, built and spooled
-    exactly as the queue runner does for its failures (its ``_make_dsns``,
-    with NOTIFY respected); none for a message from ``<>``."""
-    from .delivery.scheduler import QueueRunner, _notify_allows
+    exactly as the queue runner does for its failures (with NOTIFY
+    respected); none for a message from ``<>``."""
+    from .delivery.scheduler import _notify_allows, dsn_messages
     from .dsn import DSNRecipient
-
-    # _make_dsns needs only these attributes of the runner.
-    runner = SimpleNamespace(hostname=config.server.hostname, relay=config.relay,
-                             _dsn_builder=None)
 
     def make(m: dict[str, Any], rows: list[dict[str, Any]], now: float) -> list:
         if m["sender"] == "":
@@ -468,7 +463,8 @@ def dsn_maker(config: Any) -> Callable[[dict[str, Any], list[dict[str, Any]], fl
                                        diagnostic_code=diag))
         if not failed:
             return []
-        return QueueRunner._make_dsns(runner, m, {"failure": failed}, now)
+        return dsn_messages(m, {"failure": failed}, now, hostname=config.server.hostname,
+                            postmaster=config.relay.postmaster)
 
     return make
 

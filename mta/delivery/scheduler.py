@@ -312,46 +312,55 @@ class QueueRunner(service.Service):
             self.kick()
 
     def _make_dsns(self, m: dict[str, Any], report: dict[str, list], now: float) -> list:
-        if not any(report.values()):
+        return dsn_messages(m, report, now, hostname=self.hostname,
+                            postmaster=self.relay.postmaster, builder=self._dsn_builder)
+
+
+def dsn_messages(m: dict[str, Any], report: dict[str, list], now: float, *, hostname: str,
+                 postmaster: str = "", builder: Callable[..., bytes] | None = None) -> list:
+    """The DSN messages (ready for the spool) that *report* owes for message
+    row *m*: one per kind (failure, delay, success), from ``<>`` to the
+    sender — or, for a failed bounce, to *postmaster* (or none)."""
+    if not any(report.values()):
+        return []
+    from ..dsn import OriginalMessage, build_dsn, needs_smtputf8
+    builder = builder or build_dsn
+    sender = m["sender"]
+    if sender == "":
+        # Never a DSN for a DSN.  A failed bounce may go to the postmaster.
+        failed = report.get("failure", [])
+        pm = postmaster
+        if not failed or not pm:
+            if failed:
+                log.warn("{queue_id}: bounce undeliverable, dropped (no DSN for <>)",
+                         queue_id=m["queue_id"])
             return []
-        from ..dsn import OriginalMessage, build_dsn, needs_smtputf8
-        builder = self._dsn_builder or build_dsn
-        sender = m["sender"]
-        if sender == "":
-            # Never a DSN for a DSN.  A failed bounce may go to the postmaster.
-            failed = report.get("failure", [])
-            pm = self.relay.postmaster
-            if not failed or not pm:
-                if failed:
-                    log.warn("{queue_id}: bounce undeliverable, dropped (no DSN for <>)",
-                             queue_id=m["queue_id"])
-                return []
-            failed = [f for f in failed if f.final_recipient.lower() != pm.lower()]
-            if not failed:
-                return []
-            report = {"failure": failed}
-            to = pm
-        else:
-            to = sender
-        original = OriginalMessage(
-            queue_id=m["queue_id"], sender=to, headers=bytes(m["headers"]),
-            body=bytes(m["body"]), arrival=m["arrival"], envid=m["envid"], ret=m["ret"],
-            smtputf8=bool(m["smtputf8"]))
-        out = []
-        for kind in ("failure", "delay", "success"):
-            rcpts = report.get(kind)
-            if not rcpts:
-                continue
-            data = builder(original, rcpts, reporting_mta=self.hostname, now=now)
-            qid = new_queue_id(now)
-            n = split_header_block(data)
-            utf8 = needs_smtputf8(original, rcpts)
-            out.append(InboundMessage(
-                queue_id=qid, sender="", recipients=[Recipient(to, "NEVER")], headers=data[:n],
-                body=data[n:], arrival=now, client_address="127.0.0.1", helo=self.hostname,
-                protocol="local", size=len(data), smtputf8=utf8,
-                body_type=None if data.isascii() else "8BITMIME"))
-            log.info("{queue_id}: sender {kind} notification: {dsn_id}", queue_id=m["queue_id"],
-                     kind={"failure": "non-delivery", "delay": "delay",
-                           "success": "delivery"}[kind], dsn_id=qid)
-        return out
+        failed = [f for f in failed if f.final_recipient.lower() != pm.lower()]
+        if not failed:
+            return []
+        report = {"failure": failed}
+        to = pm
+    else:
+        to = sender
+    original = OriginalMessage(
+        queue_id=m["queue_id"], sender=to, headers=bytes(m["headers"]),
+        body=bytes(m["body"]), arrival=m["arrival"], envid=m["envid"], ret=m["ret"],
+        smtputf8=bool(m["smtputf8"]))
+    out = []
+    for kind in ("failure", "delay", "success"):
+        rcpts = report.get(kind)
+        if not rcpts:
+            continue
+        data = builder(original, rcpts, reporting_mta=hostname, now=now)
+        qid = new_queue_id(now)
+        n = split_header_block(data)
+        utf8 = needs_smtputf8(original, rcpts)
+        out.append(InboundMessage(
+            queue_id=qid, sender="", recipients=[Recipient(to, "NEVER")], headers=data[:n],
+            body=data[n:], arrival=now, client_address="127.0.0.1", helo=hostname,
+            protocol="local", size=len(data), smtputf8=utf8,
+            body_type=None if data.isascii() else "8BITMIME"))
+        log.info("{queue_id}: sender {kind} notification: {dsn_id}", queue_id=m["queue_id"],
+                 kind={"failure": "non-delivery", "delay": "delay",
+                       "success": "delivery"}[kind], dsn_id=qid)
+    return out

@@ -1241,7 +1241,7 @@ class ConnectionPool:
             else:
                 try:
                     mail_reply = (await conn.command(mail, [mail_step]))[0]
-                except _StepLost as e:
+                except _StepLost:
                     if reused:
                         raise _DeadConnection() from None
                     raise
