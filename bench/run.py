@@ -749,7 +749,8 @@ def report_e2e(runs: list[Run], args) -> str:
         "sink had them all and the queue was empty (mta: no rows in messages; Postfix: "
         "postfix-reference queued = 0); src s = when smtp-source was done; conns = SMTP sessions "
         "the server opened to the sink; CPU = all of the server's processes/threads over the run; "
-        "busy% = whole machine.")
+        f"busy% = whole machine; 1-min load average before the runs "
+        f"{min(r.load1 for r in runs):.1f}-{max(r.load1 for r in runs):.1f}.")
     lines.append(
         f"mta: [relay] smarthost = the sink, [dns] nameservers on a refusing loopback port"
         + (f", [relay] {args.e2e_relay.strip()}" if args.e2e_relay.strip() else

@@ -22,6 +22,7 @@ from typing import Any
 __all__ = [
     "AuthConfig",
     "Config",
+    "MetricsConfig",
     "ConfigError",
     "PolicyConfig",
     "SendmailConfig",
@@ -62,6 +63,7 @@ class ServerConfig:
     data_timeout: float = 300.0  # seconds idle while receiving DATA/BDAT content
     max_errors: int = 20
     bare_newlines: str = "reject"  # "reject" or "normalize"
+    max_hops: int = 50  # Received lines after which a message is refused as a loop
     submission: tuple[str, ...] = ()  # endpoints where AUTH is required before MAIL (port 587)
 
 
@@ -93,6 +95,7 @@ class RelayConfig:
     smarthost_user: str = ""          # AUTH PLAIN/LOGIN to the smarthost, over TLS only
     smarthost_password: str = ""
     smarthost_password_file: str = ""  # or: a file whose first line is the password
+    shutdown_grace: float = 10.0      # at stop: seconds deliveries in progress may take to finish
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,13 @@ class SendmailConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = ""                  # Twisted endpoint for Prometheus /metrics; "" = off
+    queue_interval: float = 5.0       # how often the queue gauges are read from the spool
+    max_domains: int = 50             # destination domains with their own label; then "other"
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -151,6 +161,7 @@ class Config:
     tls: TLSConfig = field(default_factory=TLSConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     sendmail: SendmailConfig = field(default_factory=SendmailConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     path: str = "<config>"
 
 
@@ -347,6 +358,14 @@ def _endpoints(value: object) -> tuple[str, ...]:
     return descriptions
 
 
+def _optional_endpoint(value: object) -> str:
+    """One server endpoint string, or "" (off)."""
+    text = _str(value).strip()
+    if text:
+        _endpoints([text])
+    return text
+
+
 def _networks(value: object) -> tuple[str, ...]:
     result = []
     for item in _str_list(value):
@@ -495,6 +514,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[object], Any]]]] = {
             "data_timeout": _duration,
             "max_errors": _int(0),
             "bare_newlines": _choice("reject", "normalize"),
+            "max_hops": _int(1),
             "submission": _endpoints,
         },
     ),
@@ -529,6 +549,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[object], Any]]]] = {
             "smarthost_user": _user,
             "smarthost_password": _secret,
             "smarthost_password_file": _path,
+            "shutdown_grace": _nonnegative_duration,
         },
     ),
     "dns": (
@@ -569,6 +590,14 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[object], Any]]]] = {
         SendmailConfig,
         {
             "domain": _optional_domain,
+        },
+    ),
+    "metrics": (
+        MetricsConfig,
+        {
+            "listen": _optional_endpoint,
+            "queue_interval": _duration,
+            "max_domains": _int(0),
         },
     ),
 }

@@ -1,12 +1,13 @@
 """``twistd mta``: options and the service tree."""
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Any
 
 from twisted.application import internet, service
-from twisted.internet import endpoints
+from twisted.internet import defer, endpoints, task
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
@@ -110,10 +111,16 @@ def makeService(options: Options) -> service.IService:
         max_recipients=s.max_recipients, max_connections=s.max_connections,
         max_connections_per_client=s.max_connections_per_client,
         command_timeout=s.command_timeout, data_timeout=s.data_timeout,
-        max_errors=s.max_errors, bare_newlines=s.bare_newlines,
+        max_errors=s.max_errors, bare_newlines=s.bare_newlines, max_hops=s.max_hops,
         auth_plaintext_on_loopback=config.auth.allow_plaintext_on_loopback)
+    _chown_spool(options, url)
     policy = RelayPolicy(config.policy.relay_networks, config.policy.relay_domains)
-    top = service.MultiService()
+    # Started in this order and stopped in the reverse one, each part after
+    # the one before it has finished stopping (README "Stopping and
+    # restarting"): the listeners; then the open sessions (421) and the
+    # deliveries in progress (within [relay] shutdown_grace), side by side;
+    # then the metrics; the spool last.
+    top = OrderedMultiService()
     if pool is not None:
         pool.setServiceParent(top)
     from .auth.limiter import FailureLimiter
@@ -124,22 +131,170 @@ def makeService(options: Options) -> service.IService:
                                 portal=portal, limiter=limiter)
 
     SpoolService(spool).setServiceParent(top)
+    metrics = _make_metrics(config, spool, factory, reactor, top)
+    draining = service.MultiService()      # these two stop side by side
+    draining.setServiceParent(top)
     if config.relay.deliver:
-        runner = _make_runner(config, spool, reactor)
-        runner.setServiceParent(top)
+        runner = _make_runner(config, spool, reactor, metrics=metrics)
+        runner.setServiceParent(draining)
         factory.on_stored = runner.kick
+    SessionDrain(factory, config.relay.shutdown_grace, reactor).setServiceParent(draining)
+    front = service.MultiService()
+    front.setServiceParent(top)
     where = "--listen" if options["listen"] else f"{config.path}: [server] listen"
     for ep in options["listen"] or s.listen:
-        _listener(ep, where, factory, reactor, tls, submission=False).setServiceParent(top)
+        _listener(ep, where, factory, reactor, tls, submission=False).setServiceParent(front)
     for ep in s.submission:
         _listener(ep, f"{config.path}: [server] submission", factory, reactor, tls,
-                  submission=True).setServiceParent(top)
+                  submission=True).setServiceParent(front)
     if s.submission and portal is None:
         log.warn("{config}: [server] submission is set but [auth] users_file is not: "
                  "nobody can submit mail there", config=config.path)
     if tls is not None or users is not None:
-        _ReloadOnHangup(reactor, tls, users).setServiceParent(top)
+        _ReloadOnHangup(reactor, tls, users).setServiceParent(front)
     return top
+
+
+class OrderedMultiService(service.MultiService):
+    """A MultiService whose children stop one after another, in the reverse
+    order of their start, each once the one after it has finished stopping
+    (Twisted's MultiService stops them all at once).  A child that fails to
+    stop is logged and the others still stop."""
+
+    def stopService(self) -> defer.Deferred:
+        service.Service.stopService(self)
+        d: defer.Deferred = defer.succeed(None)
+        for child in reversed(list(self)):
+            d.addCallback(self._stop_child, child)
+        return d
+
+    @staticmethod
+    def _stop_child(_: Any, child: service.IService) -> defer.Deferred:
+        d = defer.maybeDeferred(child.stopService)
+        d.addErrback(lambda f: log.failure("stopping {service} failed", f, service=child))
+        return d
+
+
+class SessionDrain(service.Service):
+    """At stop (after the listeners): every open session is told to finish
+    (see SMTPServerFactory.shutdown): idle ones and those still receiving a
+    message get 421 at once, those waiting for a commit (or a password
+    check) after its reply.  Fires when no session waits for a commit any
+    more, so the spool stops only after every 250 it owes.  After *grace*
+    seconds every session not waiting for the spool is closed, and after
+    *hard_limit* more the stop goes on regardless."""
+
+    name = "smtp-sessions"
+    poll = 0.05
+    hard_limit = 10.0     # after the grace: how much longer a pending commit may take
+
+    def __init__(self, factory: Any, grace: float, reactor: Any):
+        self.factory = factory
+        self.grace = grace
+        self.reactor = reactor
+
+    def stopService(self) -> defer.Deferred | None:
+        super().stopService()
+        f = self.factory
+        f.shutdown()
+        if f.drained():
+            return None
+        n = sum(1 for session in f.sessions if not session.finished())
+        log.info("stopping: {n} SMTP session(s) finishing their transaction", n=n)
+        done: defer.Deferred = defer.Deferred()
+        start = self.reactor.seconds()
+        forced = False
+
+        def check() -> None:
+            nonlocal forced
+            waited = self.reactor.seconds() - start
+            if f.drained():
+                pass
+            elif not forced and waited >= self.grace:
+                forced = True
+                f.force_close()
+                if not f.drained():
+                    return
+            elif forced and waited >= self.grace + self.hard_limit:
+                log.warn("stopping: {n} SMTP session(s) still wait for the spool; "
+                         "stopping anyway", n=sum(1 for x in f.sessions if not x.finished()))
+            else:
+                return
+            loop.stop()
+            done.callback(None)
+        loop = task.LoopingCall(check)
+        loop.clock = self.reactor
+        loop.start(self.poll, now=False)
+        return done
+
+
+def _make_metrics(config: Config, spool: Any, factory: Any, reactor: Any,
+                  parent: service.MultiService) -> Any:
+    """The Prometheus metrics and their web page, when [metrics] listen is set."""
+    m = config.metrics
+    if not m.listen:
+        return None
+    from prometheus_client import disable_created_metrics
+
+    from .metrics import Metrics, MetricsSite, QueueGauges, is_loopback_endpoint
+    disable_created_metrics()     # no *_created series: they only double the page
+    metrics = Metrics(max_domains=m.max_domains, clock=reactor.seconds)
+    factory.metrics = metrics
+    metrics.watch_connections(factory)
+    spool.on_commit = metrics.commit_done
+    QueueGauges(metrics, spool, m.queue_interval, reactor).setServiceParent(parent)
+    where = f"{config.path}: [metrics] listen"
+    if not is_loopback_endpoint(m.listen):
+        log.warn("{where}: {endpoint} is not a loopback address: anyone who can reach it "
+                 "can read the metrics", where=where, endpoint=m.listen)
+    _ListenService(m.listen, where, MetricsSite(metrics), reactor).setServiceParent(parent)
+    return metrics
+
+
+def _chown_spool(options: Options, url: str) -> None:
+    """When twistd is to drop privileges (``--uid``/``--gid``, run as root), the
+    spool must belong to that user: the database and its -wal/-shm/-journal
+    files, and the directory they are in (SQLite creates those files there)
+    when it holds nothing else.  makeService runs as root, before the switch."""
+    parent = getattr(options, "parent", None)
+    if parent is None or not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return
+    uid, gid = parent.get("uid"), parent.get("gid")
+    if uid is None and gid is None:
+        return
+    if uid is not None and gid is None:
+        import pwd
+        try:
+            gid = pwd.getpwuid(uid).pw_gid
+        except KeyError:
+            gid = None
+    from sqlalchemy.engine import make_url
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite" or not u.database:
+        return
+    db = os.path.abspath(u.database)
+    directory = os.path.dirname(db)
+    base = os.path.basename(db)
+    owner = -1 if uid is None else uid
+    group = -1 if gid is None else gid
+    try:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            if os.path.exists(db + suffix):
+                os.chown(db + suffix, owner, group)
+        entries = os.listdir(directory)
+        if all(e == base or e.startswith(base + "-") for e in entries):
+            os.chown(directory, owner, group)
+        else:
+            st = os.stat(directory)
+            if uid is not None and st.st_uid != uid and not st.st_mode & 0o002:
+                log.warn("spool directory {dir} holds other files, so it was not given to "
+                         "uid {uid}; unless that user can write there (chown {uid}:{gid} "
+                         "{dir}), SQLite cannot create its -wal/-shm files",
+                         dir=directory, uid=uid, gid=gid if gid is not None else "")
+    except OSError as e:
+        _die(f"{url}: cannot give the spool to uid {uid} gid {gid}: {e.strerror}: "
+             f"{e.filename}")
+    log.info("spool {db} belongs to uid {uid} gid {gid}", db=db, uid=uid, gid=gid)
 
 
 def _listener(description: str, where: str, factory: Any, reactor: Any, tls: Any, *,
@@ -259,7 +414,8 @@ class _ReloadOnHangup(service.Service):
                          path=self.users.path, n=len(self.users))
 
 
-def _make_runner(config: Config, spool: object, reactor: object) -> service.IService:
+def _make_runner(config: Config, spool: object, reactor: object,
+                 metrics: Any = None) -> service.IService:
     from .delivery.router import Router
     from .delivery.scheduler import QueueRunner
     from .smtp.client import ConnectionPool, Timeouts
@@ -285,7 +441,7 @@ def _make_runner(config: Config, spool: object, reactor: object) -> service.ISer
     pool = ConnectionPool(helo_name=config.server.hostname, reactor=reactor, timeouts=timeouts,
                           max_idle_per_host=max(4, relay.concurrency), trust_root=trust_root)
     return QueueRunner(spool, router, pool, hostname=config.server.hostname,
-                       retry=config.retry, relay=relay, reactor=reactor)
+                       retry=config.retry, relay=relay, reactor=reactor, metrics=metrics)
 
 
 def _relay_tls_auth(config: Config) -> tuple[Any, Any]:

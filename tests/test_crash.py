@@ -82,6 +82,17 @@ class Load:
             item.status = "refused"
 
 
+class ShuttingDown(Exception):
+    """A 421 from the daemon: it is stopping, and the transaction in progress
+    was not accepted (README "Stopping")."""
+
+
+def expect_250(code: int, text: bytes) -> None:
+    if code == 421:
+        raise ShuttingDown(text)
+    assert code == 250, text
+
+
 def smtplib_sender(load: Load, sender_no: int) -> None:
     rng = random.Random(load.rng_seed * 1000 + sender_no)
     n = 0
@@ -96,13 +107,19 @@ def smtplib_sender(load: Load, sender_no: int) -> None:
                     item = load.new(rng, sender_no, n)
                     n += 1
                     code, text = s.mail(item.sender, ["BODY=8BITMIME"])
-                    assert code == 250, text
+                    expect_250(code, text)
                     for r in item.rcpts:
                         code, text = s.rcpt(r)
-                        assert code == 250, text
+                        expect_250(code, text)
                     code, text = s.data(item.data)   # smtplib dot-stuffs
                     load.acknowledge(item, code, text)
                     item = None
+        except ShuttingDown as e:
+            if item is not None:
+                item.status = "refused"
+                item.reply = f"421 {e}"
+            if not load.stop.is_set():
+                load.stop.wait(0.01)
         except (OSError, smtplib.SMTPException) as e:
             if item is not None:
                 item.status = "unknown"
@@ -150,10 +167,16 @@ def bdat_sender(load: Load, sender_no: int) -> None:
                     sock.sendall(b"".join(wire))
                     for _ in range(1 + len(item.rcpts) + len(chunks) - 1):
                         code, text = reply()
-                        assert code == 250, text
+                        expect_250(code, text)
                     load.acknowledge(item, *reply())
                     item = None
                 sock.sendall(b"QUIT\r\n")
+        except ShuttingDown as e:
+            if item is not None:
+                item.status = "refused"
+                item.reply = f"421 {e}"
+            if not load.stop.is_set():
+                load.stop.wait(0.01)
         except (OSError, ConnectionError) as e:
             if item is not None:
                 item.status = "unknown"

@@ -1420,3 +1420,18 @@ def test_session_cut_at_random_points(cuts, sync):
     assert [stored_content(m) for m in c.spool.messages] == [b"Subject: cut\r\n\r\n.a\r\n",
                                                                b"hi\r\n"]
     assert c.closing
+
+
+def test_mail_loop_refused_by_hop_count():
+    # 49 Received lines + ours would be the 50th hop: refused as a loop
+    # (RFC 5321 §6.3), nothing stored, the session goes on.
+    c = Client()
+    c.start()
+    looping = "".join(f"Received: from h{i} by h{i + 1}; date\r\n" for i in range(50))
+    assert codes(c.send("DATA\r\n" + looping + "Subject: x\r\n\r\nhi\r\n.\r\n")) == [
+        "354", "554 5.4.6"]
+    assert c.spool.messages == []
+    c.start()
+    fine = "".join(f"Received: from h{i}\r\n" for i in range(49))
+    assert codes(c.send("DATA\r\n" + fine + "\r\nhi\r\n.\r\n")) == ["354"]
+    assert len(c.spool.messages) == 1

@@ -47,12 +47,19 @@ def _notify_allows(notify: str | None, what: str) -> bool:
     return what in notify.split(",")
 
 
+# The status label of mta_delivery_recipients_total for each outcome.
+_METRIC_STATUS = {"sent": "delivered", "deferred": "deferred", "bounced": "bounced",
+                  "expired": "bounced"}
+
+
 @dataclass
 class Job:
     queue_id: str
     domain: str
     message: dict[str, Any]
     rcpts: list[dict[str, Any]] = field(default_factory=list)
+    attempting: bool = False    # has a delivery slot and is under way
+    recording: bool = False     # writing its outcome: not to be cancelled
 
 
 class QueueRunner(service.Service):
@@ -60,7 +67,8 @@ class QueueRunner(service.Service):
 
     def __init__(self, spool: Any, router: Any, pool: Any, *, hostname: str, retry: Any,
                  relay: Any, reactor: Any = None, rand: Callable[[], float] = random.random,
-                 poll_interval: float = 1.0, dsn_builder: Callable[..., bytes] | None = None):
+                 poll_interval: float = 1.0, dsn_builder: Callable[..., bytes] | None = None,
+                 metrics: Any = None):
         if reactor is None:
             from twisted.internet import reactor as _r
             reactor = _r
@@ -79,8 +87,11 @@ class QueueRunner(service.Service):
         self._running = False
         self._again = False
         self._loop: task.LoopingCall | None = None
-        self._jobs: set[defer.Deferred] = set()
+        self._jobs: dict[defer.Deferred, Job] = {}
         self._queued_jobs = 0
+        self._run_d: defer.Deferred | None = None        # a queue run in progress
+        self.shutdown_grace = float(getattr(relay, "shutdown_grace", 0.0))
+        self.metrics = metrics                            # mta.metrics.Metrics or None
         self.ready: defer.Deferred = defer.Deferred()   # fires once recovery is done
         self._recovered = False
 
@@ -103,19 +114,47 @@ class QueueRunner(service.Service):
         self.ready.callback(None)
 
     def stopService(self) -> defer.Deferred | None:
+        """No new deliveries start; those in progress may finish within
+        ``[relay] shutdown_grace`` seconds, then they are cancelled (their
+        connections aborted).  The recipients of every cancelled or unstarted
+        delivery are queued again before this fires, so the spool (which the
+        service tree stops after the runner) must still be up; a result that
+        is being written is always let through."""
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-        # Deliveries in progress are cancelled (their connections aborted), not
-        # awaited: the spool stops at the same time, so their last writes would
-        # never be answered, and a stalled next hop would hold the stop for the
-        # full network timeouts.  Their recipients stay "inflight" and are
-        # attempted again at the next start (at least once, see README).
-        jobs = list(self._jobs)
-        for job in jobs:
-            job.cancel()
-        d = defer.DeferredList(jobs, consumeErrors=True)
-        d.addBoth(lambda _: self.pool.close())
+        jobs = dict(self._jobs)
+        for d, job in jobs.items():
+            if not job.attempting and not d.called:  # waiting for a delivery slot: not now
+                d.cancel()
+        busy = [job for job in jobs.values() if job.attempting]
+        waits = list(jobs)
+        if self._run_d is not None:      # a claim in progress: its rows are queued again
+            waits.append(self._run_d)
+        timer = None
+        if busy:
+            log.info("stopping: waiting up to {grace}s for {n} deliveries in progress",
+                     grace=self.shutdown_grace, n=len(busy))
+
+            def expire() -> None:
+                left = [(d, job) for d, job in self._jobs.items()
+                        if not job.recording and not d.called]
+                if left:
+                    log.info("stopping: cancelling {n} deliveries still in progress after "
+                             "{grace}s", n=len(left), grace=self.shutdown_grace)
+                for d, _job in left:
+                    d.cancel()
+            if self.shutdown_grace > 0:
+                timer = self.reactor.callLater(self.shutdown_grace, expire)
+            else:
+                expire()
+
+        def finished(_: Any) -> Any:
+            if timer is not None and timer.active():
+                timer.cancel()
+            return self.pool.close()
+        d = defer.DeferredList(waits, consumeErrors=True)
+        d.addBoth(finished)
         close_router = getattr(self.router, "close", None)
         if close_router is not None:
             d.addBoth(lambda _: close_router())
@@ -131,10 +170,12 @@ class QueueRunner(service.Service):
         self._running = True
         d = defer.Deferred.fromCoroutine(self._run_once())
         d.addErrback(lambda f: log.failure("queue run failed", f))
+        self._run_d = d
         d.addBoth(self._after_run)
 
     def _after_run(self, _: Any) -> None:
         self._running = False
+        self._run_d = None
         if self._again:
             self._again = False
             self.reactor.callLater(0, self.kick)
@@ -148,6 +189,9 @@ class QueueRunner(service.Service):
         now = self.reactor.seconds()
         rows, msgs = await self.spool.write(ops.claim_due_and_load, now, limit)
         if not rows:
+            return
+        if not self.running:   # stopped meanwhile: give them back
+            await self.spool.write(ops.requeue_inflight, [r["id"] for r in rows])
             return
         if len(rows) >= limit:
             self._again = True
@@ -186,21 +230,35 @@ class QueueRunner(service.Service):
             return
         self._queued_jobs += 1
         d = defer.Deferred.fromCoroutine(self._run_job(job))
-        self._jobs.add(d)
+        self._jobs[d] = job
 
         def done(result: Any) -> Any:
-            self._jobs.discard(d)
+            self._jobs.pop(d, None)
             return result
-        def failed(f: Any) -> None:
+        def failed(f: Any) -> Any:
             if f.check(defer.CancelledError):
-                log.info("{queue_id}: delivery to {domain} interrupted by shutdown; it will be "
-                         "attempted again at the next start", queue_id=job.queue_id,
-                         domain=job.domain)
+                return self._requeue(job)
             else:
                 log.failure("delivery of {queue_id} to {domain} failed", f,
                             queue_id=job.queue_id, domain=job.domain)
         d.addErrback(failed)
         d.addBoth(done)
+
+    def _requeue(self, job: Job) -> defer.Deferred:
+        """A delivery cancelled by the stop (or never started): its recipients
+        go back to "queued" (unless their result was recorded meanwhile)."""
+        was = "interrupted" if job.attempting else "not started"
+        d = self.spool.write(ops.requeue_inflight, [r["id"] for r in job.rcpts])
+
+        def logged(n: int) -> None:
+            log.info("{queue_id}: delivery to {domain} {was} at shutdown; {n} recipient(s) "
+                     "queued again", queue_id=job.queue_id, domain=job.domain, was=was, n=n)
+
+        def failed(f: Any) -> None:
+            log.warn("{queue_id}: delivery to {domain} {was} at shutdown; its recipients stay "
+                     "in flight until the next start ({error})", queue_id=job.queue_id,
+                     domain=job.domain, was=was, error=f.getErrorMessage())
+        return d.addCallbacks(logged, failed)
 
     async def _run_job(self, job: Job) -> None:
         sem = self._per_dest.get(job.domain)
@@ -211,6 +269,9 @@ class QueueRunner(service.Service):
             await self._global.acquire()
             try:
                 self._queued_jobs -= 1
+                if not self.running:      # stopping: no new attempt
+                    raise defer.CancelledError()
+                job.attempting = True
                 await self._attempt(job)
             finally:
                 self._global.release()
@@ -302,11 +363,16 @@ class QueueRunner(service.Service):
                         action="delayed", status=dsn_status,
                         will_retry_until=m["arrival"] + lifetime, **dsn_common))
             updates.append(ops.RecipientUpdate(row["id"], state, attempts, nxt, reply, warned))
+            if self.metrics is not None:
+                self.metrics.recipient_done(
+                    _METRIC_STATUS[status_word], job.domain,
+                    age if state != "deferred" else None)
             log.info("{queue_id}: to=<{rcpt}> relay={relay} delay={delay:.1f} attempts={attempts} "
                      "dsn={dsn} status={status} ({reply})", queue_id=job.queue_id,
                      rcpt=row["address"], relay=relay_txt, delay=age, attempts=attempts,
                      dsn=dsn_status, status=status_word, reply=reply)
         dsns = self._make_dsns(m, report, now)
+        job.recording = True
         await self.spool.write(ops.record_results, updates, dsns, [job.queue_id])
         if dsns:
             self.kick()

@@ -15,11 +15,13 @@ up, we stop working through the input until it drains.  While we do not
 work through it (output full, or a spool write outstanding), at most
 ``_PAUSE_AT`` octets are buffered before we stop reading.  (Reading is not
 stopped as soon as the output is full: a TLS layer says its output is full
-while its handshake is under way, and the handshake needs reading.)  The command timeout is the time allowed to send a complete
-command line (bytes trickling in do not extend it: no slowloris); during
-DATA and BDAT the timeout is extended only by ``_DATA_PROGRESS`` octets of
-progress.  A connection we close is aborted if its last reply cannot be
-delivered within ``_CLOSE_GRACE`` seconds (or the command timeout).
+while its handshake is under way, and the handshake needs reading.)
+
+The command timeout is the time allowed to send a complete command line
+(bytes trickling in do not extend it: no slowloris); during DATA and BDAT
+the timeout is extended only by ``_DATA_PROGRESS`` octets of progress.  A
+connection we close is aborted if its last reply cannot be delivered within
+``_CLOSE_GRACE`` seconds (or the command timeout).
 
 STARTTLS (RFC 3207) and implicit TLS (RFC 8314): after ``220 Ready to start
 TLS`` whatever the client pipelined in plaintext is thrown away (the
@@ -65,6 +67,7 @@ from .replies import R, Reply, SMTPReplyError
 
 log = Logger(namespace="mta.smtpd")
 
+_RECEIVED = re.compile(rb"^Received[ \t]*:", re.I | re.M)
 MAX_COMMAND_LINE = 512          # octets including CRLF (RFC 5321 §4.5.3.1.4)
 MAX_AUTH_LINE = 12288           # AUTH command and SASL response lines (RFC 4954 §4)
 _BDAT = re.compile(r"(\d{1,15})(?: +(LAST))? *", re.I)
@@ -74,6 +77,10 @@ _DATA_PROGRESS = 1024           # octets of DATA/BDAT input that extend the data
 _CLOSE_GRACE = 30.0             # seconds for our last reply to go before we abort
 
 _CMD, _DATA, _BDAT_MODE, _CLOSED = range(4)
+
+# The metrics' reason label of a refusal after the content (see mta/metrics.py).
+_REFUSAL_REASONS = {r.MSG_TOO_BIG: "too_big", r.BARE_NEWLINE: "bare_newline",
+                    r.TEXT_LINE_TOO_LONG: "long_line"}
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,7 @@ class ServerSettings:
     data_timeout: float = 600.0
     max_errors: int = 20
     bare_newlines: str = "reject"
+    max_hops: int = 50              # Received lines before a message counts as looping
     auth_plaintext_on_loopback: bool = False   # offer AUTH without TLS on loopback
 
 
@@ -111,6 +119,30 @@ class SMTPServerFactory(protocol.Factory):
         self.connections = 0
         self.per_client: Counter[str] = Counter()
         self.on_stored: Callable[[str], Any] | None = None  # e.g. kick the queue runner
+        self.metrics: Any = None          # mta.metrics.Metrics, or None (no metrics)
+        self.sessions: set[SMTPServer] = set()
+        self.shutting_down = False
+
+    # -- graceful shutdown ----------------------------------------------------
+    def shutdown(self) -> None:
+        """Stop taking mail: from now on every new command (and every new
+        connection) is answered ``421 4.3.2`` and the session closed.  An idle
+        session, or one still receiving a message, is closed at once (that
+        message was never acknowledged); a session whose transaction is past
+        its final dot gets the reply of its commit first."""
+        self.shutting_down = True
+        for session in list(self.sessions):
+            session.begin_shutdown()
+
+    def force_close(self) -> None:
+        """The grace period is over: close every session that is not waiting
+        for a commit (or a password check) to return."""
+        for session in list(self.sessions):
+            session.force_shutdown()
+
+    def drained(self) -> bool:
+        """True when no session waits for anything from us any more."""
+        return all(s.finished() for s in self.sessions)
 
     def buildProtocol(self, addr: Any) -> "SMTPServer":
         p = SMTPServer(self)
@@ -224,6 +256,12 @@ class SMTPServer(protocol.Protocol):
         f.connections += 1
         f.per_client[self.client_ip] += 1
         self._counted = True
+        f.sessions.add(self)
+        if f.metrics is not None:
+            f.metrics.connections.inc()
+        if f.shutting_down:
+            self._close_with(r.SHUTTING_DOWN, enhanced=True)
+            return
         if f.connections > self.settings.max_connections:
             self._close_with(r.TOO_MANY_CONNECTIONS, enhanced=True)
             return
@@ -264,6 +302,7 @@ class SMTPServer(protocol.Protocol):
                      client=self.client_ip, reason=reason.getErrorMessage())
         self._mode = _CLOSED
         self._buf = b""
+        self.factory.sessions.discard(self)
         self._reset_transaction()
         self._sasl_mech = self._sasl_user = None
         if self._timer is not None and self._timer.active():
@@ -271,6 +310,7 @@ class SMTPServer(protocol.Protocol):
         self._timer = None
         if self._delayed is not None and self._delayed.active():
             self._delayed.cancel()
+            self._busy = False           # the held-back reply will never be sent
         self._delayed = None
         if self._abort_timer is not None and self._abort_timer.active():
             self._abort_timer.cancel()
@@ -322,6 +362,33 @@ class SMTPServer(protocol.Protocol):
             log.info("aborting connection client={client}: last reply not taken",
                      client=self.client_ip)
             abort()
+
+    # -- graceful shutdown (see SMTPServerFactory.shutdown) ----------------------
+    def begin_shutdown(self) -> None:
+        if self._delayed is not None and self._delayed.active():
+            self._delayed.cancel()       # a held-back 535: not worth waiting for
+            self._delayed = None
+            self._busy = False
+        if not self._busy and not self._processing and self._mode != _CLOSED:
+            # Idle, or still receiving a message: that transaction is not
+            # ours yet (no 250), so the client keeps it and tries again later.
+            self._close_with(r.SHUTTING_DOWN, enhanced=True)
+        # Otherwise a commit (or a password check) is pending: its reply goes
+        # out first, then the 421 (see _process).
+
+    def force_shutdown(self) -> None:
+        if self._mode == _CLOSED:
+            return
+        if self._delayed is not None and self._delayed.active():
+            self._delayed.cancel()       # a held-back 535: no need to hold it any more
+            self._delayed = None
+            self._busy = False
+        if not self._busy:               # a commit in progress still gets its reply
+            self._close_with(r.SHUTTING_DOWN, enhanced=True)
+
+    def finished(self) -> bool:
+        """Nothing more to say: closed (or closing), and no commit pending."""
+        return self._mode == _CLOSED and not self._busy
 
     # -- flow control (IPushProducer, for the transport) ----------------------
     def pauseProducing(self) -> None:
@@ -379,6 +446,11 @@ class SMTPServer(protocol.Protocol):
             self._progress = 0
             self._timer.reset(self.settings.command_timeout if self._mode == _CMD
                               else self.settings.data_timeout)
+        if self.factory.shutting_down and self._mode == _CMD and not self._busy:
+            # Stopping: the session's last reply is out (or about to be); no
+            # more commands.
+            self._close_with(r.SHUTTING_DOWN, enhanced=True)
+            return
         self._flush()
         if self._input_full and not self._busy and not self._out_full:
             self._input_full = False
@@ -487,6 +559,9 @@ class SMTPServer(protocol.Protocol):
 
     # -- commands -----------------------------------------------------------
     def _command(self, raw: bytes) -> None:
+        if self.factory.shutting_down:
+            self._close_with(r.SHUTTING_DOWN, enhanced=True)
+            return
         if b"\x00" in raw or b"\r" in raw:  # NUL, or a bare CR inside the line
             self._reply(r.BAD_CHARS)
             return
@@ -545,6 +620,7 @@ class SMTPServer(protocol.Protocol):
         if self.has_sender:
             raise SMTPReplyError(r.NESTED_MAIL)
         if self.submission and self.authenticated is None:
+            self._count_rejected("auth_required")
             raise SMTPReplyError(r.AUTH_REQUIRED)
         if arg[:5].upper() != "FROM:":
             raise SMTPReplyError(R(501, "5.5.2", "Syntax: MAIL FROM:<address>"))
@@ -561,6 +637,7 @@ class SMTPServer(protocol.Protocol):
             raise SMTPReplyError(R(501, "5.1.7", f"Bad sender address syntax: {e}")) from None
         limit = self.settings.max_message_size
         if limit and params.size is not None and params.size > limit:
+            self._count_rejected("too_big")
             raise SMTPReplyError(r.MSG_TOO_BIG)
         if params.auth is not None and self.authenticated is None:
             # RFC 4954 §5: from a client that has not authenticated, behave
@@ -594,11 +671,13 @@ class SMTPServer(protocol.Protocol):
             raise SMTPReplyError(R(501, "5.1.3", f"Bad recipient address syntax: {e}")) from None
         assert rcpt is not None
         if len(self.recipients) >= self.settings.max_recipients:
+            self._count_rejected("too_many_recipients")
             raise SMTPReplyError(r.TOO_MANY_RCPTS)
         if not self.factory.policy.recipient_allowed(
                 rcpt, client_ip=self.client_ip, authenticated=self.authenticated is not None):
             log.info("reject client={client} from=<{sender}> to=<{rcpt}> 554 5.7.1 relay denied",
                      client=self.client_ip, sender=self.sender or "", rcpt=rcpt)
+            self._count_rejected("relay_denied")
             raise SMTPReplyError(R(554, "5.7.1", f"<{rcpt}>: Relay access denied"))
         text = str(rcpt)
         if not any(x.address == text for x in self.recipients):  # one copy per address
@@ -660,6 +739,7 @@ class SMTPServer(protocol.Protocol):
                 self._chunks = bytearray()
             limit = self.settings.max_message_size
             if limit and len(self._chunks) + size > limit:
+                self._count_rejected("too_big")
                 self._bdat_error = self._chunk_reply = r.MSG_TOO_BIG
                 self._chunks = None
         self._bdat_left = size
@@ -670,6 +750,8 @@ class SMTPServer(protocol.Protocol):
 
     def _end_of_chunk(self) -> None:
         self._mode = _CMD
+        if self._timer is not None:
+            self._timer.reset(self.settings.command_timeout)  # as after DATA's dot
         last = self._bdat_last
         if self._chunk_reply is not None:
             reply = self._chunk_reply
@@ -697,7 +779,14 @@ class SMTPServer(protocol.Protocol):
     def _bdat_size_so_far(self) -> int:
         return len(self._chunks) if self._chunks is not None else 0
 
+    def _count_rejected(self, reason: str) -> None:
+        m = self.factory.metrics
+        if m is not None:
+            m.message_rejected(reason)
+
     def _refuse(self, reply: Reply) -> None:
+        if self.factory.metrics is not None:
+            self._count_rejected(_REFUSAL_REASONS.get(reply, "other"))
         log.info("refused client={client} from=<{sender}> nrcpt={n}: {reply}",
                  client=self.client_ip, sender=self.sender or "", n=len(self.recipients),
                  reply=str(reply))
@@ -721,6 +810,11 @@ class SMTPServer(protocol.Protocol):
         proto = self._protocol_name()
         rcpts = self.recipients
         hdr_end = split_header_block(content)
+        hops = len(_RECEIVED.findall(content, 0, hdr_end))
+        if hops >= self.settings.max_hops:
+            # A mail loop (RFC 5321 §6.3): refuse rather than pass it on again.
+            self._refuse(R(554, "5.4.6", f"Too many hops ({hops} Received lines): mail loop?"))
+            return
         received = received_header(
             helo=self.helo or "", client_ip=self.client_ip, hostname=self.settings.hostname,
             protocol=proto, queue_id=qid,
@@ -754,6 +848,8 @@ class SMTPServer(protocol.Protocol):
                      "nrcpt={nrcpt} proto={proto}", queue_id=qid, client=msg.client_address,
                      helo=msg.helo, sender=msg.sender, size=msg.size,
                      nrcpt=len(msg.recipients), proto=msg.protocol)
+        if self.factory.metrics is not None:
+            self.factory.metrics.accepted.inc()
         self._done(R(250, "2.0.0", f"Ok: queued as {qid}"))
         if self.factory.on_stored is not None:
             self.factory.on_stored(qid)
@@ -762,6 +858,7 @@ class SMTPServer(protocol.Protocol):
         log.error("spool failure client={client} from=<{sender}> nrcpt={nrcpt}: {error}",
                   client=msg.client_address, sender=msg.sender, nrcpt=len(msg.recipients),
                   error=failure.getErrorMessage())
+        self._count_rejected("spool_error")
         self._done(r.SPOOL_FAILED)
 
     def _done(self, reply: Reply) -> None:

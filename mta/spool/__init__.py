@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from typing import Any, Callable
 
 from sqlalchemy import create_engine, event, select, text
@@ -74,6 +75,9 @@ class Spool:
         self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="mta-spool")
         self.batches = 0     # commits done by the writer (for benchmarks/tests)
         self.stored = 0
+        # Called on the writer thread after each group commit with its duration
+        # in seconds and the number of new messages in it (metrics), or None.
+        self.on_commit: Callable[[float, int], None] | None = None
 
     # -- lifecycle ---------------------------------------------------------
     def open(self) -> None:
@@ -152,7 +156,17 @@ class Spool:
             try:
                 if conn is None:
                     conn = self.engine.connect()
-                results = self._commit_batch(conn, batch)
+                observe = self.on_commit
+                if observe is None:
+                    results = self._commit_batch(conn, batch)
+                else:
+                    started = time.perf_counter()
+                    results = self._commit_batch(conn, batch)
+                    try:
+                        observe(time.perf_counter() - started,
+                                sum(1 for fn, _a, _d in batch if fn is None))
+                    except Exception:
+                        pass
             except Exception:  # connection-level trouble: fail the batch, reconnect next time
                 f = Failure()
                 results = [(d, None, f) for _fn, _a, d in batch]

@@ -78,6 +78,28 @@ def recover_inflight(conn: Connection) -> int:
     return res.rowcount or 0
 
 
+def requeue_inflight(conn: Connection, rids: list[int]) -> int:
+    """Recipients claimed for an attempt that did not happen (or was
+    interrupted by a stop) are queued again.  Only rows still in flight: a
+    result recorded meanwhile stands."""
+    if not rids:
+        return 0
+    res = conn.execute(update(recipients)
+                       .where(recipients.c.id.in_(rids), recipients.c.state == "inflight")
+                       .values(state="queued"))
+    return res.rowcount or 0
+
+
+def queue_summary(conn: Connection) -> tuple[dict[str, int], int, float | None]:
+    """For the metrics: recipients by state, the number of messages, and the
+    arrival time of the oldest (None when the spool is empty)."""
+    by_state = {state: n for state, n in conn.execute(
+        select(recipients.c.state, func.count()).group_by(recipients.c.state))}
+    count, oldest = conn.execute(select(func.count(), func.min(messages.c.arrival))
+                                 .select_from(messages)).one()
+    return by_state, int(count or 0), oldest
+
+
 def claim_due(conn: Connection, now: float, limit: int) -> list[dict[str, Any]]:
     """Mark up to *limit* due recipients in flight and return them."""
     q = _sel_due_locked if conn.dialect.name == "postgresql" else _sel_due

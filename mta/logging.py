@@ -1,0 +1,104 @@
+"""JSON logs for twistd: ``twistd --logger mta.logging.json_observer mta ...``
+writes one JSON object per log event and line (JSON Lines) instead of the
+text log.
+
+twistd calls the factory without arguments, so the destination comes from
+the environment: ``MTA_LOG_JSON=/var/log/mta/mta.json`` (appended to; reopen
+it with SIGUSR1 after rotating it away, or use copytruncate), or standard
+output when unset or ``-`` (for ``twistd -n`` under systemd or a container
+runtime).
+
+Each object is Twisted's own serialisation of the event
+(``twisted.logger.eventAsJSON``: ``log_namespace``, ``log_level``,
+``log_time``, ``log_format`` and every field, such as ``queue_id``,
+``client``, ``rcpt``, ``status``), plus ``text``: the formatted message as
+the text log would show it, and ``level`` (``info``, ``warn``, ...).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from typing import IO, Any
+
+from twisted.logger import FileLogObserver, eventAsJSON, formatEvent
+
+ENV = "MTA_LOG_JSON"
+
+
+def _json_line(event: dict[str, Any]) -> str:
+    event = dict(event)
+    try:
+        event["text"] = formatEvent(event)
+    except Exception:     # formatEvent does not raise, but be safe: a log line must not
+        event["text"] = str(event.get("log_format", ""))
+    level = event.get("log_level")
+    if level is not None:
+        event["level"] = getattr(level, "name", str(level))
+    failure = event.get("log_failure")
+    if failure is not None:
+        try:
+            event["traceback"] = failure.getTraceback()
+        except Exception:
+            pass
+    return eventAsJSON(event) + "\n"
+
+
+class _ReopeningFile:
+    """A log file opened for appending, reopened after SIGUSR1 (rotation):
+    the signal only sets a flag, the next write reopens."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._lock = threading.Lock()
+        self._file: IO[str] = self._open()
+        self.reopen_wanted = False
+
+    def _open(self) -> IO[str]:
+        return open(self.path, "a", encoding="utf-8", buffering=1)
+
+    def write(self, text: str) -> None:
+        with self._lock:
+            if self.reopen_wanted:
+                self.reopen_wanted = False
+                try:
+                    new = self._open()
+                except OSError:
+                    pass
+                else:
+                    self._file.close()
+                    self._file = new
+            self._file.write(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._file.flush()
+
+
+def json_observer(out: IO[str] | None = None) -> FileLogObserver:
+    """The log observer factory for ``twistd --logger``."""
+    if out is None:
+        target = os.environ.get(ENV, "-")
+        if target in ("", "-"):
+            out = sys.stdout
+        else:
+            out = _ReopeningFile(target)  # type: ignore[assignment]
+            _reopen_on_usr1(out)          # type: ignore[arg-type]
+    return FileLogObserver(out, _json_line)
+
+
+def _reopen_on_usr1(f: _ReopeningFile) -> None:
+    try:
+        previous = signal.getsignal(signal.SIGUSR1)
+    except (AttributeError, ValueError):
+        return
+    if previous not in (None, signal.SIG_DFL):
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        f.reopen_wanted = True
+    try:
+        signal.signal(signal.SIGUSR1, handler)
+    except ValueError:   # not the main thread
+        pass

@@ -1,0 +1,279 @@
+"""Prometheus metrics: the counters the server and the queue runner bump,
+the queue gauges read from the spool every few seconds, and the HTTP page
+that serves them (``[metrics] listen``).
+
+Everything lives in one :class:`Metrics` object with its own
+``CollectorRegistry`` (never the global one), handed to the server factory,
+the queue runner and the spool; tests run several in one process.  With
+``[metrics] listen = ""`` no Metrics object exists and the hot paths test
+one attribute for None.  On the hot paths the cost is a counter increment:
+label children are looked up once and kept, the open-connections gauge is
+read from the server factory's own counter at scrape time, and the queue
+gauges come from a periodic ``GROUP BY`` on the spool's thread pool, never
+from the request paths.
+
+Metric names (all prefixed ``mta_``)::
+
+    mta_smtp_connections_total                       counter
+    mta_smtp_connections_current                     gauge
+    mta_messages_accepted_total                      counter
+    mta_messages_rejected_total{reason}              counter
+    mta_delivery_recipients_total{status,domain}     counter  (delivered, deferred, bounced)
+    mta_delivery_latency_seconds                     histogram (arrival -> delivered/bounced)
+    mta_queue_recipients{state}                      gauge
+    mta_queue_messages                               gauge
+    mta_queue_oldest_message_age_seconds             gauge
+    mta_spool_commit_seconds                         histogram (one group commit)
+    mta_spool_commit_messages                        histogram (messages per group commit)
+"""
+from __future__ import annotations
+
+import ipaddress
+import threading
+from typing import Any, Callable
+
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
+                               Histogram, generate_latest)
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+log = Logger(namespace="mta.metrics")
+
+#: Reasons a message (or, for relay_denied and too_many_recipients, a
+#: recipient) is refused; each is exported from the start, at 0.
+REJECT_REASONS = ("relay_denied", "too_big", "bare_newline", "long_line", "spool_error",
+                  "too_many_recipients", "auth_required")
+#: Recipient states in the spool (see mta/spool/schema.py).
+QUEUE_STATES = ("queued", "inflight", "deferred", "held", "delivered", "failed")
+DELIVERY_STATUSES = ("delivered", "deferred", "bounced")
+OTHER_DOMAIN = "other"
+
+_LATENCY_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400,
+                    5 * 86400, float("inf"))
+_COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
+                   5, 10, float("inf"))
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, float("inf"))
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None, *, max_domains: int = 50,
+                 clock: Callable[[], float] | None = None):
+        if registry is None:
+            registry = CollectorRegistry()
+        if clock is None:
+            import time
+            clock = time.time
+        self.registry = registry
+        self.max_domains = max_domains
+        self.clock = clock
+        r = registry
+        self.connections = Counter("mta_smtp_connections", "Inbound SMTP connections accepted",
+                                   registry=r)
+        self.connections_current = Gauge("mta_smtp_connections_current",
+                                         "Inbound SMTP connections open now", registry=r)
+        self.accepted = Counter("mta_messages_accepted",
+                                "Messages accepted (250 after the final dot or BDAT LAST)",
+                                registry=r)
+        self.rejected = Counter("mta_messages_rejected",
+                                "Messages refused, by reason (relay_denied and "
+                                "too_many_recipients count refused recipients)",
+                                ["reason"], registry=r)
+        self.recipients = Counter("mta_delivery_recipients",
+                                  "Outcomes of delivery attempts per recipient, by status "
+                                  "(delivered, deferred, bounced) and destination domain "
+                                  f"(the first {max_domains} domains seen, then "
+                                  f"\"{OTHER_DOMAIN}\")", ["status", "domain"], registry=r)
+        self.delivery_latency = Histogram("mta_delivery_latency_seconds",
+                                          "Time from arrival to the final outcome (delivered "
+                                          "or bounced) of a recipient", buckets=_LATENCY_BUCKETS,
+                                          registry=r)
+        self.queue = Gauge("mta_queue_recipients", "Recipients in the spool by state",
+                           ["state"], registry=r)
+        self.queue_messages = Gauge("mta_queue_messages", "Messages in the spool", registry=r)
+        self.oldest = Gauge("mta_queue_oldest_message_age_seconds",
+                            "Age of the oldest message in the spool (0 when empty)", registry=r)
+        self.spool_commit = Histogram("mta_spool_commit_seconds",
+                                      "Duration of one group commit of the spool writer",
+                                      buckets=_COMMIT_BUCKETS, registry=r)
+        self.spool_batch = Histogram("mta_spool_commit_messages",
+                                     "New messages written by one group commit",
+                                     buckets=_BATCH_BUCKETS, registry=r)
+        self._rejected = {reason: self.rejected.labels(reason) for reason in REJECT_REASONS}
+        for state in QUEUE_STATES:
+            self.queue.labels(state).set(0)
+        self._oldest_arrival: float | None = None
+        self.oldest.set_function(self._oldest_age)
+        self._domains: dict[tuple[str, str], Any] = {}
+        self._domain_names: set[str] = set()
+        self._lock = threading.Lock()
+
+    # -- called on the hot paths -----------------------------------------------------
+    def message_rejected(self, reason: str) -> None:
+        child = self._rejected.get(reason)
+        if child is None:
+            child = self._rejected[reason] = self.rejected.labels(reason)
+        child.inc()
+
+    def recipient_done(self, status: str, domain: str, latency: float | None = None) -> None:
+        """One recipient's attempt ended: status delivered, deferred or bounced;
+        *latency* (arrival to now) for the final ones."""
+        key = (status, domain)
+        child = self._domains.get(key)
+        if child is None:
+            child = self._domains[key] = self.recipients.labels(status, self._label(domain))
+        child.inc()
+        if latency is not None:
+            self.delivery_latency.observe(max(0.0, latency))
+
+    def _label(self, domain: str) -> str:
+        """The domain's label: itself for the first max_domains domains, then "other"."""
+        with self._lock:
+            if domain in self._domain_names:
+                return domain
+            if len(self._domain_names) < self.max_domains:
+                self._domain_names.add(domain)
+                return domain
+        return OTHER_DOMAIN
+
+    def commit_done(self, seconds: float, messages: int) -> None:
+        """One group commit (called on the spool writer thread)."""
+        self.spool_commit.observe(seconds)
+        if messages:
+            self.spool_batch.observe(messages)
+
+    # -- the queue gauges --------------------------------------------------------------
+    def set_queue(self, by_state: dict[str, int], messages: int,
+                  oldest_arrival: float | None) -> None:
+        for state in set(QUEUE_STATES) | set(by_state):
+            self.queue.labels(state).set(by_state.get(state, 0))
+        self.queue_messages.set(messages)
+        self._oldest_arrival = oldest_arrival
+
+    def _oldest_age(self) -> float:
+        arrival = self._oldest_arrival
+        return 0.0 if arrival is None else max(0.0, self.clock() - arrival)
+
+    def watch_connections(self, factory: Any) -> None:
+        """Read the open-connections gauge from the server factory at scrape time."""
+        self.connections_current.set_function(lambda: factory.connections)
+
+    def scrape(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class QueueGauges(service.Service):
+    """Reads the queue gauges from the spool every *interval* seconds (one
+    GROUP BY on the spool's thread pool; never two at once)."""
+
+    name = "metrics-queue"
+
+    def __init__(self, metrics: Metrics, spool: Any, interval: float, reactor: Any = None):
+        if reactor is None:
+            from twisted.internet import reactor as _r
+            reactor = _r
+        self.metrics = metrics
+        self.spool = spool
+        self.interval = interval
+        self.reactor = reactor
+        self._loop: task.LoopingCall | None = None
+        self._pending: defer.Deferred | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = task.LoopingCall(self.refresh)
+        self._loop.clock = self.reactor
+        self._loop.start(self.interval, now=True)
+
+    def refresh(self) -> defer.Deferred | None:
+        if self._pending is not None:
+            return None
+        from .spool import ops
+        d = self.spool.run(ops.queue_summary)
+        self._pending = d
+
+        def got(summary: tuple[dict[str, int], int, float | None]) -> None:
+            self.metrics.set_queue(*summary)
+
+        def failed(f: Any) -> None:
+            log.warn("reading the queue gauges failed: {error}", error=f.getErrorMessage())
+
+        def done(_: Any) -> None:
+            self._pending = None
+        d.addCallbacks(got, failed)
+        d.addBoth(done)
+        return d
+
+    def stopService(self) -> defer.Deferred | None:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        if self._pending is not None:   # let the query in progress end before the spool stops
+            d: defer.Deferred = defer.Deferred()
+            self._pending.addBoth(lambda r: (d.callback(None), r)[1])
+            return d
+        return None
+
+
+class MetricsPage(resource.Resource):
+    """``GET /metrics``: the text exposition format."""
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics):
+        super().__init__()
+        self.metrics = metrics
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return self.metrics.scrape()
+
+    render_HEAD = render_GET
+
+
+class _Root(resource.Resource):
+    def __init__(self, metrics: Metrics):
+        super().__init__()
+        self.putChild(b"metrics", MetricsPage(metrics))
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return b"mta: metrics at /metrics\n"
+
+    def getChild(self, path: bytes, request: Any) -> resource.Resource:
+        if path == b"":
+            return self
+        return super().getChild(path, request)
+
+
+class MetricsSite(server.Site):
+    """The metrics web site; scrapes are not written to the log."""
+    noisy = False
+
+    def __init__(self, metrics: Metrics):
+        super().__init__(_Root(metrics))
+
+    def log(self, request: Any) -> None:
+        pass
+
+    def logPrefix(self) -> str:   # "metrics starting on 9025"
+        return "metrics"
+
+
+def is_loopback_endpoint(description: str) -> bool:
+    """Whether a tcp:/tcp6:/unix: server endpoint string listens on loopback only."""
+    from .config import _split_endpoint
+    parts = _split_endpoint(description)
+    kind = parts[0].lower()
+    if kind == "unix":
+        return True
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return False
+    for part in parts[1:]:
+        key, eq, value = part.partition("=")
+        if eq and key == "interface":
+            try:
+                return ipaddress.ip_address(value.replace("\\:", ":").split("%")[0]).is_loopback
+            except ValueError:
+                return False
+    return False
