@@ -38,6 +38,8 @@ import textwrap
 from dataclasses import dataclass
 from email.utils import formatdate
 
+from .smtp.params import xtext_decode as _xtext_decode
+
 __all__ = [
     "DSNRecipient",
     "OriginalMessage",
@@ -87,28 +89,6 @@ class OriginalMessage:
 
 # ---------------------------------------------------------------------------
 # Small text helpers
-
-_HEX2 = re.compile(r"[0-9A-Fa-f]{2}")
-
-
-def _xtext_bytes(value: str) -> bytes:
-    """Undo xtext (RFC 3461 §4): ``+XX`` is one octet; anything else is itself
-    (UTF-8 encoded, for values that arrived raw under SMTPUTF8)."""
-    out = bytearray()
-    i, n = 0, len(value)
-    while i < n:
-        ch = value[i]
-        if ch == "+" and _HEX2.fullmatch(value, i + 1, i + 3):
-            out.append(int(value[i + 1:i + 3], 16))
-            i += 3
-            continue
-        out += ch.encode("utf-8", "surrogatepass")
-        i += 1
-    return bytes(out)
-
-
-def _xtext_decode(value: str) -> str:
-    return _xtext_bytes(value).decode("utf-8", "replace")
 
 
 _EMBEDDED = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")
