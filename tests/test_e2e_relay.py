@@ -248,7 +248,8 @@ def test_smarthost_takes_everything_but_routes(mta_factory, peer_factory):
                for ln in delivery_lines(mta, qid)), delivery_lines(mta, qid)
 
     txs = smarthost.transactions()
-    assert sorted(sorted(t.accepted) for t in txs) == [["a@one.test", "b@one.test"], ["c@two.test"]]
+    # Same next hop (the smarthost), one transaction, whatever the domains.
+    assert [sorted(t.accepted) for t in txs] == [["a@one.test", "b@one.test", "c@two.test"]]
     assert [t.accepted for t in special.transactions()] == [["d@special.test"]]
     for t in txs + special.transactions():
         assert t.mail_address == SENDER

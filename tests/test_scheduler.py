@@ -249,3 +249,16 @@ def test_inflight_recipients_are_recovered_at_start(env):
     env.make()
     assert len(env.pool.calls) == 1
     assert env.spool.sql("SELECT COUNT(*) FROM messages WHERE queue_id = ?", qid) == [(0,)]
+
+
+def test_one_transaction_per_next_hop_not_per_domain(env):
+    class SmarthostRouter(FakeRouter):
+        def destination(self, domain):
+            return "smarthost"
+    env.router.__class__ = SmarthostRouter
+    put(env, rcpts=("bob@dest.test", "dave@other.test", "erin@third.test"))
+    env.make()
+    assert len(env.pool.calls) == 1
+    assert [r.address for r in env.pool.calls[0][1].recipients] == [
+        "bob@dest.test", "dave@other.test", "erin@third.test"]
+    assert env.spool.sql("SELECT COUNT(*) FROM messages") == [(0,)]

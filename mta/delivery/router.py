@@ -348,6 +348,23 @@ class Router:
         self._resolver = None
 
     # -- public API ----------------------------------------------------------------
+    def destination(self, domain: str) -> str:
+        """The key under which recipients of *domain* share a transaction and
+        a concurrency limit: the configured next hop for a route or the
+        smarthost (so one message to several domains makes one transaction
+        to it), else the domain itself."""
+        raw = domain.strip()
+        try:
+            key = raw.lower() if raw.startswith("[") else to_ascii_domain(raw)
+        except ValueError:
+            return raw.lower()
+        hostport = self.routes.get(key)
+        if hostport is not None:
+            return f"route:{hostport[0]}:{hostport[1]}:{self.route_tls.get(key, self.tls)}"
+        if self.smarthost is not None:
+            return "smarthost"
+        return key
+
     def route(self, domain: str) -> Deferred[list[NextHop]]:
         """The next hops for ``domain``, most preferred first; fails with RouteError."""
         return Deferred.fromCoroutine(self._route(domain))

@@ -58,6 +58,7 @@ class Job:
     domain: str
     message: dict[str, Any]
     rcpts: list[dict[str, Any]] = field(default_factory=list)
+    destination: str = ""       # Router.destination(): the concurrency key
     attempting: bool = False    # has a delivery slot and is under way
     recording: bool = False     # writing its outcome: not to be cancelled
 
@@ -197,21 +198,30 @@ class QueueRunner(service.Service):
             self._again = True
         groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
         for r in rows:
-            groups[(r["queue_id"], self._domain_of(r["address"]))].append(r)
+            groups[(r["queue_id"], self._destination_of(r["address"]))].append(r)
         orphans = []
-        for (qid, domain), rcpts in groups.items():
+        for (qid, destination), rcpts in groups.items():
             msg = msgs.get(qid)
             if msg is None:  # should not happen: recipients without their message
                 orphans.extend(rcpts)
                 continue
             step = self.relay.recipient_limit
             for i in range(0, len(rcpts), step):
-                self._start(Job(qid, domain, msg, rcpts[i:i + step]))
+                part = rcpts[i:i + step]
+                self._start(Job(qid, self._domain_of(part[0]["address"]), msg, part,
+                                destination=destination))
         if orphans:
             log.error("{n} recipients without a message row; marking failed", n=len(orphans))
             await self.spool.write(ops.record_results, [
                 ops.RecipientUpdate(r["id"], "failed", r["attempts"], now, "message missing")
                 for r in orphans], [], [])
+
+    def _destination_of(self, address: str) -> str:
+        """Recipients with the same destination travel together (see
+        Router.destination); a router without that notion groups by domain."""
+        domain = self._domain_of(address)
+        dest = getattr(self.router, "destination", None)
+        return dest(domain) if dest is not None else domain
 
     def _domain_of(self, address: str) -> str:
         if "@" not in address:  # bare postmaster
@@ -261,9 +271,9 @@ class QueueRunner(service.Service):
         return d.addCallbacks(logged, failed)
 
     async def _run_job(self, job: Job) -> None:
-        sem = self._per_dest.get(job.domain)
+        sem = self._per_dest.get(job.destination or job.domain)
         if sem is None:
-            sem = self._per_dest[job.domain] = defer.DeferredSemaphore(self.relay.per_destination)
+            sem = self._per_dest[job.destination or job.domain] = defer.DeferredSemaphore(self.relay.per_destination)
         await sem.acquire()
         try:
             await self._global.acquire()
@@ -278,7 +288,7 @@ class QueueRunner(service.Service):
         finally:
             sem.release()
             if not sem.waiting and sem.tokens == sem.limit:
-                self._per_dest.pop(job.domain, None)
+                self._per_dest.pop(job.destination or job.domain, None)
 
     # -- one attempt ------------------------------------------------------------------
     async def _attempt(self, job: Job) -> None:
@@ -365,7 +375,7 @@ class QueueRunner(service.Service):
             updates.append(ops.RecipientUpdate(row["id"], state, attempts, nxt, reply, warned))
             if self.metrics is not None:
                 self.metrics.recipient_done(
-                    _METRIC_STATUS[status_word], job.domain,
+                    _METRIC_STATUS[status_word], self._domain_of(row["address"]),
                     age if state != "deferred" else None)
             log.info("{queue_id}: to=<{rcpt}> relay={relay} delay={delay:.1f} attempts={attempts} "
                      "dsn={dsn} status={status} ({reply})", queue_id=job.queue_id,
