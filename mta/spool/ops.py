@@ -3,10 +3,11 @@ transaction (by the group-commit writer for writes, the spool thread pool
 for reads).  All the queue's SQL lives here."""
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from sqlalchemy import and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import Integer, and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.engine import Connection
 
 from ..message import InboundMessage
@@ -26,6 +27,16 @@ _upd_rcpt = (update(recipients).where(recipients.c.id == bindparam("rid"))
                      warned=bindparam("b_warned")))
 _ins_messages = messages.insert()
 _ins_contents = contents.insert()
+# A large body on SQLite: the row is inserted with a zeroblob of the body's
+# length, then the body written into it through incremental blob I/O
+# (sqlite3 binds a blob parameter SQLITE_TRANSIENT -- one copy -- and then
+# builds the record -- another: ~3x the body at peak, instead of ~1x).
+_ins_contents_zeroblob = contents.insert().values(
+    queue_id=bindparam("b_qid"), headers=bindparam("b_headers"),
+    body=func.zeroblob(bindparam("b_len", type_=Integer)))
+BLOB_THRESHOLD = 1024 * 1024    # bodies larger than this are written as blobs
+BLOB_CHUNK = 1024 * 1024
+_BLOBOPEN = hasattr(sqlite3.Connection, "blobopen")   # Python >= 3.11
 _ins_recipients = recipients.insert()
 _pending = or_(*(recipients.c.state == s for s in PENDING))
 _not_final = and_(*(recipients.c.state != s for s in FINAL))
@@ -50,6 +61,8 @@ _del_messages = delete(messages).where(messages.c.queue_id == bindparam("qid"))
 
 def insert_messages(conn: Connection, msgs: list[InboundMessage]) -> None:
     mrows, crows, rrows = [], [], []
+    big: list[InboundMessage] = []
+    blobs = _BLOBOPEN and conn.dialect.name == "sqlite" and conn.dialect.driver == "pysqlite"
     for m in msgs:
         mrows.append({
             "queue_id": m.queue_id, "sender": m.sender, "body_type": m.body_type,
@@ -57,7 +70,10 @@ def insert_messages(conn: Connection, msgs: list[InboundMessage]) -> None:
             "envid": m.envid, "auth": m.auth, "client_address": m.client_address,
             "helo": m.helo, "protocol": m.protocol, "arrival": m.arrival, "size": m.size,
         })
-        crows.append({"queue_id": m.queue_id, "headers": m.headers, "body": m.body})
+        if blobs and memoryview(m.body).nbytes > BLOB_THRESHOLD:
+            big.append(m)
+        else:
+            crows.append({"queue_id": m.queue_id, "headers": m.headers, "body": m.body})
         for r in m.recipients:
             rrows.append({
                 "queue_id": m.queue_id, "address": r.address, "notify": r.notify,
@@ -65,9 +81,28 @@ def insert_messages(conn: Connection, msgs: list[InboundMessage]) -> None:
                 "next_attempt": m.arrival, "last_reply": None, "warned": False,
             })
     conn.execute(_ins_messages, mrows)
-    conn.execute(_ins_contents, crows)
+    if crows:
+        conn.execute(_ins_contents, crows)
+    for m in big:
+        _insert_contents_blob(conn, m)
     if rrows:
         conn.execute(_ins_recipients, rrows)
+
+
+def _insert_contents_blob(conn: Connection, m: InboundMessage) -> None:
+    """Insert the contents row of *m* with a zeroblob for its body, then
+    write the body into it in chunks -- in the current transaction (blob
+    writes are part of it: a rollback takes the row and its body back)."""
+    body = memoryview(m.body)
+    if body.ndim != 1 or body.itemsize != 1:
+        body = body.cast("B")
+    n = body.nbytes
+    res = conn.execute(_ins_contents_zeroblob,
+                       {"b_qid": m.queue_id, "b_headers": m.headers, "b_len": n})
+    rowid = res.lastrowid
+    with conn.connection.dbapi_connection.blobopen("contents", "body", rowid) as blob:
+        for off in range(0, n, BLOB_CHUNK):
+            blob.write(body[off:off + BLOB_CHUNK])
 
 
 def recover_inflight(conn: Connection) -> int:
