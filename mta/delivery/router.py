@@ -205,6 +205,17 @@ def parse_hostport(value: str, default_port: int = 25) -> tuple[str, int]:
     return host, port
 
 
+def _config_domain(domain: str, what: str) -> str:
+    """A configured domain as a lookup key: A-labels, lower case; "[literal]" as is."""
+    key = domain.strip().lower()
+    if key.startswith("["):
+        return key
+    try:
+        return to_ascii_domain(domain)
+    except ValueError as e:
+        raise ValueError(f"bad {what} domain {domain!r}: {e}") from None
+
+
 def _parse_nameserver(value: str) -> tuple[str, int]:
     host, port = parse_hostport(value, DNS_PORT)
     try:
@@ -284,13 +295,7 @@ class Router:
         self.routes: dict[str, tuple[str, int]] = {}
         pairs = routes.items() if isinstance(routes, Mapping) else routes  # or config's pairs
         for domain, value in pairs:
-            key = domain.strip().lower()
-            if not key.startswith("["):
-                try:
-                    key = to_ascii_domain(domain)
-                except ValueError as e:
-                    raise ValueError(f"bad route domain {domain!r}: {e}") from None
-            self.routes[key] = parse_hostport(value, port)
+            self.routes[_config_domain(domain, "route")] = parse_hostport(value, port)
         self.smarthost: tuple[str, int] | None = (
             parse_hostport(smarthost, port) if smarthost.strip() else None)
         self.nameservers: list[tuple[str, int]] = [_parse_nameserver(n) for n in nameservers]
@@ -301,12 +306,7 @@ class Router:
         self.route_tls: dict[str, str] = {}
         pairs = route_tls.items() if isinstance(route_tls, Mapping) else route_tls
         for domain, policy in pairs:
-            key = domain.strip().lower()
-            if not key.startswith("["):
-                try:
-                    key = to_ascii_domain(domain)
-                except ValueError as e:
-                    raise ValueError(f"bad route_tls domain {domain!r}: {e}") from None
+            key = _config_domain(domain, "route_tls")
             if policy not in TLS_POLICIES:
                 raise ValueError(f"bad TLS policy {policy!r} for {domain!r} "
                                  f"(expected one of {', '.join(TLS_POLICIES)})")
