@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mta.config import (
@@ -458,6 +458,7 @@ def test_parse_duration_rejects(value):
         parse_duration(value)
 
 
+@settings(deadline=None)   # pure computation: a busy CI box must not trip a deadline
 @given(
     d=st.integers(0, 30),
     h=st.integers(0, 23),
@@ -469,6 +470,7 @@ def test_parse_duration_composes(d, h, m, s):
     assert parse_duration(text) == d * 86400 + h * 3600 + m * 60 + s
 
 
+@settings(deadline=None)
 @given(st.text(max_size=12))
 def test_parse_duration_only_raises_value_error(text):
     try:
