@@ -649,8 +649,9 @@ def test_next_hop_limits_bounce_without_mangling(mta_factory, peer_factory):
     send(mta, SENDER, ["big@small.test"], message("big", b"x" * 70 + b"\r\n") * 40)
     send(mta, SENDER, ["j\u00f6rg@ascii.test"], message("utf8", b"Gr\xc3\xbc\xc3\x9fe\r\n"),
          ["SMTPUTF8", "BODY=8BITMIME"])
-    send(mta, SENDER, ["eight@sevenbit.test"], message("8bit", b"Gr\xc3\xbc\xc3\x9fe\r\n"),
-         ["BODY=8BITMIME"])
+    # 8-bit in a header field: no 7-bit form exists (only SMTPUTF8 carries it).
+    send(mta, SENDER, ["eight@sevenbit.test"],
+         message("8bit", b"Hello\r\n", b"X-Note: Gr\xc3\xbc\xc3\x9fe\r\n"), ["BODY=8BITMIME"])
     got = wait_dsns(origin, 3)
     wait_spool_empty(mta)
     status = {}
@@ -660,8 +661,38 @@ def test_next_hop_limits_bounce_without_mangling(mta_factory, peer_factory):
     assert status["big@small.test"][0] == "5.3.4"
     assert status["j\u00f6rg@ascii.test"][0] == "5.6.7"
     assert status["eight@sevenbit.test"][0] == "5.6.3"
+    assert ("could not be converted: 8-bit octets in a header field"
+            in " ".join(status["eight@sevenbit.test"][1].split()))
     # Nothing was sent to them: the client checked before MAIL.
     assert not (small.transactions() or ascii_only.transactions() or seven_bit.transactions())
+
+
+def test_8bit_converted_for_next_hop_without_8bitmime(mta_factory, peer_factory):
+    """RFC 6152 §3: 8-bit MIME text is converted (not bounced) for a next hop
+    without 8BITMIME; a message only declared BODY=8BITMIME goes as it is."""
+    seven_bit, origin = peer_factory.spawn(
+        {"extensions": ["PIPELINING", "ENHANCEDSTATUSCODES", "DSN", "SIZE 100000"]}, None)
+    mta = mta_factory(extra=relay_config(routes={"sevenbit.test": seven_bit.address,
+                                                 "origin.test": origin.address}))
+    peer_factory.ready()
+    ascii_msg = message("declared only")
+    send(mta, SENDER, ["ascii@sevenbit.test"], ascii_msg, ["BODY=8BITMIME"])
+    mime = (b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"XyZ\"\r\n")
+    parts = (b"--XyZ\r\nContent-Type: text/plain; charset=utf-8\r\n"
+             b"Content-Transfer-Encoding: 8bit\r\n\r\nGr\xc3\xbc\xc3\x9fe aus K\xc3\xb6ln\r\n"
+             b"--XyZ\r\nContent-Type: text/plain\r\n\r\nascii part\r\n--XyZ--\r\n")
+    send(mta, SENDER, ["mime@sevenbit.test"], message("mime", parts, mime), ["BODY=8BITMIME"])
+    wait_spool_empty(mta)
+    got = {tx.accepted[0]: tx for tx in seven_bit.transactions() if tx.complete}
+    assert sorted(got) == ["ascii@sevenbit.test", "mime@sevenbit.test"]
+    a, m = got["ascii@sevenbit.test"], got["mime@sevenbit.test"]
+    assert "BODY" not in a.mail_params and "BODY" not in m.mail_params
+    assert split_received(a.data)[1] == ascii_msg
+    assert m.data.isascii()
+    assert (b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+            b"Gr=C3=BC=C3=9Fe aus K=C3=B6ln\r\n--XyZ\r\n"
+            b"Content-Type: text/plain\r\n\r\nascii part\r\n--XyZ--\r\n") in m.data
+    assert not dsns(origin)
 
 
 # --------------------------------------------------------------------------- connections, DSN params

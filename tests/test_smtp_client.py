@@ -686,17 +686,94 @@ class ExtensionTests(PeerTestCase):
         self.assertEqual(peer.complete[0].mail_params["BODY"], "7BIT")
 
     @defer.inlineCallbacks
-    def test_8bit_to_hop_without_8bitmime_fails(self):
+    def test_ascii_declared_8bitmime_to_hop_without_8bitmime_goes_as_is(self):
+        # Postfix and most MUAs declare BODY=8BITMIME on everything (RFC 6152 §3).
         peer = self.peer({"extensions": ["PIPELINING", "SIZE 1000000"]})
         pool = self.pool()
-        for msg in (message(body_type="8BITMIME"), message("é\r\n".encode())):
+        result = yield pool.deliver([peer.hop()], message(body_type="8BITMIME"))
+        self.assertResult(result.results[0], 250, "2.0.0")
+        [tx] = peer.complete
+        self.assertEqual(tx.data, HEADERS + BODY)
+        self.assertEqual(tx.mail_params, {"SIZE": str(len(HEADERS + BODY))})
+
+    @defer.inlineCallbacks
+    def test_ascii_declared_8bitmime_keeps_its_body_param_where_offered(self):
+        peer = self.peer()
+        pool = self.pool()
+        yield pool.deliver([peer.hop()], message(body_type="8BITMIME"))
+        self.assertEqual(peer.complete[0].mail_params["BODY"], "8BITMIME")
+
+    @defer.inlineCallbacks
+    def test_8bit_mime_text_converted_for_hop_without_8bitmime(self):
+        peer = self.peer({"extensions": ["PIPELINING", "SIZE 1000000", "DSN"]})
+        pool = self.pool()
+        headers = (b"From: <a@example.test>\r\nMIME-Version: 1.0\r\n"
+                   b"Content-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n")
+        ascii_part = (b"Content-Type: application/octet-stream\r\n"
+                      b"Content-Transfer-Encoding: base64\r\n\r\nAAEC\r\n")
+        body = (b"preamble\r\n--b1\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                b"Content-Transfer-Encoding: 8bit\r\n\r\n" + "Grüße\r\n.\r\n".encode()
+                + b"\r\n--b1\r\n" + ascii_part + b"\r\n--b1--\r\nepilogue\r\n")
+        result = yield pool.deliver([peer.hop()], message(body, headers=headers,
+                                                          body_type="8BITMIME"))
+        self.assertResult(result.results[0], 250, "2.0.0")
+        [tx] = peer.complete
+        self.assertEqual(tx.data, headers + (
+            b"preamble\r\n--b1\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Transfer-Encoding: quoted-printable\r\n\r\nGr=C3=BC=C3=9Fe\r\n=2E\r\n"
+            b"\r\n--b1\r\n" + ascii_part + b"\r\n--b1--\r\nepilogue\r\n"))
+        self.assertNotIn("BODY", tx.mail_params)
+        self.assertEqual(tx.mail_params["SIZE"], str(len(tx.data)))   # the size as sent
+
+    @defer.inlineCallbacks
+    def test_8bit_plain_message_converted_as_text_plain(self):
+        peer = self.peer({"extensions": ["PIPELINING"]})
+        pool = self.pool()
+        result = yield pool.deliver([peer.hop()], message("é\r\n".encode()))
+        self.assertResult(result.results[0], 250, "2.0.0")
+        self.assertEqual(peer.complete[0].data, HEADERS[:-2] + (
+            b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Transfer-Encoding: quoted-printable\r\n\r\n=C3=A9\r\n"))
+        self.assertEqual(peer.complete[0].mail_params, {})
+
+    @defer.inlineCallbacks
+    def test_8bit_that_cannot_be_converted_bounces_and_says_why(self):
+        peer = self.peer({"extensions": ["PIPELINING", "SIZE 1000000"]})
+        pool = self.pool()
+        cases = [
+            (message(b"x\r\n", headers="Subject: Grüße\r\n\r\n".encode()),
+             "8-bit octets in a header field"),
+            (message("é\r\n".encode(), headers=b"MIME-Version: 1.0\r\n"
+                     b"Content-Type: multipart/mixed; boundary=zz\r\n\r\n"),
+             "a multipart with no boundary delimiter in its body"),
+        ]
+        for msg, why in cases:
             result = yield pool.deliver([peer.hop()], msg)
-            self.assertResult(result.results[0], 554, "5.6.3")
+            rr = result.results[0]
+            self.assertResult(rr, 554, "5.6.3", "554 5.6.3 message has 8-bit content the next "
+                              "hop does not accept (8BITMIME) and it could not be converted: "
+                              + why + (" (only SMTPUTF8 could carry them)"
+                                       if "header" in why else ""))
+            self.assertFalse(rr.from_remote)
+        result = yield pool.deliver([peer.hop()], message(b"\x00\xff\r\n",
+                                                          body_type="BINARYMIME"))
+        self.assertResult(result.results[0], 554, "5.6.3")
+        self.assertIn("could not be converted", result.results[0].text)
         self.assertEqual(peer.transactions, [])
         # 7-bit content still goes.
         result = yield pool.deliver([peer.hop()], message())
         self.assertEqual(result.results[0].code, 250)
         self.assertNotIn("BODY", peer.complete[0].mail_params)
+
+    @defer.inlineCallbacks
+    def test_converted_size_checked_against_hop_limit(self):
+        # 82 octets fit; as base64 with the added MIME fields they do not.
+        body = "é".encode() * 40 + b"\r\n"
+        peer = self.peer({"extensions": ["SIZE %d" % (len(HEADERS) + 200)]})
+        pool = self.pool()
+        result = yield pool.deliver([peer.hop()], message(body))
+        self.assertResult(result.results[0], 552, "5.3.4")
+        self.assertEqual(peer.transactions, [])
 
     @defer.inlineCallbacks
     def test_smtputf8(self):
@@ -1118,6 +1195,37 @@ class SmtpSinkTests(PeerTestCase):
         result = yield self.deliver_when_up(pool, hop, message())
         self.assertEqual(result.results[0].code, 250)
         self.assertFalse(result.dsn_offered)
+
+    @defer.inlineCallbacks
+    def test_8bit_converted_for_smtp_sink_without_8bitmime(self):
+        import email
+        import email.policy
+        hop, dump = self.sink("-8")
+        pool = self.pool()
+        headers = (b"From: <a@example.test>\r\nSubject: mixed\r\nMIME-Version: 1.0\r\n"
+                   b"Content-Type: multipart/alternative; boundary=\"=_b\"\r\n\r\n")
+        plain = "Grüße, ça va?\r\n.\r\n".encode()
+        html = "<p>Привет мир</p>\r\n".encode()
+        body = (b"--=_b\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                b"Content-Transfer-Encoding: 8bit\r\n\r\n" + plain +
+                b"\r\n--=_b\r\nContent-Type: text/html; charset=utf-8\r\n\r\n" + html +
+                b"\r\n--=_b--\r\n")
+        result = yield self.deliver_when_up(pool, hop, message(body, headers=headers,
+                                                               body_type="8BITMIME"))
+        self.assertEqual(result.results[0].code, 250)
+        yield pool.close()
+        [name] = glob.glob(os.path.join(dump, "*"))
+        with open(name, "rb") as f:
+            dumped = f.read()
+        self.assertTrue(dumped.isascii())
+        head, _, content = dumped.partition(b"\nFrom: ")
+        self.assertIn(b"X-Mail-Args: <a@example.test>\n", head + b"\n")   # no BODY=
+        got = email.message_from_bytes(b"From: " + content, policy=email.policy.default)
+        plain_part, html_part = got.iter_parts()
+        self.assertEqual(plain_part["Content-Transfer-Encoding"], "quoted-printable")
+        self.assertEqual(plain_part.get_payload(decode=True), plain.replace(b"\r\n", b"\n"))
+        self.assertEqual(html_part["Content-Transfer-Encoding"], "base64")   # mostly 8-bit
+        self.assertEqual(html_part.get_payload(decode=True), html)
 
     @defer.inlineCallbacks
     def test_smtp_sink_soft_rejects(self):

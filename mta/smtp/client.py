@@ -7,10 +7,16 @@ writes commands; the pool drives the conversation:
 
 * greeting, EHLO (HELO when EHLO gets a 5xx), opportunistic STARTTLS and
   EHLO again;
-* checks that the next hop can take the message as it is: SMTPUTF8
-  (553 5.6.7), BINARYMIME with CHUNKING (554 5.6.3), 8BITMIME (554 5.6.3)
-  and SIZE (552 5.3.4).  We never down-convert, and those failures are
-  final for the message (the other hops are not tried);
+* checks that the next hop can take the message: SMTPUTF8 (553 5.6.7),
+  BINARYMIME with CHUNKING (554 5.6.3), 8BITMIME and SIZE (552 5.3.4).
+  Those failures are final for the message (the other hops are not tried).
+  8-bit content for a hop without 8BITMIME (RFC 6152 §3) is converted to
+  7 bits by ``mta.smtp.downgrade`` (8-bit parts to quoted-printable or
+  base64, all else byte for byte) and sent without ``BODY=``; only what
+  cannot be converted (8-bit header fields, a broken MIME structure) is
+  refused with 554 5.6.3 saying why.  An all-ASCII message declared
+  ``BODY=8BITMIME`` is 7-bit content: it goes to such a hop as it is.
+  Binary content (BINARYMIME) is never converted;
 * MAIL, every RCPT and DATA in one write when PIPELINING is offered, one at
   a time otherwise; replies are read strictly in order;
 * the content is dot-stuffed as it is written, with the state kept across
@@ -103,6 +109,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .data import has_bare_newline, normalize_newlines
+from .downgrade import DowngradeError, to_7bit
 
 from ..delivery.router import NextHop
 
@@ -323,8 +330,24 @@ def dot_stuff(data: bytes) -> bytes:
 class _Content:
     parts: list[bytes]
     size: int
-    eightbit: bool
+    eightbit: bool                  # holds an 8-bit octet (not only declared BODY=8BITMIME)
     binary: bool
+    declared_8bit: bool = False     # stored with BODY=8BITMIME
+    _seven: "_Content | DowngradeError | None" = field(default=None, repr=False)
+
+    def seven_bit(self) -> "_Content":
+        """This content converted for a next hop without 8BITMIME (computed
+        once); raises DowngradeError when it cannot be."""
+        if self._seven is None:
+            try:
+                data = to_7bit(b"".join(self.parts))
+            except DowngradeError as e:
+                self._seven = e
+            else:
+                self._seven = _Content([data] if data else [], len(data), False, False)
+        if isinstance(self._seven, DowngradeError):
+            raise self._seven
+        return self._seven
 
 
 def _as_bytes(data: Any) -> bytes:
@@ -345,12 +368,12 @@ def _prepare(msg: OutboundMessage) -> _Content:
                      queue_id=msg.queue_id)
             whole = normalize_newlines(headers + body)
             headers, body = bytes(whole), b""
-    eightbit = (not binary) and (body_type == "8BITMIME" or not headers.isascii()
-                                 or not body.isascii())
+    eightbit = (not binary) and not (headers.isascii() and body.isascii())
     parts = [p for p in (headers, body) if p]
     if parts and not binary and not parts[-1].endswith(b"\r\n"):
         parts.append(b"\r\n")  # the final dot must follow a CRLF of the content's own
-    return _Content(parts, sum(len(p) for p in parts), eightbit, binary)
+    return _Content(parts, sum(len(p) for p in parts), eightbit, binary,
+                    declared_8bit=body_type == "8BITMIME")
 
 
 def _orcpt_for_ascii(orcpt: str) -> str:
@@ -1134,21 +1157,30 @@ class ConnectionPool:
 
     # -- the transaction ------------------------------------------------------------------
     def _local_check(self, conn: SMTPClientProtocol, msg: OutboundMessage,
-                     content: _Content) -> tuple[int, str, str] | None:
+                     content: _Content) -> tuple[int, str, str] | _Content:
+        """The content to send to this hop (converted to 7 bits when it
+        needs that), or our refusal (code, status, text)."""
         ext = conn.extensions
         if self._needs_utf8(msg) and "SMTPUTF8" not in ext:
             return (553, "5.6.7", f"SMTPUTF8 is required, but was not offered by host "
                                   f"{_hopname(conn.hop)}")
         if content.binary and not ("BINARYMIME" in ext and "CHUNKING" in ext):
-            return (554, "5.6.3", f"BINARYMIME content, but CHUNKING and BINARYMIME were not "
-                                  f"offered by host {_hopname(conn.hop)}")
+            return (554, "5.6.3", f"message has binary content (BINARYMIME) the next hop "
+                                  f"{_hopname(conn.hop)} does not accept (CHUNKING and "
+                                  f"BINARYMIME) and it could not be converted: binary content "
+                                  f"is never converted")
         if content.eightbit and "8BITMIME" not in ext:
-            return (554, "5.6.3", f"8-bit content, but 8BITMIME was not offered by host "
-                                  f"{_hopname(conn.hop)}")
+            try:
+                content = content.seven_bit()
+            except DowngradeError as e:
+                return (554, "5.6.3", f"message has 8-bit content the next hop does not accept "
+                                      f"(8BITMIME) and it could not be converted: {e}")
+            log.info("{queue_id}: {hop} does not offer 8BITMIME: 8-bit content converted to "
+                     "7 bits", queue_id=msg.queue_id, hop=_hopname(conn.hop))
         limit = ext.get("SIZE", "").strip()
         if "SIZE" in ext and limit.isdigit() and 0 < int(limit) < content.size:
             return (552, "5.3.4", "Message too big for next hop")
-        return None
+        return content
 
     @staticmethod
     def _needs_utf8(msg: OutboundMessage) -> bool:
@@ -1164,7 +1196,7 @@ class ConnectionPool:
         if content.binary:
             params.append("BODY=BINARYMIME")
         elif "8BITMIME" in ext:
-            if content.eightbit:
+            if content.eightbit or content.declared_8bit:
                 params.append("BODY=8BITMIME")
             elif (msg.body_type or "").upper() == "7BIT":
                 params.append("BODY=7BIT")
@@ -1198,7 +1230,9 @@ class ConnectionPool:
         t = self.timeouts
         dsn = "DSN" in conn.extensions
         local = self._local_check(conn, msg, content)
-        if local is not None:
+        if isinstance(local, _Content):
+            content = local
+        else:
             code, status, text = local
             self._release(conn)
             return DeliveryResult([RecipientResult(r.address, code, status,
