@@ -495,39 +495,44 @@ def test_bounce_with_ret_hdrs_and_rejected_content(mta_factory, peer_factory):
 
 
 def test_notify_never_success_and_delay(mta_factory, peer_factory):
+    """RFC 3461 §6.2.7: NOTIFY=SUCCESS to a next hop with DSN passes the duty
+    on (no report from us); to hops without DSN, one "relayed" report per
+    message, even when its recipients went to two next hops."""
     plain_ext = [e for e in DEFAULT_EXTENSIONS if e != "DSN"]
-    dsn_peer, plain, origin = peer_factory.spawn(
+    dsn_peer, plain, plain2, origin = peer_factory.spawn(
         {"rcpt": {"never@dsn.test": "550 5.1.1 No such user"}},
+        {"extensions": plain_ext},
         {"extensions": plain_ext},
         None,
     )
     mta = mta_factory(extra=relay_config(routes={"dsn.test": dsn_peer.address,
                                                  "plain.test": plain.address,
+                                                 "plain2.test": plain2.address,
                                                  "origin.test": origin.address}))
     peer_factory.ready()
     send(mta, SENDER, ["never@dsn.test"], message("never"), rcpt_options=["NOTIFY=NEVER"])
     wait_spool_empty(mta)
-    send(mta, SENDER, ["ok@dsn.test"], message("delivered"), rcpt_options=["NOTIFY=SUCCESS"])
-    [(_, delivered)] = wait_dsns(origin, 1)
-    send(mta, SENDER, ["ok@plain.test"], message("relayed"), rcpt_options=["NOTIFY=SUCCESS"])
-    got = wait_dsns(origin, 2)
+    send(mta, SENDER, ["ok@dsn.test"], message("passed on"), rcpt_options=["NOTIFY=SUCCESS"])
+    wait_spool_empty(mta)           # a DSN is spooled with the result: none was
+    assert dsns(origin) == []
+    send(mta, SENDER, ["ok@plain.test", "ok@plain2.test", "two@dsn.test"], message("relayed"),
+         rcpt_options=["NOTIFY=SUCCESS"])
     wait_spool_empty(mta)
-    assert len(dsns(origin)) == 2             # none for NOTIFY=NEVER
-    relayed = got[1][1]
-
-    for dsn, rcpt, action in ((delivered, "ok@dsn.test", "delivered"),
-                              (relayed, "ok@plain.test", "relayed")):
-        assert dsn["Subject"] == "Successful Mail Delivery Report"
-        [block] = per_recipient(dsn).values()
+    [(_, relayed)] = dsns(origin)   # one report for the message, not one per next hop
+    assert relayed["Subject"] == "Successful Mail Delivery Report"
+    blocks = per_recipient(relayed)
+    assert sorted(blocks) == ["ok@plain.test", "ok@plain2.test"]   # not the DSN hop's
+    for rcpt, block in blocks.items():
         assert block["Final-Recipient"] == f"rfc822;{rcpt}"
-        assert block["Action"] == action
+        assert block["Action"] == "relayed"
         assert block["Status"] == "2.0.0"
-        # NOTIFY=SUCCESS alone: only the headers come back (RFC 3461 RET default).
-        assert list(dsn.iter_parts())[2].get_content_type() == "text/rfc822-headers"
-    # The DSN-capable peer was told NOTIFY; the other was not.
+    # NOTIFY=SUCCESS alone: only the headers come back (RFC 3461 RET default).
+    assert list(relayed.iter_parts())[2].get_content_type() == "text/rfc822-headers"
+    # The DSN-capable peer was told NOTIFY (it owes the report now); the others were not.
     assert [t.rcpts for t in dsn_peer.transactions() if t.accepted] == [
-        ["RCPT TO:<ok@dsn.test> NOTIFY=SUCCESS"]]
+        ["RCPT TO:<ok@dsn.test> NOTIFY=SUCCESS"], ["RCPT TO:<two@dsn.test> NOTIFY=SUCCESS"]]
     assert [t.rcpts for t in plain.transactions()] == [["RCPT TO:<ok@plain.test>"]]
+    assert [t.rcpts for t in plain2.transactions()] == [["RCPT TO:<ok@plain2.test>"]]
 
 
 def test_warn_after_then_lifetime_expiry(mta_factory, peer_factory):

@@ -90,7 +90,7 @@ def env(tmp_path):
     retry = RetryConfig(first=300, max=3600, lifetime=5 * 86400, warn_after=None)
 
     def make(retry=retry, relay=RelayConfig()):
-        runner = QueueRunner(spool, router, pool, hostname="mx.example.test", retry=retry,
+        runner = QueueRunner(spool, router, e.pool, hostname="mx.example.test", retry=retry,
                              relay=relay, reactor=clock, rand=lambda: 0.5)
         runner.startService()
         return runner
@@ -262,3 +262,132 @@ def test_one_transaction_per_next_hop_not_per_domain(env):
     assert [r.address for r in env.pool.calls[0][1].recipients] == [
         "bob@dest.test", "dave@other.test", "erin@third.test"]
     assert env.spool.sql("SELECT COUNT(*) FROM messages") == [(0,)]
+
+
+# ---------------------------------------------------------------- DSN duty, one report per pass
+
+def actions(msg):
+    """{final recipient: Action} of one DSN."""
+    return {b["Final-Recipient"].split(";", 1)[1]: b["Action"] for b in status_fields(msg)[1:]}
+
+
+def test_success_to_dsn_hop_passes_the_duty_no_report(env):
+    # RFC 3461 §6.2.7: the next hop offers DSN and got NOTIFY=SUCCESS: it reports.
+    qid = put(env, rcpts=("bob@dest.test",), notify="SUCCESS")
+    env.pool.dsn_offered = True
+    env.make()
+    assert [r.notify for r in env.pool.calls[0][1].recipients] == ["SUCCESS"]
+    assert dsns(env) == []
+    assert env.spool.sql("SELECT COUNT(*) FROM messages WHERE queue_id = ?", qid) == [(0,)]
+
+
+def test_success_to_hop_without_dsn_is_relayed(env):
+    put(env, rcpts=("bob@dest.test",), notify="SUCCESS,FAILURE")
+    env.pool.dsn_offered = False
+    env.make()
+    [(to, msg)] = dsns(env)
+    assert to == "alice@example.test"
+    assert actions(msg) == {"bob@dest.test": "relayed"}
+
+
+def test_one_report_per_message_when_recipients_went_to_two_next_hops(env):
+    env.pool.dsn_offered = False
+    env.pool.script["dave@other.test"] = [(550, "5.1.1")]
+    env.pool.script["erin@other.test"] = [(550, "5.1.1")]
+    qid = put(env, rcpts=("bob@dest.test", "carol@third.test", "dave@other.test",
+                          "erin@other.test"), notify="SUCCESS,FAILURE")
+    env.make()
+    assert len(env.pool.calls) == 3                    # three next hops, three jobs
+    found = dsns(env)
+    kinds = sorted(m["Subject"] for _to, m in found)
+    assert len(found) == 2, kinds                       # one success report, one bounce
+    by_action = {}
+    for _to, m in found:
+        for rcpt, action in actions(m).items():
+            by_action.setdefault(action, set()).add(rcpt)
+    assert by_action == {"relayed": {"bob@dest.test", "carol@third.test"},
+                         "failed": {"dave@other.test", "erin@other.test"}}
+    assert env.spool.sql("SELECT COUNT(*) FROM messages WHERE queue_id = ?", qid) == [(0,)]
+
+
+class HeldPool(FakePool):
+    """Deliveries to the domains in ``hold`` wait until the test fires them."""
+
+    def __init__(self):
+        super().__init__()
+        self.hold: set[str] = set()
+        self.waiting: list = []
+
+    def deliver(self, hops, msg):
+        if msg.recipients[0].address.rsplit("@", 1)[1] not in self.hold:
+            return super().deliver(hops, msg)
+        d = defer.Deferred(lambda d: None)
+        self.waiting.append((d, hops, msg))
+        return d
+
+    def fire(self):
+        d, hops, msg = self.waiting.pop(0)
+        super().deliver(hops, msg).chainDeferred(d)
+
+
+def held_env(env):
+    pool = HeldPool()
+    pool.script = env.pool.script
+    env.pool = pool
+    return pool
+
+
+def test_owed_report_waits_for_the_last_job_and_a_crash_loses_nothing(env, tmp_path):
+    pool = held_env(env)
+    pool.hold = {"slow.test"}
+    pool.script["bob@dest.test"] = [(550, "5.1.1")]
+    qid = put(env, rcpts=("bob@dest.test", "carol@dest.test", "dave@slow.test"))
+    runner = QueueRunner(env.spool, env.router, pool, hostname="mx.example.test",
+                         retry=RetryConfig(first=300, max=3600, lifetime=86400),
+                         relay=RelayConfig(), reactor=env.clock, rand=lambda: 0.5)
+    runner.startService()
+    states = dict(env.spool.sql("SELECT address, state FROM recipients WHERE queue_id = ?", qid))
+    # carol owes nothing: recorded; bob's bounce waits for dave's job, in flight.
+    assert states == {"bob@dest.test": "inflight", "carol@dest.test": "delivered",
+                      "dave@slow.test": "inflight"}
+    assert dsns(env) == []
+    # A crash now: the restart attempts bob again, and his bounce is owed then.
+    env.spool.write(ops.recover_inflight)
+    pool2 = FakePool()
+    pool2.script = {"bob@dest.test": [(550, "5.1.1")], "dave@slow.test": [(250, "2.0.0")],
+                    "alice@example.test": [(451, "4.2.0")]}
+    restarted = QueueRunner(env.spool, env.router, pool2, hostname="mx.example.test",
+                            retry=RetryConfig(first=300, max=3600, lifetime=86400),
+                            relay=RelayConfig(), reactor=env.clock, rand=lambda: 0.5)
+    restarted.startService()
+    [(to, msg)] = dsns(env)
+    assert actions(msg) == {"bob@dest.test": "failed"}
+    assert env.spool.sql("SELECT COUNT(*) FROM messages WHERE queue_id = ?", qid) == [(0,)]
+
+
+def test_last_job_writes_the_one_report(env):
+    pool = held_env(env)
+    pool.hold = {"slow.test"}
+    pool.script["bob@dest.test"] = [(550, "5.1.1")]
+    pool.script["dave@slow.test"] = [(550, "5.1.2")]
+    qid = put(env, rcpts=("bob@dest.test", "dave@slow.test"))
+    env.make()
+    assert dsns(env) == []
+    pool.fire()
+    [(to, msg)] = dsns(env)
+    assert actions(msg) == {"bob@dest.test": "failed", "dave@slow.test": "failed"}
+    assert env.spool.sql("SELECT COUNT(*) FROM messages WHERE queue_id = ?", qid) == [(0,)]
+
+
+def test_stop_cancelling_the_last_job_writes_the_held_report(env):
+    pool = held_env(env)
+    pool.hold = {"slow.test"}
+    pool.script["bob@dest.test"] = [(550, "5.1.1")]
+    qid = put(env, rcpts=("bob@dest.test", "dave@slow.test"))
+    runner = env.make(relay=RelayConfig(shutdown_grace=0))
+    d = runner.stopService()
+    assert d.called
+    [(to, msg)] = dsns(env)
+    assert actions(msg) == {"bob@dest.test": "failed"}
+    states = dict(env.spool.sql("SELECT address, state FROM recipients WHERE queue_id = ?", qid))
+    assert states == {"bob@dest.test": "failed", "dave@slow.test": "queued"}

@@ -9,7 +9,13 @@ hands them to the SMTP client, and records per recipient what happened.
   written in one transaction, so a message leaves the spool only when every
   recipient is final and every DSN it owes is spooled;
 * a message from ``<>`` never gets a DSN (a failed bounce is logged and
-  dropped, or reported to ``[relay] postmaster`` when that is set).
+  dropped, or reported to ``[relay] postmaster`` when that is set);
+* NOTIFY=SUCCESS (RFC 3461 §6.2.7): a next hop that offers DSN got the
+  parameters and takes over the duty, so we report nothing; one without DSN
+  gets ``Action: relayed`` from us (``delivered`` is for final delivery);
+* one report of each kind (failure, delay, success) per message and queue
+  pass, even when its recipients went to several next hops in several jobs:
+  see :class:`_Reports`.
 
 Delivery is at least once: recipients in flight when the process dies are
 attempted again after a restart (see README).
@@ -53,6 +59,29 @@ _METRIC_STATUS = {"sent": "delivered", "deferred": "deferred", "bounced": "bounc
 
 
 @dataclass
+class _Reports:
+    """What one message owes in DSNs from one queue pass, shared by its jobs
+    (one per next hop and recipient_limit slice), so that the sender gets one
+    report of each kind however its recipients were split.
+
+    A job records the recipients that owe nothing at once; those that owe a
+    report are *held* here, still ``inflight`` in the spool, and the last
+    job of the message to finish writes them together with the DSNs, in the
+    same transaction (record_results), which is also the only one that can
+    remove the message.  So a crash loses no owed DSN (the held recipients
+    are attempted again after the restart, as any in flight are), and a
+    message never leaves the spool before its DSNs are in it."""
+    jobs: int = 0                                   # jobs of the message not finished
+    report: dict[str, list] = field(default_factory=lambda: defaultdict(list))
+    held: list[ops.RecipientUpdate] = field(default_factory=list)
+
+    def take(self) -> tuple[list[ops.RecipientUpdate], dict[str, list]]:
+        held, report = self.held, self.report
+        self.held, self.report = [], defaultdict(list)
+        return held, report
+
+
+@dataclass
 class Job:
     queue_id: str
     domain: str
@@ -61,6 +90,8 @@ class Job:
     destination: str = ""       # Router.destination(): the concurrency key
     attempting: bool = False    # has a delivery slot and is under way
     recording: bool = False     # writing its outcome: not to be cancelled
+    reports: _Reports = field(default_factory=lambda: _Reports(jobs=1))
+    reported: bool = False      # has taken its share of `reports` (done or gone)
 
 
 class QueueRunner(service.Service):
@@ -200,16 +231,22 @@ class QueueRunner(service.Service):
         for r in rows:
             groups[(r["queue_id"], self._destination_of(r["address"]))].append(r)
         orphans = []
+        jobs: list[Job] = []
+        reports: dict[str, _Reports] = {}
         for (qid, destination), rcpts in groups.items():
             msg = msgs.get(qid)
             if msg is None:  # should not happen: recipients without their message
                 orphans.extend(rcpts)
                 continue
+            share = reports.setdefault(qid, _Reports())
             step = self.relay.recipient_limit
             for i in range(0, len(rcpts), step):
                 part = rcpts[i:i + step]
-                self._start(Job(qid, self._domain_of(part[0]["address"]), msg, part,
-                                destination=destination))
+                share.jobs += 1
+                jobs.append(Job(qid, self._domain_of(part[0]["address"]), msg, part,
+                                destination=destination, reports=share))
+        for job in jobs:
+            self._start(job)
         if orphans:
             log.error("{n} recipients without a message row; marking failed", n=len(orphans))
             await self.spool.write(ops.record_results, [
@@ -237,6 +274,7 @@ class QueueRunner(service.Service):
 
     def _start(self, job: Job) -> None:
         if not self.running:  # stopping: the claimed recipients are requeued at the next start
+            self._job_gone(job)
             return
         self._queued_jobs += 1
         d = defer.Deferred.fromCoroutine(self._run_job(job))
@@ -247,12 +285,34 @@ class QueueRunner(service.Service):
             return result
         def failed(f: Any) -> Any:
             if f.check(defer.CancelledError):
-                return self._requeue(job)
+                return self._requeue(job).addBoth(lambda _: self._job_gone(job))
             else:
                 log.failure("delivery of {queue_id} to {domain} failed", f,
                             queue_id=job.queue_id, domain=job.domain)
+                return self._job_gone(job)
         d.addErrback(failed)
         d.addBoth(done)
+
+    def _job_gone(self, job: Job) -> defer.Deferred | None:
+        """A job ended without recording a result (cancelled, or an error):
+        if it was the last of its message in this pass, the reports the
+        others hold are written now."""
+        if job.reported:
+            return None
+        job.reported = True
+        share = job.reports
+        share.jobs -= 1
+        if share.jobs > 0 or not share.held:
+            return None
+        held, report = share.take()
+        dsns = self._make_dsns(job.message, report, self.reactor.seconds())
+        d = self.spool.write(ops.record_results, held, dsns, [job.queue_id])
+
+        def failed(f: Any) -> None:
+            log.warn("{queue_id}: recording {n} result(s) that owe a report failed; they stay "
+                     "in flight until the next start ({error})", queue_id=job.queue_id,
+                     n=len(held), error=f.getErrorMessage())
+        return d.addCallbacks(lambda _: self.kick() if dsns else None, failed)
 
     def _requeue(self, job: Job) -> defer.Deferred:
         """A delivery cancelled by the stop (or never started): its recipients
@@ -332,6 +392,7 @@ class QueueRunner(service.Service):
         relay_txt = f"{remote.host}[{remote.address}]:{remote.port}" if remote else "none"
         updates: list[ops.RecipientUpdate] = []
         report: dict[str, list] = defaultdict(list)  # kind -> DSNRecipient list
+        owing: set[int] = set()                      # rows that add to the report
         for row, res in zip(job.rcpts, results):
             attempts = row["attempts"] + 1
             notify = row["notify"]
@@ -343,9 +404,13 @@ class QueueRunner(service.Service):
             if 200 <= res.code < 300:
                 status_word = "sent"
                 state, nxt = "delivered", now
-                if _notify_allows(notify, "SUCCESS"):
-                    action = "delivered" if dsn_offered else "relayed"
-                    report["success"].append(DSNRecipient(action=action, status=res.status or "2.0.0",
+                # RFC 3461 §6.2.7: a next hop with DSN was given NOTIFY (and
+                # ORCPT, ENVID, RET) and now owes the report; ``delivered`` is
+                # for a final delivery, which the relay does not make.
+                if _notify_allows(notify, "SUCCESS") and not dsn_offered:
+                    owing.add(row["id"])
+                    report["success"].append(DSNRecipient(action="relayed",
+                                                          status=res.status or "2.0.0",
                                                           **dsn_common))
                 dsn_status = res.status or "2.0.0"
             elif res.code >= 500 or age >= lifetime:
@@ -357,6 +422,7 @@ class QueueRunner(service.Service):
                     reply = f"delivery time expired; last reply: {res.text}"
                     dsn_common["diagnostic_code"] = res.text
                 if _notify_allows(notify, "FAILURE"):
+                    owing.add(row["id"])
                     report["failure"].append(DSNRecipient(action="failed", status=dsn_status,
                                                           **dsn_common))
             else:
@@ -369,6 +435,7 @@ class QueueRunner(service.Service):
                 if (warn is not None and not warned and age >= warn
                         and _notify_allows(notify, "DELAY")):
                     warned = True
+                    owing.add(row["id"])
                     report["delay"].append(DSNRecipient(
                         action="delayed", status=dsn_status,
                         will_retry_until=m["arrival"] + lifetime, **dsn_common))
@@ -381,7 +448,22 @@ class QueueRunner(service.Service):
                      "dsn={dsn} status={status} ({reply})", queue_id=job.queue_id,
                      rcpt=row["address"], relay=relay_txt, delay=age, attempts=attempts,
                      dsn=dsn_status, status=status_word, reply=reply)
-        dsns = self._make_dsns(m, report, now)
+        # One report per message and pass (see _Reports): the rows that owe
+        # one wait for the message's last job, which writes them with the DSNs.
+        share = job.reports
+        job.reported = True
+        share.jobs -= 1
+        share.held += [u for u in updates if u.rid in owing]
+        for kind, rcpts in report.items():
+            share.report[kind] += rcpts
+        updates = [u for u in updates if u.rid not in owing]
+        dsns: list = []
+        if share.jobs == 0:
+            held, report = share.take()
+            updates += held
+            dsns = self._make_dsns(m, report, now)
+        if not updates and not dsns:
+            return
         job.recording = True
         await self.spool.write(ops.record_results, updates, dsns, [job.queue_id])
         if dsns:
