@@ -9,6 +9,7 @@ is in the output byte for byte.
 """
 from __future__ import annotations
 
+import binascii
 import email
 import email.policy
 
@@ -17,8 +18,6 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from mta.smtp.downgrade import DowngradeError, quoted_printable, to_7bit
-
-import binascii
 
 SETTINGS = settings(max_examples=300, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -450,6 +450,8 @@ class QueueRunner(service.Service):
                      dsn=dsn_status, status=status_word, reply=reply)
         # One report per message and pass (see _Reports): the rows that owe
         # one wait for the message's last job, which writes them with the DSNs.
+        if m["sender"] == "" and not self.relay.postmaster:
+            owing.clear()       # nobody to report to: nothing to wait for
         share = job.reports
         job.reported = True
         share.jobs -= 1
