@@ -338,6 +338,12 @@ def _human_text(original: OriginalMessage, recipients: list[DSNRecipient], *,
                  "recipients. The mail system will keep trying; you do not "
                  "need to send it again. You will be told if delivery finally "
                  "fails.")
+    elif all(r.action == "relayed" for r in recipients):
+        # RFC 3461 §6.2.7: handed on, not delivered: do not say delivered.
+        intro = ("Your message was passed on to the next mail system for the "
+                 "recipients listed below, as you asked to be told. That system "
+                 "does not report delivery, so you may get no further notice "
+                 "for them.")
     else:
         intro = ("Your message was delivered to the recipients listed below, as "
                  "you asked to be told. If a recipient is marked \"relayed\", "

@@ -288,6 +288,8 @@ def test_success_to_hop_without_dsn_is_relayed(env):
     [(to, msg)] = dsns(env)
     assert to == "alice@example.test"
     assert actions(msg) == {"bob@dest.test": "relayed"}
+    human = next(msg.iter_parts()).get_content()
+    assert "passed on to the next mail system" in human and "was delivered" not in human
 
 
 def test_one_report_per_message_when_recipients_went_to_two_next_hops(env):
