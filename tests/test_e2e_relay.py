@@ -804,59 +804,121 @@ def test_sigterm_during_stalled_delivery_stops_promptly_and_retries(mta_factory,
 SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
 
 
-@pytest.mark.skipif(not os.access(SMTP_SINK, os.X_OK), reason="Postfix smtp-sink not installed")
-def test_smtp_sink_as_next_hop(mta_factory):
-    # smtp-sink drops privileges (to nobody when we are root): its dump
-    # directory must be reachable and writable by that user.
-    dump = Path(tempfile.mkdtemp(prefix="mta-sink-"))
-    os.chmod(dump, 0o1777)
-    proc = None
-    try:
+class SmtpSink:
+    """Postfix's smtp-sink on 127.0.0.1, dumping each transaction to a file.
+    smtp-sink drops privileges (to nobody when we are root): its dump
+    directory must be reachable and writable by that user."""
+
+    def __init__(self, *options: str):
+        self.dump = Path(tempfile.mkdtemp(prefix="mta-sink-"))
+        os.chmod(self.dump, 0o1777)
+        self.proc = None
         for _ in range(5):
-            port = free_port()
-            args = [SMTP_SINK, "-d", f"{dump}/%M.", "-h", "sink.test"]
+            self.port = free_port()
+            args = [SMTP_SINK, "-d", f"{self.dump}/%M.", "-h", "sink.test", *options]
             if os.geteuid() == 0:
                 args += ["-u", "nobody"]
-            proc = subprocess.Popen(args + [f"127.0.0.1:{port}", "50"],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            self.proc = subprocess.Popen(args + [f"127.0.0.1:{self.port}", "50"],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             try:
-                wait_for(lambda: proc.poll() is not None or not refused("127.0.0.1", port),
-                         10, "smtp-sink to listen")
+                wait_for(lambda: self.proc.poll() is not None
+                         or not refused("127.0.0.1", self.port), 10, "smtp-sink to listen")
             except AssertionError:
-                proc.kill()
+                self.proc.kill()
                 raise
-            if proc.poll() is None:
+            if self.proc.poll() is None:
                 break
-        assert proc.poll() is None, proc.stderr.read()
-        mta = mta_factory(extra=relay_config(routes={"sink.test": f"127.0.0.1:{port}"}))
-        sent = {}
-        for i in range(5):
-            data = message(f"sink {i}", b".leading dot\r\nline %d\r\n" % i)
-            qid = send(mta, SENDER, [f"r{i}@sink.test", f"s{i}@sink.test"], data)
-            sent[qid] = data
-        wait_spool_empty(mta)
+        assert self.proc.poll() is None, self.proc.stderr.read()
+        self.address = f"127.0.0.1:{self.port}"
 
-        def dumped() -> list[bytes]:
-            return [p.read_bytes() for p in dump.iterdir() if p.is_file()]
-        # Dump files are LF-terminated and end with an empty line once complete.
-        files = wait_for(lambda: (lambda f: f if len(f) == 5 and all(b"line " in x and
-                                                                     x.endswith(b"\n\n") for x in f)
-                                  else None)(dumped()), DELIVERY, "5 dump files")
-        for qid, data in sent.items():
-            [dump_file] = [f for f in files if f"id {qid};".encode() in f]
-            assert data.replace(b"\r\n", b"\n") in dump_file
-            i = int(re.search(rb"Subject: sink (\d)", data).group(1))
-            assert f"X-Rcpt-Args: <r{i}@sink.test>".encode() in dump_file
-            assert f"X-Rcpt-Args: <s{i}@sink.test>".encode() in dump_file
-            assert f"X-Mail-Args: <{SENDER}>".encode() in dump_file
-            lines = delivery_lines(mta, qid)
-            assert len(lines) == 2 and all("status=sent" in ln and "dsn=2.0.0" in ln
-                                           and f"relay=127.0.0.1[127.0.0.1]:{port}" in ln
-                                           for ln in lines), lines
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            proc.wait(10)
-        if proc is not None and proc.stderr is not None:
-            proc.stderr.close()
-        shutil.rmtree(dump, ignore_errors=True)
+    def dumped(self) -> list[bytes]:
+        """Dump files are LF-terminated and end with an empty line once complete."""
+        files = [p.read_bytes() for p in self.dump.iterdir() if p.is_file()]
+        return [f for f in files if f.endswith(b"\n\n")]
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        if self.proc is not None and self.proc.stderr is not None:
+            self.proc.stderr.close()
+        shutil.rmtree(self.dump, ignore_errors=True)
+
+
+@pytest.fixture
+def smtp_sink():
+    sinks: list[SmtpSink] = []
+
+    def start(*options: str) -> SmtpSink:
+        sinks.append(SmtpSink(*options))
+        return sinks[-1]
+    yield start
+    for sink in sinks:
+        sink.stop()
+
+
+@pytest.mark.skipif(not os.access(SMTP_SINK, os.X_OK), reason="Postfix smtp-sink not installed")
+def test_smtp_sink_as_next_hop(mta_factory, smtp_sink):
+    sink = smtp_sink()
+    port = sink.port
+    mta = mta_factory(extra=relay_config(routes={"sink.test": sink.address}))
+    sent = {}
+    for i in range(5):
+        data = message(f"sink {i}", b".leading dot\r\nline %d\r\n" % i)
+        qid = send(mta, SENDER, [f"r{i}@sink.test", f"s{i}@sink.test"], data)
+        sent[qid] = data
+    wait_spool_empty(mta)
+    files = wait_for(lambda: (lambda f: f if len(f) == 5 and all(b"line " in x for x in f)
+                              else None)(sink.dumped()), DELIVERY, "5 dump files")
+    for qid, data in sent.items():
+        [dump_file] = [f for f in files if f"id {qid};".encode() in f]
+        assert data.replace(b"\r\n", b"\n") in dump_file
+        i = int(re.search(rb"Subject: sink (\d)", data).group(1))
+        assert f"X-Rcpt-Args: <r{i}@sink.test>".encode() in dump_file
+        assert f"X-Rcpt-Args: <s{i}@sink.test>".encode() in dump_file
+        assert f"X-Mail-Args: <{SENDER}>".encode() in dump_file
+        lines = delivery_lines(mta, qid)
+        assert len(lines) == 2 and all("status=sent" in ln and "dsn=2.0.0" in ln
+                                       and f"relay=127.0.0.1[127.0.0.1]:{port}" in ln
+                                       for ln in lines), lines
+
+
+@pytest.mark.skipif(not os.access(SMTP_SINK, os.X_OK), reason="Postfix smtp-sink not installed")
+def test_smtp_sinks_dsn_duty_and_8bit_conversion(mta_factory, peer_factory, smtp_sink):
+    """Real next hops: smtp-sink with DSN and 8BITMIME, and one started with
+    -N -8 (neither).  One 8-bit MIME message with NOTIFY=SUCCESS to both:
+    the first gets it unchanged with NOTIFY passed on and owes the report;
+    the second gets it converted to 7 bits; the sender gets exactly one
+    report, "relayed", for the second only."""
+    full, bare = smtp_sink(), smtp_sink("-N", "-8")
+    [origin] = peer_factory.spawn(None)
+    mta = mta_factory(extra=relay_config(routes={"full.test": full.address,
+                                                 "bare.test": bare.address,
+                                                 "origin.test": origin.address}))
+    peer_factory.ready()
+    mime = b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    text = "Grüße aus Köln.\r\n.\r\nÇa va ?\r\n".encode()
+    data = message("sinks", text, mime + b"Content-Transfer-Encoding: 8bit\r\n")
+    qid = send(mta, SENDER, ["a@full.test", "b@bare.test"], data, ["BODY=8BITMIME"],
+               ["NOTIFY=SUCCESS"])
+    wait_spool_empty(mta)
+    [got_full] = wait_for(lambda: full.dumped(), DELIVERY, "full sink dump")
+    [got_bare] = wait_for(lambda: bare.dumped(), DELIVERY, "bare sink dump")
+    assert f"id {qid};".encode() in got_full and f"id {qid};".encode() in got_bare
+    assert b"X-Mail-Args: <alice@origin.test> BODY=8BITMIME" in got_full
+    assert b"X-Rcpt-Args: <a@full.test> NOTIFY=SUCCESS" in got_full
+    assert data.replace(b"\r\n", b"\n") in got_full                 # unchanged
+    assert got_bare.isascii()
+    assert b"X-Mail-Args: <alice@origin.test>\n" in got_bare         # no BODY=, no DSN
+    # After smtp-sink's own header lines; it ends the dump with an empty line.
+    converted = email.message_from_bytes(got_bare[got_bare.index(b"\nFrom: ") + 1:-1],
+                                         policy=email.policy.default)
+    assert converted["Content-Transfer-Encoding"] == "quoted-printable"
+    assert converted.get_payload(decode=True) == text.replace(b"\r\n", b"\n")
+    # Only the transfer encoding field changed in the header block.
+    assert (b"Subject: sinks\n" in got_bare and b"MIME-Version: 1.0\nContent-Type: text/plain; "
+            b"charset=utf-8\nContent-Transfer-Encoding: quoted-printable\n" in got_bare)
+    [(_tx, dsn)] = dsns(origin)
+    blocks = per_recipient(dsn)
+    assert list(blocks) == ["b@bare.test"]
+    assert blocks["b@bare.test"]["Action"] == "relayed"
