@@ -393,3 +393,15 @@ def test_stop_cancelling_the_last_job_writes_the_held_report(env):
     assert actions(msg) == {"bob@dest.test": "failed"}
     states = dict(env.spool.sql("SELECT address, state FROM recipients WHERE queue_id = ?", qid))
     assert states == {"bob@dest.test": "failed", "dave@slow.test": "queued"}
+
+
+def test_one_report_when_recipient_limit_splits_a_destination(env):
+    rcpts = tuple(f"r{i}@dest.test" for i in range(5))
+    for r in rcpts:
+        env.pool.script[r] = [(550, "5.1.1")]
+    qid = put(env, rcpts=rcpts)
+    env.make(relay=RelayConfig(recipient_limit=2))
+    assert [len(m.recipients) for _h, m in env.pool.calls] == [2, 2, 1]
+    [(to, msg)] = dsns(env)
+    assert actions(msg) == {r: "failed" for r in rcpts}
+    assert env.spool.sql("SELECT COUNT(*) FROM messages WHERE queue_id = ?", qid) == [(0,)]
