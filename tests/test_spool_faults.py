@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import smtplib
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -88,10 +89,25 @@ def chattr(flag: str, *paths: Path) -> None:
 
 # --------------------------------------------------------------------------- rm -rf
 
-def test_spool_directory_removed_under_the_daemon_keeps_every_250(mta):
+def remove_spool(mta, what: str) -> None:
+    if what == "directory":
+        shutil.rmtree(mta.spool.parent)
+    else:                  # the files only: rm mta.sqlite*
+        for p in mta.spool.parent.glob(mta.spool.name + "*"):
+            p.unlink()
+    if what == "files, then opened by another program":
+        # e.g. a command run meanwhile: an empty database at the path
+        conn = sqlite3.connect(mta.spool)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.close()
+        assert mta.spool.stat().st_size > 0
+
+
+@pytest.mark.parametrize("what", ["directory", "files", "files, then opened by another program"])
+def test_spool_removed_under_the_daemon_keeps_every_250(mta, what):
     code, first = send(mta, 0)
     assert code == 250
-    shutil.rmtree(mta.spool.parent)
+    remove_spool(mta, what)
 
     outcomes = [send(mta, i) for i in range(1, 21)]
     for code, what in outcomes:
@@ -107,6 +123,13 @@ def test_spool_directory_removed_under_the_daemon_keeps_every_250(mta):
 
     mta.restart()
     assert_complete(mta, accepted | {first})
+
+
+def test_spool_removed_then_the_daemon_stopped_keeps_its_mail(mta):
+    qids = {send(mta, i)[1] for i in range(3)}
+    shutil.rmtree(mta.spool.parent)
+    mta.restart()          # no write in between: the stop itself carries it over
+    assert_complete(mta, qids)
 
 
 def test_spool_that_cannot_be_recreated_refuses_then_recovers(mta):

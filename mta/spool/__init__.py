@@ -66,6 +66,9 @@ def _empty_spool(path: str) -> bool:
             return True
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
         try:
+            if conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' "
+                            "AND name = 'messages'").fetchone()[0] == 0:
+                return True       # opened by someone, never given a schema
             return conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0
         finally:
             conn.close()
@@ -406,17 +409,18 @@ class Spool:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            if os.path.exists(path):
-                if not _empty_spool(path):
-                    raise SpoolWriteError(
-                        f"spool file {path} was replaced by another spool while in use; "
-                        "not overwriting it: new mail is refused until a restart")
+            replace = os.path.exists(path)
+            if replace and not _empty_spool(path):
+                raise SpoolWriteError(
+                    f"spool file {path} was replaced by another spool while in use; "
+                    "not overwriting it: new mail is refused until a restart")
+            # What is left of the file that was there (its -wal, -shm) must
+            # not be taken for the new file's.
+            _remove(path + "-wal", path + "-shm", path + "-journal")
+            if replace:           # an empty spool someone opened meanwhile
                 os.replace(tmp, path)
             else:
-                # What is left of the removed file (its -wal, -shm) must not
-                # be taken for the new file's.
-                _remove(path + "-wal", path + "-shm", path + "-journal")
-                os.link(tmp, path)
+                os.link(tmp, path)    # not over a file that appeared meanwhile
                 os.unlink(tmp)
             dfd = os.open(parent, os.O_RDONLY)
             try:
