@@ -243,9 +243,13 @@ class Spool:
                 self._suspect = True
             self.reactor.callFromThread(self._answer, results, events)
         events = []
-        self._check_file(events)
+        try:
+            self._check_file(events)      # removed since the last write: carry it over
+        except Exception as e:
+            events.append(("failed", "checking the spool file", describe(e)))
         if events:
             self.reactor.callFromThread(self._answer, [], events)
+        self.reactor.callFromThread(self._faults.close)
         if self._conn is not None:
             try:
                 self._conn.close()
