@@ -460,3 +460,18 @@ def test_full_disk_refuses_new_mail_at_mail_and_queued_mail_still_drains(
     wait_for(lambda: mail_reply(mta)[0] == 250, 10, "250 once there is room", interval=0.2)
     assert send(mta, 101)[0] == 250
     assert any("free again" in l for l in spool_lines(mta))
+
+
+def test_queue_minfree_config_key():
+    from mta.config import ConfigError, config_from_dict, load_config
+    assert config_from_dict({}).spool.queue_minfree == 0
+    assert config_from_dict({"spool": {"queue_minfree": 200_000_000}}).spool.queue_minfree == \
+        200_000_000
+    for bad in (-1, "100M", 1.5, True):
+        with pytest.raises(ConfigError) as e:
+            config_from_dict({"spool": {"queue_minfree": bad}}, "x.toml")
+        assert str(e.value).startswith("x.toml: [spool] queue_minfree: "), str(e.value)
+    example = Path(__file__).resolve().parent.parent / "etc" / "mta.toml"
+    text = example.read_text()
+    assert "# queue_minfree = 0" in text
+    assert load_config(example).spool.queue_minfree == 0

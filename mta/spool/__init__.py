@@ -268,7 +268,7 @@ class Spool:
         observe = self.on_commit
         started = time.perf_counter()
         results = self._commit_batch(conn, batch, events)
-        if observe is not None:
+        if observe is not None and any(fail is None for _d, _v, fail in results):
             try:
                 observe(time.perf_counter() - started,
                         sum(1 for fn, _a, _d in batch if fn is None))
