@@ -76,6 +76,8 @@ class PolicyConfig:
 @dataclass(frozen=True)
 class SpoolConfig:
     url: str = "sqlite:///spool/mta.sqlite"
+    queue_minfree: int = 0            # bytes kept free on the spool's file system (and 1.5x
+                                      # [server] max_message_size): below, MAIL gets 452 4.3.1
 
 
 @dataclass(frozen=True)
@@ -529,6 +531,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[object], Any]]]] = {
         SpoolConfig,
         {
             "url": _sqlalchemy_url,
+            "queue_minfree": _int(0),
         },
     ),
     "relay": (

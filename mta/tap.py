@@ -128,7 +128,9 @@ def makeService(options: Options) -> service.IService:
     limiter = FailureLimiter(clock=reactor, delay=a.failure_delay, max_failures=a.max_failures,
                              lockout=a.lockout)
     factory = SMTPServerFactory(settings, spool, policy, reactor=reactor, tls=tls,
-                                portal=portal, limiter=limiter)
+                                portal=portal, limiter=limiter,
+                                storage=spool.free_space(minfree=config.spool.queue_minfree,
+                                                         max_message_size=s.max_message_size))
 
     SpoolService(spool).setServiceParent(top)
     metrics = _make_metrics(config, spool, factory, reactor, top)

@@ -15,7 +15,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from mta.message import InboundMessage, Recipient, new_queue_id
-from mta.spool import Spool, ops
+from mta.spool import Spool, SpoolWriteError, ops
 
 pytestmark = pytest.mark.skipif(not hasattr(sqlite3.Connection, "blobopen"),
                                 reason="incremental blob I/O needs Python >= 3.11")
@@ -123,7 +123,8 @@ def test_group_commit_keeps_good_neighbours_of_a_bad_large_message(spool, blob_c
     finally:
         conn.close()
     assert [(qid, f is None) for _d, qid, f in results] == [(good.queue_id, True), (None, False)]
-    assert results[1][2].check(IntegrityError)
+    assert results[1][2].check(SpoolWriteError)
+    assert isinstance(results[1][2].value.__cause__, IntegrityError)
     assert blob_calls == [good.queue_id, bad.queue_id, good.queue_id, bad.queue_id]
     assert rows(spool, "SELECT queue_id, body FROM contents") == [(good.queue_id, good_body)]
     assert counts(spool) == (1, 1, 1)

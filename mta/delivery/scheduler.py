@@ -201,7 +201,7 @@ class QueueRunner(service.Service):
             return
         self._running = True
         d = defer.Deferred.fromCoroutine(self._run_once())
-        d.addErrback(lambda f: log.failure("queue run failed", f))
+        d.addErrback(lambda f: None if f.check("mta.spool.SpoolWriteError") else log.failure("queue run failed", f))  # the spool logged it
         self._run_d = d
         d.addBoth(self._after_run)
 

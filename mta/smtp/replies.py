@@ -76,6 +76,7 @@ TEXT_LINE_TOO_LONG = R(500, "5.5.2", "Message refused: text line longer than 100
 BARE_NEWLINE = R(554, "5.6.0",
                  "Message refused: bare CR or LF in message data (RFC 5321 2.3.8)")
 SPOOL_FAILED = R(451, "4.3.0", "Local error in processing: message not queued, try again later")
+INSUFFICIENT_STORAGE = R(452, "4.3.1", "Insufficient system storage")
 TIMEOUT = R(421, "4.4.2", "Error: timeout exceeded")
 TOO_MANY_ERRORS = R(421, "4.7.0", "Too many errors")
 TOO_MANY_CONNECTIONS = R(421, "4.7.0", "Too many connections, try again later")

@@ -105,7 +105,8 @@ class SMTPServerFactory(protocol.Factory):
 
     def __init__(self, settings: ServerSettings, spool: Any, policy: Any,
                  reactor: Any = None, *, tls: Any = None, portal: Any = None,
-                 limiter: FailureLimiter | None = None):
+                 limiter: FailureLimiter | None = None,
+                 storage: Callable[[int], bool] | None = None):
         if reactor is None:
             from twisted.internet import reactor as _r
             reactor = _r
@@ -116,6 +117,9 @@ class SMTPServerFactory(protocol.Factory):
         self.tls = tls            # IOpenSSLContextFactory for STARTTLS, or None
         self.portal = portal      # twisted.cred Portal giving IMailUser avatars, or None
         self.limiter = limiter if limiter is not None else FailureLimiter(clock=reactor)
+        # storage(size) -> False when a message of size octets (0: not
+        # declared) must not be taken now (452 4.3.1 at MAIL), or None.
+        self.storage = storage
         self.connections = 0
         self.per_client: Counter[str] = Counter()
         self.on_stored: Callable[[str], Any] | None = None  # e.g. kick the queue runner
@@ -639,6 +643,10 @@ class SMTPServer(protocol.Protocol):
         if limit and params.size is not None and params.size > limit:
             self._count_rejected("too_big")
             raise SMTPReplyError(r.MSG_TOO_BIG)
+        storage = self.factory.storage
+        if storage is not None and not storage(params.size or 0):
+            self._count_rejected("insufficient_storage")
+            raise SMTPReplyError(r.INSUFFICIENT_STORAGE)
         if params.auth is not None and self.authenticated is None:
             # RFC 4954 §5: from a client that has not authenticated, behave
             # as if AUTH=<> had been given.

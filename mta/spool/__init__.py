@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import queue
+import sqlite3
 import threading
 import time
 from typing import Any, Callable
@@ -23,6 +24,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from ..message import InboundMessage
+from .faults import RepeatedFailures, describe
 from .ops import MERGEABLE, insert_messages
 from .schema import SCHEMA_VERSION, meta, metadata
 
@@ -32,6 +34,54 @@ _STOP = object()
 
 class SpoolError(Exception):
     """The spool cannot be opened or used."""
+
+
+class SpoolWriteError(SpoolError):
+    """A write that was not done (nothing of it is in the spool, or nothing
+    a restart would find).  ``str()`` is one line; ``__cause__`` is the
+    original exception, when there is one."""
+
+
+def _failure(exc: BaseException, cause: BaseException | None = None) -> Failure:
+    """A Failure of *exc* without frames: whoever logs it logs one line."""
+    if cause is not None:
+        exc.__cause__ = cause
+    return Failure(exc, type(exc), None)
+
+
+def _remove(*paths: str) -> None:
+    """Best effort: what cannot be removed stays."""
+    for p in paths:
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
+
+
+def _empty_spool(path: str) -> bool:
+    """True when *path* holds no message (an empty file, or a spool without
+    messages, such as one a command created meanwhile)."""
+    try:
+        if os.path.getsize(path) == 0:
+            return True
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            if conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' "
+                            "AND name = 'messages'").fetchone()[0] == 0:
+                return True       # opened by someone, never given a schema
+            return conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0
+        finally:
+            conn.close()
+    except (OSError, sqlite3.Error):
+        return False
+
+
+def sqlite_path(url: str) -> str | None:
+    """The absolute path of a SQLite spool's database file, or None."""
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":
+        return None
+    return os.path.abspath(u.database)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -63,15 +113,24 @@ def make_engine(url: str) -> Engine:
 
 
 class Spool:
-    def __init__(self, url: str, *, reactor: Any = None, threads: int = 4):
+    def __init__(self, url: str, *, reactor: Any = None, threads: int = 4,
+                 idle_check: float = 5.0):
         if reactor is None:
             from twisted.internet import reactor as _r
             reactor = _r
         self.url = url
         self.reactor = reactor
         self.engine = make_engine(url)
+        self._db_path = sqlite_path(url)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
+        # The writer thread's connection, the (st_dev, st_ino) of the file it
+        # has open, and whether it failed last time (then it is replaced).
+        self._conn: Connection | None = None
+        self._ident: tuple[int, int] | None = None
+        self._suspect = False
+        self.idle_check = idle_check   # seconds: how often an idle writer checks its file
+        self._faults = RepeatedFailures(log, reactor)
         self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="mta-spool")
         self.batches = 0     # commits done by the writer (for benchmarks/tests)
         self.stored = 0
@@ -136,11 +195,31 @@ class Spool:
         self._queue.put((fn, args, d))
         return d
 
+    # -- the writer thread -------------------------------------------------
+    # Its connection is held open from the start: it is what still holds the
+    # data if the spool file is removed under us (rm -rf), so that it can be
+    # carried over into a new file at the same path.
     def _write_loop(self) -> None:
-        conn: Connection | None = None
+        events: list = []
+        try:
+            self._open_writer(events)
+        except SpoolWriteError:
+            pass                   # the first write will try again and report it
+        if events:
+            self.reactor.callFromThread(self._answer, [], events)
         stop = False
         while not stop:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=self.idle_check)
+            except queue.Empty:
+                events = []
+                try:
+                    self._check_file(events)
+                except Exception as e:
+                    events.append(("failed", "checking the spool file", describe(e)))
+                if events:
+                    self.reactor.callFromThread(self._answer, [], events)
+                continue
             if item is _STOP:
                 break
             batch = [item]
@@ -153,48 +232,221 @@ class Spool:
                     stop = True
                     break
                 batch.append(item)
+            events = []
             try:
-                if conn is None:
-                    conn = self.engine.connect()
-                observe = self.on_commit
-                if observe is None:
-                    results = self._commit_batch(conn, batch)
-                else:
-                    started = time.perf_counter()
-                    results = self._commit_batch(conn, batch)
-                    try:
-                        observe(time.perf_counter() - started,
-                                sum(1 for fn, _a, _d in batch if fn is None))
-                    except Exception:
-                        pass
-            except Exception:  # connection-level trouble: fail the batch, reconnect next time
-                f = Failure()
+                results = self._write_batch(batch, events)
+            except Exception as e:     # a bug: the batch fails, the writer goes on
+                error = describe(e)
+                events.append(("failed", "writer", error))
+                f = _failure(SpoolWriteError(f"spool write failed: {error}"), e)
                 results = [(d, None, f) for _fn, _a, d in batch]
-                if conn is not None:
-                    try:
-                        conn.invalidate()
-                        conn.close()
-                    except Exception:
-                        pass
-                    conn = None
-            self.reactor.callFromThread(self._answer, results)
-        if conn is not None:
-            conn.close()
+                self._suspect = True
+            self.reactor.callFromThread(self._answer, results, events)
+        events = []
+        try:
+            self._check_file(events)      # removed since the last write: carry it over
+        except Exception as e:
+            events.append(("failed", "checking the spool file", describe(e)))
+        if events:
+            self.reactor.callFromThread(self._answer, [], events)
+        self.reactor.callFromThread(self._faults.close)
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:
+                pass
+            self._conn = None
 
-    def _commit_batch(self, conn: Connection, batch: list) -> list:
+    def _write_batch(self, batch: list, events: list) -> list:
+        """Commit *batch*; the (Deferred, result, Failure) of each of its writes."""
+        try:
+            conn = self._writer_connection(events)
+        except SpoolWriteError as e:
+            events.append(("failed", "opening the spool", str(e)))
+            f = _failure(e)
+            return [(d, None, f) for _fn, _a, d in batch]
+        observe = self.on_commit
+        started = time.perf_counter()
+        results = self._commit_batch(conn, batch, events)
+        if observe is not None and any(fail is None for _d, _v, fail in results):
+            try:
+                observe(time.perf_counter() - started,
+                        sum(1 for fn, _a, _d in batch if fn is None))
+            except Exception:
+                pass
+        # The commit went into the file we hold open: is it still the spool?
+        # (checked after the commit, before anyone is answered)
+        try:
+            self._check_file(events, raise_=True)
+        except SpoolWriteError as e:
+            events.append(("failed", "recreating the spool file", str(e)))
+            f = _failure(e)
+            results = [(d, None, fail or f) for d, _v, fail in results]
+        if any(fail is not None for _d, _v, fail in results):
+            self._suspect = True       # open a fresh connection before the next batch
+        else:
+            events.append(("ok",))
+        return results
+
+    def _commit_batch(self, conn: Connection, batch: list, events: list | None = None) -> list:
         try:
             out = self._run_batch(conn, batch)
-        except Exception:
-            f = Failure()
+        except Exception as e:
             if len(batch) == 1:
                 fn, arg, d = batch[0]
-                log.failure("spool write failed ({what})", f,
-                            what=arg.queue_id if fn is None else getattr(fn, "__name__", fn))
-                return [(d, None, f)]
+                what = arg.queue_id if fn is None else getattr(fn, "__name__", str(fn))
+                error = describe(e)
+                if events is not None:
+                    events.append(("failed", what, error))
+                return [(d, None, _failure(SpoolWriteError(f"spool write failed: {error}"), e))]
             # One bad write must not fail its neighbours: retry one by one.
-            return [r for item in batch for r in self._commit_batch(conn, [item])]
+            return [r for item in batch for r in self._commit_batch(conn, [item], events)]
         self.batches += 1
         return out
+
+    # -- the writer's connection and the file it has open -------------------
+    def _writer_connection(self, events: list) -> Connection:
+        """The writer's connection, opened (again) when needed; raises
+        SpoolWriteError when there is none that can be used."""
+        if self._conn is None:
+            self._open_writer(events)
+        else:
+            self._check_file(events, raise_=True)
+            if self._suspect:
+                # After a failure: a new connection, in case the old one is
+                # stuck (a file opened read-only stays read-only).  The old
+                # one is closed only once the new one is open.
+                try:
+                    self._open_writer(events)
+                except SpoolWriteError:
+                    pass           # keep the old one; this batch tells
+        assert self._conn is not None
+        return self._conn
+
+    def _open_writer(self, events: list) -> None:
+        path = self._db_path
+        fresh = False
+        if path is not None:
+            parent = os.path.dirname(path)
+            try:
+                os.makedirs(parent, exist_ok=True)
+            except OSError as e:
+                raise SpoolWriteError(f"cannot create spool directory {parent}: "
+                                      f"{describe(e)}") from None
+            fresh = not os.path.exists(path)
+        try:
+            conn = self.engine.connect()
+        except Exception as e:
+            raise SpoolWriteError(f"cannot open the spool: {describe(e)}") from None
+        ident = None
+        try:
+            if fresh:
+                with conn.begin():
+                    metadata.create_all(conn)
+                    if conn.execute(select(meta.c.value)
+                                    .where(meta.c.key == "schema_version")).first() is None:
+                        conn.execute(meta.insert().values(key="schema_version",
+                                                          value=str(SCHEMA_VERSION)))
+                events.append(("warn", "spool {path} did not exist: created an empty spool "
+                               "there", {"path": path}))
+            if path is not None:
+                st = os.stat(path)
+                ident = (st.st_dev, st.st_ino)
+        except Exception as e:
+            try:
+                conn.close()
+            except Exception:
+                pass
+            raise SpoolWriteError(f"cannot open the spool: {describe(e)}") from None
+        old, self._conn, self._ident, self._suspect = self._conn, conn, ident, False
+        if old is not None:
+            try:
+                old.invalidate()
+            except Exception:
+                pass
+
+    def _moved(self) -> bool:
+        """True when the file the writer has open is no longer the one at the
+        spool's path (removed, or replaced)."""
+        if self._conn is None or self._ident is None or self._db_path is None:
+            return False
+        try:
+            st = os.stat(self._db_path)
+        except (FileNotFoundError, NotADirectoryError):
+            return True
+        except OSError:
+            return False           # cannot tell
+        return (st.st_dev, st.st_ino) != self._ident
+
+    def _check_file(self, events: list, raise_: bool = False) -> None:
+        """When the spool file was removed or replaced under the open
+        connection, recreate it at its path from what that connection still
+        holds, and go on there.  If that fails, raise SpoolWriteError
+        (*raise_*) or note the failure."""
+        if not self._moved():
+            return
+        try:
+            self._recover(events)
+        except SpoolWriteError as e:
+            if raise_:
+                raise
+            events.append(("failed", "recreating the spool file", str(e)))
+
+    def _recover(self, events: list) -> None:
+        path = self._db_path
+        assert path is not None and self._conn is not None
+        parent = os.path.dirname(path)
+        tmp = f"{path}.recovering"
+        raw = self._conn.connection.dbapi_connection
+        try:
+            os.makedirs(parent, exist_ok=True)
+            _remove(tmp, tmp + "-journal", tmp + "-wal", tmp + "-shm")
+            dst = sqlite3.connect(tmp)
+            try:
+                raw.backup(dst)
+                dst.execute("PRAGMA journal_mode=WAL")
+                n = dst.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+            finally:
+                dst.close()
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            replace = os.path.exists(path)
+            if replace and not _empty_spool(path):
+                raise SpoolWriteError(
+                    f"spool file {path} was replaced by another spool while in use; "
+                    "not overwriting it: new mail is refused until a restart")
+            # What is left of the file that was there (its -wal, -shm) must
+            # not be taken for the new file's.
+            _remove(path + "-wal", path + "-shm", path + "-journal")
+            if replace:           # an empty spool someone opened meanwhile
+                os.replace(tmp, path)
+            else:
+                os.link(tmp, path)    # not over a file that appeared meanwhile
+                os.unlink(tmp)
+            dfd = os.open(parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except SpoolWriteError:
+            _remove(tmp)
+            raise
+        except (OSError, sqlite3.Error) as e:
+            _remove(tmp)
+            raise SpoolWriteError(f"spool file {path} was removed while in use and cannot be "
+                                  f"recreated: {describe(e)}") from None
+        events.append(("warn", "spool file {path} was removed or replaced while in use: "
+                       "recreated it from the open database ({n} messages)",
+                       {"path": path, "n": n}))
+        # From now on every connection opens the new file.  The old ones are
+        # closed without a checkpoint (SQLite sees the path belongs to
+        # another file), so nothing of the new file is touched.
+        self.engine.dispose()
+        self._ident = None
+        self._open_writer(events)
 
     def _run_batch(self, conn: Connection, batch: list) -> list:
         try:
@@ -237,7 +489,16 @@ class Spool:
         self.stored += len(msgs)
         return out
 
-    def _answer(self, results: list) -> None:
+    def _answer(self, results: list, events: list = ()) -> None:
+        """On the reactor thread: log what the writer noted, then answer."""
+        for event in events:
+            kind = event[0]
+            if kind == "failed":
+                self._faults.failed(event[1], event[2])
+            elif kind == "ok":
+                self._faults.succeeded()
+            elif kind == "warn":
+                log.warn(event[1], **event[2])
         for d, queue_id, failure in results:
             if failure is None:
                 d.callback(queue_id)
@@ -251,6 +512,17 @@ class Spool:
             with self.engine.begin() as conn:
                 return fn(conn, *args, **kw)
         return threads.deferToThreadPool(self.reactor, self._pool, work)
+
+    def free_space(self, *, minfree: int, max_message_size: int) -> Callable[[int], bool] | None:
+        """The check the SMTP server makes at MAIL: whether a message of
+        *size* octets (0: not declared) may be taken while keeping the
+        free-space reserve (see mta.spool.space); None when the spool is not
+        a local file."""
+        if self._db_path is None:
+            return None
+        from .space import FreeSpace
+        return FreeSpace(os.path.dirname(self._db_path), minfree=minfree,
+                         max_message_size=max_message_size, clock=self.reactor.seconds)
 
     def count_messages(self) -> defer.Deferred:
         return self.run(lambda c: c.execute(text("SELECT COUNT(*) FROM messages")).scalar_one())
