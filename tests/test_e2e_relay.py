@@ -342,6 +342,9 @@ def test_mx_routing(mta_factory, peer_factory, dns_factory):
     assert status == {"d1@nullmx.test": "5.1.10", "d2@nullmx.test": "5.1.10",
                       "e@nosuch.e2e.test": "5.1.2"}
     assert all(b["Action"] == "failed" for bl in blocks for b in bl.values())
+    # No route is our own finding: no remote MTA said it (RFC 3464 §2.3.5/2.3.6).
+    assert all("Remote-MTA" not in b and str(b["Diagnostic-Code"]).startswith("X-mta;")
+               for bl in blocks for b in bl.values())
     assert len(dsns(origin)) == 2
 
 

@@ -80,8 +80,23 @@ Choices:
   the same hop; that is not a hop failure.
 * Results we make ourselves have the same form as server replies:
   ``text`` is "451 4.4.1 connect to mx[192.0.2.1]:25: Connection refused",
-  "552 5.3.4 Message too big for next hop", ...; ``from_remote`` tells them
-  apart.
+  "552 5.3.4 Message too big for next hop", ...; ``RecipientResult.remote``
+  (the next hop whose reply ``text`` is, None for ours) tells them apart,
+  so that a report never says a remote MTA said what we decided.
+* A next hop's recipient limit (RFC 5321 §4.5.3.1.10): when the RCPT
+  replies end in 452s starting with a "too many recipients" one (status
+  4.5.3 or none) after at least one other reply, those recipients are sent
+  at once in another transaction — on the same connection after the end of
+  data (or RSET), on one new connection to the same hop if it was closed —
+  and the number taken is kept as ``rcpt_limit`` of the connection, so
+  later transactions on it are split up front.  Without PIPELINING no RCPT
+  is sent after the limit's 452.  A 452 for the first recipient of a
+  transaction is an ordinary deferral.  Once a transaction of a delivery
+  is done, a failure of a later one (a drop, MAIL refused) is the result of
+  the recipients not yet sent only: other hops are not tried, so nothing
+  is delivered twice.
+* ``DeliveryResult.tls`` is the TLS session used (protocol, cipher, and
+  whether the certificate was verified: policy ``verify``), or None.
 * An address with a control character is never sent (CR/LF would be
   command injection): that recipient gets 553 5.1.3 (5.1.7 for the
   sender).  Malformed DSN parameters are left out.
