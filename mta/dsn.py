@@ -18,6 +18,14 @@ Output guarantees: every line ends with CRLF and no line is longer than
 998 octets (header fields are folded at white space, at 78 octets where
 possible).  The returned original is byte-exact when it is returned whole.
 
+Who said it (RFC 3464 §2.3.5, §2.3.6): ``remote_mta`` and
+``diagnostic_code`` are for a reply that remote MTA really sent
+(``Remote-MTA: dns;host``, ``Diagnostic-Code: smtp;...``, "host said: ..."
+in the text); ``reason`` is our own explanation (a next hop without an
+extension we need, no route, a connection refused...), written as
+``Diagnostic-Code: X-mta;...`` (the way Postfix writes ``X-Postfix;``) and
+"Reason given by <reporting MTA>: ..." in the text, with no Remote-MTA.
+
 Internationalisation (RFC 6533): when an address that goes into the report
 is not ASCII (sender, final or original recipient), or when an SMTPUTF8
 original has non-ASCII header fields, the report is a "global" one: the
