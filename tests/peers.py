@@ -568,7 +568,8 @@ class PeerConnection(protocol.Protocol):
         limit = self.script.get("max_rcpts")
         if limit and len(self.tx.accepted) >= limit:
             action = "452 4.5.3 Error: too many recipients"
-        r = self.perform("RCPT", "250 2.1.5 Ok", action=action)
+        # (An explicit action: perform() must not count this RCPT a second time.)
+        r = self.perform("RCPT", "250 2.1.5 Ok", action=action or "250 2.1.5 Ok")
         if r and r.startswith("2"):
             self.tx.accepted.append(addr)
 

@@ -141,3 +141,22 @@ class RecipientLimitTests(PeerTestCase):
             self.assertIn("lost connection", rr.text)
         self.assertEqual(other.connections, 0)      # nothing delivered twice
         self.assertEqual(result.remote, peer.hop())
+
+    @defer.inlineCallbacks
+    def test_hop_taking_no_more_recipients_defers_the_rest_without_sending(self):
+        # 2 per transaction, then nothing more on this connection: the second
+        # transaction is refused at its first recipient, so the fifth
+        # recipient is not sent at all (no transaction per refused batch).
+        peer = self.peer({"max_rcpts": 2,
+                          "actions": {f"RCPT#{n}": TOO_MANY for n in range(3, 20)}})
+        pool = self.pool()
+        result = yield pool.deliver([peer.hop()], message(rcpts=RCPTS[:5]))
+        self.assertEqual([r.code for r in result.results], [250, 250, 452, 452, 452])
+        for rr in result.results[2:4]:
+            self.assertResult(rr, 452, "4.5.3", TOO_MANY)
+            self.assertTrue(rr.from_remote)
+        self.assertFalse(result.results[4].from_remote)      # never sent: our own result
+        self.assertIn("not sent", result.results[4].text)
+        self.assertEqual([t.accepted for t in peer.complete], [RCPTS[:2]])
+        self.assertEqual([len(t.rcpts) for t in peer.transactions], [5, 2])
+        self.assertEqual(pool.idle_count(peer.hop()), 1)     # RSET, and kept

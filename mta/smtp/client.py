@@ -346,6 +346,13 @@ def _over_limit(replies: list[Reply]) -> int | None:
     return k if 0 < k < len(replies) else None
 
 
+def _refused_at_once(results: list[RecipientResult]) -> bool:
+    """The first recipient of a transaction got a "too many recipients" 452
+    from the next hop, and every other one a 452 too."""
+    return bool(results) and all(r.code == 452 and r.remote is not None for r in results) and (
+        results[0].status in ("4.5.3", "4.0.0"))
+
+
 # ---------------------------------------------------------------------------
 # Content
 # ---------------------------------------------------------------------------
@@ -1323,6 +1330,17 @@ class ConnectionPool:
                              "the other {left} in further transactions", queue_id=msg.queue_id,
                              hop=_hopname(hop), n=took, left=len(pending) - took)
             pending = [batch[j] for j in over] + pending[len(batch):]
+            if pending and _refused_at_once(got):
+                # Not a recipient of this transaction was taken: the next hop
+                # takes no more now (a per-connection or rate limit).  The
+                # rest wait for the next attempt instead of one refused
+                # transaction each.
+                for i in pending:
+                    results[i] = RecipientResult(
+                        msg.recipients[i].address, 452, got[0].status,
+                        f"452 {got[0].status} not sent: {_hopname(hop)} took no more "
+                        f"recipients ({got[0].text})")
+                pending = []
             if clean and conn._early:
                 conn.abort()            # the server said more than it was asked
                 clean = False
