@@ -91,7 +91,9 @@ Choices:
   and the number taken is kept as ``rcpt_limit`` of the connection, so
   later transactions on it are split up front.  Without PIPELINING no RCPT
   is sent after the limit's 452.  A 452 for the first recipient of a
-  transaction is an ordinary deferral.  Once a transaction of a delivery
+  transaction is an ordinary deferral; when every recipient of such a
+  transaction got a 452, the ones not sent yet are deferred too (the next
+  hop takes no more now).  Once a transaction of a delivery
   is done, a failure of a later one (a drop, MAIL refused) is the result of
   the recipients not yet sent only: other hops are not tried, so nothing
   is delivered twice.
