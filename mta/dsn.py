@@ -18,6 +18,14 @@ Output guarantees: every line ends with CRLF and no line is longer than
 998 octets (header fields are folded at white space, at 78 octets where
 possible).  The returned original is byte-exact when it is returned whole.
 
+Who said it (RFC 3464 §2.3.5, §2.3.6): ``remote_mta`` and
+``diagnostic_code`` are for a reply that remote MTA really sent
+(``Remote-MTA: dns;host``, ``Diagnostic-Code: smtp;...``, "host said: ..."
+in the text); ``reason`` is our own explanation (a next hop without an
+extension we need, no route, a connection refused...), written as
+``Diagnostic-Code: X-mta;...`` (the way Postfix writes ``X-Postfix;``) and
+"Reason given by <reporting MTA>: ..." in the text, with no Remote-MTA.
+
 Internationalisation (RFC 6533): when an address that goes into the report
 is not ASCII (sender, final or original recipient), or when an SMTPUTF8
 original has non-ASCII header fields, the report is a "global" one: the
@@ -58,6 +66,8 @@ ACTIONS = frozenset({"failed", "delayed", "delivered", "relayed", "expanded"})
 _SUCCESS = frozenset({"delivered", "relayed", "expanded"})
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 
+DIAGNOSTIC_TYPE = "X-mta"   # diagnostic-type of our own explanations (RFC 3464 §2.3.6)
+
 _FOLD_WIDTH = 78      # preferred line length (RFC 5322 §2.1.1 SHOULD)
 _HARD_WIDTH = 990     # well under the 998-octet MUST, CRLF excluded
 _TEXT_WIDTH = 76      # human-readable part
@@ -69,8 +79,9 @@ class DSNRecipient:
     action: str                             # failed|delayed|delivered|relayed|expanded
     status: str                             # "5.1.1" etc.
     original_recipient: str | None = None   # ORCPT as received: "addr-type;xtext"
-    remote_mta: str | None = None           # next hop host name ("dns;" added here)
-    diagnostic_code: str | None = None      # next hop reply, "550 5.1.1 ..." ("smtp;" added here)
+    remote_mta: str | None = None           # host name of the MTA that sent diagnostic_code
+    diagnostic_code: str | None = None      # its reply, "550 5.1.1 ..." ("smtp;" added here)
+    reason: str | None = None               # our own explanation (no remote MTA said it)
     last_attempt: float | None = None       # Unix time
     will_retry_until: float | None = None   # for "delayed"
 
@@ -386,6 +397,8 @@ def _human_text(original: OriginalMessage, recipients: list[DSNRecipient], *,
             if r.diagnostic_code:
                 who = f"{_ascii_host(r.remote_mta)} said" if r.remote_mta else "Reason"
                 lines += _wrap(f"{who}: {clean(_join_reply(r.diagnostic_code))}", "    ")
+            if r.reason:
+                lines += _wrap(f"Reason given by {reporting_mta}: {clean(r.reason)}", "    ")
             if r.last_attempt is not None:
                 lines += _wrap(f"Last attempt: {_date(r.last_attempt)}", "    ")
             if r.action == "delayed" and r.will_retry_until is not None:
@@ -418,6 +431,11 @@ def _status_text(original: OriginalMessage, recipients: list[DSNRecipient], *,
             out.append(_field("Diagnostic-Code",
                               "smtp;" + _clean(_join_reply(r.diagnostic_code),
                                                ascii_only=not utf8)))
+        elif r.reason:
+            # Our own diagnosis, typed as such (as Postfix's "X-Postfix;"): no
+            # remote MTA said it, so neither "smtp;" nor Remote-MTA.
+            out.append(_field("Diagnostic-Code",
+                              f"{DIAGNOSTIC_TYPE};" + _clean(r.reason, ascii_only=not utf8)))
         if r.last_attempt is not None:
             out.append(_field("Last-Attempt-Date", _date(r.last_attempt)))
         if r.action == "delayed" and r.will_retry_until is not None:

@@ -455,12 +455,13 @@ def dsn_maker(config: Any) -> Callable[[dict[str, Any], list[dict[str, Any]], fl
         for r in rows:
             if not _notify_allows(r["notify"], "FAILURE"):
                 continue
-            diag = BOUNCE_REPLY
+            # Our own decision, not a reply of a remote MTA (RFC 3464 §2.3.6).
+            reason = BOUNCE_REPLY.split(" ", 2)[2]
             if r["last_reply"]:
-                diag += f"; last attempt: {_one_line(r['last_reply'])}"
+                reason += f"; last attempt: {_one_line(r['last_reply'])}"
             failed.append(DSNRecipient(final_recipient=r["address"], action="failed",
                                        status=BOUNCE_STATUS, original_recipient=r["orcpt"],
-                                       diagnostic_code=diag))
+                                       reason=reason))
         if not failed:
             return []
         return dsn_messages(m, {"failure": failed}, now, hostname=config.server.hostname,

@@ -51,6 +51,9 @@ The script (a dict, JSON-able):
                  (multi-line: "451 4.3.0 first\\nsecond", continuation lines
                  without the code), or "raw:TEXT" to send TEXT + CRLF as is.
 ``rcpt``         {"address": ACTION} per recipient (case-insensitive)
+``max_rcpts``    n: recipients accepted per transaction, as Postfix's
+                 ``smtpd_recipient_limit``; each RCPT after the nth accepted one
+                 gets ``452 4.5.3 Error: too many recipients``
 ``data_reply``   the reply at the end of the content
                  (default "250 2.0.0 Ok: queued as {id}")
 
@@ -562,7 +565,11 @@ class PeerConnection(protocol.Protocol):
         per = {k.lower(): v for k, v in self.script.get("rcpt", {}).items()}
         step_action = self.action("RCPT")
         action = per.get(addr.lower(), step_action)
-        r = self.perform("RCPT", "250 2.1.5 Ok", action=action)
+        limit = self.script.get("max_rcpts")
+        if limit and len(self.tx.accepted) >= limit:
+            action = "452 4.5.3 Error: too many recipients"
+        # (An explicit action: perform() must not count this RCPT a second time.)
+        r = self.perform("RCPT", "250 2.1.5 Ok", action=action or "250 2.1.5 Ok")
         if r and r.startswith("2"):
             self.tx.accepted.append(addr)
 

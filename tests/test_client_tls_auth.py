@@ -586,3 +586,43 @@ class QueueRunnerTests(TLSAuthTestCase):
         with engine.connect() as c:
             self.assertEqual(c.exec_driver_sql("SELECT COUNT(*) FROM messages").scalar(), 1)
         self.assertEqual(peer.transactions, [])
+
+
+class TLSInfoTests(TLSAuthTestCase):
+    """DeliveryResult.tls: what the delivery log line shows (tls=...)."""
+
+    @defer.inlineCallbacks
+    def test_tls_session_of_each_policy(self):
+        ca = TestCA()
+        plain = self.peer({})
+        may = self.peer({"starttls": True}, leaf=self_signed("whatever.test"))
+        good = self.peer({"starttls": True}, leaf=ca.issue("mx.tls.test"))
+        pool = self.pool(trust_root=load_trust_root(self.ca_file(ca)))
+        none = yield pool.deliver([self.hop(plain)], message())
+        self.assertIsNone(none.tls)
+        unverified = yield pool.deliver([self.hop(may)], message())
+        self.assertEqual(unverified.tls.version, "TLSv1.3")
+        self.assertRegex(unverified.tls.cipher, r"^TLS_[A-Z0-9_]+$")
+        self.assertFalse(unverified.tls.verified)
+        self.assertEqual(str(unverified.tls),
+                         f"TLSv1.3/{unverified.tls.cipher}/unverified")
+        verified = yield pool.deliver([self.hop(good, tls="verify")], message())
+        self.assertAll(verified, 250, "2.0.0")
+        self.assertTrue(verified.tls.verified)
+        self.assertTrue(str(verified.tls).endswith("/verified"))
+        # Reused connections keep saying what they are.
+        again = yield pool.deliver([self.hop(good, tls="verify")], message())
+        self.assertEqual(again.tls, verified.tls)
+        self.assertEqual(good.connections, 1)
+
+    @defer.inlineCallbacks
+    def test_hop_failure_after_tls_reports_the_session(self):
+        peer = self.peer({"starttls": True, "actions": {"MAIL": "451 4.3.0 Not now"}},
+                         leaf=self_signed("whatever.test"))
+        pool = self.pool()
+        result = yield pool.deliver([self.hop(peer, tls="encrypt")], message())
+        self.assertAll(result, 451, "4.3.0")
+        self.assertEqual(result.remote, self.hop(peer, tls="encrypt"))
+        self.assertEqual(result.results[0].remote, self.hop(peer, tls="encrypt"))
+        self.assertIsNotNone(result.tls)
+        self.assertFalse(result.tls.verified)

@@ -543,3 +543,56 @@ def test_large_original_with_maximal_lines():
     body = (b"m" * 998 + b"\r\n") * 9000
     data = build(original(body=body))
     assert raw_parts(data)[2][1] == HEADERS + body
+
+
+# ---------------------------------------------------------------------------
+# Who said it (RFC 3464 §2.3.5, §2.3.6): a remote MTA's reply, or our own reason
+
+OURS = DSNRecipient(
+    final_recipient="carol@example.com", action="failed", status="5.6.7",
+    reason="SMTPUTF8 is required, but was not offered by host mx.example.com[192.0.2.7]:25",
+    last_attempt=ARRIVAL + 60)
+
+
+def test_own_reason_is_not_reported_as_a_remote_reply():
+    data = build(rcpts=[FAILED, OURS])
+    assert_wire_clean(data)
+    msg = parse(data)
+    blocks = status_blocks(data)
+    remote, ours = blocks[1], blocks[2]
+    # The remote's reply: Remote-MTA and an smtp diagnostic.
+    assert remote["Remote-MTA"] == "dns;mx.example.net"
+    assert remote["Diagnostic-Code"] == "smtp;550 5.1.1 <bob@example.net>: no such user"
+    # Our decision: no Remote-MTA, a diagnostic typed as ours (like X-Postfix).
+    assert "Remote-MTA" not in ours
+    assert ours["Diagnostic-Code"] == ("X-mta;SMTPUTF8 is required, but was not offered by "
+                                       "host mx.example.com[192.0.2.7]:25")
+    assert ours["Status"] == "5.6.7"
+    # The stdlib parser agrees.
+    stdlib = parts(msg)[1].get_payload()
+    assert stdlib[2]["Remote-MTA"] is None
+    assert str(stdlib[2]["Diagnostic-Code"]).startswith("X-mta;")
+    text = " ".join(parts(msg)[0].get_content().split())
+    assert text.count(" said: ") == 1
+    assert "mx.example.net said: 550 5.1.1 <bob@example.net>: no such user" in text
+    assert ("Reason given by mx.test: SMTPUTF8 is required, but was not offered by host "
+            "mx.example.com[192.0.2.7]:25") in text
+    assert "remote host mx.example.com" not in text
+
+
+def test_own_reason_in_a_delay_report_and_a_global_report():
+    delayed = DSNRecipient(final_recipient="dave@example.com", action="delayed", status="4.4.1",
+                           reason="connect to mx.example.com[192.0.2.7]:25: Connection refused",
+                           last_attempt=ARRIVAL + 60, will_retry_until=ARRIVAL + 86400)
+    data = build(rcpts=[delayed])
+    [_, block] = status_blocks(data)
+    assert "Remote-MTA" not in block
+    assert block["Diagnostic-Code"] == ("X-mta;connect to mx.example.com[192.0.2.7]:25: "
+                                        "Connection refused")
+    utf8 = DSNRecipient(final_recipient="jörg@example.de", action="failed", status="5.3.4",
+                        reason="Message too big for next hop")
+    data = build(rcpts=[utf8])
+    assert_wire_clean(data)
+    [_, block] = status_blocks(data)
+    assert "Remote-MTA" not in block
+    assert block["Diagnostic-Code"] == "X-mta;Message too big for next hop"

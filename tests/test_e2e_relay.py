@@ -102,9 +102,14 @@ def delivery_lines(mta, qid: str) -> list[str]:
 
 
 def log_line_re(qid: str, rcpt: str, relay: str, *, attempts: int, dsn: str,
-                status: str, reply: str = r".*") -> str:
-    return (rf"{qid}: to=<{re.escape(rcpt)}> relay={relay} delay=\d+(\.\d+)? "
+                status: str, reply: str = r".*", tls: str = "none") -> str:
+    return (rf"{qid}: to=<{re.escape(rcpt)}> relay={relay} tls={tls} delay=\d+(\.\d+)? "
             rf"attempts={attempts} dsn={re.escape(dsn)} status={status} \({reply}\)")
+
+
+def said(reply: str) -> str:
+    """The log form (a regex) of a reply that the next hop on 127.0.0.1 sent."""
+    return re.escape(f"host 127.0.0.1[127.0.0.1] said: {reply}")
 
 
 def rcpt_rows(mta, qid: str) -> dict[str, dict]:
@@ -336,6 +341,9 @@ def test_mx_routing(mta_factory, peer_factory, dns_factory):
     assert {r: b["Status"] for r, b in blocks.items()} == {
         "d1@nullmx.test": "5.1.10", "d2@nullmx.test": "5.1.10", "e@nosuch.e2e.test": "5.1.2"}
     assert all(b["Action"] == "failed" for b in blocks.values())
+    # No route is our own finding: no remote MTA said it (RFC 3464 §2.3.5/2.3.6).
+    assert all("Remote-MTA" not in b and str(b["Diagnostic-Code"]).startswith("X-mta;")
+               for b in blocks.values())
 
 
 def test_dns_timeout_defers(mta_factory):
@@ -385,7 +393,8 @@ def test_deferral_then_retry_delivers(mta_factory, peer_factory):
     relay = re.escape(f"127.0.0.1[127.0.0.1]:{dest.port}")
     lines = delivery_lines(mta, qid)
     assert re.fullmatch(log_line_re(qid, "bob@dest.test", relay, attempts=1, dsn="4.3.0",
-                                    status="deferred", reply="451 4.3.0 Try again later"),
+                                    status="deferred",
+                                    reply=said("451 4.3.0 Try again later")),
                         lines[0]), lines
     assert re.fullmatch(log_line_re(qid, "bob@dest.test", relay, attempts=2, dsn="2.0.0",
                                     status="sent"), lines[1]), lines
@@ -452,7 +461,7 @@ def test_bounce_for_5xx_recipient(mta_factory, peer_factory):
     lines = delivery_lines(mta, qid)
     relay = re.escape(f"127.0.0.1[127.0.0.1]:{dest.port}")
     assert any(re.fullmatch(log_line_re(qid, "bad@dest.test", relay, attempts=1, dsn="5.1.1",
-                                        status="bounced", reply=re.escape(reject)), ln)
+                                        status="bounced", reply=said(reject)), ln)
                for ln in lines), lines
     assert re.search(rf"{qid}: sender non-delivery notification: [0-9A-Z]+", mta.log())
 
@@ -573,7 +582,8 @@ def test_warn_after_then_lifetime_expiry(mta_factory, peer_factory):
     for n, line in enumerate(lines[:-1], 1):
         assert re.fullmatch(log_line_re(qid, "slow@dest.test", relay, attempts=n, dsn="4.2.2",
                                         status="deferred",
-                                        reply=re.escape("452 4.2.2 Mailbox full")), line), lines
+                                        reply=said("452 4.2.2 Mailbox full")),
+                            line), lines
     assert re.fullmatch(log_line_re(qid, "slow@dest.test", relay, attempts=len(lines),
                                     dsn="4.4.7", status="expired"), lines[-1]), lines
     assert len(re.findall(rf"{qid}: sender delay notification", mta.log())) == 1

@@ -373,11 +373,14 @@ def test_bounce(site, queue, capsys):
     assert msg["Subject"] == "Undelivered Mail Returned to Sender"
     assert msg.get_content_type() == "multipart/report"
     text, status, original = msg.iter_parts()
-    assert "returned by the mail system administrator" in text.get_content()
+    assert "returned by the mail system administrator" in " ".join(text.get_content().split())
     blocks = status.get_payload()
     assert [(b["Final-Recipient"], b["Action"], b["Status"]) for b in blocks[1:]] == [
         ("rfc822;bob@dest.test", "failed", "5.0.0"), ("rfc822;carol@other.test", "failed", "5.0.0")]
     assert "last attempt: 451 4.3.0 Try again later" in str(blocks[1]["Diagnostic-Code"])
+    # The administrator's decision is ours, not a remote MTA's reply (RFC 3464 §2.3.6).
+    assert str(blocks[1]["Diagnostic-Code"]).startswith("X-mta;message returned by")
+    assert "Remote-MTA" not in blocks[1]
     assert original.get_content_type() == "message/rfc822"
     assert b"Subject: first" in original.as_bytes()
 

@@ -358,6 +358,7 @@ class QueueRunner(service.Service):
         m = job.message
         remote = None
         dsn_offered = False
+        tls = None
         try:
             hops = await self.router.route(job.domain)
         except RouteError as e:
@@ -377,12 +378,14 @@ class QueueRunner(service.Service):
                 smtputf8=bool(m["smtputf8"]), ret=m["ret"], envid=m["envid"])
             res = await self.pool.deliver(hops, out)
             results, remote, dsn_offered = res.results, res.remote, res.dsn_offered
-        await self._record(job, results, remote, dsn_offered)
+            tls = res.tls
+        await self._record(job, results, remote, dsn_offered, tls)
 
     def _outbound_address(self, address: str) -> str:
         return address if "@" in address else f"{address}@{self.hostname}"
 
-    async def _record(self, job: Job, results: list, remote: Any, dsn_offered: bool) -> None:
+    async def _record(self, job: Job, results: list, remote: Any, dsn_offered: bool,
+                      tls: Any = None) -> None:
         from ..dsn import DSNRecipient
 
         m = job.message
@@ -390,6 +393,7 @@ class QueueRunner(service.Service):
         age = now - m["arrival"]
         lifetime = self.retry.lifetime
         relay_txt = f"{remote.host}[{remote.address}]:{remote.port}" if remote else "none"
+        tls_txt = str(tls) if tls is not None else "none"
         updates: list[ops.RecipientUpdate] = []
         report: dict[str, list] = defaultdict(list)  # kind -> DSNRecipient list
         owing: set[int] = set()                      # rows that add to the report
@@ -398,9 +402,15 @@ class QueueRunner(service.Service):
             notify = row["notify"]
             warned = bool(row["warned"])
             reply = res.text
+            # Only a reply the next hop really sent is its Diagnostic-Code with
+            # Remote-MTA; our own decisions are reported as ours (RFC 3464 §2.3.5).
+            said_by = res.remote
             dsn_common = dict(final_recipient=row["address"], original_recipient=row["orcpt"],
-                              remote_mta=remote.host if remote else None,
-                              diagnostic_code=reply, last_attempt=now)
+                              remote_mta=said_by.host if said_by else None,
+                              diagnostic_code=reply if said_by else None,
+                              reason=None if said_by else res.detail, last_attempt=now)
+            said = (f"host {said_by.host}[{said_by.address}] said: {res.text}"
+                    if said_by and res.code >= 300 else res.text if said_by else res.detail)
             if 200 <= res.code < 300:
                 status_word = "sent"
                 state, nxt = "delivered", now
@@ -420,7 +430,7 @@ class QueueRunner(service.Service):
                 dsn_status = "4.4.7" if expired else (res.status or "5.0.0")
                 if expired:
                     reply = f"delivery time expired; last reply: {res.text}"
-                    dsn_common["diagnostic_code"] = res.text
+                    said = f"delivery time expired; last reply: {said}"
                 if _notify_allows(notify, "FAILURE"):
                     owing.add(row["id"])
                     report["failure"].append(DSNRecipient(action="failed", status=dsn_status,
@@ -444,10 +454,11 @@ class QueueRunner(service.Service):
                 self.metrics.recipient_done(
                     _METRIC_STATUS[status_word], self._domain_of(row["address"]),
                     age if state != "deferred" else None)
-            log.info("{queue_id}: to=<{rcpt}> relay={relay} delay={delay:.1f} attempts={attempts} "
-                     "dsn={dsn} status={status} ({reply})", queue_id=job.queue_id,
-                     rcpt=row["address"], relay=relay_txt, delay=age, attempts=attempts,
-                     dsn=dsn_status, status=status_word, reply=reply)
+            log.info("{queue_id}: to=<{rcpt}> relay={relay} tls={tls} delay={delay:.1f} "
+                     "attempts={attempts} dsn={dsn} status={status} ({reply})",
+                     queue_id=job.queue_id, rcpt=row["address"], relay=relay_txt, tls=tls_txt,
+                     delay=age, attempts=attempts, dsn=dsn_status, status=status_word,
+                     reply=said)
         # One report per message and pass (see _Reports): the rows that owe
         # one wait for the message's last job, which writes them with the DSNs.
         if m["sender"] == "" and not self.relay.postmaster:

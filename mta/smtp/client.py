@@ -86,8 +86,25 @@ Choices:
   the same hop; that is not a hop failure.
 * Results we make ourselves have the same form as server replies:
   ``text`` is "451 4.4.1 connect to mx[192.0.2.1]:25: Connection refused",
-  "552 5.3.4 Message too big for next hop", ...; ``from_remote`` tells them
-  apart.
+  "552 5.3.4 Message too big for next hop", ...; ``RecipientResult.remote``
+  (the next hop whose reply ``text`` is, None for ours) tells them apart,
+  so that a report never says a remote MTA said what we decided.
+* A next hop's recipient limit (RFC 5321 §4.5.3.1.10): when the RCPT
+  replies end in 452s starting with a "too many recipients" one (status
+  4.5.3 or none) after at least one other reply, those recipients are sent
+  at once in another transaction — on the same connection after the end of
+  data (or RSET), on one new connection to the same hop if it was closed —
+  and the number taken is kept as ``rcpt_limit`` of the connection, so
+  later transactions on it are split up front.  Without PIPELINING no RCPT
+  is sent after the limit's 452.  A 452 for the first recipient of a
+  transaction is an ordinary deferral; when every recipient of such a
+  transaction got a 452, the ones not sent yet are deferred too (the next
+  hop takes no more now).  Once a transaction of a delivery
+  is done, a failure of a later one (a drop, MAIL refused) is the result of
+  the recipients not yet sent only: other hops are not tried, so nothing
+  is delivered twice.
+* ``DeliveryResult.tls`` is the TLS session used (protocol, cipher, and
+  whether the certificate was verified: policy ``verify``), or None.
 * An address with a control character is never sent (CR/LF would be
   command injection): that recipient gets 553 5.1.3 (5.1.7 for the
   sender).  Malformed DSN parameters are left out.
@@ -123,6 +140,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _PARAM_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+")  # esmtp-value (+ UTF-8)
 _REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])(?:([ -])(.*))?")
 _STATUS = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})(?: +|$)")
+_CODE_PREFIX = re.compile(r"[2-5][0-9][0-9](?: +[245]\.[0-9]{1,3}\.[0-9]{1,3})?(?: +|$)")
 
 
 # ---------------------------------------------------------------------------
@@ -155,11 +173,36 @@ class RecipientResult:
     code: int                       # 250, 451, 550, ...
     status: str                     # "2.0.0"
     text: str                       # full reply, e.g. "250 2.0.0 Ok: queued as X"
-    # False when we produced the result ourselves (connection failure,
-    # timeout, a next hop too small for the message...): ``text`` then is
-    # our explanation in the same form, e.g. "451 4.4.1 connect to
-    # mx.example[192.0.2.1]:25: Connection refused".
-    from_remote: bool = True
+    # The next hop that sent ``text`` as its reply to us.  None when we
+    # produced the result ourselves (connection failure, timeout, a next hop
+    # too small for the message, no route...): ``text`` then is our own
+    # explanation in the same form, e.g. "451 4.4.1 connect to
+    # mx.example[192.0.2.1]:25: Connection refused", and must never be
+    # reported as something a remote MTA said (RFC 3464 §2.3.5, §2.3.6).
+    remote: NextHop | None = None
+
+    @property
+    def from_remote(self) -> bool:
+        return self.remote is not None
+
+    @property
+    def detail(self) -> str:
+        """``text`` without its leading reply code and enhanced status (for
+        our own results: "connect to mx[192.0.2.1]:25: Connection refused")."""
+        m = _CODE_PREFIX.match(self.text)
+        return self.text[m.end():] if m and m.end() < len(self.text) else self.text
+
+
+@dataclass(frozen=True)
+class TLSInfo:
+    """The TLS session of the connection a delivery used."""
+    version: str                    # "TLSv1.3"
+    cipher: str                     # "TLS_AES_256_GCM_SHA384"
+    verified: bool                  # certificate checked (policy verify): chain and name
+
+    def __str__(self) -> str:
+        """The log form: ``TLSv1.3/TLS_AES_256_GCM_SHA384/verified`` (or ``/unverified``)."""
+        return f"{self.version}/{self.cipher}/{'verified' if self.verified else 'unverified'}"
 
 
 @dataclass
@@ -167,6 +210,7 @@ class DeliveryResult:
     results: list[RecipientResult]  # one per recipient, same order
     remote: NextHop | None          # the hop that answered (None if none could be reached)
     dsn_offered: bool               # next hop advertised DSN
+    tls: TLSInfo | None = None      # the TLS session used with ``remote`` (None: plain text)
 
 
 @dataclass(frozen=True)
@@ -258,6 +302,7 @@ class _HopFailure(Exception):
         self.reached = reached
         self.permanent = permanent
         self.final = final              # no other hop is tried (a rejected login)
+        self.tls: TLSInfo | None = None  # the TLS session of the conversation, if any
 
     @classmethod
     def from_reply(cls, hop: NextHop, reply: Reply, *, permanent_ok: bool) -> "_HopFailure":
@@ -289,6 +334,32 @@ def _step_failure(hop: NextHop, e: _StepError) -> _HopFailure:
     why = f" ({e.reason})" if isinstance(e, _StepLost) and e.reason else ""
     text = f"lost connection with {_hopname(hop)} while {e.step}{why}"
     return _HopFailure(hop, 451, "4.4.2", text, from_remote=False, reached=True)
+
+
+def _is_limit_reply(r: Reply) -> bool:
+    """A "too many recipients" reply (RFC 5321 §4.5.3.1.10): 452, enhanced
+    status 4.5.3 or none."""
+    return r.code == 452 and r.status in ("4.5.3", "4.0.0")
+
+
+def _over_limit(replies: list[Reply]) -> int | None:
+    """Where the next hop's recipient limit cut the RCPT replies of a
+    transaction: k when ``replies[k]`` is a "too many recipients" 452 and
+    every later reply is a 452, with k > 0 (a 452 for the first recipient is
+    a real deferral); None when the limit was not reached."""
+    k = len(replies)
+    while k > 0 and replies[k - 1].code == 452:
+        k -= 1
+    while k < len(replies) and not _is_limit_reply(replies[k]):
+        k += 1
+    return k if 0 < k < len(replies) else None
+
+
+def _refused_at_once(results: list[RecipientResult]) -> bool:
+    """The first recipient of a transaction got a "too many recipients" 452
+    from the next hop, and every other one a 452 too."""
+    return bool(results) and all(r.code == 452 and r.remote is not None for r in results) and (
+        results[0].status in ("4.5.3", "4.0.0"))
 
 
 # ---------------------------------------------------------------------------
@@ -510,6 +581,9 @@ class SMTPClientProtocol(protocol.Protocol):
         self.esmtp = False
         self.tls = False
         self.tls_pending = False        # STARTTLS done, handshake not yet complete
+        self.tls_verified = False       # the certificate is checked (policy verify)
+        self.tls_info: TLSInfo | None = None  # set when the handshake completes
+        self.rcpt_limit: int | None = None    # recipients per transaction, learned from 452s
         self.closed = False
         self.aborting = False
         self.idle = False
@@ -540,6 +614,14 @@ class SMTPClientProtocol(protocol.Protocol):
     def handshakeCompleted(self) -> None:
         self.tls_pending = False
         self.tls = True
+        version, cipher = "TLS", "unknown"
+        try:
+            handle = self.transport.getHandle()
+            version = handle.get_protocol_version_name() or version
+            cipher = handle.get_cipher_name() or cipher
+        except Exception:   # not an OpenSSL connection (a test transport)
+            pass
+        self.tls_info = TLSInfo(version, cipher, self.tls_verified)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.closed = True
@@ -873,7 +955,7 @@ class ConnectionPool:
         # a CR or LF here would be command injection: refuse, never send.
         if _CONTROL.search(msg.sender):
             text = "553 5.1.7 sender address contains control characters"
-            return DeliveryResult([RecipientResult(r.address, 553, "5.1.7", text, from_remote=False)
+            return DeliveryResult([RecipientResult(r.address, 553, "5.1.7", text)
                                    for r in msg.recipients], None, False)
         bad = [i for i, r in enumerate(msg.recipients) if _CONTROL.search(r.address)]
         if bad:
@@ -883,9 +965,9 @@ class ConnectionPool:
             it = iter(sub.results)
             text = "553 5.1.3 recipient address contains control characters"
             return DeliveryResult(
-                [RecipientResult(r.address, 553, "5.1.3", text, from_remote=False) if i in bad
+                [RecipientResult(r.address, 553, "5.1.3", text) if i in bad
                  else next(it) for i, r in enumerate(msg.recipients)],
-                sub.remote, sub.dsn_offered)
+                sub.remote, sub.dsn_offered, sub.tls)
         content = _prepare(msg)
         failures: list[_HopFailure] = []
         for hop in self._order(hops):
@@ -907,17 +989,18 @@ class ConnectionPool:
                 break
         if not failures:
             text = "451 4.4.1 no next hop to deliver to"
-            results = [RecipientResult(r.address, 451, "4.4.1", text, from_remote=False)
-                       for r in msg.recipients]
+            results = [RecipientResult(r.address, 451, "4.4.1", text) for r in msg.recipients]
             return DeliveryResult(results, None, False)
         reached = [f for f in failures if f.reached]
         last = reached[-1] if reached else failures[-1]
         code, status = last.code, last.status
         if code >= 500 and not all(f.permanent for f in failures):
             code, status = 451, "4" + status[1:]
-        results = [RecipientResult(r.address, code, status, last.text, from_remote=last.from_remote)
+        said_by = last.hop if last.from_remote else None
+        results = [RecipientResult(r.address, code, status, last.text, said_by)
                    for r in msg.recipients]
-        return DeliveryResult(results, last.hop if last.reached else None, False)
+        return DeliveryResult(results, last.hop if last.reached else None, False,
+                              last.tls if last.reached else None)
 
     def _order(self, hops: list[NextHop]) -> list[NextHop]:
         """The hops in order, but one with a cached connection first."""
@@ -943,11 +1026,15 @@ class ConnectionPool:
                     use_tls = False
                     continue
             try:
-                return await self._transaction(conn, hop, msg, content, reused)
+                return await self._send(conn, hop, msg, content, reused, use_tls)
             except _DeadConnection:
                 log.debug("{hop}: cached connection was dead, reconnecting", hop=_hopname(hop))
                 conn.abort()
                 conn = None
+            except _HopFailure as e:
+                if e.tls is None:
+                    e.tls = conn.tls_info
+                raise
 
     # -- connection setup ---------------------------------------------------------------
     async def _connect(self, hop: NextHop) -> SMTPClientProtocol:
@@ -998,6 +1085,7 @@ class ConnectionPool:
             if use_tls and "STARTTLS" in conn.extensions and hasattr(conn.transport, "startTLS"):
                 r = (await conn.command(b"STARTTLS\r\n", [(t.helo, "sending STARTTLS")]))[0]
                 if r.code == 220:
+                    conn.tls_verified = policy == "verify"
                     conn.start_tls(self._client_tls(hop, policy))
                     conn.extensions = {}
                     try:
@@ -1028,7 +1116,11 @@ class ConnectionPool:
                     self._quit(conn)
                     raise self._tls_policy_failure(hop, policy,
                                                    "not sending the password without TLS")
-                await self._authenticate(conn, hop)
+                try:
+                    await self._authenticate(conn, hop)
+                except _HopFailure as e:
+                    e.tls = conn.tls_info
+                    raise
         except _StepError as e:
             conn.abort()
             raise _step_failure(hop, e) from None
@@ -1225,19 +1317,121 @@ class ConnectionPool:
         line = f"RCPT TO:<{rcpt.address}>" + "".join(" " + p for p in params) + "\r\n"
         return line.encode("utf-8")
 
-    async def _transaction(self, conn: SMTPClientProtocol, hop: NextHop, msg: OutboundMessage,
-                           content: _Content, reused: bool) -> DeliveryResult:
-        t = self.timeouts
+    async def _send(self, conn: SMTPClientProtocol, hop: NextHop, msg: OutboundMessage,
+                    content: _Content, reused: bool, use_tls: bool) -> DeliveryResult:
+        """Every recipient of *msg* to *hop* over *conn*, in as many
+        transactions as the next hop's recipient limit needs (RFC 5321
+        §4.5.3.1.10): recipients refused with a "too many recipients" 452
+        after the first one are sent at once in a further transaction, on
+        the same connection (a new one to the same hop if it was closed),
+        and the limit is remembered for the connection."""
         dsn = "DSN" in conn.extensions
+        tls = conn.tls_info
         local = self._local_check(conn, msg, content)
         if isinstance(local, _Content):
             content = local
         else:
-            code, status, text = local
             self._release(conn)
-            return DeliveryResult([RecipientResult(r.address, code, status,
-                                                   f"{code} {status} {text}", from_remote=False)
-                                   for r in msg.recipients], hop, dsn)
+            return DeliveryResult(self._local_results(msg.recipients, local), hop, dsn, tls)
+        n = len(msg.recipients)
+        results: list[RecipientResult | None] = [None] * n
+        pending = list(range(n))
+        first = True
+        while True:
+            limit = conn.rcpt_limit
+            batch = pending[:limit] if limit else pending
+            part = msg if len(batch) == n else replace(
+                msg, recipients=[msg.recipients[i] for i in batch])
+            try:
+                got, over, clean = await self._transaction(conn, hop, part, content,
+                                                           reused and first)
+            except _HopFailure as e:
+                if first:
+                    raise
+                # Earlier transactions of this delivery have their results:
+                # the others get this failure, never another hop's attempt
+                # (which would duplicate what was delivered).
+                for i in pending:
+                    results[i] = RecipientResult(msg.recipients[i].address, e.code, e.status,
+                                                 e.text, hop if e.from_remote else None)
+                break
+            first = False
+            for j, i in enumerate(batch):
+                results[i] = got[j]
+            if over:
+                took = len(batch) - len(over)
+                if conn.rcpt_limit is None or took < conn.rcpt_limit:
+                    conn.rcpt_limit = took
+                    log.info("{queue_id}: {hop} takes {n} recipients per transaction; sending "
+                             "the other {left} in further transactions", queue_id=msg.queue_id,
+                             hop=_hopname(hop), n=took, left=len(pending) - took)
+            pending = [batch[j] for j in over] + pending[len(batch):]
+            if pending and _refused_at_once(got):
+                # Not a recipient of this transaction was taken: the next hop
+                # takes no more now (a per-connection or rate limit).  The
+                # rest wait for the next attempt instead of one refused
+                # transaction each.
+                for i in pending:
+                    results[i] = RecipientResult(
+                        msg.recipients[i].address, 452, got[0].status,
+                        f"452 {got[0].status} not sent: {_hopname(hop)} took no more "
+                        f"recipients ({got[0].text})")
+                pending = []
+            if clean and conn._early:
+                conn.abort()            # the server said more than it was asked
+                clean = False
+            if not pending:
+                if clean:
+                    self._release(conn)
+                break
+            if clean:
+                continue
+            # The connection is gone: one new connection to the same hop for the rest.
+            limit = conn.rcpt_limit
+            failure: _HopFailure | None = None
+            try:
+                conn = await self._open(hop, use_tls)
+            except _HopFailure as e:
+                failure = e
+            except _TLSFailed as e:
+                failure = _HopFailure(hop, 451, "4.4.2", f"TLS handshake with {_hopname(hop)} "
+                                      f"failed ({e.reason or 'no reason given'})",
+                                      from_remote=False, reached=True)
+            if failure is not None:
+                for i in pending:
+                    results[i] = RecipientResult(msg.recipients[i].address, failure.code,
+                                                 failure.status, failure.text,
+                                                 hop if failure.from_remote else None)
+                break
+            conn.rcpt_limit = limit
+            local = self._local_check(conn, msg, content)
+            if isinstance(local, _Content):
+                content = local
+            else:
+                self._release(conn)
+                for i, rr in zip(pending, self._local_results(
+                        [msg.recipients[i] for i in pending], local)):
+                    results[i] = rr
+                break
+        final = [r for r in results if r is not None]
+        assert len(final) == n
+        return DeliveryResult(final, hop, dsn, tls)
+
+    @staticmethod
+    def _local_results(rcpts: list[OutboundRecipient],
+                       local: tuple[int, str, str]) -> list[RecipientResult]:
+        code, status, text = local
+        return [RecipientResult(r.address, code, status, f"{code} {status} {text}")
+                for r in rcpts]
+
+    async def _transaction(self, conn: SMTPClientProtocol, hop: NextHop, msg: OutboundMessage,
+                           content: _Content, reused: bool
+                           ) -> tuple[list[RecipientResult], list[int], bool]:
+        """One transaction: (a result per recipient, the positions of the
+        recipients refused for the recipient limit, whether the connection
+        is ready for another MAIL).  Raises _HopFailure when the hop did not
+        take the message (MAIL refused, connection lost or timed out)."""
+        t = self.timeouts
         pipelining = "PIPELINING" in conn.extensions
         use_bdat = content.binary
         utf8 = "SMTPUTF8" in conn.extensions and self._needs_utf8(msg)
@@ -1286,17 +1480,25 @@ class ConnectionPool:
                     raise _HopFailure.from_reply(hop, mail_reply, permanent_ok=True)
                 rcpt_replies = []
                 for line in rcpts:
-                    rcpt_replies.append((await conn.command(line, [rcpt_step]))[0])
+                    rep = (await conn.command(line, [rcpt_step]))[0]
+                    rcpt_replies.append(rep)
+                    if _is_limit_reply(rep) and _over_limit(rcpt_replies) is not None:
+                        break       # the limit is reached: the rest go in another transaction
 
-            results = [RecipientResult(r.address, rep.code, rep.status, rep.text)
+            results = [RecipientResult(r.address, rep.code, rep.status, rep.text, hop)
                        for r, rep in zip(msg.recipients, rcpt_replies)]
+            k = _over_limit(rcpt_replies)
+            over = list(range(k, n)) if k is not None else []
+            for r in msg.recipients[len(results):]:     # not sent (the limit was reached)
+                results.append(RecipientResult(
+                    r.address, 452, "4.5.3", f"452 4.5.3 not sent: the recipient limit of "
+                    f"{_hopname(hop)} was reached"))
             accepted = [i for i, rep in enumerate(rcpt_replies) if rep.ok]
             if not accepted:
                 if data_reply is not None and data_reply.code == 354:
                     # RFC 2920 §3.1: all RCPTs failed but DATA was accepted.
                     await conn.command(b".\r\n", [(t.data_end, "sending end of data")])
-                await self._rset_and_release(conn)
-                return DeliveryResult(results, hop, dsn)
+                return results, over, await self._rset(conn)
 
             if use_bdat:
                 conn.write(f"BDAT {content.size} LAST\r\n".encode())
@@ -1308,9 +1510,8 @@ class ConnectionPool:
                 if data_reply.code != 354:
                     for i in accepted:
                         results[i] = RecipientResult(msg.recipients[i].address, data_reply.code,
-                                                     data_reply.status, data_reply.text)
-                    await self._rset_and_release(conn)
-                    return DeliveryResult(results, hop, dsn)
+                                                     data_reply.status, data_reply.text, hop)
+                    return results, over, await self._rset(conn)
                 await conn.send_content(content.parts, stuff=True, block_timeout=t.data_block)
                 final = (await conn.command(b".\r\n", [(t.data_end, "sending end of data")]))[0]
         except _StepError as e:
@@ -1318,24 +1519,24 @@ class ConnectionPool:
             raise _step_failure(hop, e) from None
         for i in accepted:
             results[i] = RecipientResult(msg.recipients[i].address, final.code, final.status,
-                                         final.text)
+                                         final.text, hop)
         conn.transactions += 1
         if final.code == 421:
             self._quit(conn)
-        else:
-            self._release(conn)
-        return DeliveryResult(results, hop, dsn)
+            return results, over, False
+        return results, over, conn.usable
 
-    async def _rset_and_release(self, conn: SMTPClientProtocol) -> None:
+    async def _rset(self, conn: SMTPClientProtocol) -> bool:
+        """RSET; True when the connection can take another transaction (else it is closed)."""
         try:
             r = (await conn.command(b"RSET\r\n", [(self.timeouts.helo, "sending RSET")]))[0]
         except _StepError:
             conn.abort()
-            return
+            return False
         if r.ok:
-            self._release(conn)
-        else:
-            self._quit(conn)
+            return conn.usable
+        self._quit(conn)
+        return False
 
     # -- the cache ------------------------------------------------------------------------
     def _release(self, conn: SMTPClientProtocol) -> None:
