@@ -46,6 +46,10 @@ _sel_due = (select(recipients.c.id, recipients.c.queue_id, recipients.c.address,
             .where(_pending, recipients.c.next_attempt <= bindparam("now"))
             .order_by(recipients.c.next_attempt).limit(bindparam("limit")))
 _sel_due_locked = _sel_due.with_for_update(skip_locked=True)
+_sel_claimable = (select(*_sel_due.selected_columns)
+                  .where(recipients.c.id.in_(bindparam("ids", expanding=True)), _pending))
+_sel_claimable_locked = _sel_claimable.with_for_update(skip_locked=True)
+_CHUNK = 500      # ids per IN (...): well under every database's parameter limit
 _upd_inflight = (update(recipients).where(recipients.c.id == bindparam("rid"))
                  .values(state="inflight"))
 _sel_messages = (select(messages, contents.c.headers, contents.c.body)
@@ -151,6 +155,31 @@ def claim_due_and_load(conn: Connection, now: float,
     rows = claim_due(conn, now, limit)
     if not rows:
         return rows, {}
+    return rows, load_messages(conn, {r["queue_id"] for r in rows})
+
+
+def due_recipients(conn: Connection, now: float, limit: int) -> list[dict[str, Any]]:
+    """Up to *limit* due recipients (queued or deferred, ``next_attempt`` <=
+    *now*), soonest first, as :func:`claim_due` returns them -- a read:
+    nothing is claimed (see :func:`claim_and_load`)."""
+    return [dict(r._mapping) for r in conn.execute(_sel_due, {"now": now, "limit": limit})]
+
+
+def claim_and_load(conn: Connection, rids: list[int]
+                   ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Mark in flight those of the recipients *rids* (read by
+    :func:`due_recipients`) that are still pending -- an administrator may
+    have held, flushed or deleted some meanwhile -- and return them (fresh,
+    in the order of *rids*) with their messages, as :func:`claim_due_and_load`."""
+    found: dict[int, dict[str, Any]] = {}
+    q = _sel_claimable_locked if conn.dialect.name == "postgresql" else _sel_claimable
+    for i in range(0, len(rids), _CHUNK):
+        for r in conn.execute(q, {"ids": rids[i:i + _CHUNK]}):
+            found[r.id] = dict(r._mapping)
+    rows = [found[rid] for rid in rids if rid in found]
+    if not rows:
+        return rows, {}
+    conn.execute(_upd_inflight, [{"rid": r["id"]} for r in rows])
     return rows, load_messages(conn, {r["queue_id"] for r in rows})
 
 
