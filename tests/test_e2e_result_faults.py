@@ -8,7 +8,8 @@ the spool stops taking writes: another process holds ``BEGIN EXCLUSIVE``
 past the daemon's busy timeout, or the database and its WAL are made
 immutable (``chattr +i``).  Once the spool takes writes again, every result
 must be recorded in the same process: every recipient delivered exactly
-once, none left in flight, nothing sent again after a restart.
+once, none left in flight, nothing sent again after a restart.  And a queue
+pass claims only what it can start: the rest stays queued.
 """
 from __future__ import annotations
 
@@ -115,3 +116,27 @@ def test_immutable_spool_files_while_deliveries_finish(mta_factory, peer_factory
     finally:
         subprocess.run([CHATTR, "-i", *files], check=True)
     check_after_recovery(mta, dest, rcpts)
+
+
+def test_a_pass_claims_only_what_can_start(mta_factory, peer_factory):
+    # Not a fault, the same setting: 30 messages waiting for 3 delivery slots
+    # stay queued (visible, flushable) instead of all in flight at once.
+    [dest] = peer_factory.spawn({"data_end_delay_min": 0.3, "data_end_delay": 0.5},
+                                program=SLOW_PEER)
+    mta = mta_factory(extra=relay_config(routes={"dest.test": dest.address},
+                                         relay={"concurrency": 3}))
+    peer_factory.ready()
+    rcpts = [f"r{i}@dest.test" for i in range(30)]
+    with smtplib.SMTP(mta.host, mta.port, timeout=10) as s:
+        for i, r in enumerate(rcpts):
+            assert s.sendmail(SENDER, [r], message(f"claim {i}")) == {}
+    seen: list[dict[str, int]] = []
+
+    def drained() -> bool:
+        seen.append({state: n for state, n in mta.rows(
+            "SELECT state, COUNT(*) FROM recipients GROUP BY state")})
+        return not seen[-1] and mta.count("messages") == 0
+    wait_for(drained, 60, "the spool to drain", interval=0.02)
+    assert max(s.get("inflight", 0) for s in seen) <= 3, seen
+    assert max(s.get("queued", 0) for s in seen) >= 20, seen
+    assert delivered(dest) == Counter({r: 1 for r in rcpts})
