@@ -45,7 +45,6 @@ _sel_due = (select(recipients.c.id, recipients.c.queue_id, recipients.c.address,
                    recipients.c.warned, recipients.c.last_reply)
             .where(_pending, recipients.c.next_attempt <= bindparam("now"))
             .order_by(recipients.c.next_attempt).limit(bindparam("limit")))
-_sel_due_locked = _sel_due.with_for_update(skip_locked=True)
 _sel_claimable = (select(*_sel_due.selected_columns)
                   .where(recipients.c.id.in_(bindparam("ids", expanding=True)), _pending))
 _sel_claimable_locked = _sel_claimable.with_for_update(skip_locked=True)
@@ -139,29 +138,10 @@ def queue_summary(conn: Connection) -> tuple[dict[str, int], int, float | None]:
     return by_state, int(count or 0), oldest
 
 
-def claim_due(conn: Connection, now: float, limit: int) -> list[dict[str, Any]]:
-    """Mark up to *limit* due recipients in flight and return them."""
-    q = _sel_due_locked if conn.dialect.name == "postgresql" else _sel_due
-    rows = [dict(r._mapping) for r in conn.execute(q, {"now": now, "limit": limit})]
-    if rows:
-        conn.execute(_upd_inflight, [{"rid": r["id"]} for r in rows])
-    return rows
-
-
-def claim_due_and_load(conn: Connection, now: float,
-                       limit: int) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
-    """claim_due, and load_messages for the recipients claimed, in one
-    transaction (one trip to the writer instead of a write and a read)."""
-    rows = claim_due(conn, now, limit)
-    if not rows:
-        return rows, {}
-    return rows, load_messages(conn, {r["queue_id"] for r in rows})
-
-
 def due_recipients(conn: Connection, now: float, limit: int) -> list[dict[str, Any]]:
     """Up to *limit* due recipients (queued or deferred, ``next_attempt`` <=
-    *now*), soonest first, as :func:`claim_due` returns them -- a read:
-    nothing is claimed (see :func:`claim_and_load`)."""
+    *now*), soonest first -- a read: nothing is claimed (see
+    :func:`claim_and_load`)."""
     return [dict(r._mapping) for r in conn.execute(_sel_due, {"now": now, "limit": limit})]
 
 
@@ -170,7 +150,8 @@ def claim_and_load(conn: Connection, rids: list[int]
     """Mark in flight those of the recipients *rids* (read by
     :func:`due_recipients`) that are still pending -- an administrator may
     have held, flushed or deleted some meanwhile -- and return them (fresh,
-    in the order of *rids*) with their messages, as :func:`claim_due_and_load`."""
+    in the order of *rids*) with their messages (queue id -> message row
+    with its headers and body), in one transaction."""
     found: dict[int, dict[str, Any]] = {}
     q = _sel_claimable_locked if conn.dialect.name == "postgresql" else _sel_claimable
     for i in range(0, len(rids), _CHUNK):
