@@ -558,7 +558,7 @@ class QueueRunner(service.Service):
 
     def _write_unrecorded(self, entry: _Unrecorded) -> None:
         entry.writing = True
-        d = self.spool.write(ops.record_results, *entry.args)
+        d = self.spool.write(ops.record_results_again, *entry.args)
         d.addCallbacks(lambda _: self._unrecorded_written(entry),
                        lambda f: self._unrecorded_failed(entry, f.value))
         d.addErrback(lambda f: log.failure("writing a delivery result again failed", f))

@@ -49,6 +49,9 @@ _sel_claimable = (select(*_sel_due.selected_columns)
                   .where(recipients.c.id.in_(bindparam("ids", expanding=True)), _pending))
 _sel_claimable_locked = _sel_claimable.with_for_update(skip_locked=True)
 _CHUNK = 500      # ids per IN (...): well under every database's parameter limit
+_sel_inflight = (select(recipients.c.id)
+                 .where(recipients.c.id.in_(bindparam("ids", expanding=True)),
+                        recipients.c.state == "inflight"))
 _upd_inflight = (update(recipients).where(recipients.c.id == bindparam("rid"))
                  .values(state="inflight"))
 _sel_messages = (select(messages, contents.c.headers, contents.c.body)
@@ -207,6 +210,23 @@ def record_results(conn: Connection, updates: list[RecipientUpdate],
         conn.execute(_del_contents, params)
         conn.execute(_del_messages, params)
     return done
+
+
+def record_results_again(conn: Connection, updates: list[RecipientUpdate],
+                         new_messages: list[InboundMessage],
+                         queue_ids: Iterable[str]) -> list[str]:
+    """record_results for a result whose earlier write failed.  Only the
+    recipients still in flight are updated: one that is not was recorded by
+    that write after all (or removed meanwhile), and then nothing is written
+    again -- above all no DSN twice."""
+    rids = [u.rid for u in updates]
+    inflight: set[int] = set()
+    for i in range(0, len(rids), _CHUNK):
+        inflight.update(r[0] for r in conn.execute(_sel_inflight, {"ids": rids[i:i + _CHUNK]}))
+    if not inflight:
+        return []
+    return record_results(conn, [u for u in updates if u.rid in inflight], new_messages,
+                          queue_ids)
 
 
 def _merge_record_results(calls: list[tuple]) -> tuple:
