@@ -140,3 +140,23 @@ def test_a_pass_claims_only_what_can_start(mta_factory, peer_factory):
     assert max(s.get("inflight", 0) for s in seen) <= 3, seen
     assert max(s.get("queued", 0) for s in seen) >= 20, seen
     assert delivered(dest) == Counter({r: 1 for r in rcpts})
+
+
+def test_stop_while_results_are_refused_logs_what_stays_in_flight(mta_factory, peer_factory):
+    mta, dest, rcpts = start(mta_factory, peer_factory)
+    files = [str(mta.spool), f"{mta.spool}-wal"]
+    subprocess.run([CHATTR, "+i", *files], check=True)
+    try:
+        wait_for(lambda: sent_lines(mta) >= len(rcpts) and record_failed(mta), 60,
+                 "every delivery to finish", interval=0.1)
+        mta.stop()      # the last try is refused too
+    finally:
+        subprocess.run([CHATTR, "-i", *files], check=True)
+    lines = [ln for ln in mta.log().splitlines() if "were not recorded (its last write failed" in ln]
+    assert len(lines) == MESSAGES, lines
+    assert sorted(r for ln in lines for r in ln.rsplit(": ", 1)[1].split(", ")) == sorted(rcpts)
+    assert mta.rows("SELECT COUNT(*) FROM recipients WHERE state = 'inflight'")[0][0] == len(rcpts)
+    # At least once: the next start attempts them again.
+    mta.start()
+    wait_spool_empty(mta, timeout=60)
+    assert delivered(dest) == Counter({r: 2 for r in rcpts})
