@@ -405,3 +405,290 @@ def test_one_report_when_recipient_limit_splits_a_destination(env):
     [(to, msg)] = dsns(env)
     assert actions(msg) == {r: "failed" for r in rcpts}
     assert env.spool.sql("SELECT COUNT(*) FROM messages WHERE queue_id = ?", qid) == [(0,)]
+# --------------------------------------------------------------------------- spool faults
+
+class FlakySpool(SyncSpool):
+    """SyncSpool whose writes of some operations fail: ``fail[fn] = n`` fails
+    the next n writes of ``fn`` as the real Spool does (the transaction rolled
+    back, the Deferred failing with SQLAlchemy's OperationalError); with
+    ``hold = True`` a write of a failing operation waits in ``held`` until
+    the test answers it."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.fail: dict = {}
+        self.writes: list = []          # (fn name, ok) of every write of a failing fn
+        self.hold = False
+        self.held: list = []
+
+        self.committed_anyway = False   # a failing write is committed, then reported failed
+
+    @staticmethod
+    def _key(fn):
+        # A result written again fails as its first write did.
+        return ops.record_results if fn is ops.record_results_again else fn
+
+    def write(self, fn, *args):
+        if self._key(fn) in self.fail:
+            if self.hold:
+                d = defer.Deferred()
+                self.held.append((fn, args, d))
+                return d
+            return self._write_now(fn, args)
+        return super().write(fn, *args)
+
+    def _write_now(self, fn, args):
+        key = self._key(fn)
+        if self.fail.get(key, 0) > 0:
+            self.fail[key] -= 1
+            self.writes.append((fn.__name__, False))
+            if self.committed_anyway:
+                super().write(fn, *args)
+            from sqlalchemy.exc import OperationalError
+            return defer.fail(OperationalError(
+                "UPDATE recipients ...", {}, sqlite3.OperationalError("database is locked")))
+        self.writes.append((fn.__name__, True))
+        return super().write(fn, *args)
+
+    def answer(self):
+        """Answer the oldest held write (fails while fail[fn] > 0)."""
+        fn, args, d = self.held.pop(0)
+        self._write_now(fn, args).chainDeferred(d)
+
+
+class HoldingPool(FakePool):
+    """Deliveries that wait until the test answers them (all 250)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pending: list = []
+
+    def deliver(self, hops, msg):
+        self.calls.append((hops, msg))
+        d = defer.Deferred()
+        self.pending.append((d, hops, msg))
+        return d
+
+    def answer(self, n=1):
+        for _ in range(n):
+            d, hops, msg = self.pending.pop(0)
+            d.callback(DeliveryResult([RecipientResult(r.address, 250, "2.0.0", "250 ok")
+                                       for r in msg.recipients], hops[0], True))
+
+
+@pytest.fixture
+def logged():
+    """The text of every mta.delivery log event while the test runs."""
+    from twisted.logger import formatEvent, globalLogPublisher
+    events: list[str] = []
+
+    def observe(event):
+        if event.get("log_namespace") == "mta.delivery":
+            events.append(formatEvent(event))
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)
+
+
+@pytest.fixture
+def flaky(env, tmp_path):
+    env.spool = FlakySpool(tmp_path / "flaky.sqlite")
+    return env
+
+
+def make_runner(env, pool=None, relay=None, retry=None):
+    runner = QueueRunner(env.spool, env.router, pool or env.pool, hostname="mx.example.test",
+                         retry=retry or RetryConfig(first=300, max=3600, lifetime=5 * 86400),
+                         relay=relay or RelayConfig(), reactor=env.clock, rand=lambda: 0.5)
+    runner.startService()
+    return runner
+
+
+def state_counts(env):
+    return dict(env.spool.sql("SELECT state, COUNT(*) FROM recipients GROUP BY state"))
+
+
+def test_unrecorded_result_is_written_again_once_the_spool_takes_it(flaky, logged):
+    env = flaky
+    env.spool.fail[ops.record_results] = 6      # fails for 1+2+4+8+16 s, then 30 s more
+    qid = put(env, rcpts=("bob@dest.test", "carol@dest.test"))
+    make_runner(env)
+    assert len(env.pool.calls) == 1
+    # Not recorded: the recipients stay in flight, and nobody claims them again.
+    assert state_counts(env) == {"inflight": 2}
+    for step in (1, 2, 4, 8, 16):
+        env.clock.advance(step - 0.01)
+        assert [ok for _f, ok in env.spool.writes].count(False) == 1 + (step.bit_length() - 1)
+        env.clock.advance(0.01)
+    assert [ok for _f, ok in env.spool.writes] == [False] * 6
+    env.clock.advance(29.9)                    # capped at 30 s
+    assert len(env.spool.writes) == 6 and state_counts(env) == {"inflight": 2}
+    env.clock.advance(0.1)
+    assert env.spool.writes[-1] == ("record_results_again", True)
+    assert len(env.pool.calls) == 1            # sent once, recorded once
+    assert env.spool.sql("SELECT COUNT(*) FROM messages WHERE queue_id = ?", qid) == [(0,)]
+    assert env.spool.sql("SELECT COUNT(*) FROM recipients") == [(0,)]
+    env.clock.advance(3600)
+    assert len(env.pool.calls) == 1
+    # One line for the episode, one when it is over; not one per try.
+    trouble = [e for e in logged if "recording delivery results" in e]
+    assert len(trouble) == 2, trouble
+    assert "failed: database is locked;" in trouble[0]
+    assert "succeeded after 6 failed tries" in trouble[1]
+
+
+def test_a_result_written_after_all_is_not_written_twice(flaky):
+    # The spool said the write failed, but it was committed: writing it again
+    # must not store its bounce a second time.
+    env = flaky
+    env.pool.script["bob@dest.test"] = [(550, "5.1.1")]
+    env.spool.fail[ops.record_results] = 1
+    env.spool.committed_anyway = True
+    put(env, rcpts=("bob@dest.test", "carol@dest.test"))
+    make_runner(env)
+    env.clock.advance(1)
+    assert env.spool.writes[:2] == [("record_results", False), ("record_results_again", True)]
+    [(to, msg)] = dsns(env)
+    assert to == "alice@example.test" and "5.1.1" in msg.as_string()
+    assert env.spool.sql("SELECT COUNT(*) FROM messages WHERE sender != ''") == [(0,)]
+    assert [m.sender for _h, m in env.pool.calls] == ["alice@example.test", ""]  # the DSN's
+
+
+def test_a_successful_write_retries_the_kept_results_at_once(flaky):
+    env = flaky
+    pool = HoldingPool()
+    put(env, rcpts=("bob@dest.test",))
+    put(env, rcpts=("carol@other.test",))
+    make_runner(env, pool)
+    env.spool.fail[ops.record_results] = 1
+    pool.answer()                               # bob: its result is refused
+    assert state_counts(env) == {"inflight": 2}
+    pool.answer()                               # carol: recorded, and bob's again with it
+    assert env.spool.sql("SELECT COUNT(*) FROM recipients") == [(0,)]
+    assert len(pool.calls) == 2
+
+
+def test_stop_gives_kept_results_one_last_try(flaky, logged):
+    env = flaky
+    env.spool.fail[ops.record_results] = 2
+    put(env)
+    runner = make_runner(env, relay=RelayConfig(shutdown_grace=10))
+    assert state_counts(env) == {"inflight": 1}
+    done = runner.stopService()                  # the last try: refused once more
+    assert done.called
+    assert state_counts(env) == {"inflight": 1}
+    [line] = [e for e in logged if "were not recorded" in e]
+    assert "bob@dest.test" in line and "attempted again at the next start" in line
+    # Nothing is attempted after the stop, and the next start attempts it again.
+    env.clock.advance(60)
+    assert len(env.pool.calls) == 1
+    make_runner(env)
+    assert len(env.pool.calls) == 2
+    assert env.spool.sql("SELECT COUNT(*) FROM recipients") == [(0,)]
+
+
+def test_stop_records_kept_results_when_the_spool_takes_them(flaky):
+    env = flaky
+    env.spool.fail[ops.record_results] = 1
+    put(env)
+    runner = make_runner(env, relay=RelayConfig(shutdown_grace=10))
+    assert state_counts(env) == {"inflight": 1}
+    done = runner.stopService()
+    assert done.called
+    assert env.spool.sql("SELECT COUNT(*) FROM recipients") == [(0,)]
+
+
+def test_stop_does_not_wait_past_the_grace_for_a_last_try(flaky, logged):
+    env = flaky
+    env.spool.fail[ops.record_results] = 5
+    env.spool.hold = True
+    put(env)
+    runner = make_runner(env, relay=RelayConfig(shutdown_grace=10))
+    env.spool.answer()                        # the first write fails
+    env.clock.advance(1)
+    env.spool.answer()                        # the retry after 1 s fails too
+    done = runner.stopService()               # the last try: the spool does not answer
+    assert len(env.spool.held) == 1
+    env.clock.advance(9.9)
+    assert not done.called
+    env.clock.advance(0.2)
+    assert done.called
+    [line] = [e for e in logged if "were not recorded" in e]
+    assert "shutdown grace (10s" in line
+    env.spool.fail[ops.record_results] = 0
+    env.spool.answer()                        # the spool's stop finishes it after all
+    assert env.spool.sql("SELECT COUNT(*) FROM recipients") == [(0,)]
+    assert any("recorded after all" in e for e in logged)
+
+
+def test_failed_recovery_at_start_is_tried_again(flaky, logged):
+    env = flaky
+    env.spool.fail[ops.recover_inflight] = 3
+    put(env)
+    env.spool.sql("UPDATE recipients SET state='inflight'")
+    runner = make_runner(env)
+    assert not runner.ready.called and env.pool.calls == []
+    env.clock.advance(1)
+    env.clock.advance(2)
+    assert not runner.ready.called and env.pool.calls == []
+    env.clock.advance(4)
+    assert runner.ready.called
+    assert len(env.pool.calls) == 1
+    assert env.spool.sql("SELECT COUNT(*) FROM recipients") == [(0,)]
+    trouble = [e for e in logged if "recovering the recipients in flight" in e]
+    assert len(trouble) == 2 and "database is locked" in trouble[0], trouble
+
+
+def test_stop_during_failed_recovery_ends_the_retries(flaky):
+    env = flaky
+    env.spool.fail[ops.recover_inflight] = 100
+    runner = make_runner(env)
+    assert runner.stopService() is not None
+    n = len(env.spool.writes)
+    env.clock.advance(600)
+    assert len(env.spool.writes) == n
+
+
+# --------------------------------------------------------------------------- what a pass claims
+
+def test_a_pass_claims_only_what_can_start(env):
+    pool = HoldingPool()
+    for i in range(30):
+        put(env, rcpts=(f"r{i}@dest{i % 3}.test",))
+    make_runner(env, pool, relay=RelayConfig(concurrency=5, per_destination=10))
+    assert len(pool.pending) == 5
+    assert state_counts(env) == {"inflight": 5, "queued": 25}
+    pool.answer(2)                                # two slots free: two more start at once
+    assert len(pool.pending) == 5
+    assert state_counts(env) == {"inflight": 5, "queued": 23}
+    while pool.pending:
+        pool.answer()
+    assert env.spool.sql("SELECT COUNT(*) FROM recipients") == [(0,)]
+    assert len(pool.calls) == 30
+
+
+def test_a_pass_claims_within_each_destinations_limit(env):
+    pool = HoldingPool()
+    for i in range(6):
+        put(env, rcpts=(f"r{i}@busy.test",))
+    put(env, rcpts=("other@quiet.test",))
+    env.spool.sql("UPDATE recipients SET next_attempt = next_attempt - 100 + id")  # in order
+    env.spool.sql("UPDATE recipients SET state = 'deferred', attempts = 1 "
+                  "WHERE address LIKE '%@busy.test' AND address > 'r3'")
+    make_runner(env, pool, relay=RelayConfig(concurrency=20, per_destination=2))
+    started = sorted(r.address for _d, _h, m in pool.pending for r in m.recipients)
+    assert started == ["other@quiet.test", "r0@busy.test", "r1@busy.test"]
+    # The rest keeps its state (deferred ones too), where `mta queue` sees it.
+    assert state_counts(env) == {"inflight": 3, "queued": 1, "deferred": 3}
+
+
+def test_a_big_message_is_claimed_one_transaction_per_free_slot(env):
+    pool = HoldingPool()
+    put(env, rcpts=tuple(f"r{i:02d}@dest.test" for i in range(10)))
+    make_runner(env, pool, relay=RelayConfig(concurrency=2, recipient_limit=3))
+    assert [len(m.recipients) for _d, _h, m in pool.pending] == [3, 3]
+    assert state_counts(env) == {"inflight": 6, "queued": 4}
+    while pool.pending:
+        pool.answer()
+    assert [len(m.recipients) for _h, m in pool.calls] == [3, 3, 3, 1]
+    assert env.spool.sql("SELECT COUNT(*) FROM recipients") == [(0,)]

@@ -18,12 +18,18 @@ hands them to the SMTP client, and records per recipient what happened.
   see :class:`_Reports`.
 
 Delivery is at least once: recipients in flight when the process dies are
-attempted again after a restart (see README).
+attempted again after a restart (see README).  Within one process a
+delivery happens once: a result the spool refuses (disk full, a read-only
+file, a lock held past the busy timeout) is kept and written again until the
+spool takes it, its recipients staying in flight -- claimed by nobody --
+meanwhile.  A pass claims only what can start at once (free delivery slots,
+per destination too); the rest stays queued or deferred, where ``mta queue``
+sees and flushes it.
 """
 from __future__ import annotations
 
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -33,8 +39,14 @@ from twisted.logger import Logger
 
 from ..message import InboundMessage, Recipient, new_queue_id, split_header_block
 from ..spool import ops
+from ..spool.admin import _reason as spool_error_text
 
 log = Logger(namespace="mta.delivery")
+
+# A spool write that failed (recovery at start, a delivery result) is tried
+# again after RETRY_FIRST seconds, doubling up to RETRY_MAX.
+RETRY_FIRST = 1.0
+RETRY_MAX = 30.0
 
 
 def backoff(attempts: int, first: float, maximum: float, rand: float = 0.5) -> float:
@@ -56,6 +68,40 @@ def _notify_allows(notify: str | None, what: str) -> bool:
 # The status label of mta_delivery_recipients_total for each outcome.
 _METRIC_STATUS = {"sent": "delivered", "deferred": "deferred", "bounced": "bounced",
                   "expired": "bounced"}
+
+
+class _Trouble:
+    """One episode of failures of one kind of spool write: each distinct
+    error is logged once, in one line, and the end of the episode once --
+    not every failed try."""
+
+    _MAX_ERRORS = 20
+
+    def __init__(self, clock: Any, what: str, consequence: str):
+        self.clock = clock
+        self.what = what
+        self.consequence = consequence
+        self.errors: set[str] = set()
+        self.failures = 0
+        self.since = 0.0
+
+    def failed(self, error: str) -> None:
+        if not self.errors:
+            self.since = self.clock.seconds()
+        self.failures += 1
+        if error in self.errors or len(self.errors) >= self._MAX_ERRORS:
+            return
+        self.errors.add(error)
+        log.warn("{what} failed: {error}; {consequence}", what=self.what, error=error,
+                 consequence=self.consequence)
+
+    def ok(self) -> None:
+        if not self.errors:
+            return
+        log.info("{what} succeeded after {n} failed tries in {secs:.1f}s", what=self.what,
+                 n=self.failures, secs=self.clock.seconds() - self.since)
+        self.errors.clear()
+        self.failures = 0
 
 
 @dataclass
@@ -94,6 +140,18 @@ class Job:
     reported: bool = False      # has taken its share of `reports` (done or gone)
 
 
+@dataclass(eq=False)
+class _Unrecorded:
+    """The result of *job* that the spool refused (the arguments of
+    ops.record_results): kept, and written again until it is recorded or
+    the stop gives up on it; *done* fires then, and the job ends."""
+    job: Job
+    args: tuple
+    done: defer.Deferred = field(default_factory=defer.Deferred)
+    writing: bool = False       # a write of it is under way
+    final: bool = False         # its last try (at the stop) was made
+
+
 class QueueRunner(service.Service):
     name = "queue-runner"
 
@@ -120,21 +178,53 @@ class QueueRunner(service.Service):
         self._again = False
         self._loop: task.LoopingCall | None = None
         self._jobs: dict[defer.Deferred, Job] = {}
-        self._queued_jobs = 0
         self._run_d: defer.Deferred | None = None        # a queue run in progress
         self.shutdown_grace = float(getattr(relay, "shutdown_grace", 0.0))
         self.metrics = metrics                            # mta.metrics.Metrics or None
         self.ready: defer.Deferred = defer.Deferred()   # fires once recovery is done
         self._recovered = False
+        self._recover_call: Any = None       # the next try of a failed recovery
+        self._recover_tries = 0
+        self._recover_trouble = _Trouble(
+            reactor, "recovering the recipients in flight at the last stop",
+            f"no delivery starts until it succeeds (tried again every {RETRY_MAX:.0f}s at most)")
+        self._run_trouble = _Trouble(reactor, "a queue run",
+                                     "tried again at the next queue run")
+        self._unrecorded: list[_Unrecorded] = []  # results the spool refused, oldest first
+        self._record_call: Any = None        # the next round of writing them again
+        self._record_rounds = 0
+        self._record_trouble = _Trouble(
+            reactor, "recording delivery results",
+            "the results are kept and written again (every "
+            f"{RETRY_MAX:.0f}s at most); their recipients stay in flight meanwhile")
+        self._grace_over = False             # stopping, and the grace has run out
 
     # -- lifecycle -------------------------------------------------------------
     def startService(self) -> None:
         super().startService()
+        self._grace_over = False
+        self._recover()
+
+    def _recover(self) -> None:
+        """Requeue what was in flight at the last stop; until that succeeded
+        (a spool locked or read-only at start) it is tried again, with a
+        backoff, and no delivery starts."""
+        self._recover_call = None
+        if not self.running or self._recovered:
+            return
         d = self.spool.write(ops.recover_inflight)
-        d.addCallback(self._recovered_cb)
-        d.addErrback(lambda f: log.failure("recovering in-flight recipients failed", f))
+        d.addCallbacks(self._recovered_cb, self._recover_failed)
+        d.addErrback(lambda f: log.failure("starting the queue runner failed", f))
+
+    def _recover_failed(self, f: Any) -> None:
+        self._recover_tries += 1
+        self._recover_trouble.failed(spool_error_text(f.value))
+        if self.running:
+            delay = backoff(self._recover_tries, RETRY_FIRST, RETRY_MAX, self.rand())
+            self._recover_call = self.reactor.callLater(delay, self._recover)
 
     def _recovered_cb(self, n: int) -> None:
+        self._recover_trouble.ok()
         if n:
             log.info("requeued {n} recipients that were in flight at the last stop", n=n)
         self._recovered = True
@@ -151,10 +241,25 @@ class QueueRunner(service.Service):
         connections aborted).  The recipients of every cancelled or unstarted
         delivery are queued again before this fires, so the spool (which the
         service tree stops after the runner) must still be up; a result that
-        is being written is always let through."""
+        is being written is always let through.  A result the spool refused
+        earlier gets one last try now; if that fails, or has not answered
+        when the grace is over, its recipients are logged: they stay in
+        flight, and are attempted again at the next start."""
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+        if self._recover_call is not None and self._recover_call.active():
+            self._recover_call.cancel()
+        self._recover_call = None
+        if self._record_call is not None and self._record_call.active():
+            self._record_call.cancel()
+        self._record_call = None
+        if self._unrecorded:
+            log.info("stopping: {n} delivery result(s) the spool refused so far get one last try",
+                     n=len(self._unrecorded))
+            for entry in list(self._unrecorded):
+                if not entry.writing:
+                    self._last_try(entry)
         jobs = dict(self._jobs)
         for d, job in jobs.items():
             if not job.attempting and not d.called:  # waiting for a delivery slot: not now
@@ -169,6 +274,11 @@ class QueueRunner(service.Service):
                      grace=self.shutdown_grace, n=len(busy))
 
             def expire() -> None:
+                self._grace_over = True
+                for entry in list(self._unrecorded):
+                    self._abandon(entry, f"not recorded within the shutdown grace "
+                                         f"({self.shutdown_grace:g}s; its last write may still "
+                                         "succeed)")
                 left = [(d, job) for d, job in self._jobs.items()
                         if not job.recording and not d.called]
                 if left:
@@ -214,37 +324,56 @@ class QueueRunner(service.Service):
 
     # -- one pass over the due work ---------------------------------------------
     async def _run_once(self) -> None:
-        backlog = self._queued_jobs
-        limit = max(0, self.relay.concurrency * self.relay.recipient_limit * 2 - backlog)
-        if limit == 0:
+        """Claim the due recipients that can be attempted now -- as many
+        transactions as there are free delivery slots, within each
+        destination's own limit -- and start them.  The rest is not touched:
+        it stays queued or deferred (visible to ``mta queue``) for the next
+        pass, which the end of every delivery starts."""
+        free = self.relay.concurrency - len(self._jobs)
+        if free <= 0:
             return
         now = self.reactor.seconds()
-        rows, msgs = await self.spool.write(ops.claim_due_and_load, now, limit)
+        scan = free * self.relay.recipient_limit
+        try:
+            due = await self.spool.run(ops.due_recipients, now, scan)
+        except Exception as e:
+            self._run_trouble.failed(spool_error_text(e))
+            return
+        plan = self._plan(due, free)
+        if not plan:
+            self._run_trouble.ok()
+            return
+        try:
+            rows, msgs = await self.spool.write(ops.claim_and_load,
+                                                [r["id"] for _d, part in plan for r in part])
+        except Exception as e:
+            self._run_trouble.failed(spool_error_text(e))
+            return
+        self._run_trouble.ok()
         if not rows:
             return
         if not self.running:   # stopped meanwhile: give them back
             await self.spool.write(ops.requeue_inflight, [r["id"] for r in rows])
             return
-        if len(rows) >= limit:
+        if len(due) >= scan:   # there may be more due work beyond what was read
             self._again = True
-        groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-        for r in rows:
-            groups[(r["queue_id"], self._destination_of(r["address"]))].append(r)
+        claimed = {r["id"]: r for r in rows}
         orphans = []
         jobs: list[Job] = []
         reports: dict[str, _Reports] = {}
-        for (qid, destination), rcpts in groups.items():
+        for destination, part in plan:
+            part = [claimed[r["id"]] for r in part if r["id"] in claimed]
+            if not part:       # changed by an administrator meanwhile
+                continue
+            qid = part[0]["queue_id"]
             msg = msgs.get(qid)
             if msg is None:  # should not happen: recipients without their message
-                orphans.extend(rcpts)
+                orphans.extend(part)
                 continue
             share = reports.setdefault(qid, _Reports())
-            step = self.relay.recipient_limit
-            for i in range(0, len(rcpts), step):
-                part = rcpts[i:i + step]
-                share.jobs += 1
-                jobs.append(Job(qid, self._domain_of(part[0]["address"]), msg, part,
-                                destination=destination, reports=share))
+            share.jobs += 1
+            jobs.append(Job(qid, self._domain_of(part[0]["address"]), msg, part,
+                            destination=destination, reports=share))
         for job in jobs:
             self._start(job)
         if orphans:
@@ -252,6 +381,29 @@ class QueueRunner(service.Service):
             await self.spool.write(ops.record_results, [
                 ops.RecipientUpdate(r["id"], "failed", r["attempts"], now, "message missing")
                 for r in orphans], [], [])
+
+    def _plan(self, due: list[dict[str, Any]], free: int
+              ) -> list[tuple[str, list[dict[str, Any]]]]:
+        """The transactions (destination, recipients) to start now among the
+        *due* recipients (soonest first): those of one message to one
+        destination travel together, ``recipient_limit`` at most, and no more
+        than *free* transactions in all and than each destination has slots
+        free (``per_destination``)."""
+        groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+        for r in due:
+            groups[(r["queue_id"], self._destination_of(r["address"]))].append(r)
+        busy = Counter(job.destination or job.domain for job in self._jobs.values())
+        step = self.relay.recipient_limit
+        plan: list[tuple[str, list[dict[str, Any]]]] = []
+        for (_qid, destination), rcpts in groups.items():
+            for i in range(0, len(rcpts), step):
+                if len(plan) >= free:
+                    return plan
+                if busy[destination] >= self.relay.per_destination:
+                    break
+                busy[destination] += 1
+                plan.append((destination, rcpts[i:i + step]))
+        return plan
 
     def _destination_of(self, address: str) -> str:
         """Recipients with the same destination travel together (see
@@ -276,12 +428,12 @@ class QueueRunner(service.Service):
         if not self.running:  # stopping: the claimed recipients are requeued at the next start
             self._job_gone(job)
             return
-        self._queued_jobs += 1
         d = defer.Deferred.fromCoroutine(self._run_job(job))
         self._jobs[d] = job
 
         def done(result: Any) -> Any:
             self._jobs.pop(d, None)
+            self.kick()          # a slot is free: claim what can use it
             return result
         def failed(f: Any) -> Any:
             if f.check(defer.CancelledError):
@@ -306,13 +458,9 @@ class QueueRunner(service.Service):
             return None
         held, report = share.take()
         dsns = self._make_dsns(job.message, report, self.reactor.seconds())
-        d = self.spool.write(ops.record_results, held, dsns, [job.queue_id])
-
-        def failed(f: Any) -> None:
-            log.warn("{queue_id}: recording {n} result(s) that owe a report failed; they stay "
-                     "in flight until the next start ({error})", queue_id=job.queue_id,
-                     n=len(held), error=f.getErrorMessage())
-        return d.addCallbacks(lambda _: self.kick() if dsns else None, failed)
+        # Written like any result: kept and written again if the spool refuses it.
+        d = defer.Deferred.fromCoroutine(self._write_results(job, held, dsns))
+        return d.addCallback(lambda _: self.kick() if dsns else None)
 
     def _requeue(self, job: Job) -> defer.Deferred:
         """A delivery cancelled by the stop (or never started): its recipients
@@ -338,7 +486,6 @@ class QueueRunner(service.Service):
         try:
             await self._global.acquire()
             try:
-                self._queued_jobs -= 1
                 if not self.running:      # stopping: no new attempt
                     raise defer.CancelledError()
                 job.attempting = True
@@ -478,9 +625,95 @@ class QueueRunner(service.Service):
         if not updates and not dsns:
             return
         job.recording = True
-        await self.spool.write(ops.record_results, updates, dsns, [job.queue_id])
+        await self._write_results(job, updates, dsns)
         if dsns:
             self.kick()
+
+    # -- results the spool refused --------------------------------------------------
+    async def _write_results(self, job: Job, updates: list, dsns: list) -> None:
+        """Record the results of *job* (ops.record_results).  One the spool
+        refuses is kept and written again -- the job, its delivery slot and
+        its recipients (in flight in the spool, so no pass claims them) wait
+        -- until it is recorded, or the stop gives up on it (see stopService)."""
+        args = (updates, dsns, [job.queue_id])
+        try:
+            await self.spool.write(ops.record_results, *args)
+        except Exception as e:
+            entry = _Unrecorded(job, args)
+            self._unrecorded.append(entry)
+            self._unrecorded_failed(entry, e)
+            await entry.done
+        else:
+            if self._unrecorded and self.running:   # the spool takes writes again
+                self._retry_unrecorded()
+
+    def _write_unrecorded(self, entry: _Unrecorded) -> None:
+        entry.writing = True
+        d = self.spool.write(ops.record_results_again, *entry.args)
+        d.addCallbacks(lambda _: self._unrecorded_written(entry),
+                       lambda f: self._unrecorded_failed(entry, f.value))
+        d.addErrback(lambda f: log.failure("writing a delivery result again failed", f))
+
+    def _unrecorded_failed(self, entry: _Unrecorded, error: BaseException) -> None:
+        entry.writing = False
+        if entry.done.called:      # given up at the stop meanwhile
+            return
+        text = spool_error_text(error)
+        self._record_trouble.failed(text)
+        if self.running:
+            if self._record_call is None:
+                self._record_rounds += 1
+                delay = backoff(self._record_rounds, RETRY_FIRST, RETRY_MAX, self.rand())
+                self._record_call = self.reactor.callLater(delay, self._retry_unrecorded)
+        elif not entry.final and not self._grace_over:
+            self._last_try(entry)
+        else:
+            self._abandon(entry, f"its last write failed: {text}")
+
+    def _unrecorded_written(self, entry: _Unrecorded) -> None:
+        entry.writing = False
+        if entry in self._unrecorded:
+            self._unrecorded.remove(entry)
+        if entry.done.called:      # given up at the stop, and recorded after all
+            log.info("{queue_id}: the results of {n} recipient(s) were recorded after all",
+                     queue_id=entry.job.queue_id, n=len(entry.args[0]))
+            return
+        entry.done.callback(None)
+        if not self._unrecorded:
+            self._record_trouble.ok()
+            self._record_rounds = 0
+        elif self.running:
+            self._retry_unrecorded()
+
+    def _retry_unrecorded(self) -> None:
+        """Write every kept result again (each its own write: one the spool
+        keeps refusing does not hold the others back)."""
+        if self._record_call is not None and self._record_call.active():
+            self._record_call.cancel()
+        self._record_call = None
+        if not self.running:
+            return
+        for entry in list(self._unrecorded):
+            if not entry.writing:
+                self._write_unrecorded(entry)
+
+    def _last_try(self, entry: _Unrecorded) -> None:
+        entry.final = True
+        self._write_unrecorded(entry)
+
+    def _abandon(self, entry: _Unrecorded, why: str) -> None:
+        """At the stop: give up on a result the spool refused.  Its
+        recipients stay in flight; the next start attempts them again."""
+        if entry in self._unrecorded:
+            self._unrecorded.remove(entry)
+        if entry.done.called:
+            return
+        job = entry.job
+        log.warn("{queue_id}: the results of {n} recipient(s) to {domain} were not recorded "
+                 "({why}); they stay in flight and are attempted again at the next start: "
+                 "{rcpts}", queue_id=job.queue_id, n=len(job.rcpts), domain=job.domain, why=why,
+                 rcpts=", ".join(r["address"] for r in job.rcpts))
+        entry.done.callback(None)
 
     def _make_dsns(self, m: dict[str, Any], report: dict[str, list], now: float) -> list:
         return dsn_messages(m, report, now, hostname=self.hostname,

@@ -45,7 +45,13 @@ _sel_due = (select(recipients.c.id, recipients.c.queue_id, recipients.c.address,
                    recipients.c.warned, recipients.c.last_reply)
             .where(_pending, recipients.c.next_attempt <= bindparam("now"))
             .order_by(recipients.c.next_attempt).limit(bindparam("limit")))
-_sel_due_locked = _sel_due.with_for_update(skip_locked=True)
+_sel_claimable = (select(*_sel_due.selected_columns)
+                  .where(recipients.c.id.in_(bindparam("ids", expanding=True)), _pending))
+_sel_claimable_locked = _sel_claimable.with_for_update(skip_locked=True)
+_CHUNK = 500      # ids per IN (...): well under every database's parameter limit
+_sel_inflight = (select(recipients.c.id)
+                 .where(recipients.c.id.in_(bindparam("ids", expanding=True)),
+                        recipients.c.state == "inflight"))
 _upd_inflight = (update(recipients).where(recipients.c.id == bindparam("rid"))
                  .values(state="inflight"))
 _sel_messages = (select(messages, contents.c.headers, contents.c.body)
@@ -135,22 +141,29 @@ def queue_summary(conn: Connection) -> tuple[dict[str, int], int, float | None]:
     return by_state, int(count or 0), oldest
 
 
-def claim_due(conn: Connection, now: float, limit: int) -> list[dict[str, Any]]:
-    """Mark up to *limit* due recipients in flight and return them."""
-    q = _sel_due_locked if conn.dialect.name == "postgresql" else _sel_due
-    rows = [dict(r._mapping) for r in conn.execute(q, {"now": now, "limit": limit})]
-    if rows:
-        conn.execute(_upd_inflight, [{"rid": r["id"]} for r in rows])
-    return rows
+def due_recipients(conn: Connection, now: float, limit: int) -> list[dict[str, Any]]:
+    """Up to *limit* due recipients (queued or deferred, ``next_attempt`` <=
+    *now*), soonest first -- a read: nothing is claimed (see
+    :func:`claim_and_load`)."""
+    return [dict(r._mapping) for r in conn.execute(_sel_due, {"now": now, "limit": limit})]
 
 
-def claim_due_and_load(conn: Connection, now: float,
-                       limit: int) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
-    """claim_due, and load_messages for the recipients claimed, in one
-    transaction (one trip to the writer instead of a write and a read)."""
-    rows = claim_due(conn, now, limit)
+def claim_and_load(conn: Connection, rids: list[int]
+                   ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Mark in flight those of the recipients *rids* (read by
+    :func:`due_recipients`) that are still pending -- an administrator may
+    have held, flushed or deleted some meanwhile -- and return them (fresh,
+    in the order of *rids*) with their messages (queue id -> message row
+    with its headers and body), in one transaction."""
+    found: dict[int, dict[str, Any]] = {}
+    q = _sel_claimable_locked if conn.dialect.name == "postgresql" else _sel_claimable
+    for i in range(0, len(rids), _CHUNK):
+        for r in conn.execute(q, {"ids": rids[i:i + _CHUNK]}):
+            found[r.id] = dict(r._mapping)
+    rows = [found[rid] for rid in rids if rid in found]
     if not rows:
         return rows, {}
+    conn.execute(_upd_inflight, [{"rid": r["id"]} for r in rows])
     return rows, load_messages(conn, {r["queue_id"] for r in rows})
 
 
@@ -197,6 +210,23 @@ def record_results(conn: Connection, updates: list[RecipientUpdate],
         conn.execute(_del_contents, params)
         conn.execute(_del_messages, params)
     return done
+
+
+def record_results_again(conn: Connection, updates: list[RecipientUpdate],
+                         new_messages: list[InboundMessage],
+                         queue_ids: Iterable[str]) -> list[str]:
+    """record_results for a result whose earlier write failed.  Only the
+    recipients still in flight are updated: one that is not was recorded by
+    that write after all (or removed meanwhile), and then nothing is written
+    again -- above all no DSN twice."""
+    rids = [u.rid for u in updates]
+    inflight: set[int] = set()
+    for i in range(0, len(rids), _CHUNK):
+        inflight.update(r[0] for r in conn.execute(_sel_inflight, {"ids": rids[i:i + _CHUNK]}))
+    if not inflight:
+        return []
+    return record_results(conn, [u for u in updates if u.rid in inflight], new_messages,
+                          queue_ids)
 
 
 def _merge_record_results(calls: list[tuple]) -> tuple:
