@@ -51,7 +51,8 @@ LISTENERS: dict[str, dict[str, str]] = {
 
 @pytest.fixture(scope="module")
 def postfix_instance(postfix_factory) -> PostfixInstance:
-    return postfix_factory(listeners=LISTENERS, trace=list(LISTENERS))
+    return postfix_factory(listeners=LISTENERS, trace=list(LISTENERS),
+                           mailbox_domains=("pf.test", "origin.test", "relayed.test"))
 
 
 @pytest.fixture
@@ -64,11 +65,13 @@ def pf(postfix_instance: PostfixInstance):
     print(postfix_instance.log_summary())
 
 
-def mta_to(mta_factory, pf: PostfixInstance, listener: str, **kw):
-    """mta with pf.test and origin.test routed to one Postfix listener."""
+def mta_to(mta_factory, pf: PostfixInstance, listener: str, routes: dict | None = None, **kw):
+    """mta with pf.test and origin.test routed to one Postfix listener
+    (and *routes*: domain -> listener)."""
     address = pf.address(listener)
-    return mta_factory(extra=relay_config(routes={"pf.test": address, "origin.test": address},
-                                          **kw))
+    table = {"pf.test": address, "origin.test": address}
+    table.update({domain: pf.address(name) for domain, name in (routes or {}).items()})
+    return mta_factory(extra=relay_config(routes=table, **kw))
 
 
 def message(subject: str, body: bytes = b"Hello.\r\n", *, to: str = "bob@pf.test",
@@ -267,6 +270,27 @@ def test_notify_success_to_postfix_without_dsn_gives_one_relayed_report(mta_fact
     assert mta_name(per_message) == MTA_HOSTNAME
     assert [b["Action"] for b in blocks] == ["relayed"]
     assert len([d for d in pf.deliveries() if d.recipient == "bob@pf.test"]) == 1
+
+
+def test_notify_success_split_over_dsn_and_non_dsn_hops_gives_one_report_each(mta_factory, pf):
+    # bob's hop offers DSN (the duty passes to Postfix); carol's does not
+    # (mta reports "relayed" for her, and only for her, in one report).
+    mta = mta_to(mta_factory, pf, "smtp", routes={"relayed.test": "nodsn"})
+    send(mta, SENDER, ["bob@pf.test", "carol@relayed.test"], message("split over two hops"),
+         rcpt_options=["NOTIFY=SUCCESS"])
+    pf.wait_deliveries(2, DELIVERY, what="bob and carol",
+                       match=lambda d: d.recipient in ("bob@pf.test", "carol@relayed.test"))
+    pf.wait_deliveries(2, DELIVERY, what="Postfix's report for bob and mta's for carol",
+                       match=lambda d: d.recipient == SENDER)
+    settled(mta, pf)
+
+    reports = {}
+    for d in reports_to(pf, SENDER):
+        per_message, blocks = report(d.parsed())
+        reports.setdefault(mta_name(per_message), []).append(
+            {str(b["Final-Recipient"]).split(";", 1)[1].strip(): str(b["Action"]) for b in blocks})
+    assert reports == {pf.hostname: [{"bob@pf.test": "delivered"}],
+                       MTA_HOSTNAME: [{"carol@relayed.test": "relayed"}]}, reports
 
 
 # --------------------------------------------------------------------------- (c) 8BITMIME (issue §3)
