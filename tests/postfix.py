@@ -559,6 +559,26 @@ def _wait(predicate: Any, timeout: float, what: str, interval: float = 0.02,
 
 # --------------------------------------------------------------------------- fixtures
 
+TMP_PREFIX = "mta-postfix-"
+
+
+def sweep_stale_instances() -> None:
+    """Stop and remove instances left by a test run that was killed before its
+    teardown (its pid, in the instance's ``owner`` file, is gone); instances
+    of runs still going are left alone."""
+    for directory in Path("/tmp").glob(TMP_PREFIX + "*"):
+        try:
+            owner = int((directory / "owner").read_text())
+        except (OSError, ValueError):
+            continue
+        if _alive(owner):
+            continue
+        if (directory / "conf" / "main.cf").exists():
+            subprocess.run([POSTFIX, "-c", str(directory / "conf"), "stop"],
+                           capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 class PostfixFactory:
     """``postfix_factory(main={...}, listeners={...}, trace=[...])`` starts a
     private instance; all are stopped (and their directories removed) at the
@@ -569,8 +589,11 @@ class PostfixFactory:
 
     def __call__(self, **kw: Any) -> PostfixInstance:
         require_tools()
+        if not self.instances:
+            sweep_stale_instances()
         # Not under pytest's basetemp (mode 0700): the daemons run as postfix.
-        directory = Path(tempfile.mkdtemp(prefix="mta-postfix-", dir="/tmp"))
+        directory = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir="/tmp"))
+        (directory / "owner").write_text(str(os.getpid()))
         instance = PostfixInstance(directory, **kw)
         self.instances.append(instance)
         return instance.start()
