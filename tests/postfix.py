@@ -480,6 +480,10 @@ class PostfixInstance:
         out = self.run(POSTQUEUE, "-j").stdout.decode()
         return [json.loads(line) for line in out.splitlines() if line.strip()]
 
+    def mailq(self) -> str:
+        """``postqueue -p``: the queue as an operator reads it."""
+        return self.run(POSTQUEUE, "-p").stdout.decode(errors="replace")
+
     def wait_queue_empty(self, timeout: float = 20.0) -> None:
         _wait(lambda: not self.queue(), timeout, "Postfix's queue to empty", interval=0.05,
               detail=lambda: f"{self.queue()}\n{self.log_tail()}")
