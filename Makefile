@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3 2>/dev
 VENV := .venv
 STAMP := $(VENV)/.stamp
 
-.PHONY: venv run test bench clean
+.PHONY: venv run test test-deps bench clean
 
 venv: $(STAMP)
 
@@ -33,7 +33,12 @@ run: venv
 	mkdir -p spool
 	$(VENV)/bin/twistd -n mta --config etc/mta.toml
 
-test: venv
+# Debian's postfix (private instances: tests/postfix.py; smtp-sink) and swaks,
+# installed without starting the system Postfix; nothing to do when present.
+test-deps:
+	@bash tests/setup-deps
+
+test: venv test-deps
 	$(VENV)/bin/python -m pytest -q -x -p no:cacheprovider tests
 
 bench: venv

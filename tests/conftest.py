@@ -7,6 +7,8 @@ on a free loopback port with a temporary SQLite spool.
   starts more daemons (or one configured inside the test).
 * ``twistd`` — ``twistd(*args)`` runs ``twistd ...`` to completion (startup
   errors, ``--help``) and returns the CompletedProcess.
+* ``postfix_factory`` (module scope, tests/postfix.py) — private Postfix
+  instances (``postfix -c DIR``), the reference peer for interop tests.
 
 Daemons are stopped at teardown and their log is printed (pytest shows it when
 a test fails).  A daemon whose log shows a traceback fails the test at teardown
@@ -29,6 +31,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+
+from postfix import postfix_factory  # noqa: F401  (fixture: private Postfix instances)
 
 ROOT = Path(__file__).resolve().parent.parent
 TWISTD = Path(sys.executable).with_name("twistd")
