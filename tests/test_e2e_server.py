@@ -611,6 +611,30 @@ def test_message_over_max_size(mta):
     assert stored_message(mta, qid) == exact
 
 
+@pytest.mark.mta_config(server={"max_message_size": 10000, "max_errors": 20})
+def test_oversized_message_in_pipelined_bdat_chunks_is_one_refusal(mta):
+    # 40 chunks of 1000 octets in one burst, as a pipelining client sends
+    # them: 10 fit, the 11th is refused 552, the 29 after it (LAST included)
+    # are read, discarded and answered 552 too -- one error, not 30: the
+    # session is still open afterwards and takes the next message.
+    chunk = (b"c" * 98 + b"\r\n") * 10
+    with Raw(mta) as c:
+        c.ehlo()
+        c.send(b"MAIL FROM:<a@origin.test>\r\nRCPT TO:<b@dest.test>\r\n"
+               + b"".join(b"BDAT 1000\r\n" + chunk for _ in range(39))
+               + b"BDAT 1000 LAST\r\n" + chunk + b"NOOP\r\n")
+        got = c.replies(43)
+        assert [code for code, _ in got] == [250, 250] + [250] * 10 + [552] * 30 + [250], got
+        assert all(text.startswith(b"5.3.4") for code, text in got if code == 552), got
+        assert c.cmd("MAIL FROM:<a@origin.test>")[0] == 250
+        assert c.cmd("RCPT TO:<b@dest.test>")[0] == 250
+        c.send(b"BDAT 1000 LAST\r\n" + chunk)
+        qid = queue_id_of(*c.replies(1)[0])
+        assert c.cmd("QUIT")[0] == 221
+    assert mta.count() == 1
+    assert stored_message(mta, qid) == chunk
+
+
 # --------------------------------------------------------------------------- relay policy
 
 @pytest.mark.mta_config(policy={"relay_networks": ["10.0.0.0/8"],

@@ -920,6 +920,38 @@ def test_bdat_over_size_then_more_chunks():
     assert code(c.cmd("MAIL FROM:<a@example.org>")) == "250 2.1.0"
 
 
+def test_bdat_over_size_pipelined_chunks_are_one_error():
+    # RFC 3030 §2: chunks pipelined after the refused one are read and
+    # discarded; each is answered (the refusal again, as the reply to LAST
+    # is what many clients report), but the message is one error: no 421
+    # before BDAT LAST however many chunks were in flight.
+    c = Client(max_message_size=100, max_errors=3)
+    chunk = b"x" * 58 + b"\r\n"
+    burst = b"".join(b"BDAT 60\r\n" + chunk for _ in range(30)) + b"BDAT 0 LAST\r\nNOOP\r\n"
+    for _ in range(2):
+        c.start()
+        assert codes(c.send(burst)) == ["250 2.0.0"] + ["552 5.3.4"] * 30 + ["250 2.0.0"]
+        assert not c.closing and c.spool.calls == []
+    # Two refused messages were two errors: the third refusal is the third error.
+    c.start()
+    assert codes(c.send(burst))[:3] == ["250 2.0.0", "552 5.3.4", "421 4.7.0"]
+    assert c.closing
+
+
+def test_bdat_refused_chunks_without_transaction_are_one_error():
+    # A client whose MAIL failed but which pipelined its chunks anyway: each
+    # chunk is read and answered 503, and the run of them is one error.
+    c = Client(max_errors=2)
+    c.ehlo()
+    burst = b"".join(b"BDAT 6\r\nNOOP\r\n" for _ in range(25)) + b"BDAT 0 LAST\r\n"
+    assert codes(c.send(burst)) == ["503 5.5.1"] * 26
+    assert not c.closing
+    # Another command ends the run: a new refused chunk is a new error.
+    assert code(c.cmd("NOOP")) == "250 2.0.0"
+    assert codes(c.send(b"BDAT 1\r\nx")) == ["503 5.5.1", "421 4.7.0"]
+    assert c.closing
+
+
 def test_bdat_over_size_then_rset():
     c = Client(max_message_size=100)
     c.start()

@@ -217,6 +217,9 @@ class SMTPServer(protocol.Protocol):
         self._abort_timer: Any = None
         self._skipping = False       # discarding the rest of an over-long command line
         self._errors = 0
+        # A BDAT chunk was refused and only further chunks (of the message
+        # that failed) followed: their refusals do not count as more errors.
+        self._bdat_failing = False
         self._timer: Any = None
         self._counted = False
         self.helo: str | None = None
@@ -549,9 +552,11 @@ class SMTPServer(protocol.Protocol):
             if self.transport is not None:
                 self.transport.write(data)
 
-    def _reply(self, reply: Reply) -> None:
+    def _reply(self, reply: Reply, *, counts: bool = True) -> None:
+        """Queue *reply*; a 5xx counts towards ``max_errors`` unless *counts*
+        is false."""
         self._out.append(reply.encode(self.enhanced))
-        if reply.code >= 500:
+        if reply.code >= 500 and counts:
             self._errors += 1
             if self._errors >= self.settings.max_errors:
                 log.info("too many errors client={client}", client=self.client_ip)
@@ -573,6 +578,8 @@ class SMTPServer(protocol.Protocol):
         verb, _, arg = line.partition(" ")
         # ASCII only: 'ı'.upper() == 'I', so "MAıL" would otherwise pass for MAIL.
         handler = _HANDLERS.get(verb.upper()) if verb.isascii() else None
+        if handler is not SMTPServer.do_BDAT:
+            self._bdat_failing = False   # the client has stopped sending chunks
         if handler is None:
             self._reply(r.UNKNOWN_COMMAND)
             return
@@ -758,7 +765,13 @@ class SMTPServer(protocol.Protocol):
             self._chunk_reply = None
             if self._bdat_error is not None and last:
                 self._reset_transaction()  # a failed BDAT transaction ends with LAST
-            self._reply(reply)
+            # RFC 3030 §2: after a refused chunk the client sends no more, but
+            # chunks it had already pipelined are read and discarded.  Each
+            # gets a reply (the refusal again), yet the message counts as one
+            # error: a pipelined oversized message must not earn a 421.
+            first = not self._bdat_failing
+            self._bdat_failing = not last
+            self._reply(reply, counts=first)
             return
         if not last:
             self._reply(R(250, "2.0.0", f"{self._bdat_size_so_far()} octets received"))
