@@ -553,6 +553,62 @@ def test_max_recipients():
     assert len(c.spool.messages[0].recipients) == 3
 
 
+def test_duplicate_recipients_kept_once():
+    # One copy per address as parse_path gives it (source route and brackets
+    # dropped): the first spelling's NOTIFY/ORCPT are kept; every RCPT gets
+    # 250; the local part is case-sensitive (RFC 5321 §2.4), so is the domain
+    # as spelled; a duplicate does not use up max_recipients.
+    c = Client(make_factory(FakeSpool(auto=True), max_recipients=3))
+    c.ehlo()
+    c.cmd("MAIL FROM:<a@example.org>")
+    for rcpt in ["<u@example.test> NOTIFY=FAILURE ORCPT=rfc822;first@example.test",
+                 "<u@example.test> NOTIFY=NEVER", "<@relay.example.test:u@example.test>",
+                 "u@example.test", "<U@example.test>", "<U@example.test>"]:
+        assert code(c.cmd(f"RCPT TO:{rcpt}")) == "250 2.1.5", rcpt
+    assert code(c.cmd("RCPT TO:<v@example.test>")) == "250 2.1.5"   # the third distinct one
+    assert code(c.cmd("RCPT TO:<w@example.test>")) == "452 4.5.3"
+    c.send("DATA\r\nhi\r\n.\r\n")
+    [msg] = c.spool.messages
+    assert [(r.address, r.notify, r.orcpt) for r in msg.recipients] == [
+        ("u@example.test", "FAILURE", "rfc822;first@example.test"), ("U@example.test", None, None),
+        ("v@example.test", None, None)]
+    # A new transaction starts with no recipients seen.
+    c.start(rcpts=["<u@example.test>", "<u@example.test>"])
+    c.send("DATA\r\nhi\r\n.\r\n")
+    assert [r.address for r in c.spool.messages[1].recipients] == ["u@example.test"]
+
+
+class CountingList(list):
+    """A list that counts the items handed out by iterating over it."""
+    visits = 0
+
+    def __iter__(self):
+        for item in super().__iter__():
+            CountingList.visits += 1
+            if CountingList.visits > 100_000:
+                raise AssertionError("the recipient list is scanned for every RCPT")
+            yield item
+
+
+def test_ten_thousand_recipients_without_rescanning_the_list():
+    # The duplicate check must not walk the recipients so far at every RCPT
+    # (10,000 RCPTs: 50 million comparisons, the reactor blocked for seconds).
+    n = 10_000
+    c = Client(max_recipients=2 * n)
+    c.ehlo()
+    c.cmd("MAIL FROM:<a@example.org>")
+    CountingList.visits = 0
+    c.proto.recipients = CountingList()
+    burst = "".join(f"RCPT TO:<u{i}@example.test>\r\nRCPT TO:<u{i // 2}@example.test>\r\n"
+                    for i in range(n))
+    replies = c.send(burst)
+    assert codes(replies) == ["250 2.1.5"] * (2 * n)
+    assert CountingList.visits < 100_000
+    c.send("DATA\r\nhi\r\n.\r\n")
+    assert [r.address for r in c.spool.messages[0].recipients] == [
+        f"u{i}@example.test" for i in range(n)]
+
+
 # -- DATA -----------------------------------------------------------------------------
 
 def test_data_without_mail_or_rcpt():

@@ -244,6 +244,9 @@ class SMTPServer(protocol.Protocol):
         self.has_sender = False
         self.mail_params = MailParams()
         self.recipients: list[Recipient] = []
+        # The recipients' addresses as address.parse_path gave them (route
+        # and brackets gone): one copy each, found in O(1) per RCPT.
+        self._recipient_addresses: set[str] = set()
         self._reader: DataReader | None = None
         self._chunks: bytearray | None = None   # BDAT content so far
         self._bdat_error: Reply | None = None    # the transaction failed during BDAT
@@ -687,7 +690,8 @@ class SMTPServer(protocol.Protocol):
             self._count_rejected("relay_denied")
             raise SMTPReplyError(R(554, "5.7.1", f"<{rcpt}>: Relay access denied"))
         text = str(rcpt)
-        if not any(x.address == text for x in self.recipients):  # one copy per address
+        if text not in self._recipient_addresses:  # one copy per address; the first one's
+            self._recipient_addresses.add(text)    # NOTIFY and ORCPT are kept
             self.recipients.append(Recipient(text, params.notify, params.orcpt))
         self._reply(r.RCPT_OK)
 
