@@ -530,13 +530,20 @@ def test_long_text_line_is_refused_after_the_dot(mta):
         assert c.cmd("DATA")[0] == 354
         c.send(b"Subject: long\r\n\r\n" + b"y" * 999 + b"\r\nafter\r\n.\r\n")
         code, text = c.replies(1)[0]
-        assert code == 500 and text.startswith(b"5.5.2"), text
+        assert code == 554 and text.startswith(b"5.6.0 ") and b"1000 octets" in text, text
         # in step: the next transaction works, and 998 octets + CRLF is fine
         assert c.cmd("MAIL FROM:<a@origin.test>")[0] == 250
         assert c.cmd("RCPT TO:<b@dest.test>")[0] == 250
         assert c.cmd("DATA")[0] == 354
         c.send(b"Subject: long\r\n\r\n" + ok_line + b"\r\n.\r\n")
         qid = queue_id_of(*c.replies(1)[0])
+        # BDAT: the same refusal, after LAST.
+        assert c.cmd("MAIL FROM:<a@origin.test>")[0] == 250
+        assert c.cmd("RCPT TO:<b@dest.test>")[0] == 250
+        long = b"Subject: long\r\n\r\n" + b"y" * 999 + b"\r\n"
+        c.send(b"BDAT %d\r\n" % len(long) + long + b"BDAT 7 LAST\r\nafter\r\n")
+        got = c.replies(2)
+        assert got[0][0] == 250 and got[1][0] == 554 and got[1][1].startswith(b"5.6.0 "), got
     assert mta.count() == 1
     assert content(mta, qid)[1] == ok_line + b"\r\n"
 

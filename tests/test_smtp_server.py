@@ -747,7 +747,7 @@ def test_long_text_line_refused_after_dot():
     ok_line = b"x" * 998 + b"\r\n"         # 1000 octets with CRLF: allowed
     long_line = b"y" * 999 + b"\r\n"       # 1001: too long
     assert c.send(b"Subject: x\r\n\r\n" + ok_line + long_line) == []
-    assert codes(c.send(b"more\r\n.\r\n")) == ["500 5.5.2"]
+    assert codes(c.send(b"more\r\n.\r\n")) == ["554 5.6.0"]   # content, not a command error
     assert c.spool.calls == []
     assert code(c.cmd("NOOP")) == "250 2.0.0"
     c.cmd("MAIL FROM:<a@example.org>")
@@ -905,7 +905,7 @@ def test_bdat_long_line_refused():
     c.start()
     chunk = b"x" * 1200 + b"\r\n"
     assert codes(c.send(b"BDAT %d LAST\r\n" % len(chunk) + chunk + b"NOOP\r\n")) \
-        == ["500 5.5.2", "250 2.0.0"]
+        == ["554 5.6.0", "250 2.0.0"]
     assert c.spool.calls == []
 
 
