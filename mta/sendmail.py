@@ -34,12 +34,14 @@ anything else in an argument (text after the ``>``, a second ``<...>``, a
 group, a control character such as a newline, bytes that are not UTF-8) is
 refused with EX_USAGE, and so is a ``-f`` that is not one such address.
 Bare local names ("root") are qualified with ``[sendmail] domain`` ("" =
-``[server] hostname``).  Line ends are made CRLF; Date:, Message-ID: and From: are
-added when missing, and our Received: line (``with local``) is prepended.
+``[server] hostname``).  Line ends are made CRLF; Date:, Message-ID: and
+From: are added when missing, and our Received: line (``with local``) is
+prepended.
 
 Exit statuses (sysexits.h): 0 queued; 64 EX_USAGE (bad flags, no or bad
-recipient or sender arguments, arguments that are not UTF-8); 65 EX_DATAERR (no recipients in the header with -t,
-a bad header address, a message too big or with a line over 998 octets);
+recipient or sender arguments, arguments that are not UTF-8); 65 EX_DATAERR
+(no recipients in the header with -t, a bad header address, a message too
+big or with a line over 998 octets);
 75 EX_TEMPFAIL (the spool could not take the message: try again later);
 78 EX_CONFIG (the configuration file).
 """
