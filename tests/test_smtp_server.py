@@ -977,7 +977,7 @@ def test_bdat_over_size_then_more_chunks():
 
 
 def test_bdat_over_size_pipelined_chunks_are_one_error():
-    # RFC 3030 §2: chunks pipelined after the refused one are read and
+    # RFC 3030: chunks pipelined after the refused one are read and
     # discarded; each is answered (the refusal again, as the reply to LAST
     # is what many clients report), but the message is one error: no 421
     # before BDAT LAST however many chunks were in flight.

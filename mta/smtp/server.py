@@ -769,7 +769,7 @@ class SMTPServer(protocol.Protocol):
             self._chunk_reply = None
             if self._bdat_error is not None and last:
                 self._reset_transaction()  # a failed BDAT transaction ends with LAST
-            # RFC 3030 §2: after a refused chunk the client sends no more, but
+            # RFC 3030: after a refused chunk the client sends no more, but
             # chunks it had already pipelined are read and discarded.  Each
             # gets a reply (the refusal again), yet the message counts as one
             # error: a pipelined oversized message must not earn a 421.
