@@ -490,6 +490,10 @@ def main(argv: list[str] | None = None, *, prog: str = "sendmail",
         if value is not None and not is_text(value):
             err(f"argument '{shown(value)}' is not valid UTF-8 text")
             return EX_USAGE
+    if o.full_name is not None and any(ord(c) < 0x20 or c == "\x7f" for c in o.full_name):
+        # A newline would start a header field of the caller's choosing.
+        err(f"bad full name {o.full_name!r}: control character")
+        return EX_USAGE
     config_path = which_config(o.config)
     try:
         config = load_config(config_path)

@@ -161,6 +161,7 @@ def test_mta_sendmail_and_the_dot(site):
     ["-f", "alice@origin.test\nevil: x@y", "bob@dest.test"],
     ["-f", "a@origin.test, b@origin.test", "bob@dest.test"],
     ["-r", "undisclosed: a@origin.test;", "bob@dest.test"],
+    ["-F", "Evil\r\nX-Injected: yes", "bob@dest.test"],   # a header field of its own
 ])
 def test_malformed_address_arguments_exit_64(site, args):
     r = site.proc("sendmail", *args, stdin=b"Subject: x\n\nHi.\n")
