@@ -6,6 +6,9 @@
     mta passwd remove USER [--config PATH]
     mta passwd list [--config PATH]
 
+The configuration is ``--config PATH``, else ``$MTA_CONFIG``, else
+``etc/mta.toml``, as for the other subcommands (:func:`mta.cli.config_path`).
+
 ``add`` creates the user or changes an existing user's password; the
 password is read from the terminal (twice) or, with ``--password-stdin``,
 as the first line of standard input.  Changes are atomic (see

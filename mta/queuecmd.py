@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from typing import Any, Callable
 
-from .cli import DEFAULT_CONFIG, CommandError, load_config
+from .cli import CommandError, add_config_option, load_config
 
-CONFIG_ENV = "MTA_CONFIG"
 BOUNCE_STATUS = "5.0.0"
 BOUNCE_REPLY = f"550 {BOUNCE_STATUS} message returned by the mail system administrator"
 
@@ -59,24 +57,18 @@ def _states(text: str) -> list[str]:
     return out
 
 
-def _config_option(parser: argparse.ArgumentParser, default: Any) -> None:
-    parser.add_argument("--config", "-c", metavar="PATH", default=default,
-                        help=f"the TOML configuration file (default ${CONFIG_ENV}, "
-                        f"else {DEFAULT_CONFIG})")
-
-
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "queue", help="list and manage the queue",
         description="List and manage the messages in the spool (also while the daemon runs).")
-    _config_option(p, None)
+    add_config_option(p)
     sub = p.add_subparsers(dest="action", metavar="ACTION")
     sub.required = True
 
     def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
         a = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
         # SUPPRESS: an option given before the action is not reset by the action's default.
-        _config_option(a, argparse.SUPPRESS)
+        add_config_option(a, argparse.SUPPRESS)
         a.set_defaults(func=func, parser=a)
         return a
 
@@ -123,16 +115,12 @@ def register(subparsers: Any) -> None:
     a.add_argument("--json", action="store_true", help="as one JSON object")
 
 
-def config_path(args: argparse.Namespace) -> str:
-    return getattr(args, "config", None) or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
-
-
 class _Queue:
     """The configuration and an engine on its spool."""
 
     def __init__(self, args: argparse.Namespace):
         from .spool.admin import AdminError, open_engine
-        self.config = load_config(config_path(args))
+        self.config = load_config(getattr(args, "config", None))
         self.hostname = self.config.server.hostname
         try:
             self.engine = open_engine(self.config.spool.url)

@@ -28,14 +28,20 @@ Accepted and ignored, as nullmailer does: -B type, -C file, -d, -G, -h N,
 protocol, -R ret, -U, -v (prints the queue id on stderr), -V envid, -X
 logfile, -A c|m.
 
-Recipient arguments may be lists ("a@x, Bob <b@y>").  Bare local names
-("root") are qualified with ``[sendmail] domain`` ("" = ``[server]
-hostname``).  Line ends are made CRLF; Date:, Message-ID: and From: are
-added when missing, and our Received: line (``with local``) is prepended.
+Recipient arguments may be lists ("a@x, Bob <b@y>") of well-formed
+addresses, each ``addr``, ``<addr>`` or ``Name <addr>`` (comments allowed);
+anything else in an argument (text after the ``>``, a second ``<...>``, a
+group, a control character such as a newline, bytes that are not UTF-8) is
+refused with EX_USAGE, and so is a ``-f`` that is not one such address.
+Bare local names ("root") are qualified with ``[sendmail] domain`` ("" =
+``[server] hostname``).  Line ends are made CRLF; Date:, Message-ID: and
+From: are added when missing, and our Received: line (``with local``) is
+prepended.
 
 Exit statuses (sysexits.h): 0 queued; 64 EX_USAGE (bad flags, no or bad
-recipient arguments); 65 EX_DATAERR (no recipients in the header with -t,
-a bad header address, a message too big or with a line over 998 octets);
+recipient or sender arguments, arguments that are not UTF-8); 65 EX_DATAERR
+(no recipients in the header with -t, a bad header address, a message too
+big or with a line over 998 octets);
 75 EX_TEMPFAIL (the spool could not take the message: try again later);
 78 EX_CONFIG (the configuration file).
 """
@@ -55,8 +61,6 @@ EX_DATAERR = 65
 EX_SOFTWARE = 70
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
-
-CONFIG_ENV = "MTA_CONFIG"
 
 USAGE = """\
 usage: sendmail [-t] [-i] [-f sender] [-F full-name] [--config PATH] [recipient ...]
@@ -196,23 +200,55 @@ def qualify(address: str, domain: str) -> str:
     return str(mailbox)
 
 
-def split_address_list(text: str) -> list[str]:
+# An RFC 5322 display name once comments are gone: words (atoms, with the
+# obsolete "." of "John Q. Public", UTF-8 allowed, or quoted strings)
+# separated by white space.  Each word is found one way only: linear time.
+_WORD = r"""(?:[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~.\u0080-\U0010ffff]+|"(?:[^"\\]|\\.)*")"""
+_PHRASE = re.compile(rf"[ \t]*(?:{_WORD}(?:[ \t]+{_WORD})*)?[ \t]*", re.S)
+
+
+def split_address_list(text: str, *, strict: bool = False) -> list[str]:
     """The mailboxes of an RFC 5322 address list, as written: the part in
     angle brackets, or the whole element; display names, comments and group
     names are dropped (``Bob <b@y> (work), group: c@z;`` → ``b@y``, ``c@z``).
     Strict on purpose (unlike email.utils.getaddresses, which turns
     ``foo bar`` into ``foo``): a malformed element is returned as it is, for
-    :func:`qualify` to refuse."""
+    :func:`qualify` to refuse.
+
+    *strict* (command-line arguments): only ``addr``, ``<addr>`` and
+    ``Name <addr>`` elements separated by commas; a group, a ``;``, a control
+    character, a second ``<...>``, text after the ``>`` or a display name
+    that is not a phrase is a ValueError rather than something to guess at."""
     items: list[str] = []
     cur: list[str] = []
     quote = literal = escaped = False
     comment = 0
     angle = False
+    opens = 0            # "<" in the current element (outside quotes and comments)
+    opened_at = closed_at = -1   # where in cur its "<" and ">" are
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"bad address {text.strip()!r}: {why}")
 
     def end_item() -> None:
-        item = "".join(cur).strip()
+        nonlocal opens, opened_at, closed_at
+        raw = "".join(cur)
+        item = raw.strip()
         cur.clear()
+        n_opens, start, close = opens, opened_at, closed_at
+        opens, opened_at, closed_at = 0, -1, -1
         if not item:
+            return
+        if strict and ("<" in item or ">" in item):
+            if n_opens != 1 or close < start:
+                raise bad("expected one address in <...>")
+            if raw[close + 1:].strip():
+                raise bad("text after the closing '>'")
+            if not _PHRASE.fullmatch(raw[:start]):
+                raise bad("the name before '<' is not a valid display name")
+            item = raw[start + 1:close].strip()
+            if item:
+                items.append(item)
             return
         if "<" in item or ">" in item:
             start, stop = item.rfind("<"), item.rfind(">")
@@ -223,6 +259,10 @@ def split_address_list(text: str) -> list[str]:
                 return
         items.append(item)
 
+    if strict:
+        for ch in text:
+            if (ord(ch) < 0x20 and ch != "\t") or ch == "\x7f":
+                raise bad("control character in the address")
     for ch in text:
         if escaped:
             escaped = False
@@ -255,12 +295,18 @@ def split_address_list(text: str) -> list[str]:
             cur.append(ch)
         elif ch == "<":
             angle = True
+            opens += 1
+            opened_at = len(cur)
             cur.append(ch)
         elif ch == ">":
             angle = False
+            closed_at = len(cur)
             cur.append(ch)
+        elif ch in ":;" and not angle and strict:
+            raise bad("a group is not an address")
         elif ch == ":" and not angle:
             cur.clear()               # a group's display name
+            opens, opened_at, closed_at = 0, -1, -1
         elif ch in ",;" and not angle:
             end_item()
         else:
@@ -272,10 +318,19 @@ def split_address_list(text: str) -> list[str]:
     return items
 
 
-def address_list(text: str, domain: str) -> list[str]:
+def address_list(text: str, domain: str, *, strict: bool = False) -> list[str]:
     """The addresses of an address list ("a@x, Bob <b@y>, group: c@z;"),
-    qualified and checked."""
-    return [qualify(a, domain) for a in split_address_list(text)]
+    qualified and checked (*strict*: see :func:`split_address_list`)."""
+    return [qualify(a, domain) for a in split_address_list(text, strict=strict)]
+
+
+def sender_argument(text: str, domain: str) -> str:
+    """``-f``/``-r``: exactly one well-formed address (``addr``, ``<addr>``
+    or ``Name <addr>``), qualified; ValueError if it is anything else."""
+    items = split_address_list(text, strict=True)
+    if len(items) != 1:
+        raise ValueError(f"bad sender address {text.strip()!r}: expected one address")
+    return qualify(items[0], domain)
 
 
 def default_user() -> str:
@@ -387,7 +442,7 @@ def _queue_command(o: Options, config_path: str, err: Any) -> int:
     import argparse
 
     from . import queuecmd
-    from .cli import CommandError
+    from .cli import CommandError, output_gone
 
     if o.mode == "p":
         args = argparse.Namespace(config=config_path, state=None, domain=None, sender=None,
@@ -403,6 +458,8 @@ def _queue_command(o: Options, config_path: str, err: Any) -> int:
     except CommandError as e:
         err(str(e))
         return EX_TEMPFAIL
+    except BrokenPipeError:
+        return output_gone()
     return EX_OK if status == 0 else EX_TEMPFAIL
 
 
@@ -425,10 +482,19 @@ def main(argv: list[str] | None = None, *, prog: str = "sendmail",
     if o.mode == "i":
         return EX_OK
 
-    from .cli import DEFAULT_CONFIG
+    from .cli import config_path as which_config, is_text, shown
     from .config import ConfigError, load_config
 
-    config_path = o.config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
+    # Addresses, names and queue ids are text; only file names may be any bytes.
+    for value in [*o.recipients, o.sender, o.full_name, o.flush_domain, o.flush_id]:
+        if value is not None and not is_text(value):
+            err(f"argument '{shown(value)}' is not valid UTF-8 text")
+            return EX_USAGE
+    if o.full_name is not None and any(ord(c) < 0x20 or c == "\x7f" for c in o.full_name):
+        # A newline would start a header field of the caller's choosing.
+        err(f"bad full name {o.full_name!r}: control character")
+        return EX_USAGE
+    config_path = which_config(o.config)
     try:
         config = load_config(config_path)
     except ConfigError as e:
@@ -445,8 +511,8 @@ def main(argv: list[str] | None = None, *, prog: str = "sendmail",
         elif o.sender.strip() in ("", "<>"):
             sender = ""
         else:
-            sender = qualify(o.sender, domain)
-        rcpts = [a for arg in o.recipients for a in address_list(arg, domain)]
+            sender = sender_argument(o.sender, domain)
+        rcpts = [a for arg in o.recipients for a in address_list(arg, domain, strict=True)]
         if o.recipients and not rcpts:
             raise ValueError(f"no address in {' '.join(o.recipients)!r}")
     except ValueError as e:
@@ -539,7 +605,8 @@ def register(subparsers: Any) -> None:
                               help="submit a message from standard input (sendmail flags)",
                               description="A sendmail-compatible local submission command.")
     p.add_argument("args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda args: main(args.args, prog="mta: sendmail"))
+    p.set_defaults(func=lambda args: main(args.args, prog="mta: sendmail"),
+                   checks_own_arguments=True)    # exit 64, as sendmail, not 2
 
 
 if __name__ == "__main__":

@@ -12,11 +12,15 @@ from mta.auth.passwords import verify_password
 from mta.auth.users import read_users_file
 
 
-def mta(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
+def mta(*args: str, cwd: Path, stdin: str | None = None,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     script = Path(sys.executable).with_name("mta")
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "mta.cli"]
+    e = subprocess_env()
+    e.pop("MTA_CONFIG", None)
+    e.update(env or {})
     return subprocess.run([*cmd, *args], cwd=cwd, input=stdin, capture_output=True, text=True,
-                          env=subprocess_env(), timeout=60,
+                          env=e, timeout=60,
                           stdin=None if stdin is not None else subprocess.DEVNULL)
 
 
@@ -67,6 +71,26 @@ def test_config_option(tmp_path, site):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "other-users").read_text().startswith("carol:$scrypt$")
     assert not (site / "etc" / "users").exists()
+
+
+def test_mta_config_environment_variable(tmp_path, site):
+    # As for `mta queue` and sendmail: --config, else $MTA_CONFIG, else etc/mta.toml.
+    other = tmp_path / "elsewhere.toml"
+    other.write_text(f'[auth]\nusers_file = "{tmp_path}/other-users"\n')
+    env = {"MTA_CONFIG": str(other)}
+    r = mta("passwd", "add", "carol", "--password-stdin", cwd=site, stdin="x\n", env=env)
+    assert (r.returncode, r.stdout, r.stderr) == (
+        0, f"{tmp_path}/other-users: added user carol\n", "")
+    assert not (site / "etc" / "users").exists()
+    assert mta("passwd", "list", cwd=site, env=env).stdout == "carol\n"
+    # --config wins over the variable.
+    r = mta("passwd", "add", "dave", "--password-stdin", "--config", "etc/mta.toml", cwd=site,
+            stdin="x\n", env=env)
+    assert (r.returncode, r.stdout) == (0, "etc/users: added user dave\n")
+    assert list(users(site)) == ["dave"]
+    r = mta("passwd", "list", cwd=site, env={"MTA_CONFIG": str(tmp_path / "missing.toml")})
+    assert (r.returncode, r.stderr) == (
+        1, f"mta: {tmp_path}/missing.toml: cannot read file: [Errno 2] No such file or directory\n")
 
 
 @pytest.mark.parametrize("args, stdin, message", [

@@ -530,13 +530,20 @@ def test_long_text_line_is_refused_after_the_dot(mta):
         assert c.cmd("DATA")[0] == 354
         c.send(b"Subject: long\r\n\r\n" + b"y" * 999 + b"\r\nafter\r\n.\r\n")
         code, text = c.replies(1)[0]
-        assert code == 500 and text.startswith(b"5.5.2"), text
+        assert code == 554 and text.startswith(b"5.6.0 ") and b"1000 octets" in text, text
         # in step: the next transaction works, and 998 octets + CRLF is fine
         assert c.cmd("MAIL FROM:<a@origin.test>")[0] == 250
         assert c.cmd("RCPT TO:<b@dest.test>")[0] == 250
         assert c.cmd("DATA")[0] == 354
         c.send(b"Subject: long\r\n\r\n" + ok_line + b"\r\n.\r\n")
         qid = queue_id_of(*c.replies(1)[0])
+        # BDAT: the same refusal, after LAST.
+        assert c.cmd("MAIL FROM:<a@origin.test>")[0] == 250
+        assert c.cmd("RCPT TO:<b@dest.test>")[0] == 250
+        long = b"Subject: long\r\n\r\n" + b"y" * 999 + b"\r\n"
+        c.send(b"BDAT %d\r\n" % len(long) + long + b"BDAT 7 LAST\r\nafter\r\n")
+        got = c.replies(2)
+        assert got[0][0] == 250 and got[1][0] == 554 and got[1][1].startswith(b"5.6.0 "), got
     assert mta.count() == 1
     assert content(mta, qid)[1] == ok_line + b"\r\n"
 
@@ -609,6 +616,30 @@ def test_message_over_max_size(mta):
         assert c.cmd("QUIT")[0] == 221
     assert mta.count() == 1
     assert stored_message(mta, qid) == exact
+
+
+@pytest.mark.mta_config(server={"max_message_size": 10000, "max_errors": 20})
+def test_oversized_message_in_pipelined_bdat_chunks_is_one_refusal(mta):
+    # 40 chunks of 1000 octets in one burst, as a pipelining client sends
+    # them: 10 fit, the 11th is refused 552, the 29 after it (LAST included)
+    # are read, discarded and answered 552 too -- one error, not 30: the
+    # session is still open afterwards and takes the next message.
+    chunk = (b"c" * 98 + b"\r\n") * 10
+    with Raw(mta) as c:
+        c.ehlo()
+        c.send(b"MAIL FROM:<a@origin.test>\r\nRCPT TO:<b@dest.test>\r\n"
+               + b"".join(b"BDAT 1000\r\n" + chunk for _ in range(39))
+               + b"BDAT 1000 LAST\r\n" + chunk + b"NOOP\r\n")
+        got = c.replies(43)
+        assert [code for code, _ in got] == [250, 250] + [250] * 10 + [552] * 30 + [250], got
+        assert all(text.startswith(b"5.3.4") for code, text in got if code == 552), got
+        assert c.cmd("MAIL FROM:<a@origin.test>")[0] == 250
+        assert c.cmd("RCPT TO:<b@dest.test>")[0] == 250
+        c.send(b"BDAT 1000 LAST\r\n" + chunk)
+        qid = queue_id_of(*c.replies(1)[0])
+        assert c.cmd("QUIT")[0] == 221
+    assert mta.count() == 1
+    assert stored_message(mta, qid) == chunk
 
 
 # --------------------------------------------------------------------------- relay policy

@@ -267,6 +267,48 @@ def test_usage_and_configuration_errors(site, tmp_path):
     assert not (tmp_path / "none").exists()          # not created by looking
 
 
+@pytest.mark.parametrize("args", [
+    [b"show", b"\xff"], [b"show", b"\xff", b"--json"], [b"delete", b"\xff"],
+    [b"hold", b"\xff"], [b"release", b"\xff"], [b"requeue", b"\xff"], [b"bounce", b"\xff"],
+    [b"flush", b"\xff"], [b"flush", b"--domain", b"\xff"], [b"list", b"--domain", b"\xff"],
+    [b"list", b"--sender", b"\xff"],
+])
+def test_arguments_that_are_not_utf8_are_a_usage_error(site, queue, args):
+    # `mta queue show $'\xff'`: the shell hands over bytes that are not UTF-8.
+    r = subprocess.run(mta_command("queue", "--config", str(site.config)) + args, cwd=site.dir,
+                       capture_output=True, env=subprocess_env(), stdin=subprocess.DEVNULL,
+                       timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (
+        2, b"", b"mta: argument '\\xff' is not valid UTF-8 text\n")
+    assert site.ids() == set(queue.values())
+    assert site.rcpts(queue["m1"])["bob@dest.test"]["state"] == "deferred"
+
+
+def test_a_file_name_may_be_any_bytes(site, queue):
+    # Only text arguments must be UTF-8: a configuration file's name need not be.
+    path = bytes(site.dir) + b"/conf-\xff.toml"
+    with open(path, "wb") as f:
+        f.write(site.config.read_bytes())
+    r = subprocess.run(mta_command("queue", "--config") + [path, "show", queue["m1"]],
+                       cwd=site.dir, capture_output=True, env=subprocess_env(),
+                       stdin=subprocess.DEVNULL, timeout=60)
+    assert (r.returncode, r.stderr) == (0, b"")
+    assert r.stdout.startswith(f"Queue ID:   {queue['m1']}\n".encode())
+
+
+def test_output_closed_by_its_reader_is_no_traceback(site):
+    # `mta queue list | head -1`: the reader goes away.  More output than a
+    # pipe holds, so the writer meets the closed pipe whatever the timing.
+    site.add("alice@origin.test", [f"r{i}@dest.test" for i in range(1500)])
+    p = subprocess.Popen(mta_command("queue", "--config", str(site.config), "list"),
+                         cwd=site.dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         stdin=subprocess.DEVNULL, env=subprocess_env())
+    p.stdout.read(10)
+    p.stdout.close()
+    err = p.stderr.read()
+    assert (p.wait(timeout=60), err) == (141, b"")
+
+
 # --------------------------------------------------------------------------- changes
 
 def test_flush(site, queue, capsys):

@@ -149,6 +149,61 @@ def test_mta_sendmail_and_the_dot(site):
     assert r.stderr.splitlines()[0] == b"mta: sendmail: unknown option -Y"
 
 
+@pytest.mark.parametrize("args", [
+    ["<bob@dest.test> trailing"],                  # text after the address
+    ["Foo <x@dest.test>@c"],                       # ... even when it looks like a domain
+    ["bob@dest.test\nevil: carol@dest.test"],      # a newline would make a group of it
+    ["undisclosed: bob@dest.test;"],               # a group
+    ["<<bob@dest.test>>"], ["bob@dest.test>"], ["bob@dest.test <carol@dest.test>"],
+    ["bob@dest.test; carol@dest.test"],
+    ["-f", "<alice@origin.test> trailing", "bob@dest.test"],
+    ["-f", "Foo <x@origin.test>@c", "bob@dest.test"],
+    ["-f", "alice@origin.test\nevil: x@y", "bob@dest.test"],
+    ["-f", "a@origin.test, b@origin.test", "bob@dest.test"],
+    ["-r", "undisclosed: a@origin.test;", "bob@dest.test"],
+    ["-F", "Evil\r\nX-Injected: yes", "bob@dest.test"],   # a header field of its own
+])
+def test_malformed_address_arguments_exit_64(site, args):
+    r = site.proc("sendmail", *args, stdin=b"Subject: x\n\nHi.\n")
+    assert (r.returncode, r.stdout) == (64, b""), r.stderr
+    assert r.stderr.startswith(b"sendmail: bad ") and len(r.stderr.splitlines()) == 1, r.stderr
+    assert site.messages() == []
+
+
+def test_well_formed_address_arguments(site):
+    # addr, <addr>, Name <addr> (comments and quoted names too), and lists of them;
+    # for -f one of the same forms.
+    r = site.proc("sendmail", "-f", "Alice Admin <alice@origin.test>", "bob@dest.test",
+                  "<carol@dest.test>", "Dave Q. Public <dave@dest.test> (work)",
+                  '"Erin, Jr." <erin@dest.test>, frank', stdin=b"Subject: x\n\nHi.\n")
+    assert (r.returncode, r.stderr) == (0, b"")
+    m = site.last()
+    assert m["sender"] == "alice@origin.test"
+    assert m["rcpts"] == ["bob@dest.test", "carol@dest.test", "dave@dest.test",
+                          "erin@dest.test", f"frank@{DOMAIN}"]
+    r = site.proc("sendmail", "-f", "<alice@origin.test>", "José <jose@dest.test>",
+                  stdin=b"Subject: x\n\nHi.\n")
+    assert (r.returncode, r.stderr) == (0, b"")
+    assert (site.last()["sender"], site.last()["rcpts"]) == ("alice@origin.test",
+                                                             ["jose@dest.test"])
+
+
+@pytest.mark.parametrize("name, args, shown", [
+    ("sendmail", [b"\xff@dest.test"], b"\\xff@dest.test"),
+    ("sendmail", [b"-f", b"al\xffce@origin.test", b"bob@dest.test"], b"al\\xffce@origin.test"),
+    ("sendmail", [b"-F", b"Jos\xe9", b"bob@dest.test"], b"Jos\\xe9"),
+    ("sendmail", [b"-qI\xff"], b"\\xff"),
+    ("mta", [b"sendmail", b"bob@dest.test", b"\xff"], b"\\xff"),
+])
+def test_arguments_that_are_not_utf8_exit_64(site, name, args, shown):
+    # What the shell passes for $'\xff': bytes that are not UTF-8.
+    r = site.proc(name, *args, stdin=b"Subject: x\n\nHi.\n")
+    prog = b"mta: sendmail" if name == "mta" else b"sendmail"
+    assert (r.returncode, r.stdout, r.stderr) == (
+        64, b"", prog + b": argument '" + shown + b"' is not valid UTF-8 text\n")
+    assert site.messages() == []
+
+
 def test_exit_75_when_the_spool_cannot_take_it(tmp_path):
     (tmp_path / "file").write_text("not a directory")
     site = Site(tmp_path, spool={"url": f"sqlite:///{tmp_path}/file/mta.sqlite"})

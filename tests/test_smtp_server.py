@@ -553,6 +553,62 @@ def test_max_recipients():
     assert len(c.spool.messages[0].recipients) == 3
 
 
+def test_duplicate_recipients_kept_once():
+    # One copy per address as parse_path gives it (source route and brackets
+    # dropped): the first spelling's NOTIFY/ORCPT are kept; every RCPT gets
+    # 250; the local part is case-sensitive (RFC 5321 §2.4), so is the domain
+    # as spelled; a duplicate does not use up max_recipients.
+    c = Client(make_factory(FakeSpool(auto=True), max_recipients=3))
+    c.ehlo()
+    c.cmd("MAIL FROM:<a@example.org>")
+    for rcpt in ["<u@example.test> NOTIFY=FAILURE ORCPT=rfc822;first@example.test",
+                 "<u@example.test> NOTIFY=NEVER", "<@relay.example.test:u@example.test>",
+                 "u@example.test", "<U@example.test>", "<U@example.test>"]:
+        assert code(c.cmd(f"RCPT TO:{rcpt}")) == "250 2.1.5", rcpt
+    assert code(c.cmd("RCPT TO:<v@example.test>")) == "250 2.1.5"   # the third distinct one
+    assert code(c.cmd("RCPT TO:<w@example.test>")) == "452 4.5.3"
+    c.send("DATA\r\nhi\r\n.\r\n")
+    [msg] = c.spool.messages
+    assert [(r.address, r.notify, r.orcpt) for r in msg.recipients] == [
+        ("u@example.test", "FAILURE", "rfc822;first@example.test"), ("U@example.test", None, None),
+        ("v@example.test", None, None)]
+    # A new transaction starts with no recipients seen.
+    c.start(rcpts=["<u@example.test>", "<u@example.test>"])
+    c.send("DATA\r\nhi\r\n.\r\n")
+    assert [r.address for r in c.spool.messages[1].recipients] == ["u@example.test"]
+
+
+class CountingList(list):
+    """A list that counts the items handed out by iterating over it."""
+    visits = 0
+
+    def __iter__(self):
+        for item in super().__iter__():
+            CountingList.visits += 1
+            if CountingList.visits > 100_000:
+                raise AssertionError("the recipient list is scanned for every RCPT")
+            yield item
+
+
+def test_ten_thousand_recipients_without_rescanning_the_list():
+    # The duplicate check must not walk the recipients so far at every RCPT
+    # (10,000 RCPTs: 50 million comparisons, the reactor blocked for seconds).
+    n = 10_000
+    c = Client(max_recipients=2 * n)
+    c.ehlo()
+    c.cmd("MAIL FROM:<a@example.org>")
+    CountingList.visits = 0
+    c.proto.recipients = CountingList()
+    burst = "".join(f"RCPT TO:<u{i}@example.test>\r\nRCPT TO:<u{i // 2}@example.test>\r\n"
+                    for i in range(n))
+    replies = c.send(burst)
+    assert codes(replies) == ["250 2.1.5"] * (2 * n)
+    assert CountingList.visits < 100_000
+    c.send("DATA\r\nhi\r\n.\r\n")
+    assert [r.address for r in c.spool.messages[0].recipients] == [
+        f"u{i}@example.test" for i in range(n)]
+
+
 # -- DATA -----------------------------------------------------------------------------
 
 def test_data_without_mail_or_rcpt():
@@ -691,7 +747,7 @@ def test_long_text_line_refused_after_dot():
     ok_line = b"x" * 998 + b"\r\n"         # 1000 octets with CRLF: allowed
     long_line = b"y" * 999 + b"\r\n"       # 1001: too long
     assert c.send(b"Subject: x\r\n\r\n" + ok_line + long_line) == []
-    assert codes(c.send(b"more\r\n.\r\n")) == ["500 5.5.2"]
+    assert codes(c.send(b"more\r\n.\r\n")) == ["554 5.6.0"]   # content, not a command error
     assert c.spool.calls == []
     assert code(c.cmd("NOOP")) == "250 2.0.0"
     c.cmd("MAIL FROM:<a@example.org>")
@@ -849,7 +905,7 @@ def test_bdat_long_line_refused():
     c.start()
     chunk = b"x" * 1200 + b"\r\n"
     assert codes(c.send(b"BDAT %d LAST\r\n" % len(chunk) + chunk + b"NOOP\r\n")) \
-        == ["500 5.5.2", "250 2.0.0"]
+        == ["554 5.6.0", "250 2.0.0"]
     assert c.spool.calls == []
 
 
@@ -918,6 +974,38 @@ def test_bdat_over_size_then_more_chunks():
     assert codes(c.send(b"BDAT 10\r\n0123456789BDAT 0 LAST\r\n")) == ["552 5.3.4", "552 5.3.4"]
     assert c.spool.calls == []
     assert code(c.cmd("MAIL FROM:<a@example.org>")) == "250 2.1.0"
+
+
+def test_bdat_over_size_pipelined_chunks_are_one_error():
+    # RFC 3030: chunks pipelined after the refused one are read and
+    # discarded; each is answered (the refusal again, as the reply to LAST
+    # is what many clients report), but the message is one error: no 421
+    # before BDAT LAST however many chunks were in flight.
+    c = Client(max_message_size=100, max_errors=3)
+    chunk = b"x" * 58 + b"\r\n"
+    burst = b"".join(b"BDAT 60\r\n" + chunk for _ in range(30)) + b"BDAT 0 LAST\r\nNOOP\r\n"
+    for _ in range(2):
+        c.start()
+        assert codes(c.send(burst)) == ["250 2.0.0"] + ["552 5.3.4"] * 30 + ["250 2.0.0"]
+        assert not c.closing and c.spool.calls == []
+    # Two refused messages were two errors: the third refusal is the third error.
+    c.start()
+    assert codes(c.send(burst))[:3] == ["250 2.0.0", "552 5.3.4", "421 4.7.0"]
+    assert c.closing
+
+
+def test_bdat_refused_chunks_without_transaction_are_one_error():
+    # A client whose MAIL failed but which pipelined its chunks anyway: each
+    # chunk is read and answered 503, and the run of them is one error.
+    c = Client(max_errors=2)
+    c.ehlo()
+    burst = b"".join(b"BDAT 6\r\nNOOP\r\n" for _ in range(25)) + b"BDAT 0 LAST\r\n"
+    assert codes(c.send(burst)) == ["503 5.5.1"] * 26
+    assert not c.closing
+    # Another command ends the run: a new refused chunk is a new error.
+    assert code(c.cmd("NOOP")) == "250 2.0.0"
+    assert codes(c.send(b"BDAT 1\r\nx")) == ["503 5.5.1", "421 4.7.0"]
+    assert c.closing
 
 
 def test_bdat_over_size_then_rset():

@@ -72,7 +72,12 @@ DATA_AFTER_BDAT = R(503, "5.5.1", "DATA not allowed after BDAT in one transactio
 BINARYMIME_DATA = R(503, "5.5.1", "BODY=BINARYMIME requires BDAT, not DATA")
 TOO_MANY_RCPTS = R(452, "4.5.3", "Too many recipients")
 MSG_TOO_BIG = R(552, "5.3.4", "Message size exceeds fixed maximum message size")
-TEXT_LINE_TOO_LONG = R(500, "5.5.2", "Message refused: text line longer than 1000 octets")
+# A refusal of the content after the final dot or BDAT LAST, like BARE_NEWLINE:
+# 554 is the end-of-data "transaction failed" reply (RFC 5321 §4.3.2), 5.6.0 a
+# media problem (RFC 3463).  500 is for an over-long command line (§4.5.3.1.4);
+# §4.5.3.1.6 only sets the 1000-octet limit of text lines.
+TEXT_LINE_TOO_LONG = R(554, "5.6.0",
+                       "Message refused: text line longer than 1000 octets (RFC 5321 4.5.3.1.6)")
 BARE_NEWLINE = R(554, "5.6.0",
                  "Message refused: bare CR or LF in message data (RFC 5321 2.3.8)")
 SPOOL_FAILED = R(451, "4.3.0", "Local error in processing: message not queued, try again later")

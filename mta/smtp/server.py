@@ -221,6 +221,9 @@ class SMTPServer(protocol.Protocol):
         self._abort_timer: Any = None
         self._skipping = False       # discarding the rest of an over-long command line
         self._errors = 0
+        # A BDAT chunk was refused and only further chunks (of the message
+        # that failed) followed: their refusals do not count as more errors.
+        self._bdat_failing = False
         self._timer: Any = None
         self._counted = False
         self.helo: str | None = None
@@ -245,6 +248,9 @@ class SMTPServer(protocol.Protocol):
         self.has_sender = False
         self.mail_params = MailParams()
         self.recipients: list[Recipient] = []
+        # The recipients' addresses as address.parse_path gave them (route
+        # and brackets gone): one copy each, found in O(1) per RCPT.
+        self._recipient_addresses: set[str] = set()
         self._reader: DataReader | None = None
         self._chunks: bytearray | None = None   # BDAT content so far
         self._bdat_error: Reply | None = None    # the transaction failed during BDAT
@@ -553,9 +559,11 @@ class SMTPServer(protocol.Protocol):
             if self.transport is not None:
                 self.transport.write(data)
 
-    def _reply(self, reply: Reply) -> None:
+    def _reply(self, reply: Reply, *, counts: bool = True) -> None:
+        """Queue *reply*; a 5xx counts towards ``max_errors`` unless *counts*
+        is false."""
         self._out.append(reply.encode(self.enhanced))
-        if reply.code >= 500:
+        if reply.code >= 500 and counts:
             self._errors += 1
             if self._errors >= self.settings.max_errors:
                 log.info("too many errors client={client}", client=self.client_ip)
@@ -577,6 +585,8 @@ class SMTPServer(protocol.Protocol):
         verb, _, arg = line.partition(" ")
         # ASCII only: 'ı'.upper() == 'I', so "MAıL" would otherwise pass for MAIL.
         handler = _HANDLERS.get(verb.upper()) if verb.isascii() else None
+        if handler is not SMTPServer.do_BDAT:
+            self._bdat_failing = False   # the client has stopped sending chunks
         if handler is None:
             self._reply(r.UNKNOWN_COMMAND)
             return
@@ -688,7 +698,8 @@ class SMTPServer(protocol.Protocol):
             self._count_rejected("relay_denied")
             raise SMTPReplyError(R(554, "5.7.1", f"<{rcpt}>: Relay access denied"))
         text = str(rcpt)
-        if not any(x.address == text for x in self.recipients):  # one copy per address
+        if text not in self._recipient_addresses:  # one copy per address; the first one's
+            self._recipient_addresses.add(text)    # NOTIFY and ORCPT are kept
             self.recipients.append(Recipient(text, params.notify, params.orcpt))
         self._reply(r.RCPT_OK)
 
@@ -766,7 +777,13 @@ class SMTPServer(protocol.Protocol):
             self._chunk_reply = None
             if self._bdat_error is not None and last:
                 self._reset_transaction()  # a failed BDAT transaction ends with LAST
-            self._reply(reply)
+            # RFC 3030: after a refused chunk the client sends no more, but
+            # chunks it had already pipelined are read and discarded.  Each
+            # gets a reply (the refusal again), yet the message counts as one
+            # error: a pipelined oversized message must not earn a 421.
+            first = not self._bdat_failing
+            self._bdat_failing = not last
+            self._reply(reply, counts=first)
             return
         if not last:
             self._reply(R(250, "2.0.0", f"{self._bdat_size_so_far()} octets received"))
