@@ -209,7 +209,7 @@ def test_spool_failures_are_one_line_each_and_repeats_are_summarised(mta_factory
     # second, and stays due), then new messages cannot be stored either.
     mta.execute("CREATE TRIGGER e2e_claim BEFORE UPDATE ON recipients "
                 "BEGIN SELECT RAISE(ABORT, 'e2e claim trouble'); END")
-    wait_for(lambda: any("(claim_due_and_load): IntegrityError: e2e claim trouble" in l
+    wait_for(lambda: any("(claim_and_load): IntegrityError: e2e claim trouble" in l
                          for l in spool_lines(mta)), DELIVERY, "a failed claim")
     mta.execute("CREATE TRIGGER e2e_store BEFORE INSERT ON messages "
                 "BEGIN SELECT RAISE(ABORT, 'e2e disk trouble'); END")

@@ -38,7 +38,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from ..message import InboundMessage, Recipient, new_queue_id, split_header_block
-from ..spool import ops
+from ..spool import SpoolWriteError, ops
 from ..spool.admin import _reason as spool_error_text
 
 log = Logger(namespace="mta.delivery")
@@ -311,7 +311,9 @@ class QueueRunner(service.Service):
             return
         self._running = True
         d = defer.Deferred.fromCoroutine(self._run_once())
-        d.addErrback(lambda f: None if f.check("mta.spool.SpoolWriteError") else log.failure("queue run failed", f))  # the spool logged it
+        # A spool write that failed was logged by the spool (one line per
+        # distinct failure); anything else is a bug worth its traceback.
+        d.addErrback(lambda f: None if f.check(SpoolWriteError) else log.failure("queue run failed", f))
         self._run_d = d
         d.addBoth(self._after_run)
 
@@ -346,6 +348,8 @@ class QueueRunner(service.Service):
         try:
             rows, msgs = await self.spool.write(ops.claim_and_load,
                                                 [r["id"] for _d, part in plan for r in part])
+        except SpoolWriteError:
+            return             # logged by the spool; tried again at the next queue run
         except Exception as e:
             self._run_trouble.failed(spool_error_text(e))
             return
