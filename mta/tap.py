@@ -114,6 +114,7 @@ def makeService(options: Options) -> service.IService:
         max_errors=s.max_errors, bare_newlines=s.bare_newlines, max_hops=s.max_hops,
         auth_plaintext_on_loopback=config.auth.allow_plaintext_on_loopback)
     _chown_spool(options, url)
+    _check_as_user(options, config, url, where)
     policy = RelayPolicy(config.policy.relay_networks, config.policy.relay_domains)
     # Started in this order and stopped in the reverse one, each part after
     # the one before it has finished stopping (README "Stopping and
@@ -251,23 +252,69 @@ def _make_metrics(config: Config, spool: Any, factory: Any, reactor: Any,
     return metrics
 
 
-def _chown_spool(options: Options, url: str) -> None:
-    """When twistd is to drop privileges (``--uid``/``--gid``, run as root), the
-    spool must belong to that user: the database and its -wal/-shm/-journal
-    files, and the directory they are in (SQLite creates those files there)
-    when it holds nothing else.  makeService runs as root, before the switch."""
+def _target_user(options: Options) -> tuple[int | None, int | None, bool] | None:
+    """(uid, gid, euid) twistd will switch to after privilegedStartService
+    (``--uid``/``--gid``/``--euid``, gid defaulting as twistd does), or None
+    when it will not switch (no such option, or not running as root)."""
     parent = getattr(options, "parent", None)
     if parent is None or not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return
+        return None
     uid, gid = parent.get("uid"), parent.get("gid")
     if uid is None and gid is None:
-        return
+        return None
     if uid is not None and gid is None:
         import pwd
         try:
             gid = pwd.getpwuid(uid).pw_gid
         except KeyError:
             gid = None
+    return uid, gid, bool(parent.get("euid"))
+
+
+def _check_as_user(options: Options, config: Config, url: str, where: str) -> None:
+    """Under ``--uid``/``--gid``: as that user (a forked child, see
+    mta.usercheck), open the spool for writing, read the files read again
+    after the switch, and run every import the daemon does; the first
+    problem stops startup with one line."""
+    target = _target_user(options)
+    if target is None:
+        return
+    uid, gid, euid = target
+    from . import usercheck
+    from .spool import Spool
+
+    def spool() -> None:
+        try:
+            Spool(url).open()
+        except Exception as e:
+            raise usercheck.Problem(f"{where}: {e} (the spool file and its directory must "
+                                    "be writable by this user)") from None
+
+    def files() -> None:
+        if config.tls.enabled:
+            usercheck.check_readable(config.tls.certificate, f"{config.path}: [tls] certificate")
+            usercheck.check_readable(config.tls.private_key, f"{config.path}: [tls] private_key")
+        if config.auth.enabled:
+            usercheck.check_readable(config.auth.users_file, f"{config.path}: [auth] users_file")
+
+    imports = usercheck.daemon_imports()
+    problem = usercheck.run_as_user(
+        uid, gid, [spool, files, lambda: usercheck.check_imports(imports)], euid=euid)
+    if problem is not None:
+        _die(f"as uid {uid} gid {gid} (twistd --uid/--gid): {problem}")
+    log.info("startup checks as uid {uid} gid {gid} passed: spool writable, "
+             "{n} imports, files readable", uid=uid, gid=gid, n=len(imports))
+
+
+def _chown_spool(options: Options, url: str) -> None:
+    """When twistd is to drop privileges (``--uid``/``--gid``, run as root), the
+    spool must belong to that user: the database and its -wal/-shm/-journal
+    files, and the directory they are in (SQLite creates those files there)
+    when it holds nothing else.  makeService runs as root, before the switch."""
+    target = _target_user(options)
+    if target is None:
+        return
+    uid, gid, _euid = target
     from sqlalchemy.engine import make_url
     u = make_url(url)
     if u.get_backend_name() != "sqlite" or not u.database:
