@@ -154,3 +154,119 @@ def test_uid_checks_pass_when_everything_is_usable(mta_factory, open_dir):
         s.sendmail("a@origin.test", ["b@dest.test"], b"Subject: 1\r\n\r\none\r\n")
     assert daemon.count() == 1
     assert re.search(r"startup checks as uid 65534 gid \d+ passed", daemon.log())
+
+
+# --------------------------------------------------------------------------- configuration edge cases
+
+def write_config(tmp_path: Path, server: dict, relay: dict | None = None) -> Path:
+    from conftest import toml_text
+    config = tmp_path / "mta.toml"
+    config.write_text(toml_text({
+        "server": server,
+        "spool": {"url": f"sqlite:///{tmp_path}/spool/mta.sqlite"},
+        "relay": relay or {"deliver": False},
+        "dns": {"nameservers": ["127.0.0.1:9"]}}))
+    return config
+
+
+def test_unix_listener_in_a_missing_directory_is_one_line(twistd, tmp_path):
+    config = write_config(tmp_path, {"listen": [f"unix:{tmp_path}/no/such/dir/smtp.sock"]})
+    done = twistd("-n", "--pidfile=", "mta", "--config", str(config))
+    out = done.stdout.decode() + done.stderr.decode()
+    assert done.returncode == 1, out
+    assert "Traceback" not in out, out
+    assert done.stderr.decode() == (
+        f"mta: {config}: [server] listen: unix:{tmp_path}/no/such/dir/smtp.sock: cannot listen: "
+        f"No such file or directory (directory {tmp_path}/no/such/dir does not exist)\n")
+
+
+def test_no_listener_and_no_delivery_is_refused(twistd, tmp_path):
+    config = write_config(tmp_path, {"listen": []})
+    done = twistd("-n", "--pidfile=", "mta", "--config", str(config))
+    assert done.returncode == 1
+    assert done.stderr.decode() == (
+        f"mta: {config}: [server] listen and submission are empty and [relay] deliver = false: "
+        "this daemon would neither accept nor deliver mail\n")
+
+
+def test_no_listener_says_so_and_delivers_the_queue(tmp_path):
+    # listen = [] is a delivery-only daemon (as a Postfix without smtpd in
+    # master.cf): mail comes from sendmail, the daemon delivers the queue.
+    config = write_config(tmp_path, {"listen": []}, relay={"deliver": True})
+    log_path = tmp_path / "twistd.log"
+    from conftest import subprocess_env, twistd_command
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(twistd_command("-n", "--pidfile=", "mta", "--config", str(config)),
+                                cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, env=subprocess_env())
+    try:
+        wait_for(lambda: "started:" in log_path.read_text(), 30, "the start line")
+        text = log_path.read_text()
+        assert (f"{config}: no [server] listen or submission endpoints: accepting no mail over "
+                "SMTP, only delivering the queue (what sendmail puts there)") in text
+        assert "started: listening on nothing; spool" in text
+    finally:
+        proc.terminate()
+        assert proc.wait(30) in (0, -15)
+    assert "Traceback" not in log_path.read_text()
+
+
+# --------------------------------------------------------------------------- the log
+
+def mta_lines(log: str) -> list[str]:
+    """The messages of mta's own log lines ([mta#...] namespace only)."""
+    return [line.split("] ", 1)[1] for line in log.splitlines() if re.search(r" \[mta#\w+\] ", line)]
+
+
+def test_start_and_stop_lines(mta_factory):
+    daemon = mta_factory()
+    assert daemon.stop() in (0, -15)
+    lines = mta_lines(daemon.log())
+    assert lines == [
+        f"mta {mta.__version__} started: listening on tcp:{daemon.port}:interface=127.0.0.1; "
+        f"spool {daemon.spool_url}; not delivering ([relay] deliver = false)",
+        "mta stopping",
+        "mta stopped"], daemon.log()
+
+
+def test_second_sigterm_during_a_stop_is_one_line(mta_factory):
+    # A next hop that accepts the connection and never greets: the delivery
+    # is in progress at SIGTERM, and the stop waits shutdown_grace for it.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        daemon = mta_factory(extra=(
+            f'[relay]\nshutdown_grace = "20s"\n[routes]\n"dest.test" = "127.0.0.1:{port}"\n'))
+        with smtplib.SMTP("127.0.0.1", daemon.port, timeout=10) as s:
+            s.sendmail("a@origin.test", ["b@dest.test"], b"Subject: 1\r\n\r\none\r\n")
+        silent.settimeout(30)
+        conn, _ = silent.accept()          # the delivery has started
+        with conn:
+            daemon.proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: "mta stopping" in daemon.log(), 15, "the stop to begin")
+            daemon.proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: "SIGTERM: already stopping" in daemon.log(), 15, "the second SIGTERM")
+            assert daemon.running()        # still waiting for the delivery
+            daemon.proc.send_signal(signal.SIGINT)
+            wait_for(lambda: "SIGINT: already stopping" in daemon.log(), 15, "the SIGINT")
+        assert daemon.proc.wait(30) in (0, -15)
+    log = daemon.log()
+    assert "ReactorNotRunning" not in log and "Traceback" not in log, log
+    assert mta_lines(log)[-1] == "mta stopped"
+    # Closing the connection ended the delivery (deferred); nothing left in flight.
+    assert [r[0] for r in daemon.rows("SELECT state FROM recipients")] == ["deferred"]
+
+
+def test_dns_lookups_leave_no_twisted_chatter_in_the_log(mta_factory, dns_factory):
+    dns = dns_factory()
+    daemon = mta_factory(extra=f'[relay]\ndeliver = true\n[dns]\nnameservers = ["127.0.0.1:{dns}"]\n')
+    with smtplib.SMTP("127.0.0.1", daemon.port, timeout=10) as s:
+        s.sendmail("a@nxdomain-sender.test", ["b@nxdomain.test"], b"Subject: 1\r\n\r\none\r\n")
+    # The message bounces (NXDOMAIN), and so does its bounce: two lookups.
+    wait_for(lambda: daemon.log().count("status=bounced") == 2, 30, "two bounces")
+    log = daemon.log()
+    assert "nxdomain.test/MX: NXDOMAIN" in log
+    for chatter in ("DNSDatagramProtocol starting on", "UDP Port", "Starting protocol",
+                    "Stopping protocol"):
+        assert chatter not in log, log
