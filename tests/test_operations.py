@@ -11,6 +11,7 @@ section 6 and the ``--uid`` part of section 1):
 """
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import pwd
@@ -22,7 +23,7 @@ import socket
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -193,22 +194,62 @@ def test_no_listener_says_so_and_delivers_the_queue(tmp_path):
     # listen = [] is a delivery-only daemon (as a Postfix without smtpd in
     # master.cf): mail comes from sendmail, the daemon delivers the queue.
     config = write_config(tmp_path, {"listen": []}, relay={"deliver": True})
-    log_path = tmp_path / "twistd.log"
-    from conftest import subprocess_env, twistd_command
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(twistd_command("-n", "--pidfile=", "mta", "--config", str(config)),
-                                cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, env=subprocess_env())
-    try:
-        wait_for(lambda: "started:" in log_path.read_text(), 30, "the start line")
-        text = log_path.read_text()
+    with running(config, tmp_path) as log:
+        text = log()
         assert (f"{config}: no [server] listen or submission endpoints: accepting no mail over "
                 "SMTP, only delivering the queue (what sendmail puts there)") in text
         assert "started: listening on nothing; spool" in text
+
+
+@contextlib.contextmanager
+def running(config: Path, directory: Path) -> Iterator[Callable[[], str]]:
+    """``twistd -n mta --config CONFIG`` until its start line; yields a
+    function returning its log so far; SIGTERM and a clean exit at the end."""
+    from conftest import subprocess_env, twistd_command
+    log_path = directory / "twistd.log"
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(twistd_command("-n", "--pidfile=", "mta", "--config", str(config)),
+                                cwd=directory, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, env=subprocess_env())
+    log = lambda: log_path.read_text(errors="replace")     # noqa: E731
+    try:
+        wait_for(lambda: " started: " in log() or proc.poll() is not None, 30, "the start line")
+        assert proc.poll() is None, log()
+        yield log
     finally:
         proc.terminate()
-        assert proc.wait(30) in (0, -15)
-    assert "Traceback" not in log_path.read_text()
+        status = proc.wait(30)
+    assert status in (0, -15), log()
+    assert "Traceback" not in log(), log()
+
+
+def test_shipped_config_queues_a_first_message_and_says_why(tmp_path):
+    # `make run`: a first message to example.test used to go to MX routing
+    # through the system resolver and sit deferred for 5 minutes.  The
+    # shipped etc/mta.toml accepts and queues it, and the start line says
+    # that nothing is delivered.  (Addresses, spool and users file swapped
+    # for temporary ones; DNS pinned to a dead loopback port in any case.)
+    import tomllib
+    from test_examples import dump_toml
+    data = tomllib.loads((ROOT / "etc" / "mta.toml").read_text())
+    port, submission = free_port(), free_port()
+    data["server"]["listen"] = [f"tcp:{port}:interface=127.0.0.1"]
+    data["server"]["submission"] = [f"tcp:{submission}:interface=127.0.0.1"]
+    data["spool"]["url"] = f"sqlite:///{tmp_path}/spool/mta.sqlite"
+    data["auth"]["users_file"] = str(tmp_path / "users")
+    data.setdefault("dns", {})["nameservers"] = ["127.0.0.1:9"]
+    config = tmp_path / "mta.toml"
+    config.write_text(dump_toml(data))
+    with running(config, tmp_path) as log:
+        assert "; not delivering ([relay] deliver = false)" in log(), log()
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+            s.sendmail("me@localhost.test", ["you@example.test"], b"Subject: hi\r\n\r\nfirst\r\n")
+        wait_for(lambda: "nrcpt=1" in log(), 15, "the accept line")
+    assert " to=<you@example.test>" not in log()          # no delivery attempt
+    from conftest import MTADaemon
+    rows = MTADaemon(tmp_path / "x", spool=tmp_path / "spool" / "mta.sqlite").rows(
+        "SELECT address, state, attempts FROM recipients")
+    assert [tuple(r) for r in rows] == [("you@example.test", "queued", 0)]
 
 
 # --------------------------------------------------------------------------- the log
