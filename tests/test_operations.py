@@ -311,3 +311,54 @@ def test_dns_lookups_leave_no_twisted_chatter_in_the_log(mta_factory, dns_factor
     for chatter in ("DNSDatagramProtocol starting on", "UDP Port", "Starting protocol",
                     "Stopping protocol"):
         assert chatter not in log, log
+
+
+# --------------------------------------------------------------------------- units
+
+def test_the_import_check_covers_function_level_imports():
+    from mta.usercheck import check_imports, daemon_imports
+    checks = daemon_imports()
+    statements = {(c.statement, c.module) for c in checks}
+    # Imported inside functions, i.e. only after the switch to --uid.
+    assert ("from twisted.names import hosts, resolve", "mta.delivery.router") in statements
+    assert ("from ..dsn import OriginalMessage, build_dsn, needs_smtputf8",
+            "mta.delivery.scheduler") in statements
+    assert ("import mta.dsn", "mta.dsn") in statements
+    check_imports(checks)          # all of them work here, as this user
+
+
+def test_the_import_check_names_what_fails(tmp_path):
+    from mta.usercheck import Problem, check_imports, daemon_imports
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "mod.py").write_text("def f():\n    from . import missing\n")
+    checks = daemon_imports(str(pkg), "pkg")
+    assert [c.statement for c in checks] == ["import pkg", "import pkg.mod", "from . import missing"]
+    import sys
+    sys.path.insert(0, str(tmp_path))
+    try:
+        with pytest.raises(Problem) as e:
+            check_imports(checks)
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in [n for n in sys.modules if n == "pkg" or n.startswith("pkg.")]:
+            del sys.modules[name]
+    assert str(e.value).startswith(f"cannot run `from . import missing` ({pkg}/mod.py): ImportError: ")
+
+
+def test_dns_chatter_filter():
+    from twisted.logger import LogPublisher
+    from twisted.python.log import LogPublisher as LegacyPublisher
+    from mta.logging import quiet_dns_chatter
+    seen: list[dict] = []
+    publisher = LogPublisher(seen.append)
+    assert quiet_dns_chatter(publisher)
+    legacy = LegacyPublisher(publisher, publisher)
+    for text in ["DNSDatagramProtocol starting on 17466",
+                 "Starting protocol <twisted.names.dns.DNSDatagramProtocol object at 0x7f90279a9490>",
+                 "(UDP Port 17466 Closed)",
+                 "Stopping protocol <twisted.names.dns.DNSDatagramProtocol object at 0x7f90279a9490>",
+                 "smtp starting on 2525", "(TCP Port 2525 Closed)"]:
+        legacy.msg(text)
+    assert [e["log_text"] for e in seen] == ["smtp starting on 2525", "(TCP Port 2525 Closed)"]
