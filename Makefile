@@ -31,6 +31,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 run: venv
 	mkdir -p spool
+	@echo 'mta, sendmail and twistd are in $(CURDIR)/$(VENV)/bin; for this shell: export PATH="$(CURDIR)/$(VENV)/bin:$$PATH"'
 	$(VENV)/bin/twistd -n mta --config etc/mta.toml
 
 # Debian's postfix (private instances: tests/postfix.py; smtp-sink) and swaks,

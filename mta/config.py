@@ -219,12 +219,21 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _int(minimum: int = 0) -> Callable[[object], int]:
+_INT64_MAX = 2**63 - 1      # the largest integer SQLite (and most code) can hold
+_COUNT_MAX = 1_000_000      # connections, recipients, errors: more is a typo, not a setting
+_MESSAGE_SIZE_MAX = 512 * 1024 * 1024   # one SQLite blob holds at most 1 GB (body + DSN copies)
+_DURATION_MAX = 10 * 365 * 86400.0
+
+
+def _int(minimum: int = 0, maximum: int = _INT64_MAX,
+         why: str = "") -> Callable[[object], int]:
     def convert(value: object) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise _Invalid(f"expected an integer, got {value!r}")
         if value < minimum:
             raise _Invalid(f"must be at least {minimum}, got {value!r}")
+        if value > maximum:
+            raise _Invalid(f"must be at most {maximum}{why}, got {value!r}")
         return value
 
     return convert
@@ -262,6 +271,8 @@ def _duration(value: object) -> float:
         ) from None
     if seconds <= 0:
         raise _Invalid(f"must be greater than zero, got {value!r}")
+    if seconds > _DURATION_MAX:
+        raise _Invalid(f"must be at most 10 years ({_DURATION_MAX:.0f} seconds), got {value!r}")
     return seconds
 
 
@@ -508,15 +519,15 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[object], Any]]]] = {
         {
             "hostname": _hostname,
             "listen": _endpoints,
-            "max_message_size": _int(0),
-            "max_recipients": _int(1),
-            "max_connections": _int(0),
-            "max_connections_per_client": _int(0),
+            "max_message_size": _int(0, _MESSAGE_SIZE_MAX, " (512 MiB)"),
+            "max_recipients": _int(1, _COUNT_MAX),
+            "max_connections": _int(1, _COUNT_MAX),
+            "max_connections_per_client": _int(1, _COUNT_MAX),
             "command_timeout": _duration,
             "data_timeout": _duration,
-            "max_errors": _int(0),
+            "max_errors": _int(0, _COUNT_MAX),
             "bare_newlines": _choice("reject", "normalize"),
-            "max_hops": _int(1),
+            "max_hops": _int(1, 1000),
             "submission": _endpoints,
         },
     ),
@@ -540,9 +551,9 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[object], Any]]]] = {
             "smarthost": _hostport,
             "port": _port,
             "deliver": _bool,
-            "concurrency": _int(1),
-            "per_destination": _int(1),
-            "recipient_limit": _int(1),
+            "concurrency": _int(1, 10_000),
+            "per_destination": _int(1, 10_000),
+            "recipient_limit": _int(1, _COUNT_MAX),
             "connect_timeout": _duration,
             "command_timeout": _duration,
             "data_timeout": _duration,
@@ -585,7 +596,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[object], Any]]]] = {
             "users_file": _path,
             "allow_plaintext_on_loopback": _bool,
             "failure_delay": _nonnegative_duration,
-            "max_failures": _int(0),
+            "max_failures": _int(0, _COUNT_MAX),
             "lockout": _duration,
         },
     ),
@@ -600,7 +611,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[object], Any]]]] = {
         {
             "listen": _optional_endpoint,
             "queue_interval": _duration,
-            "max_domains": _int(0),
+            "max_domains": _int(0, 100_000),
         },
     ),
 }

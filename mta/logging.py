@@ -17,12 +17,15 @@ the text log would show it, and ``level`` (``info``, ``warn``, ...).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import threading
 from typing import IO, Any
 
-from twisted.logger import FileLogObserver, eventAsJSON, formatEvent
+from twisted.logger import (FileLogObserver, FilteringLogObserver, ILogObserver,
+                            LogPublisher, PredicateResult, eventAsJSON, formatEvent,
+                            globalLogPublisher)
 
 ENV = "MTA_LOG_JSON"
 
@@ -102,3 +105,45 @@ def _reopen_on_usr1(f: _ReopeningFile) -> None:
         signal.signal(signal.SIGUSR1, handler)
     except ValueError:   # not the main thread
         pass
+
+
+# Twisted's own lines for each DNS query: twisted.names.client.Resolver opens
+# a UDP port per query, and twisted.internet.udp logs its opening and
+# closing unconditionally (and the protocol its start and stop).
+_DNS_CHATTER = re.compile(
+    r"DNSDatagramProtocol starting on \d+"
+    r"|\(UDP Port \d+ Closed\)"
+    r"|(?:Starting|Stopping) protocol <twisted\.names\.dns\.DNSDatagramProtocol object at 0x[0-9a-fA-F]+>")
+
+
+def not_dns_chatter(event: dict[str, Any]) -> PredicateResult:
+    """A log filter predicate: drop the four lines Twisted logs per DNS query."""
+    if event.get("log_namespace") == "log_legacy":
+        text = event.get("log_text")
+        if text is None:
+            text = " ".join(str(m) for m in event.get("message", ()))
+        if _DNS_CHATTER.fullmatch(str(text)):
+            return PredicateResult.no
+    return PredicateResult.maybe
+
+
+def quiet_dns_chatter(publisher: LogPublisher = globalLogPublisher) -> bool:
+    """Wrap every observer of *publisher* (those twistd installed: the text
+    log, syslog or ``--logger``) in a filter that drops Twisted's per-query
+    DNS lines.  Call once logging has begun (in a service's startService).
+    Returns False when the publisher's observers cannot be found (a Twisted
+    that changed its internals): then nothing is filtered."""
+    observers = getattr(publisher, "_observers", None)
+    if not isinstance(observers, list):
+        return False
+    for observer in list(observers):
+        if isinstance(observer, _Quiet):
+            continue
+        publisher.removeObserver(observer)
+        publisher.addObserver(_Quiet(observer))
+    return True
+
+
+class _Quiet(FilteringLogObserver):
+    def __init__(self, observer: ILogObserver) -> None:
+        super().__init__(observer, [not_dns_chatter])

@@ -77,9 +77,18 @@ class _ListenService(internet.StreamServerEndpointService):
         try:
             super().privilegedStartService()
         except CannotListenError as e:
-            reason = e.socketError
-            text = getattr(reason, "strerror", None) or str(reason)
-            _die(f"{self.where}: {self.description}: cannot listen: {text}")
+            self._cannot_listen(e.socketError)
+        except OSError as e:     # unix: the lock file next to the socket
+            self._cannot_listen(e)
+
+    def _cannot_listen(self, reason: Any) -> None:
+        text = getattr(reason, "strerror", None) or str(reason)
+        path = getattr(self.endpoint, "_address", None)     # unix: endpoints
+        if isinstance(path, (str, bytes)):
+            directory = os.path.dirname(os.path.abspath(os.fsdecode(path)))
+            if not os.path.isdir(directory):
+                text += f" (directory {directory} does not exist)"
+        _die(f"{self.where}: {self.description}: cannot listen: {text}")
 
 
 def makeService(options: Options) -> service.IService:
@@ -114,6 +123,7 @@ def makeService(options: Options) -> service.IService:
         max_errors=s.max_errors, bare_newlines=s.bare_newlines, max_hops=s.max_hops,
         auth_plaintext_on_loopback=config.auth.allow_plaintext_on_loopback)
     _chown_spool(options, url)
+    _check_as_user(options, config, url, where)
     policy = RelayPolicy(config.policy.relay_networks, config.policy.relay_domains)
     # Started in this order and stopped in the reverse one, each part after
     # the one before it has finished stopping (README "Stopping and
@@ -121,6 +131,7 @@ def makeService(options: Options) -> service.IService:
     # deliveries in progress (within [relay] shutdown_grace), side by side;
     # then the metrics; the spool last.
     top = OrderedMultiService()
+    _LogLine(stop="mta stopped").setServiceParent(top)        # stopped last
     if pool is not None:
         pool.setServiceParent(top)
     from .auth.limiter import FailureLimiter
@@ -144,8 +155,16 @@ def makeService(options: Options) -> service.IService:
     front = service.MultiService()
     front.setServiceParent(top)
     where = "--listen" if options["listen"] else f"{config.path}: [server] listen"
-    for ep in options["listen"] or s.listen:
+    listen = list(options["listen"] or s.listen)
+    for ep in listen:
         _listener(ep, where, factory, reactor, tls, submission=False).setServiceParent(front)
+    if not listen and not s.submission:
+        if not config.relay.deliver:
+            _die(f"{config.path}: [server] listen and submission are empty and [relay] "
+                 "deliver = false: this daemon would neither accept nor deliver mail")
+        log.warn("{config}: no [server] listen or submission endpoints: accepting no mail "
+                 "over SMTP, only delivering the queue (what sendmail puts there)",
+                 config=config.path)
     for ep in s.submission:
         _listener(ep, f"{config.path}: [server] submission", factory, reactor, tls,
                   submission=True).setServiceParent(front)
@@ -154,7 +173,68 @@ def makeService(options: Options) -> service.IService:
                  "nobody can submit mail there", config=config.path)
     if tls is not None or users is not None:
         _ReloadOnHangup(reactor, tls, users).setServiceParent(front)
+    _LogLine(start=_start_line(config, listen, url), stop="mta stopping",
+             reactor=reactor).setServiceParent(top)           # started last, stopped first
     return top
+
+
+def _start_line(config: Config, listen: list[str], url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    from . import __version__
+    try:
+        spool = make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        spool = url
+    parts = [f"listening on {', '.join(listen) or 'nothing'}"]
+    if config.server.submission:
+        parts.append(f"submission on {', '.join(config.server.submission)}")
+    parts.append(f"spool {spool}")
+    r = config.relay
+    if not r.deliver:
+        parts.append("not delivering ([relay] deliver = false)")
+    elif r.smarthost:
+        parts.append(f"delivering to smarthost {r.smarthost}")
+    else:
+        ns = ", ".join(config.dns.nameservers) or "the system resolver"
+        parts.append(f"delivering by MX ({ns})"
+                     + (f" and {len(config.routes)} route(s)" if config.routes else ""))
+    return f"mta {__version__} started: " + "; ".join(parts)
+
+
+class _LogLine(service.Service):
+    """A line at start and/or at stop.  The one that logs the stop also
+    makes a second SIGTERM/SIGINT during the stop one log line (Twisted's
+    handler would call reactor.stop() again: a ReactorNotRunning traceback),
+    and its start drops Twisted's chatter for each DNS query from the log."""
+
+    def __init__(self, start: str | None = None, stop: str | None = None,
+                 reactor: Any = None) -> None:
+        self.start_line = start
+        self.stop_line = stop
+        self.reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        if self.start_line is not None:
+            from .logging import quiet_dns_chatter
+            quiet_dns_chatter()
+            log.info("{line}", line=self.start_line)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self.stop_line is not None:
+            log.info("{line}", line=self.stop_line)
+        if self.reactor is not None:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                try:
+                    signal.signal(signum, self._again)
+                except ValueError:      # not the main thread (tests)
+                    pass
+
+    def _again(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        self.reactor.callFromThread(log.info, "{signal}: already stopping", signal=name)
 
 
 class OrderedMultiService(service.MultiService):
@@ -253,23 +333,69 @@ def _make_metrics(config: Config, spool: Any, factory: Any, reactor: Any,
     return metrics
 
 
-def _chown_spool(options: Options, url: str) -> None:
-    """When twistd is to drop privileges (``--uid``/``--gid``, run as root), the
-    spool must belong to that user: the database and its -wal/-shm/-journal
-    files, and the directory they are in (SQLite creates those files there)
-    when it holds nothing else.  makeService runs as root, before the switch."""
+def _target_user(options: Options) -> tuple[int | None, int | None, bool] | None:
+    """(uid, gid, euid) twistd will switch to after privilegedStartService
+    (``--uid``/``--gid``/``--euid``, gid defaulting as twistd does), or None
+    when it will not switch (no such option, or not running as root)."""
     parent = getattr(options, "parent", None)
     if parent is None or not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return
+        return None
     uid, gid = parent.get("uid"), parent.get("gid")
     if uid is None and gid is None:
-        return
+        return None
     if uid is not None and gid is None:
         import pwd
         try:
             gid = pwd.getpwuid(uid).pw_gid
         except KeyError:
             gid = None
+    return uid, gid, bool(parent.get("euid"))
+
+
+def _check_as_user(options: Options, config: Config, url: str, where: str) -> None:
+    """Under ``--uid``/``--gid``: as that user (a forked child, see
+    mta.usercheck), open the spool for writing, read the files read again
+    after the switch, and run every import the daemon does; the first
+    problem stops startup with one line."""
+    target = _target_user(options)
+    if target is None:
+        return
+    uid, gid, euid = target
+    from . import usercheck
+    from .spool import Spool
+
+    def spool() -> None:
+        try:
+            Spool(url).open()
+        except Exception as e:
+            raise usercheck.Problem(f"{where}: {e} (the spool file and its directory must "
+                                    "be writable by this user)") from None
+
+    def files() -> None:
+        if config.tls.enabled:
+            usercheck.check_readable(config.tls.certificate, f"{config.path}: [tls] certificate")
+            usercheck.check_readable(config.tls.private_key, f"{config.path}: [tls] private_key")
+        if config.auth.enabled:
+            usercheck.check_readable(config.auth.users_file, f"{config.path}: [auth] users_file")
+
+    imports = usercheck.daemon_imports()
+    problem = usercheck.run_as_user(
+        uid, gid, [spool, files, lambda: usercheck.check_imports(imports)], euid=euid)
+    if problem is not None:
+        _die(f"as uid {uid} gid {gid} (twistd --uid/--gid): {problem}")
+    log.info("startup checks as uid {uid} gid {gid} passed: spool writable, "
+             "{n} imports, files readable", uid=uid, gid=gid, n=len(imports))
+
+
+def _chown_spool(options: Options, url: str) -> None:
+    """When twistd is to drop privileges (``--uid``/``--gid``, run as root), the
+    spool must belong to that user: the database and its -wal/-shm/-journal
+    files, and the directory they are in (SQLite creates those files there)
+    when it holds nothing else.  makeService runs as root, before the switch."""
+    target = _target_user(options)
+    if target is None:
+        return
+    uid, gid, _euid = target
     from sqlalchemy.engine import make_url
     u = make_url(url)
     if u.get_backend_name() != "sqlite" or not u.database:

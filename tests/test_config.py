@@ -132,8 +132,8 @@ hostname = "mail.example.org"
 listen = ["tcp:25", "tcp6:25:interface=\\\\:\\\\:1", "unix:/tmp/mta.sock"]
 max_message_size = 0
 max_recipients = 1
-max_connections = 0
-max_connections_per_client = 0
+max_connections = 1
+max_connections_per_client = 1
 command_timeout = "1m30s"
 data_timeout = 120
 max_errors = 0
@@ -154,8 +154,8 @@ url = "postgresql+psycopg://mta@localhost/mta"
         listen=("tcp:25", "tcp6:25:interface=\\:\\:1", "unix:/tmp/mta.sock"),
         max_message_size=0,
         max_recipients=1,
-        max_connections=0,
-        max_connections_per_client=0,
+        max_connections=1,
+        max_connections_per_client=1,
         command_timeout=90.0,
         data_timeout=120.0,
         max_errors=0,
@@ -240,13 +240,62 @@ def test_float_is_not_an_integer():
     )
 
 
-@pytest.mark.parametrize(
-    "key", ["max_message_size", "max_connections", "max_connections_per_client", "max_errors"]
-)
+@pytest.mark.parametrize("key", ["max_message_size", "max_errors"])
 def test_negative_integer(key):
     assert error_for({"server": {key: -1}}) == (
         f"etc/mta.toml: [server] {key}: must be at least 0, got -1"
     )
+
+
+@pytest.mark.parametrize("key", ["max_connections", "max_connections_per_client"])
+def test_zero_connections_is_refused(key):
+    # 0 would refuse every connection: a typo, not a setting.
+    assert error_for({"server": {key: 0}}) == (
+        f"etc/mta.toml: [server] {key}: must be at least 1, got 0"
+    )
+
+
+@pytest.mark.parametrize("section, key, maximum", [
+    ("server", "max_message_size", "536870912 (512 MiB)"),
+    ("server", "max_recipients", "1000000"),
+    ("server", "max_connections", "1000000"),
+    ("server", "max_connections_per_client", "1000000"),
+    ("server", "max_errors", "1000000"),
+    ("server", "max_hops", "1000"),
+    ("relay", "concurrency", "10000"),
+    ("relay", "per_destination", "10000"),
+    ("relay", "recipient_limit", "1000000"),
+    ("auth", "max_failures", "1000000"),
+    ("metrics", "max_domains", "100000"),
+])
+def test_absurd_integer(section, key, maximum):
+    assert error_for({section: {key: 99999999999999999999}}) == (
+        f"etc/mta.toml: [{section}] {key}: must be at most {maximum}, "
+        "got 99999999999999999999")
+
+
+def test_absurd_integer_from_the_file(tmp_path):
+    path = tmp_path / "mta.toml"
+    path.write_text("[server]\nmax_message_size = 99999999999999999999\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == (f"{path}: [server] max_message_size: must be at most "
+                            "536870912 (512 MiB), got 99999999999999999999")
+
+
+def test_largest_values_are_accepted():
+    config = config_from_dict({"server": {"max_message_size": 512 * 1024 * 1024,
+                                          "max_hops": 1000},
+                               "retry": {"lifetime": "3650d"}})
+    assert config.server.max_message_size == 536870912
+    assert config.retry.lifetime == 3650 * 86400.0
+
+
+@pytest.mark.parametrize("value", [99999999999999999999, "99999999999999999999", "3651d"])
+def test_absurd_duration(value):
+    assert error_for({"retry": {"lifetime": value}}) == (
+        "etc/mta.toml: [retry] lifetime: must be at most 10 years (315360000 seconds), "
+        f"got {value!r}")
 
 
 def test_max_recipients_at_least_one():

@@ -32,7 +32,7 @@ import pytest
 from twisted.internet import defer, task
 
 from conftest import wait_for
-from daemonutil import use_twistd_args
+from daemonutil import python_for_user, use_twistd_args
 from test_scheduler import FakeRouter, SyncSpool, put
 from test_smtp_server import Client, codes, make_factory
 
@@ -409,7 +409,8 @@ def test_uid_drop_hands_the_spool_to_the_user(mta_factory, tmp_path):
         mta.stop()
         assert spool.stat().st_uid == 0
 
-        use_twistd_args(mta, "--uid", "nobody", "--gid", "nogroup")
+        # An interpreter nobody can read: the daemon checks that at startup.
+        use_twistd_args(mta, "--uid", "nobody", "--gid", "nogroup", python=python_for_user())
         mta.start()
         assert _proc_ids(mta.pid) == (nobody.pw_uid, nogroup)
         with smtplib.SMTP("127.0.0.1", mta.port, timeout=10) as s:
