@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from postfix import postfix_factory  # noqa: F401  (fixture: private Postfix instances)
+from waiting import wait_for  # noqa: F401  (re-exported: tests import it from here)
 
 ROOT = Path(__file__).resolve().parent.parent
 TWISTD = Path(sys.executable).with_name("twistd")
@@ -66,16 +67,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.01) -> Any:
-    """Poll *predicate* until it returns something true; fail after *timeout*."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def _toml_value(value: Any) -> str:

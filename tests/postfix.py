@@ -53,6 +53,8 @@ from typing import Any, Iterator
 
 import pytest
 
+from waiting import wait_for as _wait
+
 POSTFIX = "/usr/sbin/postfix"
 POSTCONF = "/usr/sbin/postconf"
 POSTQUEUE = "/usr/sbin/postqueue"
@@ -546,19 +548,6 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rindex(")") + 2:].split()[0] != "Z"
-
-
-def _wait(predicate: Any, timeout: float, what: str, interval: float = 0.02,
-          detail: Any = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            extra = f"\n{detail()}" if detail else ""
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
-        time.sleep(interval)
 
 
 # --------------------------------------------------------------------------- fixtures

@@ -31,17 +31,12 @@ from test_e2e_relay import (
     wait_dsns,
     wait_spool_empty,
 )
+from test_smtp_client import closed_port
 from tlsutil import TestCA
 
 HOSTNAME = "mx.e2e.test"
 
 
-def closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def human_text(dsn) -> str:

@@ -84,17 +84,12 @@ class RepeatedFailures:
         spool works again (only after failures)."""
         if not self.failures:
             return
-        now = self.clock.seconds()
-        for error, entry in self._open.items():
-            if entry.timer is not None and entry.timer.active():
-                entry.timer.cancel()
-            self._log_repeats(error, entry, now)
-        self._open.clear()
+        self.close()
         self.log.info("spool writes succeed again after {n} failure(s)", n=self.failures)
         self.failures = 0
 
     def close(self) -> None:
-        """Stop: log what is pending, cancel the timers."""
+        """Stop (or recovery): log what is pending, cancel the timers."""
         now = self.clock.seconds()
         for error, entry in self._open.items():
             if entry.timer is not None and entry.timer.active():
