@@ -12,9 +12,7 @@ section 6 and the ``--uid`` part of section 1):
 from __future__ import annotations
 
 import contextlib
-import grp
 import os
-import pwd
 import re
 import shutil
 import signal
