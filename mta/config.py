@@ -5,6 +5,24 @@ Unknown sections and keys are errors, and every error is a :class:`ConfigError`
 whose ``str()`` is one line naming the file and the key, e.g.::
 
     etc/mta.toml: [server] max_recipients: expected an integer, got 'abc'
+
+This module is the one validator of every value: components are handed
+their section (or a settings object built from it here, e.g.
+``RelayConfig.timeouts``) and do not check it again.  Where a component
+parses a value itself, the validator here calls that component's parser
+(``[relay] smarthost``, ``[routes]``, ``[dns] nameservers``, TLS policies:
+mta.delivery.router), so the two cannot disagree.
+
+Defaults are defined once.  The protocol layer (``mta/smtp/``) knows
+nothing of this file, so its settings types live there
+(mta.smtp.settings): ``ServerConfig`` *is* a ``ServerSettings`` (plus the
+listeners) and the ``[relay]`` timeouts default to the client's
+``Timeouts``.  Other defaults shared with a component come from that
+component's module (``[auth]``: mta.auth.limiter; ``[tls] min_version``:
+mta.tls) or are its defaults taken from here (mta.metrics).
+``tests/test_settings_defaults.py`` checks that each component runs with
+the value of its key.  To add a key: a field in its section's dataclass,
+a converter in ``_SCHEMA``, a line in etc/mta.toml (and README.rst).
 """
 
 from __future__ import annotations
