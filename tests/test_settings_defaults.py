@@ -112,7 +112,11 @@ def _build(tmp_path: Path, config: Config) -> dict[str, Any]:
     options = tap.Options()
     options.config = config
     options["spool"] = f"sqlite:///{tmp_path / 'spool.sqlite'}"
-    top = tap.makeService(options)
+    try:
+        top = tap.makeService(options)
+    finally:
+        from prometheus_client import enable_created_metrics
+        enable_created_metrics()     # makeService turns them off process-wide
     services = _walk(top)
     drain = next(s for s in services if isinstance(s, tap.SessionDrain))
     runner = next((s for s in services if getattr(s, "name", None) == "queue-runner"), None)
