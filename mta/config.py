@@ -5,6 +5,24 @@ Unknown sections and keys are errors, and every error is a :class:`ConfigError`
 whose ``str()`` is one line naming the file and the key, e.g.::
 
     etc/mta.toml: [server] max_recipients: expected an integer, got 'abc'
+
+This module is the one validator of every value: components are handed
+their section (or a settings object built from it here, e.g.
+``RelayConfig.timeouts``) and do not check it again.  Where a component
+parses a value itself, the validator here calls that component's parser
+(``[relay] smarthost``, ``[routes]``, ``[dns] nameservers``, TLS policies:
+mta.delivery.router), so the two cannot disagree.
+
+Defaults are defined once.  The protocol layer (``mta/smtp/``) knows
+nothing of this file, so its settings types live there
+(mta.smtp.settings): ``ServerConfig`` *is* a ``ServerSettings`` (plus the
+listeners) and the ``[relay]`` timeouts default to the client's
+``Timeouts``.  Other defaults shared with a component come from that
+component's module (``[auth]``: mta.auth.limiter; ``[tls] min_version``:
+mta.tls) or are its defaults taken from here (mta.metrics).
+``tests/test_settings_defaults.py`` checks that each component runs with
+the value of its key.  To add a key: a field in its section's dataclass,
+a converter in ``_SCHEMA``, a line in etc/mta.toml (and README.rst).
 """
 
 from __future__ import annotations
@@ -13,11 +31,14 @@ import ipaddress
 import math
 import os
 import re
-import socket
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from .auth.limiter import FAILURE_DELAY, LOCKOUT, MAX_FAILURES
+from .smtp.settings import ServerSettings, Timeouts
+from .tls import MIN_VERSIONS
 
 __all__ = [
     "AuthConfig",
@@ -52,18 +73,11 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
-class ServerConfig:
-    hostname: str = field(default_factory=socket.getfqdn)
+class ServerConfig(ServerSettings):
+    """``[server]``: the SMTP server's settings (their defaults are those of
+    :class:`mta.smtp.settings.ServerSettings`, which this *is*: the daemon
+    hands this section to the server as it is) plus where to listen."""
     listen: tuple[str, ...] = ("tcp:2525:interface=127.0.0.1",)
-    max_message_size: int = 36700160  # bytes; 0 = unlimited
-    max_recipients: int = 1000
-    max_connections: int = 1000
-    max_connections_per_client: int = 50
-    command_timeout: float = 300.0  # seconds idle while waiting for a command
-    data_timeout: float = 300.0  # seconds idle while receiving DATA/BDAT content
-    max_errors: int = 20
-    bare_newlines: str = "reject"  # "reject" or "normalize"
-    max_hops: int = 50  # Received lines after which a message is refused as a loop
     submission: tuple[str, ...] = ()  # endpoints where AUTH is required before MAIL (port 587)
 
 
@@ -88,9 +102,9 @@ class RelayConfig:
     concurrency: int = 20             # simultaneous deliveries in total
     per_destination: int = 10         # simultaneous deliveries to one domain
     recipient_limit: int = 50         # recipients per outbound transaction
-    connect_timeout: float = 30.0
-    command_timeout: float = 300.0    # greeting, EHLO, MAIL, RCPT (RFC 5321 4.5.3.2)
-    data_timeout: float = 600.0       # DATA and after the final dot
+    connect_timeout: float = Timeouts.connect
+    command_timeout: float = Timeouts.greeting  # greeting, EHLO, MAIL, RCPT (RFC 5321 4.5.3.2)
+    data_timeout: float = Timeouts.data_end     # DATA and after the final dot
     postmaster: str = ""              # where failed bounces go; "" = log and drop
     tls: str = "may"                  # outbound TLS policy: none, may, encrypt, verify
     tls_ca_file: str = ""             # CAs (PEM) for policy "verify"; "" = the system's
@@ -98,6 +112,12 @@ class RelayConfig:
     smarthost_password: str = ""
     smarthost_password_file: str = ""  # or: a file whose first line is the password
     shutdown_grace: float = 10.0      # at stop: seconds deliveries in progress may take to finish
+
+    @property
+    def timeouts(self) -> Timeouts:
+        """The outbound client's timeouts for these settings (the one place they are built)."""
+        return Timeouts.from_relay(connect=self.connect_timeout, command=self.command_timeout,
+                                   data=self.data_timeout)
 
 
 @dataclass(frozen=True)
@@ -118,7 +138,7 @@ class RetryConfig:
 class TLSConfig:
     certificate: str = ""             # PEM chain, server certificate first; "" = no TLS
     private_key: str = ""             # PEM key (unencrypted) of that certificate
-    min_version: str = "1.2"          # "1.2" or "1.3"
+    min_version: str = MIN_VERSIONS[0]  # "1.2" or "1.3"
 
     @property
     def enabled(self) -> bool:
@@ -129,9 +149,9 @@ class TLSConfig:
 class AuthConfig:
     users_file: str = ""              # user:hash lines, managed by `mta passwd`; "" = no AUTH
     allow_plaintext_on_loopback: bool = False  # offer AUTH without TLS on loopback connections
-    failure_delay: float = 1.0        # the 535 for the n-th failure waits delay * 2**(n-1) (<= 16x)
-    max_failures: int = 5             # failures from one address before AUTH is refused (0 = never)
-    lockout: float = 900.0            # failures are forgotten this long after the last one
+    failure_delay: float = FAILURE_DELAY  # the 535 for the n-th failure waits delay * 2**(n-1) (<= 16x)
+    max_failures: int = MAX_FAILURES  # failures from one address before AUTH is refused (0 = never)
+    lockout: float = LOCKOUT          # failures are forgotten this long after the last one
 
     @property
     def enabled(self) -> bool:
@@ -427,21 +447,17 @@ def _sqlalchemy_url(value: object) -> str:
     return url
 
 
-_HOSTPORT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9._-]+))(?::(?P<port>\d{1,5}))?")
-
-
 def _hostport(value: object) -> str:
+    """``"host:port"`` (or ``"host"``, ``"[IPv6]:port"``), checked with the
+    router's own parser -- the one that reads it (mta.delivery.router)."""
     text = _str(value).strip()
     if not text:
         return ""
-    m = _HOSTPORT.fullmatch(text)
-    if m is None or (m.group("port") and not 0 < int(m.group("port")) <= 65535):
-        raise _Invalid(f"expected \"host:port\", got {text!r}")
-    if m.group("v6"):
-        try:
-            ipaddress.IPv6Address(m.group("v6"))
-        except ValueError:
-            raise _Invalid(f"bad IPv6 address in {text!r}") from None
+    from .delivery.router import parse_hostport
+    try:
+        parse_hostport(text)
+    except ValueError as e:
+        raise _Invalid(f"expected \"host:port\": {e}") from None
     return text
 
 
@@ -453,19 +469,13 @@ def _required_hostport(value: object) -> str:
 
 
 def _nameservers(value: object) -> tuple[str, ...]:
+    from .delivery.router import _parse_nameserver
     items = _str_list(value)
     for item in items:
         try:
-            ipaddress.ip_address(item.strip())
-            continue
-        except ValueError:
-            pass
-        m = _HOSTPORT.fullmatch(item.strip())
-        host = m and (m.group("v6") or m.group("host"))
-        try:
-            ipaddress.ip_address(host or "")
-        except ValueError:
-            raise _Invalid(f"expected \"ip\" or \"ip:port\", got {item!r}") from None
+            _parse_nameserver(item)
+        except ValueError as e:
+            raise _Invalid(f"expected \"ip\" or \"ip:port\", got {item!r} ({e})") from None
     return items
 
 
@@ -502,7 +512,10 @@ def _user(value: object) -> str:
     return text
 
 
-_TLS_POLICY = ("none", "may", "encrypt", "verify")
+def _tls_policy(value: object) -> str:
+    """An outbound TLS policy: one of the router's ``TLS_POLICIES``."""
+    from .delivery.router import TLS_POLICIES
+    return _choice(*TLS_POLICIES)(value)
 
 
 def _address(value: object) -> str:
@@ -558,7 +571,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[object], Any]]]] = {
             "command_timeout": _duration,
             "data_timeout": _duration,
             "postmaster": _address,
-            "tls": _choice(*_TLS_POLICY),
+            "tls": _tls_policy,
             "tls_ca_file": _path,
             "smarthost_user": _user,
             "smarthost_password": _secret,
@@ -587,7 +600,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[object], Any]]]] = {
         {
             "certificate": _path,
             "private_key": _path,
-            "min_version": _choice("1.2", "1.3"),
+            "min_version": _choice(*MIN_VERSIONS),
         },
     ),
     "auth": (
@@ -622,10 +635,20 @@ def _routes(source: str, table: Mapping[str, Any]) -> tuple[tuple[str, str], ...
     for domain, value in table.items():
         try:
             (name,) = _domains([domain])
+            _route_key(name)
             out.append((name, _required_hostport(value)))
         except _Invalid as e:
             raise ConfigError(source, f"[routes] {domain}", str(e)) from None
     return tuple(out)
+
+
+def _route_key(name: str) -> None:
+    """A ``[routes]``/``[route_tls]`` domain must be one the router can look up."""
+    from .delivery.router import _config_domain
+    try:
+        _config_domain(name, "route")
+    except ValueError as e:
+        raise _Invalid(str(e)) from None
 
 
 def _route_tls(source: str, table: Mapping[str, Any],
@@ -637,7 +660,8 @@ def _route_tls(source: str, table: Mapping[str, Any],
         where = f"[route_tls] {domain}"
         try:
             (name,) = _domains([domain])
-            policy = _choice(*_TLS_POLICY)(value)
+            _route_key(name)
+            policy = _tls_policy(value)
         except _Invalid as e:
             raise ConfigError(source, where, str(e)) from None
         if name not in routed:

@@ -39,6 +39,8 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.web import resource, server
 
+from .config import MetricsConfig
+
 log = Logger(namespace="mta.metrics")
 
 #: Reasons a message (or, for relay_denied and too_many_recipients, a
@@ -58,7 +60,8 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, float("inf"))
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None, *, max_domains: int = 50,
+    def __init__(self, registry: CollectorRegistry | None = None, *,
+                 max_domains: int = MetricsConfig.max_domains,
                  clock: Callable[[], float] | None = None):
         if registry is None:
             registry = CollectorRegistry()

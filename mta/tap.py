@@ -94,37 +94,45 @@ class _ListenService(internet.StreamServerEndpointService):
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
+    from .auth.limiter import FailureLimiter
     from .policy import RelayPolicy
-    from .smtp.server import ServerSettings, SMTPServerFactory
+    from .smtp.server import SMTPServerFactory
     from .spool import Spool, SpoolError
     from .spool.service import SpoolService
 
     config: Config = options.config
+    s = config.server
     # Certificate and users file first: their errors should stop startup
     # before anything else is opened.
     tls = _make_tls(config)
     portal, users, pool = _make_auth(config, reactor)
+    metrics = _make_metrics(config, reactor)
     url = options["spool"] or config.spool.url
     where = "--spool" if options["spool"] else f"{config.path}: [spool] url"
     try:
-        spool = Spool(url, reactor=reactor)
+        spool = Spool(url, reactor=reactor,
+                      on_commit=metrics.commit_done if metrics is not None else None)
         spool.open()
     except SpoolError as e:
         _die(f"{where}: {e}")
     except Exception as e:  # bad driver name and the like
         _die(f"{where}: {url}: {e}")
 
-    s = config.server
-    settings = ServerSettings(
-        hostname=s.hostname, max_message_size=s.max_message_size,
-        max_recipients=s.max_recipients, max_connections=s.max_connections,
-        max_connections_per_client=s.max_connections_per_client,
-        command_timeout=s.command_timeout, data_timeout=s.data_timeout,
-        max_errors=s.max_errors, bare_newlines=s.bare_newlines, max_hops=s.max_hops,
-        auth_plaintext_on_loopback=config.auth.allow_plaintext_on_loopback)
     _chown_spool(options, url)
     _check_as_user(options, config, url, where)
     policy = RelayPolicy(config.policy.relay_networks, config.policy.relay_domains)
+    runner = _make_runner(config, spool, reactor, metrics=metrics) if config.relay.deliver else None
+    a = config.auth
+    limiter = FailureLimiter(clock=reactor, delay=a.failure_delay, max_failures=a.max_failures,
+                             lockout=a.lockout)
+    # config.server is the server's settings (mta.smtp.settings.ServerSettings).
+    factory = SMTPServerFactory(s, spool, policy, reactor=reactor, tls=tls,
+                                portal=portal, limiter=limiter,
+                                storage=spool.free_space(minfree=config.spool.queue_minfree,
+                                                         max_message_size=s.max_message_size),
+                                auth_plaintext_on_loopback=a.allow_plaintext_on_loopback,
+                                on_stored=runner.kick if runner is not None else None,
+                                metrics=metrics)
     # Started in this order and stopped in the reverse one, each part after
     # the one before it has finished stopping (README "Stopping and
     # restarting"): the listeners; then the open sessions (421) and the
@@ -134,23 +142,13 @@ def makeService(options: Options) -> service.IService:
     _LogLine(stop="mta stopped").setServiceParent(top)        # stopped last
     if pool is not None:
         pool.setServiceParent(top)
-    from .auth.limiter import FailureLimiter
-    a = config.auth
-    limiter = FailureLimiter(clock=reactor, delay=a.failure_delay, max_failures=a.max_failures,
-                             lockout=a.lockout)
-    factory = SMTPServerFactory(settings, spool, policy, reactor=reactor, tls=tls,
-                                portal=portal, limiter=limiter,
-                                storage=spool.free_space(minfree=config.spool.queue_minfree,
-                                                         max_message_size=s.max_message_size))
-
     SpoolService(spool).setServiceParent(top)
-    metrics = _make_metrics(config, spool, factory, reactor, top)
+    if metrics is not None:
+        _metrics_services(config, metrics, spool, factory, reactor, top)
     draining = service.MultiService()      # these two stop side by side
     draining.setServiceParent(top)
-    if config.relay.deliver:
-        runner = _make_runner(config, spool, reactor, metrics=metrics)
+    if runner is not None:
         runner.setServiceParent(draining)
-        factory.on_stored = runner.kick
     SessionDrain(factory, config.relay.shutdown_grace, reactor).setServiceParent(draining)
     front = service.MultiService()
     front.setServiceParent(top)
@@ -310,27 +308,30 @@ class SessionDrain(service.Service):
         return done
 
 
-def _make_metrics(config: Config, spool: Any, factory: Any, reactor: Any,
-                  parent: service.MultiService) -> Any:
-    """The Prometheus metrics and their web page, when [metrics] listen is set."""
+def _make_metrics(config: Config, reactor: Any) -> Any:
+    """The Prometheus metrics, when [metrics] listen is set (else None)."""
     m = config.metrics
     if not m.listen:
         return None
     from prometheus_client import disable_created_metrics
 
-    from .metrics import Metrics, MetricsSite, QueueGauges, is_loopback_endpoint
+    from .metrics import Metrics
     disable_created_metrics()     # no *_created series: they only double the page
-    metrics = Metrics(max_domains=m.max_domains, clock=reactor.seconds)
-    factory.metrics = metrics
+    return Metrics(max_domains=m.max_domains, clock=reactor.seconds)
+
+
+def _metrics_services(config: Config, metrics: Any, spool: Any, factory: Any, reactor: Any,
+                      parent: service.MultiService) -> None:
+    """The metrics' queue gauges and their web page."""
+    from .metrics import MetricsSite, QueueGauges, is_loopback_endpoint
+    m = config.metrics
     metrics.watch_connections(factory)
-    spool.on_commit = metrics.commit_done
     QueueGauges(metrics, spool, m.queue_interval, reactor).setServiceParent(parent)
     where = f"{config.path}: [metrics] listen"
     if not is_loopback_endpoint(m.listen):
         log.warn("{where}: {endpoint} is not a loopback address: anyone who can reach it "
                  "can read the metrics", where=where, endpoint=m.listen)
     _ListenService(m.listen, where, MetricsSite(metrics), reactor).setServiceParent(parent)
-    return metrics
 
 
 def _target_user(options: Options) -> tuple[int | None, int | None, bool] | None:
@@ -546,27 +547,20 @@ def _make_runner(config: Config, spool: object, reactor: object,
                  metrics: Any = None) -> service.IService:
     from .delivery.router import Router
     from .delivery.scheduler import QueueRunner
-    from .smtp.client import ConnectionPool, Timeouts
+    from .smtp.client import ConnectionPool
 
     relay = config.relay
     trust_root, credentials = _relay_tls_auth(config)
-    try:
-        router = Router(smarthost=relay.smarthost, routes=dict(config.routes),
-                        nameservers=list(config.dns.nameservers), reactor=reactor,
-                        port=relay.port,
-                        timeout=(max(1, round(config.dns.timeout)),),
-                        tls=relay.tls, route_tls=dict(config.route_tls),
-                        smarthost_auth=credentials)
-    except ValueError as e:
-        _die(f"{config.path}: [relay]/[routes]/[dns]: {e}")
-    t = relay.command_timeout
-    timeouts = Timeouts(connect=relay.connect_timeout, greeting=t, helo=t, mail=t, rcpt=t,
-                        data_init=min(t, 120.0), data_block=min(relay.data_timeout, 180.0),
-                        data_end=relay.data_timeout)
+    # The values were validated by mta.config (with the router's own parsers).
+    router = Router(smarthost=relay.smarthost, routes=config.routes,
+                    nameservers=config.dns.nameservers, reactor=reactor, port=relay.port,
+                    timeout=(max(1, round(config.dns.timeout)),),
+                    tls=relay.tls, route_tls=config.route_tls, smarthost_auth=credentials)
     # Cache as many idle connections per next hop as can be busy at once (with a
     # smarthost every delivery goes to one host), so none is closed and reopened
     # under steady load just for want of room in the cache.
-    pool = ConnectionPool(helo_name=config.server.hostname, reactor=reactor, timeouts=timeouts,
+    pool = ConnectionPool(helo_name=config.server.hostname, reactor=reactor,
+                          timeouts=relay.timeouts,
                           max_idle_per_host=max(4, relay.concurrency), trust_root=trust_root)
     return QueueRunner(spool, router, pool, hostname=config.server.hostname,
                        retry=config.retry, relay=relay, reactor=reactor, metrics=metrics)

@@ -53,7 +53,8 @@ def _openssl_message(e: Exception) -> str:
 
 @implementer(IOpenSSLContextFactory)
 class ServerTLS:
-    def __init__(self, certificate: str, private_key: str, min_version: str = "1.2"):
+    def __init__(self, certificate: str, private_key: str,
+                 min_version: str = MIN_VERSIONS[0]):   # also [tls] min_version's default
         self.certificate_path = certificate
         self.private_key_path = private_key
         self.min_version = min_version

@@ -446,9 +446,13 @@ class RouterPolicyTests(unittest.TestCase):
         self.assertEqual((a.tls, a.auth), ("may", None))
 
     def test_bad_policy(self):
-        self.assertRaises(ValueError, Router, tls="strict")
-        self.assertRaises(ValueError, Router, routes={"a.test": "127.0.0.1"},
-                          route_tls={"a.test": "maybe"})
+        # Refused by the config, its one validator (the Router takes what it validated).
+        for data, where in [({"relay": {"tls": "strict"}}, "[relay] tls"),
+                            ({"routes": {"a.test": "127.0.0.1"},
+                              "route_tls": {"a.test": "maybe"}}, "[route_tls] a.test")]:
+            with self.assertRaises(ConfigError) as cm:
+                config_from_dict(data, "etc/mta.toml")
+            self.assertTrue(str(cm.exception).startswith(f"etc/mta.toml: {where}: expected one of"))
 
 
 class ConfigTests(unittest.SynchronousTestCase):

@@ -74,11 +74,12 @@ class RecordingTransport(StringTransport):
         super().write(data)
 
 
-def make_factory(spool=None, **kw) -> SMTPServerFactory:
+def make_factory(spool=None, auth_plaintext_on_loopback: bool = False, **kw) -> SMTPServerFactory:
     settings = ServerSettings(hostname=HOST, **kw)
     policy = RelayPolicy(["127.0.0.0/8"], ["example.test"])
     return SMTPServerFactory(settings, spool if spool is not None else FakeSpool(), policy,
-                             reactor=MemoryReactorClock())
+                             reactor=MemoryReactorClock(),
+                             auth_plaintext_on_loopback=auth_plaintext_on_loopback)
 
 
 def parse_replies(data: bytes) -> list[str]:

@@ -16,12 +16,18 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-__all__ = ["FailureLimiter"]
+__all__ = ["FAILURE_DELAY", "LOCKOUT", "MAX_FAILURES", "FailureLimiter"]
+
+# The defaults, also those of [auth] failure_delay, max_failures and lockout (mta.config).
+FAILURE_DELAY = 1.0
+MAX_FAILURES = 5
+LOCKOUT = 900.0
 
 
 class FailureLimiter:
-    def __init__(self, *, clock: Any, delay: float = 1.0, max_failures: int = 5,
-                 lockout: float = 900.0, max_entries: int = 10000):
+    def __init__(self, *, clock: Any, delay: float = FAILURE_DELAY,
+                 max_failures: int = MAX_FAILURES, lockout: float = LOCKOUT,
+                 max_entries: int = 10000):
         self.clock = clock
         self.delay = delay
         self.max_failures = max_failures

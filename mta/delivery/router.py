@@ -268,6 +268,14 @@ class Router:
     except those of a domain in ``route_tls`` (domain -> policy, for domains
     of ``routes``); ``smarthost_auth`` is given to the smarthost's next hops
     only.
+
+    The values are those of the config (``[relay]``, ``[routes]``,
+    ``[route_tls]``, ``[dns]``), which ``mta.config`` validated with the
+    functions of this module (``parse_hostport``, ``_parse_nameserver``,
+    ``_config_domain``, ``TLS_POLICIES``): they are parsed here, not checked
+    again.  (Text that does not parse still raises ``ValueError``.)  The
+    defaults of ``port`` and ``tls`` are those of ``[relay]``
+    (``tests/test_settings_defaults.py``).
     """
 
     def __init__(
@@ -300,17 +308,11 @@ class Router:
             parse_hostport(smarthost, port) if smarthost.strip() else None)
         self.nameservers: list[tuple[str, int]] = [_parse_nameserver(n) for n in nameservers]
         self._resolver: Any = None
-        if tls not in TLS_POLICIES:
-            raise ValueError(f"bad TLS policy {tls!r} (expected one of {', '.join(TLS_POLICIES)})")
         self.tls = tls
         self.route_tls: dict[str, str] = {}
         pairs = route_tls.items() if isinstance(route_tls, Mapping) else route_tls
         for domain, policy in pairs:
-            key = _config_domain(domain, "route_tls")
-            if policy not in TLS_POLICIES:
-                raise ValueError(f"bad TLS policy {policy!r} for {domain!r} "
-                                 f"(expected one of {', '.join(TLS_POLICIES)})")
-            self.route_tls[key] = policy
+            self.route_tls[_config_domain(domain, "route_tls")] = policy
         self.smarthost_auth = smarthost_auth
         self._logged: dict[str, tuple[str, tuple[NextHop, ...]]] = {}  # domain -> last route logged
 

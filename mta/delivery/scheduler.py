@@ -37,6 +37,7 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from ..config import RelayConfig, RetryConfig
 from ..message import InboundMessage, Recipient, new_queue_id, split_header_block
 from ..spool import SpoolWriteError, ops
 from ..spool.admin import _reason as spool_error_text
@@ -155,8 +156,8 @@ class _Unrecorded:
 class QueueRunner(service.Service):
     name = "queue-runner"
 
-    def __init__(self, spool: Any, router: Any, pool: Any, *, hostname: str, retry: Any,
-                 relay: Any, reactor: Any = None, rand: Callable[[], float] = random.random,
+    def __init__(self, spool: Any, router: Any, pool: Any, *, hostname: str, retry: RetryConfig,
+                 relay: RelayConfig, reactor: Any = None, rand: Callable[[], float] = random.random,
                  poll_interval: float = 1.0, dsn_builder: Callable[..., bytes] | None = None,
                  metrics: Any = None):
         if reactor is None:
@@ -179,7 +180,7 @@ class QueueRunner(service.Service):
         self._loop: task.LoopingCall | None = None
         self._jobs: dict[defer.Deferred, Job] = {}
         self._run_d: defer.Deferred | None = None        # a queue run in progress
-        self.shutdown_grace = float(getattr(relay, "shutdown_grace", 0.0))
+        self.shutdown_grace = relay.shutdown_grace
         self.metrics = metrics                            # mta.metrics.Metrics or None
         self.ready: defer.Deferred = defer.Deferred()   # fires once recovery is done
         self._recovered = False

@@ -127,6 +127,7 @@ from zope.interface import implementer
 
 from .data import has_bare_newline, normalize_newlines
 from .downgrade import DowngradeError, to_7bit
+from .settings import Timeouts
 
 from ..delivery.router import NextHop
 
@@ -211,21 +212,6 @@ class DeliveryResult:
     remote: NextHop | None          # the hop that answered (None if none could be reached)
     dsn_offered: bool               # next hop advertised DSN
     tls: TLSInfo | None = None      # the TLS session used with ``remote`` (None: plain text)
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    """RFC 5321 §4.5.3.2 defaults, in seconds."""
-    connect: float = 30
-    greeting: float = 300
-    helo: float = 300               # EHLO, HELO, STARTTLS, the TLS handshake, RSET
-    mail: float = 300
-    rcpt: float = 300
-    data_init: float = 120
-    data_block: float = 180
-    data_end: float = 600
-    idle: float = 10                # how long a cached connection is kept
-    quit: float = 30                # waiting for the reply to QUIT
 
 
 # ---------------------------------------------------------------------------

@@ -40,7 +40,7 @@ import binascii
 import ipaddress
 import re
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Callable
 
 from twisted.cred.credentials import UsernamePassword
@@ -64,6 +64,7 @@ from . import replies as r
 from .data import DataReader, has_bare_newline, has_long_line, normalize_newlines
 from .params import MailParams, parse_mail_params, parse_rcpt_params
 from .replies import R, Reply, SMTPReplyError
+from .settings import ServerSettings
 
 log = Logger(namespace="mta.smtpd")
 
@@ -83,30 +84,25 @@ _REFUSAL_REASONS = {r.MSG_TOO_BIG: "too_big", r.BARE_NEWLINE: "bare_newline",
                     r.TEXT_LINE_TOO_LONG: "long_line"}
 
 
-@dataclass(frozen=True)
-class ServerSettings:
-    hostname: str = "localhost"
-    max_message_size: int = 36700160
-    max_recipients: int = 1000
-    max_connections: int = 1000
-    max_connections_per_client: int = 50
-    command_timeout: float = 300.0
-    data_timeout: float = 600.0
-    max_errors: int = 20
-    bare_newlines: str = "reject"
-    max_hops: int = 50              # Received lines before a message counts as looping
-    auth_plaintext_on_loopback: bool = False   # offer AUTH without TLS on loopback
-
-
 class SMTPServerFactory(protocol.Factory):
     """Shared state of all listeners: settings, spool, policy, connection
     counters, and (optional) the TLS context factory, the cred portal and the
-    AUTH failure limiter.  ``listener()`` gives the per-endpoint factory."""
+    AUTH failure limiter.  ``listener()`` gives the per-endpoint factory.
+
+    ``settings`` is a :class:`mta.smtp.settings.ServerSettings` (the
+    daemon passes its ``[server]`` config section, which is one);
+    ``auth_plaintext_on_loopback`` is ``[auth] allow_plaintext_on_loopback``;
+    ``on_stored(queue_id)`` is called after each 250 for a message (the
+    daemon kicks the queue runner); ``metrics`` is a
+    :class:`mta.metrics.Metrics` or None."""
 
     def __init__(self, settings: ServerSettings, spool: Any, policy: Any,
                  reactor: Any = None, *, tls: Any = None, portal: Any = None,
                  limiter: FailureLimiter | None = None,
-                 storage: Callable[[int], bool] | None = None):
+                 storage: Callable[[int], bool] | None = None,
+                 auth_plaintext_on_loopback: bool = False,
+                 on_stored: Callable[[str], Any] | None = None,
+                 metrics: Any = None):
         if reactor is None:
             from twisted.internet import reactor as _r
             reactor = _r
@@ -122,8 +118,9 @@ class SMTPServerFactory(protocol.Factory):
         self.storage = storage
         self.connections = 0
         self.per_client: Counter[str] = Counter()
-        self.on_stored: Callable[[str], Any] | None = None  # e.g. kick the queue runner
-        self.metrics: Any = None          # mta.metrics.Metrics, or None (no metrics)
+        self.auth_plaintext_on_loopback = auth_plaintext_on_loopback
+        self.on_stored = on_stored        # e.g. kick the queue runner
+        self.metrics = metrics            # mta.metrics.Metrics, or None (no metrics)
         self.sessions: set[SMTPServer] = set()
         self.shutting_down = False
 
@@ -977,7 +974,7 @@ class SMTPServer(protocol.Protocol):
     def _auth_offered(self) -> bool:
         if self.factory.portal is None:
             return False
-        return self.tls or (self.settings.auth_plaintext_on_loopback and self._on_loopback())
+        return self.tls or (self.factory.auth_plaintext_on_loopback and self._on_loopback())
 
     def do_AUTH(self, arg: str) -> None:
         if self.factory.portal is None:

@@ -114,7 +114,8 @@ def make_engine(url: str) -> Engine:
 
 class Spool:
     def __init__(self, url: str, *, reactor: Any = None, threads: int = 4,
-                 idle_check: float = 5.0):
+                 idle_check: float = 5.0,
+                 on_commit: Callable[[float, int], None] | None = None):
         if reactor is None:
             from twisted.internet import reactor as _r
             reactor = _r
@@ -136,7 +137,7 @@ class Spool:
         self.stored = 0
         # Called on the writer thread after each group commit with its duration
         # in seconds and the number of new messages in it (metrics), or None.
-        self.on_commit: Callable[[float, int], None] | None = None
+        self.on_commit = on_commit
 
     # -- lifecycle ---------------------------------------------------------
     def open(self) -> None:
