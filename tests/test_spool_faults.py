@@ -398,19 +398,6 @@ def test_server_refuses_mail_with_452_when_storage_says_no():
 
 # --------------------------------------------------------------------------- reserve: e2e
 
-@pytest.fixture
-def small_fs(tmp_path: Path):
-    """A 4 MiB tmpfs (we run as root), unmounted at teardown -- after the
-    daemons: this fixture is requested before mta_factory."""
-    directory = tmp_path / "smallfs"
-    directory.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(directory)],
-                   check=True, capture_output=True)
-    yield directory
-    if subprocess.run(["umount", str(directory)], capture_output=True).returncode != 0:
-        subprocess.run(["umount", "-l", str(directory)], capture_output=True)
-
-
 def free_bytes(path: Path) -> int:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
