@@ -45,6 +45,8 @@ LISTENERS: dict[str, dict[str, str]] = {
     "nosize": {"smtpd_discard_ehlo_keywords": "size"},
     "noenhanced": {"smtpd_discard_ehlo_keywords": "enhancedstatuscodes"},
     "rcpt5": {"smtpd_recipient_limit": "5"},
+    # Every recipient refused by Postfix itself (a reply it really sends).
+    "refuse": {"smtpd_recipient_restrictions": "reject"},
     # Everything received here goes to the hold queue (the queue helpers' test).
     "hold": {"smtpd_end_of_data_restrictions": "check_client_access static:HOLD"},
 }
@@ -378,6 +380,48 @@ def test_ascii_message_declared_8bitmime_to_postfix_without_8bitmime_is_sent_as_
     [mail] = [c for c in commands(pf, "no8bitmime") if c.lower().startswith("mail from:")]
     assert "BODY=8BITMIME" not in mail.upper()
     assert_clean(pf, "no8bitmime")
+
+
+# --------------------------------------------------------------------------- (c2) who said it (issue §4)
+
+def test_bounces_name_postfix_only_for_what_postfix_said(mta_factory, pf):
+    # bob: Postfix refuses him itself.  eve: mta refuses to send (an 8-bit
+    # header field for a hop without 8BITMIME: nothing to convert it to).
+    mta = mta_to(mta_factory, pf, "refuse", routes={"origin.test": "smtp",
+                                                    "seven.test": "no8bitmime"})
+    send(mta, SENDER, ["bob@pf.test"], message("refused by postfix"))
+    send(mta, SENDER, ["eve@seven.test"],
+         message("not convertible", headers=b"X-Note: Gr\xc3\xbc\xc3\x9fe\r\n"),
+         mail_options=["BODY=8BITMIME"])
+    pf.wait_deliveries(2, DELIVERY, what="mta's two bounces",
+                       match=lambda d: d.recipient == SENDER)
+    settled(mta, pf)
+
+    [postfix_said] = [r for r in replies(pf, "refuse") if "Recipient address rejected" in r]
+    assert postfix_said.startswith("554 5.7.1 ")
+    blocks = {}
+    for d in reports_to(pf, SENDER):
+        per_message, got = report(d.parsed())
+        assert mta_name(per_message) == MTA_HOSTNAME
+        text = " ".join(list(d.parsed().iter_parts())[0].get_content().split())
+        for b in got:
+            blocks[str(b["Final-Recipient"]).split(";", 1)[1].strip()] = (b, text)
+    assert set(blocks) == {"bob@pf.test", "eve@seven.test"}
+
+    bob, text = blocks["bob@pf.test"]
+    assert str(bob["Remote-MTA"]) == "dns;127.0.0.1"
+    assert " ".join(str(bob["Diagnostic-Code"]).split()) == f"smtp;{postfix_said}"
+    assert f"127.0.0.1 said: {postfix_said}" in text
+
+    eve, text = blocks["eve@seven.test"]
+    assert eve["Status"] == "5.6.3"
+    assert "Remote-MTA" not in eve
+    diag = " ".join(str(eve["Diagnostic-Code"]).split())
+    assert diag.startswith("X-mta;message has 8-bit content the next hop does not accept "
+                           "(8BITMIME) and it could not be converted: "), diag
+    assert " said:" not in text and f"Reason given by {MTA_HOSTNAME}:" in text
+    # Postfix was never given eve's message.
+    assert not any(c.lower().startswith("mail from:") for c in commands(pf, "no8bitmime"))
 
 
 # --------------------------------------------------------------------------- (d) 452 too many recipients (issue §5)
