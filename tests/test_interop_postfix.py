@@ -29,6 +29,7 @@ import pytest
 
 from conftest import wait_for
 from postfix import SWAKS, Delivery, PostfixInstance
+from tlsutil import TestCA
 from test_e2e_relay import (body_with_dot_lines_at, delivery_lines, relay_config, report,
                             send, split_received, wait_spool_empty)
 
@@ -52,10 +53,25 @@ LISTENERS: dict[str, dict[str, str]] = {
 }
 
 
+# The "tls" listener offers STARTTLS with a certificate for 127.0.0.1 from
+# this CA (smtpd reads it as root, before it drops privileges).
+CA = TestCA()
+TLS_DIR = Path(tempfile.mkdtemp(prefix="mta-interop-tls-"))
+
+
 @pytest.fixture(scope="module")
 def postfix_instance(postfix_factory) -> PostfixInstance:
-    return postfix_factory(listeners=LISTENERS, trace=list(LISTENERS),
-                           mailbox_domains=("pf.test", "origin.test", "relayed.test"))
+    cert, key = CA.issue("postfix.interop.test", ip="127.0.0.1").write(TLS_DIR)
+    (TLS_DIR / "ca.pem").write_bytes(CA.cert_pem)
+    listeners = {**LISTENERS, "tls": {"smtpd_tls_security_level": "may",
+                                      "smtpd_tls_cert_file": str(cert),
+                                      "smtpd_tls_key_file": str(key),
+                                      "smtpd_tls_loglevel": "1"}}
+    try:
+        yield postfix_factory(listeners=listeners, trace=list(listeners),
+                              mailbox_domains=("pf.test", "origin.test", "relayed.test"))
+    finally:
+        shutil.rmtree(TLS_DIR, ignore_errors=True)
 
 
 @pytest.fixture
@@ -422,6 +438,35 @@ def test_bounces_name_postfix_only_for_what_postfix_said(mta_factory, pf):
     assert " said:" not in text and f"Reason given by {MTA_HOSTNAME}:" in text
     # Postfix was never given eve's message.
     assert not any(c.lower().startswith("mail from:") for c in commands(pf, "no8bitmime"))
+
+
+# --------------------------------------------------------------------------- (c3) outbound TLS in the log (issue §6)
+
+def test_delivery_log_shows_tls_with_postfix(mta_factory, pf):
+    # pf.test: opportunistic TLS (any certificate); relayed.test: policy
+    # verify against the CA; origin.test: Postfix without TLS.
+    extra = relay_config(routes={"pf.test": pf.address("tls"), "relayed.test": pf.address("tls"),
+                                 "origin.test": pf.address("smtp")},
+                         relay={"tls_ca_file": str(TLS_DIR / "ca.pem")})
+    extra += '[route_tls]\n"relayed.test" = "verify"\n'
+    mta = mta_factory(extra=extra)
+    qids = {rcpt: send(mta, SENDER, [rcpt], message(f"tls {rcpt}", to=rcpt))
+            for rcpt in ("bob@pf.test", "carol@relayed.test", "dave@origin.test")}
+    pf.wait_deliveries(3, DELIVERY)
+    settled(mta, pf)
+
+    tls = {}
+    for rcpt, qid in qids.items():
+        [line] = delivery_lines(mta, qid)
+        assert "status=sent" in line, line
+        tls[rcpt] = re.search(r" tls=(\S+) ", line).group(1)
+    assert re.fullmatch(r"TLSv1\.[23]/[A-Z0-9_-]+/unverified", tls["bob@pf.test"]), tls
+    assert re.fullmatch(r"TLSv1\.[23]/[A-Z0-9_-]+/verified", tls["carol@relayed.test"]), tls
+    assert tls["dave@origin.test"] == "none", tls
+    # Postfix agrees: two TLS sessions on the tls listener, none elsewhere.
+    established = pf.log_lines(r"postfix/tls/smtpd.*TLS connection established")
+    assert len(established) == 2, established
+    assert not pf.log_lines(r"postfix/smtp/smtpd.*TLS connection established")
 
 
 # --------------------------------------------------------------------------- (d) 452 too many recipients (issue §5)
