@@ -428,6 +428,19 @@ _TRACEBACK_MARKERS = ("Traceback (most recent call last)", "Unhandled Error", "U
 
 
 @pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs (we run as root), unmounted at teardown -- after the
+    daemons: this fixture is requested before mta_factory."""
+    directory = tmp_path / "smallfs"
+    directory.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(directory)],
+                   check=True, capture_output=True)
+    yield directory
+    if subprocess.run(["umount", str(directory)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "-l", str(directory)], capture_output=True)
+
+
+@pytest.fixture
 def mta_factory(tmp_path: Path) -> Iterator[Callable[..., MTADaemon]]:
     daemons: list[MTADaemon] = []
 

@@ -29,6 +29,7 @@ import pytest
 
 from conftest import wait_for
 from postfix import SWAKS, Delivery, PostfixInstance
+from tlsutil import TestCA
 from test_e2e_relay import (body_with_dot_lines_at, delivery_lines, relay_config, report,
                             send, split_received, wait_spool_empty)
 
@@ -45,15 +46,32 @@ LISTENERS: dict[str, dict[str, str]] = {
     "nosize": {"smtpd_discard_ehlo_keywords": "size"},
     "noenhanced": {"smtpd_discard_ehlo_keywords": "enhancedstatuscodes"},
     "rcpt5": {"smtpd_recipient_limit": "5"},
+    # Every recipient refused by Postfix itself (a reply it really sends).
+    "refuse": {"smtpd_recipient_restrictions": "reject"},
     # Everything received here goes to the hold queue (the queue helpers' test).
     "hold": {"smtpd_end_of_data_restrictions": "check_client_access static:HOLD"},
 }
 
 
+# The "tls" listener offers STARTTLS with a certificate for 127.0.0.1 from
+# this CA (smtpd reads it as root, before it drops privileges).
+CA = TestCA()
+TLS_DIR = Path(tempfile.mkdtemp(prefix="mta-interop-tls-"))
+
+
 @pytest.fixture(scope="module")
 def postfix_instance(postfix_factory) -> PostfixInstance:
-    return postfix_factory(listeners=LISTENERS, trace=list(LISTENERS),
-                           mailbox_domains=("pf.test", "origin.test", "relayed.test"))
+    cert, key = CA.issue("postfix.interop.test", ip="127.0.0.1").write(TLS_DIR)
+    (TLS_DIR / "ca.pem").write_bytes(CA.cert_pem)
+    listeners = {**LISTENERS, "tls": {"smtpd_tls_security_level": "may",
+                                      "smtpd_tls_cert_file": str(cert),
+                                      "smtpd_tls_key_file": str(key),
+                                      "smtpd_tls_loglevel": "1"}}
+    try:
+        yield postfix_factory(listeners=listeners, trace=list(listeners),
+                              mailbox_domains=("pf.test", "origin.test", "relayed.test"))
+    finally:
+        shutil.rmtree(TLS_DIR, ignore_errors=True)
 
 
 @pytest.fixture
@@ -378,6 +396,77 @@ def test_ascii_message_declared_8bitmime_to_postfix_without_8bitmime_is_sent_as_
     [mail] = [c for c in commands(pf, "no8bitmime") if c.lower().startswith("mail from:")]
     assert "BODY=8BITMIME" not in mail.upper()
     assert_clean(pf, "no8bitmime")
+
+
+# --------------------------------------------------------------------------- (c2) who said it (issue §4)
+
+def test_bounces_name_postfix_only_for_what_postfix_said(mta_factory, pf):
+    # bob: Postfix refuses him itself.  eve: mta refuses to send (an 8-bit
+    # header field for a hop without 8BITMIME: nothing to convert it to).
+    mta = mta_to(mta_factory, pf, "refuse", routes={"origin.test": "smtp",
+                                                    "seven.test": "no8bitmime"})
+    send(mta, SENDER, ["bob@pf.test"], message("refused by postfix"))
+    send(mta, SENDER, ["eve@seven.test"],
+         message("not convertible", headers=b"X-Note: Gr\xc3\xbc\xc3\x9fe\r\n"),
+         mail_options=["BODY=8BITMIME"])
+    pf.wait_deliveries(2, DELIVERY, what="mta's two bounces",
+                       match=lambda d: d.recipient == SENDER)
+    settled(mta, pf)
+
+    [postfix_said] = [r for r in replies(pf, "refuse") if "Recipient address rejected" in r]
+    assert postfix_said.startswith("554 5.7.1 ")
+    blocks = {}
+    for d in reports_to(pf, SENDER):
+        per_message, got = report(d.parsed())
+        assert mta_name(per_message) == MTA_HOSTNAME
+        text = " ".join(list(d.parsed().iter_parts())[0].get_content().split())
+        for b in got:
+            blocks[str(b["Final-Recipient"]).split(";", 1)[1].strip()] = (b, text)
+    assert set(blocks) == {"bob@pf.test", "eve@seven.test"}
+
+    bob, text = blocks["bob@pf.test"]
+    assert str(bob["Remote-MTA"]) == "dns;127.0.0.1"
+    assert " ".join(str(bob["Diagnostic-Code"]).split()) == f"smtp;{postfix_said}"
+    assert f"127.0.0.1 said: {postfix_said}" in text
+
+    eve, text = blocks["eve@seven.test"]
+    assert eve["Status"] == "5.6.3"
+    assert "Remote-MTA" not in eve
+    diag = " ".join(str(eve["Diagnostic-Code"]).split())
+    assert diag.startswith("X-mta;message has 8-bit content the next hop does not accept "
+                           "(8BITMIME) and it could not be converted: "), diag
+    assert " said:" not in text and f"Reason given by {MTA_HOSTNAME}:" in text
+    # Postfix was never given eve's message.
+    assert not any(c.lower().startswith("mail from:") for c in commands(pf, "no8bitmime"))
+
+
+# --------------------------------------------------------------------------- (c3) outbound TLS in the log (issue §6)
+
+def test_delivery_log_shows_tls_with_postfix(mta_factory, pf):
+    # pf.test: opportunistic TLS (any certificate); relayed.test: policy
+    # verify against the CA; origin.test: Postfix without TLS.
+    extra = relay_config(routes={"pf.test": pf.address("tls"), "relayed.test": pf.address("tls"),
+                                 "origin.test": pf.address("smtp")},
+                         relay={"tls_ca_file": str(TLS_DIR / "ca.pem")})
+    extra += '[route_tls]\n"relayed.test" = "verify"\n'
+    mta = mta_factory(extra=extra)
+    qids = {rcpt: send(mta, SENDER, [rcpt], message(f"tls {rcpt}", to=rcpt))
+            for rcpt in ("bob@pf.test", "carol@relayed.test", "dave@origin.test")}
+    pf.wait_deliveries(3, DELIVERY)
+    settled(mta, pf)
+
+    tls = {}
+    for rcpt, qid in qids.items():
+        [line] = delivery_lines(mta, qid)
+        assert "status=sent" in line, line
+        tls[rcpt] = re.search(r" tls=(\S+) ", line).group(1)
+    assert re.fullmatch(r"TLSv1\.[23]/[A-Z0-9_-]+/unverified", tls["bob@pf.test"]), tls
+    assert re.fullmatch(r"TLSv1\.[23]/[A-Z0-9_-]+/verified", tls["carol@relayed.test"]), tls
+    assert tls["dave@origin.test"] == "none", tls
+    # Postfix agrees: two TLS sessions on the tls listener, none elsewhere.
+    established = pf.log_lines(r"postfix/tls/smtpd.*TLS connection established")
+    assert len(established) == 2, established
+    assert not pf.log_lines(r"postfix/smtp/smtpd.*TLS connection established")
 
 
 # --------------------------------------------------------------------------- (d) 452 too many recipients (issue §5)

@@ -22,6 +22,7 @@ import shutil
 import smtplib
 import sqlite3
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -152,6 +153,33 @@ def test_spool_that_cannot_be_recreated_refuses_then_recovers(mta):
 
     mta.restart()
     assert_complete(mta, {first} | {qid for _, qid in outcomes})
+
+
+def test_spool_replaced_by_another_programs_spool_keeps_both(mta):
+    # rm -rf, then sendmail (a cron job, say) makes a spool of its own at the
+    # path before the daemon writes again: the daemon must not overwrite it,
+    # and must not lose what it had acknowledged before the removal either.
+    qids = {send(mta, i)[1] for i in range(3)}
+    shutil.rmtree(mta.spool.parent)
+    proc = subprocess.run([sys.executable, "-m", "mta.sendmail", "--config", str(mta.config_path),
+                           "root@dest.test"], input=b"Subject: cron\n\nfrom cron\n",
+                          capture_output=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    refused = [send(mta, i) for i in range(3, 5)]
+    assert [code for code, _ in refused] == [451] * 2, refused
+    mta.stop()
+    saved = list(mta.spool.parent.glob(mta.spool.name + ".saved-*"))
+    assert len(saved) == 1, list(mta.spool.parent.iterdir())
+    assert any(f"the 3 messages of the removed one are saved in {saved[0]}" in l
+               for l in spool_lines(mta)), spool_lines(mta)
+    conn = sqlite3.connect(saved[0])
+    try:
+        assert {r[0] for r in conn.execute("SELECT queue_id FROM messages")} == qids
+        assert conn.execute("SELECT COUNT(*) FROM recipients").fetchone()[0] == 3
+    finally:
+        conn.close()
+    # sendmail's spool is where it was, with sendmail's message.
+    assert stored_ids(mta).isdisjoint(qids) and mta.count() == 1
 
 
 # --------------------------------------------------------------------------- read-only
@@ -397,19 +425,6 @@ def test_server_refuses_mail_with_452_when_storage_says_no():
 
 
 # --------------------------------------------------------------------------- reserve: e2e
-
-@pytest.fixture
-def small_fs(tmp_path: Path):
-    """A 4 MiB tmpfs (we run as root), unmounted at teardown -- after the
-    daemons: this fixture is requested before mta_factory."""
-    directory = tmp_path / "smallfs"
-    directory.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(directory)],
-                   check=True, capture_output=True)
-    yield directory
-    if subprocess.run(["umount", str(directory)], capture_output=True).returncode != 0:
-        subprocess.run(["umount", "-l", str(directory)], capture_output=True)
-
 
 def free_bytes(path: Path) -> int:
     st = os.statvfs(path)

@@ -130,6 +130,7 @@ class Spool:
         self._conn: Connection | None = None
         self._ident: tuple[int, int] | None = None
         self._suspect = False
+        self._saved: str | None = None   # where the removed spool was saved (see _recover)
         self.idle_check = idle_check   # seconds: how often an idle writer checks its file
         self._faults = RepeatedFailures(log, reactor)
         self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="mta-spool")
@@ -416,9 +417,23 @@ class Spool:
                 os.close(fd)
             replace = os.path.exists(path)
             if replace and not _empty_spool(path):
+                # Another program (sendmail, say) made a spool of its own at
+                # the path and put mail in it: neither is overwritten.  What
+                # only the open database still holds -- mail acknowledged
+                # before the removal -- is kept next to it, once, for the
+                # administrator, instead of vanishing at the stop.
+                if self._saved is None and n:
+                    saved = f"{path}.saved-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+                    os.link(tmp, saved)
+                    self._saved = saved
+                    events.append(("warn", "spool file {path} was replaced by another spool "
+                                   "while in use: the {n} messages of the removed one are saved "
+                                   "in {saved} (stop mta and put it in place to deliver them)",
+                                   {"path": path, "n": n, "saved": saved}))
+                kept = f" (its messages are saved in {self._saved})" if self._saved else ""
                 raise SpoolWriteError(
                     f"spool file {path} was replaced by another spool while in use; "
-                    "not overwriting it: new mail is refused until a restart")
+                    f"not overwriting it{kept}: new mail is refused until a restart")
             # What is left of the file that was there (its -wal, -shm) must
             # not be taken for the new file's.
             _remove(path + "-wal", path + "-shm", path + "-journal")
