@@ -19,6 +19,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import domain as dom
+
 __all__ = [
     "AuthConfig",
     "Config",
@@ -289,6 +291,11 @@ def _hostname(value: object) -> str:
         raise _Invalid("must not be empty")
     if any(ch.isspace() or not ch.isprintable() for ch in host):
         raise _Invalid(f"must not contain spaces or control characters, got {host!r}")
+    if not host.isascii():  # it goes out in EHLO as A-labels (mta.domain.to_ascii)
+        try:
+            dom.to_ascii(host)
+        except dom.DomainError as e:
+            raise _Invalid(str(e)) from None
     return host
 
 
@@ -390,20 +397,21 @@ def _networks(value: object) -> tuple[str, ...]:
     return tuple(result)
 
 
-_LABEL = re.compile(r"[^\s@\[\]<>/\\,;:\"]+")
-
-
 def _domains(value: object) -> tuple[str, ...]:
+    """Domain names (``.example.org``: its subdomains), as mta.domain.to_ascii
+    writes them, so that config keys compare equal to what they match."""
     result = []
     for item in _str_list(value):
-        domain = item.strip().lower()
-        name = domain[1:] if domain.startswith(".") else domain
-        if name.endswith("."):
-            name = name[:-1]
-            domain = domain[:-1]
-        if not name or not all(_LABEL.fullmatch(label) for label in name.split(".")):
-            raise _Invalid(f"invalid domain {item!r}")
-        result.append(domain)
+        text = item.strip()
+        dot = "." if text.startswith(".") else ""
+        name = text[len(dot):]
+        if dom.is_literal(name):
+            raise _Invalid(f"invalid domain {item!r}: an address literal is not a domain name")
+        try:
+            result.append(dot + dom.to_ascii(name))
+        except dom.DomainError as e:
+            raise _Invalid(f"invalid domain {item!r}" + (f": {e.reason}" if e.reason else "")
+                           ) from None
     return tuple(result)
 
 
@@ -619,13 +627,22 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[object], Any]]]] = {
 
 def _routes(source: str, table: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
     out = []
+    seen: dict[str, str] = {}
     for domain, value in table.items():
         try:
             (name,) = _domains([domain])
             out.append((name, _required_hostport(value)))
         except _Invalid as e:
             raise ConfigError(source, f"[routes] {domain}", str(e)) from None
+        _unique_domain(source, f"[routes] {domain}", name, domain, seen)
     return tuple(out)
+
+
+def _unique_domain(source: str, where: str, name: str, key: str, seen: dict[str, str]) -> None:
+    """Two keys that are one domain (``"straße.de"``, ``"XN--STRAE-OQA.de"``)."""
+    if name in seen:
+        raise ConfigError(source, where, f"the same domain as {seen[name]!r} ({name})")
+    seen[name] = key
 
 
 def _route_tls(source: str, table: Mapping[str, Any],
@@ -633,6 +650,7 @@ def _route_tls(source: str, table: Mapping[str, Any],
     """``[route_tls]``: domain -> TLS policy, for domains that have a ``[routes]`` entry."""
     routed = {name for name, _ in routes}
     out = []
+    seen: dict[str, str] = {}
     for domain, value in table.items():
         where = f"[route_tls] {domain}"
         try:
@@ -643,6 +661,7 @@ def _route_tls(source: str, table: Mapping[str, Any],
         if name not in routed:
             raise ConfigError(source, where, "no [routes] entry for this domain "
                               "(a TLS policy is set per route; [relay] tls covers the rest)")
+        _unique_domain(source, where, name, domain, seen)
         out.append((name, policy))
     return tuple(out)
 
