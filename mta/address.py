@@ -6,12 +6,13 @@ No %-hack, no !-path rewriting: an address is what the grammar says it is.
 """
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass
 
+from . import domain as _domain
+
 MAX_LOCAL = 64
-MAX_DOMAIN = 255
+MAX_DOMAIN = _domain.MAX_LENGTH  # a name DNS can hold (RFC 5321 §4.5.3.1.2 allows 255)
 MAX_PATH = 256
 
 
@@ -54,7 +55,7 @@ class Mailbox:
 
     @property
     def is_literal(self) -> bool:
-        return self.domain.startswith("[")
+        return _domain.is_literal(self.domain)
 
     @property
     def local_text(self) -> str:
@@ -66,59 +67,27 @@ class Mailbox:
 
     @property
     def ascii_domain(self) -> str:
-        """Lower-case A-label form of the domain, for comparisons and routing."""
-        return domain_to_ascii(self.domain)
+        """The domain's key for comparisons and routing (mta.domain.to_ascii);
+        "" for the bare postmaster."""
+        return _domain.to_ascii(self.domain) if self.domain else ""
 
     @property
     def is_ascii(self) -> bool:
         return str(self).isascii()
 
 
-def domain_to_ascii(domain: str) -> str:
-    if not domain or domain.startswith("["):
-        return domain.lower()
-    if domain.isascii():
-        return domain.lower()
-    return domain.encode("idna").decode("ascii").lower()
-
-
-def _check_literal(lit: str) -> None:
-    body = lit[1:-1]
-    if body[:5].lower() == "ipv6:":
-        if "%" in body:  # ipaddress takes a zone id (fe80::1%eth0); RFC 5321 has none
-            raise AddressError(f"bad IPv6 address literal {lit}")
-        try:
-            ipaddress.IPv6Address(body[5:])
-        except ValueError as e:
-            raise AddressError(f"bad IPv6 address literal {lit}") from e
-        return
-    if re.fullmatch(r"[0-9.]+", body):
-        try:
-            ipaddress.IPv4Address(body)
-        except ValueError as e:
-            raise AddressError(f"bad IPv4 address literal {lit}") from e
-        return
-    # General-address-literal: Standardized-tag ":" 1*dcontent
-    if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?:[\x21-\x5a\x5e-\x7e]+", body):
-        raise AddressError(f"bad address literal {lit}")
+def domain_key(address: str, hostname: str) -> str:
+    """The domain of a recipient address as stored (``local@domain``, or a bare
+    ``postmaster``, which is *hostname*'s) as mta.domain.key writes it: the
+    key that the queue runner groups by and the queue CLI filters on."""
+    return _domain.key(address.rsplit("@", 1)[1] if "@" in address else hostname)
 
 
 def _check_domain(domain: str) -> None:
-    if domain.startswith("["):
-        _check_literal(domain)
-        return
-    if len(domain.encode()) > MAX_DOMAIN:
-        raise AddressError("domain too long")
-    if not domain.isascii():
-        try:
-            a = domain.encode("idna")
-        except UnicodeError as e:
-            raise AddressError(f"bad internationalized domain {domain!r}") from e
-        if len(a) > MAX_DOMAIN:
-            raise AddressError("domain too long")
-    for label in domain.split("."):
-        if len(label.encode()) > 63 and label.isascii():
-            raise AddressError("domain label too long")
+    try:
+        _domain.to_ascii(domain)
+    except _domain.DomainError as e:
+        raise AddressError(str(e)) from None
 
 
 def parse_path(path: str, *, utf8: bool = False, allow_null: bool = False,

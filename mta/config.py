@@ -39,6 +39,7 @@ from typing import Any
 from .auth.limiter import FAILURE_DELAY, LOCKOUT, MAX_FAILURES
 from .smtp.settings import ServerSettings, Timeouts
 from .tls import MIN_VERSIONS
+from . import domain as dom
 
 __all__ = [
     "AuthConfig",
@@ -309,6 +310,11 @@ def _hostname(value: object) -> str:
         raise _Invalid("must not be empty")
     if any(ch.isspace() or not ch.isprintable() for ch in host):
         raise _Invalid(f"must not contain spaces or control characters, got {host!r}")
+    if not host.isascii():  # it goes out in EHLO as A-labels (mta.domain.to_ascii)
+        try:
+            dom.to_ascii(host)
+        except dom.DomainError as e:
+            raise _Invalid(str(e)) from None
     return host
 
 
@@ -410,20 +416,21 @@ def _networks(value: object) -> tuple[str, ...]:
     return tuple(result)
 
 
-_LABEL = re.compile(r"[^\s@\[\]<>/\\,;:\"]+")
-
-
 def _domains(value: object) -> tuple[str, ...]:
+    """Domain names (``.example.org``: its subdomains), as mta.domain.to_ascii
+    writes them, so that config keys compare equal to what they match."""
     result = []
     for item in _str_list(value):
-        domain = item.strip().lower()
-        name = domain[1:] if domain.startswith(".") else domain
-        if name.endswith("."):
-            name = name[:-1]
-            domain = domain[:-1]
-        if not name or not all(_LABEL.fullmatch(label) for label in name.split(".")):
-            raise _Invalid(f"invalid domain {item!r}")
-        result.append(domain)
+        text = item.strip()
+        dot = "." if text.startswith(".") else ""
+        name = text[len(dot):]
+        if dom.is_literal(name):
+            raise _Invalid(f"invalid domain {item!r}: an address literal is not a domain name")
+        try:
+            result.append(dot + dom.to_ascii(name))
+        except dom.DomainError as e:
+            raise _Invalid(f"invalid domain {item!r}" + (f": {e.reason}" if e.reason else "")
+                           ) from None
     return tuple(result)
 
 
@@ -632,6 +639,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[object], Any]]]] = {
 
 def _routes(source: str, table: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
     out = []
+    seen: dict[str, str] = {}
     for domain, value in table.items():
         try:
             (name,) = _domains([domain])
@@ -639,6 +647,7 @@ def _routes(source: str, table: Mapping[str, Any]) -> tuple[tuple[str, str], ...
             out.append((name, _required_hostport(value)))
         except _Invalid as e:
             raise ConfigError(source, f"[routes] {domain}", str(e)) from None
+        _unique_domain(source, f"[routes] {domain}", name, domain, seen)
     return tuple(out)
 
 
@@ -651,11 +660,19 @@ def _route_key(name: str) -> None:
         raise _Invalid(str(e)) from None
 
 
+def _unique_domain(source: str, where: str, name: str, key: str, seen: dict[str, str]) -> None:
+    """Two keys that are one domain (``"straße.de"``, ``"XN--STRAE-OQA.de"``)."""
+    if name in seen:
+        raise ConfigError(source, where, f"the same domain as {seen[name]!r} ({name})")
+    seen[name] = key
+
+
 def _route_tls(source: str, table: Mapping[str, Any],
                routes: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
     """``[route_tls]``: domain -> TLS policy, for domains that have a ``[routes]`` entry."""
     routed = {name for name, _ in routes}
     out = []
+    seen: dict[str, str] = {}
     for domain, value in table.items():
         where = f"[route_tls] {domain}"
         try:
@@ -667,6 +684,7 @@ def _route_tls(source: str, table: Mapping[str, Any],
         if name not in routed:
             raise ConfigError(source, where, "no [routes] entry for this domain "
                               "(a TLS policy is set per route; [relay] tls covers the rest)")
+        _unique_domain(source, where, name, domain, seen)
         out.append((name, policy))
     return tuple(out)
 

@@ -46,6 +46,7 @@ import textwrap
 from dataclasses import dataclass
 from email.utils import formatdate
 
+from . import domain
 from .smtp.params import xtext_decode as _xtext_decode
 
 __all__ = [
@@ -214,8 +215,8 @@ def _ascii_host(host: str) -> str:
     if host.isascii():
         return host
     try:
-        return host.encode("idna").decode("ascii")
-    except UnicodeError:
+        return domain.to_ascii(host)
+    except domain.DomainError:
         return "".join(c if c.isascii() else "?" for c in host)
 
 

@@ -553,3 +553,36 @@ def test_step2_errors(data, where):
     with pytest.raises(ConfigError) as info:
         config_from_dict(data, "t.toml")
     assert str(info.value).startswith(f"t.toml: {where}: ")
+
+
+# ----------------------------------------------------------------- domain keys (mta.domain)
+
+def test_domain_keys_are_idna_2008():
+    cfg = config_from_dict({
+        "policy": {"relay_domains": ["Stra\u00dfe.test", ".\u00d6BB.test.", "strasse.test"]},
+        "routes": {"stra\u00dfe.test": "127.0.0.1:2627", "B\u00fccher.Test.": "[::1]:25"},
+        "route_tls": {"XN--STRAE-OQA.test": "encrypt", "xn--bcher-kva.test": "none"},
+        "sendmail": {"domain": "\u00d6BB.test"},
+    }, "t.toml")
+    assert cfg.policy.relay_domains == ("xn--strae-oqa.test", ".xn--bb-eka.test", "strasse.test")
+    assert cfg.routes == (("xn--strae-oqa.test", "127.0.0.1:2627"), ("xn--bcher-kva.test", "[::1]:25"))
+    assert cfg.route_tls == (("xn--strae-oqa.test", "encrypt"), ("xn--bcher-kva.test", "none"))
+    assert cfg.sendmail.domain == "xn--bb-eka.test"
+
+
+@pytest.mark.parametrize("data, where, why", [
+    ({"routes": {"stra\u00dfe.test": "127.0.0.1:25", "XN--STRAE-OQA.TEST": "127.0.0.2:25"}},
+     "[routes] XN--STRAE-OQA.TEST", "the same domain as 'stra\u00dfe.test' (xn--strae-oqa.test)"),
+    ({"routes": {"stra\u00dfe.test": "127.0.0.1:25"},
+      "route_tls": {"stra\u00dfe.test": "none", "xn--strae-oqa.test": "may"}},
+     "[route_tls] xn--strae-oqa.test", "the same domain as 'stra\u00dfe.test' (xn--strae-oqa.test)"),
+    ({"routes": {"stra\u00dfe.test": "127.0.0.1:25"}, "route_tls": {"strasse.test": "none"}},
+     "[route_tls] strasse.test", "no [routes] entry for this domain"),
+    ({"routes": {"\u2603.test": "127.0.0.1:25"}}, "[routes] \u2603.test", "invalid domain"),
+    ({"routes": {"[127.0.0.1]": "127.0.0.1:25"}}, "[routes] [127.0.0.1]", "invalid domain"),
+    ({"policy": {"relay_domains": ["a\u05d0.test"]}}, "[policy] relay_domains", "invalid domain"),
+    ({"server": {"hostname": "\u2603.test"}}, "[server] hostname", "invalid internationalized"),
+])
+def test_bad_domain_keys(data, where, why):
+    message = error_for(data, "t.toml")
+    assert message.startswith(f"t.toml: {where}: {why}"), message

@@ -450,6 +450,38 @@ def test_stats(site, queue, capsys):
     assert dest == ["dest.test", "2", "0", "0", "1", "0", "0", "1"]
 
 
+def test_domain_filters_know_idna_2008(site, capsys):
+    """``--domain stra\u00dfe.test`` is xn--strae-oqa.test whichever way the
+    recipient was written, and not strasse.test (IDNA 2003's reading)."""
+    a_label = site.add("alice@origin.test", ["bob@xn--strae-oqa.test"])
+    u_label = site.add("alice@origin.test", ["carol@STRA\u00dfE.test"])
+    other = site.add("alice@origin.test", ["dave@strasse.test"])
+    for rcpt in ("bob@xn--strae-oqa.test", "carol@STRA\u00dfE.test", "dave@strasse.test"):
+        site.set_rcpt(rcpt, state="deferred", next_attempt=FAR)
+
+    def listed(*args: str) -> list[str]:
+        code, out, err = site.run(capsys, "list", "--json", *args)
+        assert (code, err) == (0, "")
+        return [m["queue_id"] for m in map(json.loads, out.splitlines())]
+
+    for name in ("stra\u00dfe.test", "xn--strae-oqa.test", "XN--STRAE-OQA.TEST.", "@Stra\u00dfe.test"):
+        assert listed("--domain", name) == [a_label, u_label], name
+    assert listed("--domain", "strasse.test") == [other]
+
+    # The installed script, with the U-label in its argv, says the same.
+    r = site.proc("list", "--json", "--domain", "stra\u00dfe.test")
+    assert (r.returncode, r.stderr) == (0, "")
+    assert [json.loads(line)["queue_id"] for line in r.stdout.splitlines()] == [a_label, u_label]
+
+    assert site.run(capsys, "flush", "--domain", "stra\u00dfe.test") == (
+        0, "2 recipients due now\n", "")
+    assert site.rcpts(other)["dave@strasse.test"]["next_attempt"] == FAR
+
+    code, out, err = site.run(capsys, "stats", "--json")
+    by_domain = json.loads(out)["by_domain"]
+    assert (by_domain["xn--strae-oqa.test"]["total"], by_domain["strasse.test"]["total"]) == (2, 1)
+
+
 # --------------------------------------------------------------------------- with the daemon
 
 def test_flush_reaches_the_running_daemon(mta_factory, peer_factory, tmp_path):

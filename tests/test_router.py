@@ -16,7 +16,7 @@ from twisted.names import dns
 from twisted.trial import unittest
 
 from dnsserver import blackhole, parse_record, spawn_dns_server, start_dns_server
-from mta.delivery.router import NextHop, RouteError, Router, parse_hostport, to_ascii_domain
+from mta.delivery.router import NextHop, RouteError, Router, parse_hostport
 
 PORT = 2525  # the SMTP port given to Router(port=...) so MX-found hops are recognisable
 
@@ -221,6 +221,17 @@ class ConfiguredRouteTests(DNSTestCase):
         self.assertEqual(await router.route("xn--bcher-kva.test"), [NextHop("127.0.0.9", "127.0.0.9", PORT)])
         self.assertEqual(await router.route("B\u00dcCHER.test"), [NextHop("127.0.0.9", "127.0.0.9", PORT)])
 
+    async def test_idna_2008_route_key(self) -> None:
+        # IDNA 2008: straße is xn--strae-oqa, not strasse (IDNA 2003), which is another domain.
+        router = self.router(routes={"stra\u00dfe.test": "127.0.0.9", "[IPv6:::1]": "127.0.0.8"})
+        for name in ("stra\u00dfe.test", "xn--strae-oqa.test", "STRA\u00dfE.TEST.",
+                     "XN--STRAE-OQA.test"):
+            self.assertEqual(await router.route(name), [NextHop("127.0.0.9", "127.0.0.9", PORT)])
+            self.assertTrue(router.destination(name).startswith("route:127.0.0.9:"))
+        self.assertEqual(router.destination("strasse.test"), "strasse.test")
+        self.assertEqual(await router.route("[IPv6:0:0::1]"), [NextHop("127.0.0.8", "127.0.0.8", PORT)])
+        self.assertEqual(self.queries, [])
+
 
 class TimeoutTests(DNSTestCase):
     async def test_nameserver_never_answers(self) -> None:
@@ -293,13 +304,6 @@ def test_parse_hostport_rejects(value: str) -> None:
 
 def test_parse_hostport_default_port() -> None:
     assert parse_hostport("relay.test", default_port=587) == ("relay.test", 587)
-
-
-def test_to_ascii_domain() -> None:
-    assert to_ascii_domain("B\u00fccher.Test.") == "xn--bcher-kva.test"
-    assert to_ascii_domain("Example.TEST") == "example.test"
-    with pytest.raises(ValueError):
-        to_ascii_domain("exa mple.test")
 
 
 def test_route_error() -> None:

@@ -6,7 +6,7 @@ fails with :class:`RouteError` carrying an enhanced status code.
 
 Order of decisions:
 
-1. ``routes[domain]`` (domain compared case-insensitively, in A-label form);
+1. ``routes[domain]`` (domains compared by their mta.domain.to_ascii key);
 2. else ``smarthost`` when set -- it takes *everything*, address literals
    included (a smarthost is usually there because direct port 25 is blocked);
 3. else an address literal ``[192.0.2.1]`` / ``[IPv6:2001:db8::1]`` goes straight
@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import ipaddress
 import random as _random
-import re
 import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -66,16 +65,15 @@ from twisted.logger import Logger
 from twisted.names import client, dns
 from twisted.names import error as dns_error
 
-__all__ = ["TLS_POLICIES", "Credentials", "NextHop", "RouteError", "Router", "parse_hostport",
-           "to_ascii_domain"]
+from .. import domain as dom
+
+__all__ = ["TLS_POLICIES", "Credentials", "NextHop", "RouteError", "Router", "parse_hostport"]
 
 log = Logger()
 
 #: How many CNAMEs a lookup follows before giving up (temporary failure).
 MAX_CNAME_CHAIN = 8
 DNS_PORT = 53
-
-_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
 
 #: Outbound TLS policies (see mta.smtp.client): never STARTTLS; opportunistic;
 #: TLS required, any certificate; TLS required, certificate must match NextHop.host.
@@ -121,35 +119,6 @@ class RouteError(Exception):
 # --------------------------------------------------------------------------- names
 
 
-def to_ascii_domain(name: str) -> str:
-    """Lower-case A-label form of a domain name, without a trailing dot.
-
-    U-labels are converted with IDNA 2008 + UTS #46 (the ``idna`` package,
-    which Twisted already depends on through hyperlink); a name it rejects is
-    tried with the stdlib IDNA 2003 codec (what ``mta.address`` uses).  Raises ``ValueError`` for names that
-    are not host names (empty, bad characters, label > 63 or name > 253 octets).
-    """
-    text = name.strip()
-    if text.endswith("."):
-        text = text[:-1]
-    if not text:
-        raise ValueError("empty domain name")
-    if not text.isascii():
-        try:
-            import idna
-
-            text = idna.encode(text, uts46=True).decode("ascii")
-        except Exception:
-            try:
-                text = text.encode("idna").decode("ascii")
-            except UnicodeError:
-                raise ValueError(f"not a valid internationalized domain name: {name!r}") from None
-    text = text.lower()
-    if len(text) > 253 or not all(_LABEL.fullmatch(label) for label in text.split(".")):
-        raise ValueError(f"not a valid domain name: {name!r}")
-    return text
-
-
 def _port(text: str, value: str) -> int:
     if not text.isdigit() or not 0 < int(text) <= 65535:
         raise ValueError(f"bad port in {value!r}")
@@ -161,8 +130,8 @@ def parse_hostport(value: str, default_port: int = 25) -> tuple[str, int]:
     ``"[IPv6:2001:db8::1]"`` or a bare ``"2001:db8::1"`` -> ``(host, port)``.
 
     The host comes back normalised: an IP address in its canonical text form,
-    or a lower-case A-label host name.  Raises ``ValueError`` on anything else
-    (for config validation).
+    or a host name as mta.domain.to_ascii writes it.  Raises ``ValueError`` on
+    anything else (for config validation).
     """
     text = value.strip()
     if not text:
@@ -197,8 +166,8 @@ def parse_hostport(value: str, default_port: int = 25) -> tuple[str, int]:
     except ValueError:
         pass
     try:
-        host = to_ascii_domain(text)
-    except ValueError as e:
+        host = dom.to_ascii(text)
+    except dom.DomainError as e:
         raise ValueError(f"bad host in {value!r}: {e}") from None
     if host.rsplit(".", 1)[-1].isdigit():  # "127.0.0.300", "10.1": not an IP, not a host name
         raise ValueError(f"bad host in {value!r}: neither an IP address nor a host name")
@@ -206,13 +175,10 @@ def parse_hostport(value: str, default_port: int = 25) -> tuple[str, int]:
 
 
 def _config_domain(domain: str, what: str) -> str:
-    """A configured domain as a lookup key: A-labels, lower case; "[literal]" as is."""
-    key = domain.strip().lower()
-    if key.startswith("["):
-        return key
+    """A configured domain as a lookup key (mta.domain.to_ascii)."""
     try:
-        return to_ascii_domain(domain)
-    except ValueError as e:
+        return dom.to_ascii(domain)
+    except dom.DomainError as e:
         raise ValueError(f"bad {what} domain {domain!r}: {e}") from None
 
 
@@ -235,6 +201,7 @@ def _is_ip(host: str) -> bool:
 
 
 def _dname(name: dns.Name) -> str:
+    # A name off the wire: ASCII already, compared case-insensitively (RFC 4343).
     return name.name.decode("latin-1").lower().rstrip(".")
 
 
@@ -355,11 +322,10 @@ class Router:
         a concurrency limit: the configured next hop for a route or the
         smarthost (so one message to several domains makes one transaction
         to it), else the domain itself."""
-        raw = domain.strip()
         try:
-            key = raw.lower() if raw.startswith("[") else to_ascii_domain(raw)
-        except ValueError:
-            return raw.lower()
+            key = dom.to_ascii(domain)
+        except dom.DomainError:
+            return dom.key(domain)
         hostport = self.routes.get(key)
         if hostport is not None:
             return f"route:{hostport[0]}:{hostport[1]}:{self.route_tls.get(key, self.tls)}"
@@ -372,15 +338,11 @@ class Router:
         return Deferred.fromCoroutine(self._route(domain))
 
     async def _route(self, domain: str) -> list[NextHop]:
-        raw = domain.strip()
         key: str | None
-        if raw.startswith("["):
-            key = raw.lower()
-        else:
-            try:
-                key = to_ascii_domain(raw)
-            except ValueError:
-                key = None
+        try:
+            key = dom.to_ascii(domain)
+        except dom.DomainError:
+            key = None
         hostport = self.routes.get(key) if key is not None else None
         how = "route"
         if hostport is None and self.smarthost is not None:
@@ -389,7 +351,7 @@ class Router:
             hops = await self._configured(hostport[0], hostport[1], how)
         elif key is None:
             raise RouteError("5.1.2", f"bad destination domain {domain!r}")
-        elif key.startswith("["):
+        elif dom.is_literal(key):
             hops = [self._literal(key)]
             how = "literal"
         else:
@@ -412,15 +374,9 @@ class Router:
 
     # -- the cases -----------------------------------------------------------------
     def _literal(self, literal: str) -> NextHop:
-        if not literal.endswith("]"):
-            raise RouteError("5.1.2", f"bad address literal {literal}")
-        inner = literal[1:-1]
-        if inner.startswith("ipv6:"):
-            inner = inner[5:]
-        try:
-            address = str(ipaddress.ip_address(inner))
-        except ValueError:
-            raise RouteError("5.1.2", f"unsupported address literal {literal}") from None
+        address = dom.literal_ip(literal)  # *literal* is to_ascii's: well formed
+        if address is None:
+            raise RouteError("5.1.2", f"unsupported address literal {literal}")
         return NextHop(address, address, self.port)
 
     async def _configured(self, host: str, port: int, how: str) -> list[NextHop]:

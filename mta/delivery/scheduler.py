@@ -37,6 +37,7 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from ..address import domain_key
 from ..config import RelayConfig, RetryConfig
 from ..message import InboundMessage, Recipient, new_queue_id, split_header_block
 from ..spool import SpoolWriteError, ops
@@ -418,16 +419,7 @@ class QueueRunner(service.Service):
         return dest(domain) if dest is not None else domain
 
     def _domain_of(self, address: str) -> str:
-        if "@" not in address:  # bare postmaster
-            return self.hostname.lower()
-        domain = address.rsplit("@", 1)[1]
-        if domain.startswith("["):
-            return domain
-        try:
-            from ..address import domain_to_ascii
-            return domain_to_ascii(domain)
-        except UnicodeError:
-            return domain.lower()
+        return domain_key(address, self.hostname)
 
     def _start(self, job: Job) -> None:
         if not self.running:  # stopping: the claimed recipients are requeued at the next start

@@ -17,7 +17,8 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
-from ..address import Mailbox, domain_to_ascii
+from .. import domain as dom
+from ..address import Mailbox
 
 _ROUTING_CHARS = ("%", "!", "@")
 
@@ -28,11 +29,11 @@ class RelayPolicy:
         exact: set[str] = set()
         parents: list[str] = []
         for d in relay_domains:
-            d = d.strip().rstrip(".")
+            d = d.strip()
             if d.startswith("."):
-                parents.append(domain_to_ascii(d[1:]))
+                parents.append(dom.to_ascii(d[1:]))
             else:
-                exact.add(domain_to_ascii(d))
+                exact.add(dom.to_ascii(d))
         self._domains = frozenset(exact)
         self._parents = tuple("." + p for p in parents)
         self._cache: dict[str, bool] = {}
@@ -54,11 +55,11 @@ class RelayPolicy:
         return hit
 
     def is_relay_domain(self, domain: str) -> bool:
-        if not domain or domain.startswith("["):
+        if not domain or dom.is_literal(domain):
             return False
         try:
-            d = domain_to_ascii(domain)
-        except UnicodeError:
+            d = dom.to_ascii(domain)
+        except dom.DomainError:
             return False
         return d in self._domains or (bool(self._parents) and d.endswith(self._parents))
 

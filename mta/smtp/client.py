@@ -125,6 +125,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .. import domain
 from .data import has_bare_newline, normalize_newlines
 from .downgrade import DowngradeError, to_7bit
 from .settings import Timeouts
@@ -1114,8 +1115,8 @@ class ConnectionPool:
 
     async def _hello(self, conn: SMTPClientProtocol, hop: NextHop) -> None:
         t = self.timeouts
-        name = (self.helo_name.encode() if self.helo_name.isascii()
-                else self.helo_name.encode("idna"))
+        name = (self.helo_name if self.helo_name.isascii()
+                else domain.to_ascii(self.helo_name)).encode("ascii")
         r = (await conn.command(b"EHLO " + name + b"\r\n", [(t.helo, "sending EHLO")]))[0]
         if r.ok:
             conn.esmtp = True

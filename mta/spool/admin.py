@@ -26,7 +26,8 @@ from sqlalchemy import delete, func, inspect, select, update
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from ..address import domain_to_ascii
+from .. import domain as dom
+from ..address import domain_key
 from ..message import InboundMessage
 from . import SpoolError, make_engine
 from .ops import PENDING, RecipientUpdate, insert_messages, record_results
@@ -35,7 +36,7 @@ from .schema import SCHEMA_VERSION, contents, meta, messages, metadata, recipien
 __all__ = [
     "AdminError", "STATES", "open_engine", "transaction", "list_queue", "get_message",
     "existing_ids", "flush", "delete_messages", "deferred_queue_ids", "hold", "release",
-    "requeue", "bounce", "stats", "store_messages", "domain_of", "normalize_domain",
+    "requeue", "bounce", "stats", "store_messages",
 ]
 
 STATES = ("queued", "inflight", "deferred", "delivered", "failed", "held")
@@ -131,22 +132,10 @@ def _chunks(items: Sequence[Any], n: int = _CHUNK) -> Iterator[Sequence[Any]]:
         yield items[i:i + n]
 
 
-def normalize_domain(domain: str) -> str:
-    d = domain.strip().rstrip(".")
-    if d.startswith("@"):
-        d = d[1:]
-    try:
-        return domain_to_ascii(d)
-    except UnicodeError:
-        return d.lower()
-
-
-def domain_of(address: str, hostname: str) -> str:
-    """The destination domain of a recipient, as the queue runner groups
-    them: A-labels, lower case; a bare ``postmaster`` is ours."""
-    if "@" not in address:
-        return hostname.lower()
-    return normalize_domain(address.rsplit("@", 1)[1])
+def _domain_arg(domain: str) -> str:
+    """A domain given on the command line (``example.org``, ``@example.org``),
+    as mta.domain.key writes it: what recipients' domains compare to."""
+    return dom.key(domain.strip().removeprefix("@"))
 
 
 def _sender_matches(sender: str, wanted: str) -> bool:
@@ -158,7 +147,7 @@ def _sender_matches(sender: str, wanted: str) -> bool:
     if not w:
         return sender == ""
     if w.startswith("@"):
-        return "@" in sender and normalize_domain(sender.rsplit("@", 1)[1]) == normalize_domain(w)
+        return "@" in sender and dom.key(sender.rsplit("@", 1)[1]) == _domain_arg(w)
     return sender.lower() == w.lower()
 
 
@@ -204,10 +193,10 @@ def list_queue(conn: Connection, *, hostname: str, states: Iterable[str] | None 
     states = list(states or ())
     if states:
         rq = rq.where(recipients.c.state.in_(states))
-    want = normalize_domain(domain) if domain else None
+    want = _domain_arg(domain) if domain else None
     for row in conn.execute(rq):
         m = found.get(row.queue_id)
-        if m is None or (want is not None and domain_of(row.address, hostname) != want):
+        if m is None or (want is not None and domain_key(row.address, hostname) != want):
             continue
         m["recipients"].append(_recipient(row))
     return [m for m in found.values() if m["recipients"]]
@@ -250,7 +239,7 @@ def stats(conn: Connection, *, now: float, hostname: str) -> dict[str, Any]:
     by_domain: dict[str, dict[str, int]] = defaultdict(lambda: {s: 0 for s in STATES})
     for address, state in conn.execute(select(recipients.c.address, recipients.c.state)):
         by_state[state] = by_state.get(state, 0) + 1
-        counts = by_domain[domain_of(address, hostname)]
+        counts = by_domain[domain_key(address, hostname)]
         counts[state] = counts.get(state, 0) + 1
     n, size, oldest = conn.execute(
         select(func.count(), func.coalesce(func.sum(messages.c.size), 0),
@@ -289,8 +278,8 @@ def flush(conn: Connection, *, now: float, hostname: str, queue_ids: Sequence[st
     else:
         rows = list(conn.execute(q))
     if domain:
-        want = normalize_domain(domain)
-        rows = [r for r in rows if domain_of(r.address, hostname) == want]
+        want = _domain_arg(domain)
+        rows = [r for r in rows if domain_key(r.address, hostname) == want]
     ids = [r.id for r in rows]
     for chunk in _chunks(ids):
         conn.execute(update(recipients)
