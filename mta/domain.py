@@ -27,6 +27,7 @@ This module imports nothing from ``mta``.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -61,6 +62,7 @@ def is_literal(domain: str) -> bool:
     return domain.strip().startswith("[")
 
 
+@functools.lru_cache(maxsize=4096)  # the same few domains, RCPT after RCPT
 def to_ascii(domain: str) -> str:
     """The one form of *domain* for comparisons, routing, grouping and DNS:
     lower-case A-labels without a trailing dot, or a normalised address
