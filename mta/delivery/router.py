@@ -57,7 +57,7 @@ import random as _random
 import re
 import socket
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet import defer
@@ -65,6 +65,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.names import client, dns
 from twisted.names import error as dns_error
+
+from ..smtp.types import TLS_POLICIES, Credentials, NextHop, reply_kind
 
 __all__ = ["TLS_POLICIES", "Credentials", "NextHop", "RouteError", "Router", "parse_hostport",
            "to_ascii_domain"]
@@ -77,31 +79,6 @@ DNS_PORT = 53
 
 _LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
 
-#: Outbound TLS policies (see mta.smtp.client): never STARTTLS; opportunistic;
-#: TLS required, any certificate; TLS required, certificate must match NextHop.host.
-TLS_POLICIES = ("none", "may", "encrypt", "verify")
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """What the client logs in with (AUTH PLAIN/LOGIN, over TLS only)."""
-    user: str
-    password: str = field(repr=False)
-
-
-@dataclass(frozen=True)
-class NextHop:
-    host: str     # MX host name (or the route/smarthost host as configured, or the IP): logs, SNI
-    address: str  # IP address to connect to
-    port: int
-    tls: str = "may"                    # one of TLS_POLICIES; "verify" checks ``host``
-    auth: Credentials | None = field(default=None, repr=False)  # smarthost login
-
-    def __str__(self) -> str:
-        """Postfix's ``relay=`` form: ``host[address]:port``."""
-        return f"{self.host}[{self.address}]:{self.port}"
-
-
 class RouteError(Exception):
     """No next hop: ``status`` is an RFC 3463 code, "5.x.x" permanent, "4.x.x" temporary."""
 
@@ -111,8 +88,13 @@ class RouteError(Exception):
         self.text = text
 
     @property
+    def code(self) -> int:
+        """The reply code that goes with ``status``: 550 or 451."""
+        return 550 if self.status.startswith("5") else 451
+
+    @property
     def permanent(self) -> bool:
-        return self.status.startswith("5")
+        return reply_kind(self.code) == "permanent"
 
     def __str__(self) -> str:
         return f"{self.status} {self.text}"

@@ -128,7 +128,7 @@ from zope.interface import implementer
 from .data import has_bare_newline, normalize_newlines
 from .downgrade import DowngradeError, to_7bit
 
-from ..delivery.router import NextHop
+from .types import NextHop, TLSInfo, reply_kind
 
 log = Logger(namespace="mta.smtp")
 
@@ -191,18 +191,6 @@ class RecipientResult:
         our own results: "connect to mx[192.0.2.1]:25: Connection refused")."""
         m = _CODE_PREFIX.match(self.text)
         return self.text[m.end():] if m and m.end() < len(self.text) else self.text
-
-
-@dataclass(frozen=True)
-class TLSInfo:
-    """The TLS session of the connection a delivery used."""
-    version: str                    # "TLSv1.3"
-    cipher: str                     # "TLS_AES_256_GCM_SHA384"
-    verified: bool                  # certificate checked (policy verify): chain and name
-
-    def __str__(self) -> str:
-        """The log form: ``TLSv1.3/TLS_AES_256_GCM_SHA384/verified`` (or ``/unverified``)."""
-        return f"{self.version}/{self.cipher}/{'verified' if self.verified else 'unverified'}"
 
 
 @dataclass
@@ -286,19 +274,24 @@ class _ProtocolError(_StepError):
 
 
 class _HopFailure(Exception):
-    """This next hop did not take the message; try the next one."""
+    """This next hop did not take the message; try the next one.
+
+    Made by one of two constructors: :meth:`from_reply` (the hop's own reply:
+    ``remote`` is the hop) or :meth:`ours` (our decision, always a 451 with a
+    4.x.y status: ``remote`` is None).  ``reached``: the hop was talked to
+    (its failure is the one reported); ``final``: no other hop is tried (a
+    rejected login); ``permanent``: a 5xx that may bounce the recipients when
+    every hop gave one (see ConnectionPool._deliver)."""
 
     def __init__(self, hop: NextHop, code: int, status: str, text: str, *,
-                 from_remote: bool, reached: bool, permanent: bool = False,
+                 remote: NextHop | None, reached: bool, permanent: bool = False,
                  final: bool = False):
-        if not from_remote:
-            text = f"{code} {status} {text}"
         super().__init__(text)
         self.hop = hop
         self.code = code
         self.status = status
         self.text = text
-        self.from_remote = from_remote
+        self.remote = remote            # the hop when ``text`` is its reply, None when ours
         self.reached = reached
         self.permanent = permanent
         self.final = final              # no other hop is tried (a rejected login)
@@ -306,8 +299,19 @@ class _HopFailure(Exception):
 
     @classmethod
     def from_reply(cls, hop: NextHop, reply: Reply, *, permanent_ok: bool) -> "_HopFailure":
-        return cls(hop, reply.code, reply.status, reply.text, from_remote=True, reached=True,
-                   permanent=permanent_ok and reply.code >= 500)
+        return cls(hop, reply.code, reply.status, reply.text, remote=hop, reached=True,
+                   permanent=permanent_ok and reply_kind(reply.code) == "permanent")
+
+    @classmethod
+    def ours(cls, hop: NextHop, status: str, text: str, *, reached: bool = True,
+             final: bool = False) -> "_HopFailure":
+        """Our own temporary failure with *hop*: "451 *status* *text*"."""
+        return cls(hop, 451, status, f"451 {status} {text}", remote=None, reached=reached,
+                   final=final)
+
+    def result(self, address: str) -> "RecipientResult":
+        """This failure as the result of one recipient."""
+        return RecipientResult(address, self.code, self.status, self.text, self.remote)
 
 
 class _TLSFailed(Exception):
@@ -327,13 +331,13 @@ def _hopname(hop: NextHop) -> str:
 def _step_failure(hop: NextHop, e: _StepError) -> _HopFailure:
     if isinstance(e, _StepTimeout):
         text = f"conversation with {_hopname(hop)} timed out while {e.step}"
-        return _HopFailure(hop, 451, "4.4.2", text, from_remote=False, reached=True)
+        return _HopFailure.ours(hop, "4.4.2", text)
     if isinstance(e, _ProtocolError):
         text = f"protocol error with {_hopname(hop)} while {e.step}"
-        return _HopFailure(hop, 451, "4.5.0", text, from_remote=False, reached=True)
+        return _HopFailure.ours(hop, "4.5.0", text)
     why = f" ({e.reason})" if isinstance(e, _StepLost) and e.reason else ""
     text = f"lost connection with {_hopname(hop)} while {e.step}{why}"
-    return _HopFailure(hop, 451, "4.4.2", text, from_remote=False, reached=True)
+    return _HopFailure.ours(hop, "4.4.2", text)
 
 
 def _is_limit_reply(r: Reply) -> bool:
@@ -980,8 +984,8 @@ class ConnectionPool:
             except Exception:
                 log.failure("{queue_id}: delivery to {hop} failed", queue_id=msg.queue_id,
                             hop=_hopname(hop))
-                failure = _HopFailure(hop, 451, "4.3.0", "local error in the SMTP client",
-                                      from_remote=False, reached=False)
+                failure = _HopFailure.ours(hop, "4.3.0", "local error in the SMTP client",
+                                          reached=False)
             log.info("{queue_id}: {hop}: {text}", queue_id=msg.queue_id,
                      hop=_hopname(hop), text=failure.text)
             failures.append(failure)
@@ -994,10 +998,9 @@ class ConnectionPool:
         reached = [f for f in failures if f.reached]
         last = reached[-1] if reached else failures[-1]
         code, status = last.code, last.status
-        if code >= 500 and not all(f.permanent for f in failures):
+        if reply_kind(code) == "permanent" and not all(f.permanent for f in failures):
             code, status = 451, "4" + status[1:]
-        said_by = last.hop if last.from_remote else None
-        results = [RecipientResult(r.address, code, status, last.text, said_by)
+        results = [RecipientResult(r.address, code, status, last.text, last.remote)
                    for r in msg.recipients]
         return DeliveryResult(results, last.hop if last.reached else None, False,
                               last.tls if last.reached else None)
@@ -1062,8 +1065,8 @@ class ConnectionPool:
                 why = "Connection refused"
             else:
                 why = str(e) or e.__class__.__name__
-            raise _HopFailure(hop, 451, "4.4.1", f"connect to {_hopname(hop)}: {why}",
-                              from_remote=False, reached=False) from None
+            raise _HopFailure.ours(hop, "4.4.1", f"connect to {_hopname(hop)}: {why}",
+                                   reached=False) from None
         finally:
             if timer is not None and timer.active():
                 timer.cancel()
@@ -1135,7 +1138,7 @@ class ConnectionPool:
             conn.esmtp = True
             conn.extensions = parse_ehlo(r)
             return
-        if r.code < 500:
+        if reply_kind(r.code) != "permanent":
             self._quit(conn)
             raise _HopFailure.from_reply(hop, r, permanent_ok=False)
         r = (await conn.command(b"HELO " + name + b"\r\n", [(t.helo, "sending HELO")]))[0]
@@ -1159,7 +1162,7 @@ class ConnectionPool:
         text = f"TLS is required (policy {policy}) with {_hopname(hop)}: {why}"
         log.warn("{hop}: TLS policy {policy} not met: {why}", hop=_hopname(hop),
                  policy=policy, why=why)
-        return _HopFailure(hop, 451, "4.7.5", text, from_remote=False, reached=True)
+        return _HopFailure.ours(hop, "4.7.5", text)
 
     async def _authenticate(self, conn: SMTPClientProtocol, hop: NextHop) -> None:
         """AUTH PLAIN (or LOGIN) with ``hop.auth``; raises _HopFailure unless accepted."""
@@ -1183,8 +1186,8 @@ class ConnectionPool:
         else:
             self._quit(conn)
             offered = " ".join(mechanisms) or "no AUTH"
-            raise _HopFailure(hop, 451, "4.7.0", f"{_hopname(hop)} offers no AUTH mechanism we "
-                              f"use (PLAIN, LOGIN): {offered}", from_remote=False, reached=True)
+            raise _HopFailure.ours(hop, "4.7.0", f"{_hopname(hop)} offers no AUTH mechanism we "
+                                   f"use (PLAIN, LOGIN): {offered}")
         if r.ok:
             log.debug("{hop}: authenticated as {user} ({mech})", hop=_hopname(hop),
                       user=cred.user, mech=mech)
@@ -1197,10 +1200,10 @@ class ConnectionPool:
                 conn.abort()
             else:
                 self._quit(conn)
-            raise _HopFailure(hop, 451, "4.7.0", f"unexpected AUTH {mech} dialogue with "
-                              f"{_hopname(hop)}: {r.text}", from_remote=False, reached=True)
+            raise _HopFailure.ours(hop, "4.7.0", f"unexpected AUTH {mech} dialogue with "
+                                   f"{_hopname(hop)}: {r.text}")
         self._quit(conn)
-        if r.code < 500:
+        if reply_kind(r.code) != "permanent":
             raise _HopFailure.from_reply(hop, r, permanent_ok=False)
         status = "4.7.8" if r.code == 535 else "4" + r.status[1:]
         why = f"login as {cred.user} to {_hopname(hop)} (AUTH {mech}) rejected: {r.text}"
@@ -1210,7 +1213,7 @@ class ConnectionPool:
         if self.auth_failure_hold > 0:
             self._auth_rejected[(hop.address, hop.port, cred)] = (
                 self.reactor.seconds() + self.auth_failure_hold, status, why)
-        raise _HopFailure(hop, 451, status, why, from_remote=False, reached=True, final=True)
+        raise _HopFailure.ours(hop, status, why, final=True)
 
     def _check_auth_hold(self, hop: NextHop) -> None:
         key = (hop.address, hop.port, hop.auth)
@@ -1222,8 +1225,8 @@ class ConnectionPool:
         if left <= 0:
             del self._auth_rejected[key]
             return
-        raise _HopFailure(hop, 451, status, f"{why} (not tried again for another {left:.0f}s)",
-                          from_remote=False, reached=True, final=True)
+        raise _HopFailure.ours(hop, status, f"{why} (not tried again for another {left:.0f}s)",
+                               final=True)
 
     def _key(self, hop: NextHop) -> tuple:
         """The connection cache key: a connection is reused only for the same requirements."""
@@ -1352,8 +1355,7 @@ class ConnectionPool:
                 # the others get this failure, never another hop's attempt
                 # (which would duplicate what was delivered).
                 for i in pending:
-                    results[i] = RecipientResult(msg.recipients[i].address, e.code, e.status,
-                                                 e.text, hop if e.from_remote else None)
+                    results[i] = e.result(msg.recipients[i].address)
                 break
             first = False
             for j, i in enumerate(batch):
@@ -1394,14 +1396,11 @@ class ConnectionPool:
             except _HopFailure as e:
                 failure = e
             except _TLSFailed as e:
-                failure = _HopFailure(hop, 451, "4.4.2", f"TLS handshake with {_hopname(hop)} "
-                                      f"failed ({e.reason or 'no reason given'})",
-                                      from_remote=False, reached=True)
+                failure = _HopFailure.ours(hop, "4.4.2", f"TLS handshake with {_hopname(hop)} "
+                                           f"failed ({e.reason or 'no reason given'})")
             if failure is not None:
                 for i in pending:
-                    results[i] = RecipientResult(msg.recipients[i].address, failure.code,
-                                                 failure.status, failure.text,
-                                                 hop if failure.from_remote else None)
+                    results[i] = failure.result(msg.recipients[i].address)
                 break
             conn.rcpt_limit = limit
             local = self._local_check(conn, msg, content)
