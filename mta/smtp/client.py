@@ -128,7 +128,7 @@ from zope.interface import implementer
 from .data import has_bare_newline, normalize_newlines
 from .downgrade import DowngradeError, to_7bit
 
-from .types import NextHop, TLSInfo, reply_kind
+from .types import NextHop, TLSInfo, reply_detail, reply_kind
 
 log = Logger(namespace="mta.smtp")
 
@@ -140,7 +140,6 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _PARAM_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+")  # esmtp-value (+ UTF-8)
 _REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])(?:([ -])(.*))?")
 _STATUS = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})(?: +|$)")
-_CODE_PREFIX = re.compile(r"[2-5][0-9][0-9](?: +[245]\.[0-9]{1,3}\.[0-9]{1,3})?(?: +|$)")
 
 
 # ---------------------------------------------------------------------------
@@ -189,8 +188,7 @@ class RecipientResult:
     def detail(self) -> str:
         """``text`` without its leading reply code and enhanced status (for
         our own results: "connect to mx[192.0.2.1]:25: Connection refused")."""
-        m = _CODE_PREFIX.match(self.text)
-        return self.text[m.end():] if m and m.end() < len(self.text) else self.text
+        return reply_detail(self.text)
 
 
 @dataclass

@@ -11,10 +11,12 @@ them from.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["TLS_POLICIES", "Credentials", "Kind", "NextHop", "TLSInfo", "reply_kind"]
+__all__ = ["TLS_POLICIES", "Credentials", "Kind", "NextHop", "TLSInfo", "reply_detail",
+           "reply_kind"]
 
 #: Outbound TLS policies (see mta.smtp.client): never STARTTLS; opportunistic;
 #: TLS required, any certificate; TLS required, certificate must match NextHop.host.
@@ -34,6 +36,17 @@ def reply_kind(code: int) -> Kind:
     if 500 <= code < 600:
         return "permanent"
     return "temporary"
+
+
+_CODE_PREFIX = re.compile(r"[2-5][0-9][0-9](?: +[245]\.[0-9]{1,3}\.[0-9]{1,3})?(?: +|$)")
+
+
+def reply_detail(text: str) -> str:
+    """A reply's *text* without its leading code and enhanced status ("451
+    4.4.1 connect to mx[192.0.2.1]:25: Connection refused" -> "connect to
+    mx[192.0.2.1]:25: Connection refused")."""
+    m = _CODE_PREFIX.match(text)
+    return text[m.end():] if m and m.end() < len(text) else text
 
 
 @dataclass(frozen=True)
