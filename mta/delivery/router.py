@@ -1,8 +1,11 @@
 """Where a domain's mail goes next: a configured route, the smarthost, or DNS MX.
 
-``Router.route(domain)`` answers with the ordered list of :class:`NextHop` to
-try (the delivery code tries them in order until one takes the message), or
-fails with :class:`RouteError` carrying an enhanced status code.
+``Router.route_for(domain)`` answers, per recipient, its
+:class:`~mta.delivery.types.Route` (which courier, which destination key:
+recipients with the same route share a transaction).  ``Router.route(domain)``
+answers with the ordered list of :class:`NextHop` to try (the SMTP courier
+tries them in order until one takes the message), or fails with
+:class:`RouteError` carrying an enhanced status code.
 
 Order of decisions:
 
@@ -67,6 +70,7 @@ from twisted.names import client, dns
 from twisted.names import error as dns_error
 
 from ..smtp.types import TLS_POLICIES, Credentials, NextHop, reply_kind
+from .types import Route
 
 __all__ = ["TLS_POLICIES", "Credentials", "NextHop", "RouteError", "Router", "parse_hostport",
            "to_ascii_domain"]
@@ -346,6 +350,12 @@ class Router:
         if self.smarthost is not None:
             return "smarthost"
         return key
+
+    def route_for(self, domain: str) -> Route:
+        """The route of a recipient of *domain*: which courier takes it
+        (``"smtp"``: every destination is relayed for now) and the
+        destination it shares a transaction with (:meth:`destination`)."""
+        return Route("smtp", self.destination(domain))
 
     def route(self, domain: str) -> Deferred[list[NextHop]]:
         """The next hops for ``domain``, most preferred first; fails with RouteError."""
