@@ -83,6 +83,35 @@ class InboundMessage:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class QueuedMessage:
+    """A message in the spool, as delivery sees it (built by mta.spool.ops
+    from its rows; no row dict leaves mta/spool/ for the delivery path)."""
+    queue_id: str
+    sender: str                  # "" for the null reverse-path
+    headers: bytes
+    body: bytes
+    arrival: float
+    body_type: str | None = None
+    smtputf8: bool = False
+    ret: str | None = None       # DSN RET=
+    envid: str | None = None     # DSN ENVID= (xtext as received)
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedRecipient:
+    """One recipient of a spooled message with its delivery state (built by
+    mta.spool.ops).  ``id`` is its row id, the key of its results."""
+    id: int
+    queue_id: str
+    address: str                 # as accepted ("postmaster" may be bare)
+    notify: str | None = None
+    orcpt: str | None = None
+    attempts: int = 0
+    warned: bool = False         # a delay DSN was sent
+    last_reply: str | None = None
+
+
 _date_cache: list = [None, ""]
 
 

@@ -435,6 +435,7 @@ def dsn_maker(config: Any) -> Callable[[dict[str, Any], list[dict[str, Any]], fl
     respected); none for a message from ``<>``."""
     from .delivery.scheduler import _notify_allows, dsn_messages
     from .dsn import DSNRecipient
+    from .spool import ops
 
     def make(m: dict[str, Any], rows: list[dict[str, Any]], now: float) -> list:
         if m["sender"] == "":
@@ -452,7 +453,8 @@ def dsn_maker(config: Any) -> Callable[[dict[str, Any], list[dict[str, Any]], fl
                                        reason=reason))
         if not failed:
             return []
-        return dsn_messages(m, {"failure": failed}, now, hostname=config.server.hostname,
+        return dsn_messages(ops.queued_message(m), {"failure": failed}, now,
+                            hostname=config.server.hostname,
                             postmaster=config.relay.postmaster)
 
     return make

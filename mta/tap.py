@@ -547,6 +547,7 @@ def _make_runner(config: Config, spool: object, reactor: object,
                  metrics: Any = None) -> service.IService:
     from .delivery.router import Router
     from .delivery.scheduler import QueueRunner
+    from .delivery.smtp_courier import SMTPCourier
     from .smtp.client import ConnectionPool
 
     relay = config.relay
@@ -562,7 +563,8 @@ def _make_runner(config: Config, spool: object, reactor: object,
     pool = ConnectionPool(helo_name=config.server.hostname, reactor=reactor,
                           timeouts=relay.timeouts,
                           max_idle_per_host=max(4, relay.concurrency), trust_root=trust_root)
-    return QueueRunner(spool, router, pool, hostname=config.server.hostname,
+    couriers = {"smtp": SMTPCourier(router, pool, hostname=config.server.hostname)}
+    return QueueRunner(spool, router, couriers, hostname=config.server.hostname,
                        retry=config.retry, relay=relay, reactor=reactor, metrics=metrics)
 
 
@@ -570,7 +572,7 @@ def _relay_tls_auth(config: Config) -> tuple[Any, Any]:
     """(trust root for TLS policy "verify", smarthost Credentials), each None
     when not configured.  An unreadable CA or password file stops startup
     with one line naming the key."""
-    from .delivery.router import Credentials
+    from .delivery.types import Credentials
     from .smtp.client import load_trust_root
 
     relay = config.relay

@@ -529,7 +529,7 @@ class WiringTests(unittest.SynchronousTestCase):
         self.assertEqual(runner.router.tls, "verify")
         self.assertEqual(runner.router.route_tls, {"a.test": "none"})
         self.assertEqual(runner.router.smarthost_auth, Credentials(USER, PASSWORD))
-        self.assertIsNotNone(runner.pool.trust_root)
+        self.assertIsNotNone(runner.couriers["smtp"].pool.trust_root)
 
     def test_unreadable_files_stop_startup(self):
         missing = os.path.join(_tmp(self), "nothing")
@@ -564,7 +564,10 @@ class QueueRunnerTests(TLSAuthTestCase):
 
         router = Router(routes={"d.test": f"127.0.0.1:{peer.port}"}, route_tls={"d.test": "encrypt"})
         pool = ConnectionPool(helo_name="me.test")
-        runner = QueueRunner(Spool(), router, pool, hostname="me.test",
+        from mta.delivery.smtp_courier import SMTPCourier
+        runner = QueueRunner(Spool(), router,
+                             {"smtp": SMTPCourier(router, pool, hostname="me.test")},
+                             hostname="me.test",
                              retry=RetryConfig(), relay=RelayConfig(), poll_interval=3600)
         now = time.time()
         msg = InboundMessage(

@@ -33,7 +33,7 @@ from twisted.internet import defer, task
 
 from conftest import wait_for
 from daemonutil import python_for_user, use_twistd_args
-from test_scheduler import FakeRouter, SyncSpool, put
+from test_scheduler import FakeRouter, SyncSpool, put, smtp
 from test_smtp_server import Client, codes, make_factory
 
 from mta.config import RelayConfig, RetryConfig
@@ -153,7 +153,8 @@ def runner_env(tmp_path):
     e.clock, e.spool, e.pool = clock, spool, pool
 
     def make(grace, concurrency=20):
-        runner = QueueRunner(spool, FakeRouter(), pool, hostname="mx.example.test",
+        router = FakeRouter()
+        runner = QueueRunner(spool, router, smtp(router, pool), hostname="mx.example.test",
                              retry=RetryConfig(), reactor=clock, rand=lambda: 0.5,
                              relay=RelayConfig(shutdown_grace=grace, concurrency=concurrency))
         runner.startService()

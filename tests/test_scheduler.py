@@ -13,6 +13,7 @@ from twisted.internet import defer, task
 from mta.config import RelayConfig, RetryConfig
 from mta.delivery.router import NextHop, RouteError
 from mta.delivery.scheduler import QueueRunner, backoff
+from mta.delivery.smtp_courier import SMTPCourier
 from mta.message import InboundMessage, Recipient, new_queue_id
 from mta.smtp.client import DeliveryResult, RecipientResult
 from mta.spool import ops
@@ -79,6 +80,11 @@ class FakePool:
         return defer.succeed(None)
 
 
+def smtp(router, pool):
+    """The couriers of a runner that relays through *pool* (a fake ConnectionPool)."""
+    return {"smtp": SMTPCourier(router, pool, hostname="mx.example.test")}
+
+
 @pytest.fixture
 def env(tmp_path):
     clock = task.Clock()
@@ -90,7 +96,8 @@ def env(tmp_path):
     retry = RetryConfig(first=300, max=3600, lifetime=5 * 86400, warn_after=None)
 
     def make(retry=retry, relay=RelayConfig()):
-        runner = QueueRunner(spool, router, e.pool, hostname="mx.example.test", retry=retry,
+        runner = QueueRunner(spool, router, smtp(router, e.pool), hostname="mx.example.test",
+                             retry=retry,
                              relay=relay, reactor=clock, rand=lambda: 0.5)
         runner.startService()
         return runner
@@ -344,7 +351,7 @@ def test_owed_report_waits_for_the_last_job_and_a_crash_loses_nothing(env, tmp_p
     pool.hold = {"slow.test"}
     pool.script["bob@dest.test"] = [(550, "5.1.1")]
     qid = put(env, rcpts=("bob@dest.test", "carol@dest.test", "dave@slow.test"))
-    runner = QueueRunner(env.spool, env.router, pool, hostname="mx.example.test",
+    runner = QueueRunner(env.spool, env.router, smtp(env.router, pool), hostname="mx.example.test",
                          retry=RetryConfig(first=300, max=3600, lifetime=86400),
                          relay=RelayConfig(), reactor=env.clock, rand=lambda: 0.5)
     runner.startService()
@@ -358,7 +365,8 @@ def test_owed_report_waits_for_the_last_job_and_a_crash_loses_nothing(env, tmp_p
     pool2 = FakePool()
     pool2.script = {"bob@dest.test": [(550, "5.1.1")], "dave@slow.test": [(250, "2.0.0")],
                     "alice@example.test": [(451, "4.2.0")]}
-    restarted = QueueRunner(env.spool, env.router, pool2, hostname="mx.example.test",
+    restarted = QueueRunner(env.spool, env.router, smtp(env.router, pool2),
+                            hostname="mx.example.test",
                             retry=RetryConfig(first=300, max=3600, lifetime=86400),
                             relay=RelayConfig(), reactor=env.clock, rand=lambda: 0.5)
     restarted.startService()
@@ -497,7 +505,8 @@ def flaky(env, tmp_path):
 
 
 def make_runner(env, pool=None, relay=None, retry=None):
-    runner = QueueRunner(env.spool, env.router, pool or env.pool, hostname="mx.example.test",
+    runner = QueueRunner(env.spool, env.router, smtp(env.router, pool or env.pool),
+                         hostname="mx.example.test",
                          retry=retry or RetryConfig(first=300, max=3600, lifetime=5 * 86400),
                          relay=relay or RelayConfig(), reactor=env.clock, rand=lambda: 0.5)
     runner.startService()

@@ -1,8 +1,11 @@
 """Where a domain's mail goes next: a configured route, the smarthost, or DNS MX.
 
-``Router.route(domain)`` answers with the ordered list of :class:`NextHop` to
-try (the delivery code tries them in order until one takes the message), or
-fails with :class:`RouteError` carrying an enhanced status code.
+``Router.route_for(domain)`` answers, per recipient, its
+:class:`~mta.delivery.types.Route` (which courier, which destination key:
+recipients with the same route share a transaction).  ``Router.route(domain)``
+answers with the ordered list of :class:`NextHop` to try (the SMTP courier
+tries them in order until one takes the message), or fails with
+:class:`RouteError` carrying an enhanced status code.
 
 Order of decisions:
 
@@ -56,7 +59,7 @@ import ipaddress
 import random as _random
 import socket
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet import defer
@@ -66,6 +69,8 @@ from twisted.names import client, dns
 from twisted.names import error as dns_error
 
 from .. import domain as dom
+from ..smtp.types import TLS_POLICIES, Credentials, NextHop, reply_kind
+from .types import Route
 
 __all__ = ["TLS_POLICIES", "Credentials", "NextHop", "RouteError", "Router", "parse_hostport"]
 
@@ -75,29 +80,6 @@ log = Logger()
 MAX_CNAME_CHAIN = 8
 DNS_PORT = 53
 
-#: Outbound TLS policies (see mta.smtp.client): never STARTTLS; opportunistic;
-#: TLS required, any certificate; TLS required, certificate must match NextHop.host.
-TLS_POLICIES = ("none", "may", "encrypt", "verify")
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """What the client logs in with (AUTH PLAIN/LOGIN, over TLS only)."""
-    user: str
-    password: str = field(repr=False)
-
-
-@dataclass(frozen=True)
-class NextHop:
-    host: str     # MX host name (or the route/smarthost host as configured, or the IP): logs, SNI
-    address: str  # IP address to connect to
-    port: int
-    tls: str = "may"                    # one of TLS_POLICIES; "verify" checks ``host``
-    auth: Credentials | None = field(default=None, repr=False)  # smarthost login
-
-    def __str__(self) -> str:
-        """Postfix's ``relay=`` form: ``host[address]:port``."""
-        return f"{self.host}[{self.address}]:{self.port}"
 
 
 class RouteError(Exception):
@@ -109,8 +91,13 @@ class RouteError(Exception):
         self.text = text
 
     @property
+    def code(self) -> int:
+        """The reply code that goes with ``status``: 550 or 451."""
+        return 550 if self.status.startswith("5") else 451
+
+    @property
     def permanent(self) -> bool:
-        return self.status.startswith("5")
+        return reply_kind(self.code) == "permanent"
 
     def __str__(self) -> str:
         return f"{self.status} {self.text}"
@@ -332,6 +319,12 @@ class Router:
         if self.smarthost is not None:
             return "smarthost"
         return key
+
+    def route_for(self, domain: str) -> Route:
+        """The route of a recipient of *domain*: which courier takes it
+        (``"smtp"``: every destination is relayed for now) and the
+        destination it shares a transaction with (:meth:`destination`)."""
+        return Route("smtp", self.destination(domain))
 
     def route(self, domain: str) -> Deferred[list[NextHop]]:
         """The next hops for ``domain``, most preferred first; fails with RouteError."""

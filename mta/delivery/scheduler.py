@@ -1,18 +1,23 @@
-"""The queue runner: takes due recipients from the spool, routes them,
-hands them to the SMTP client, and records per recipient what happened.
+"""The queue runner: takes due recipients from the spool, asks the router
+for each one's route (courier and destination), hands each group to its
+courier (mta.delivery.types.Courier: SMTP relay, local delivery), and
+records the Outcome of each recipient.
 
 * new messages are attempted at once (the server kicks the runner after each
   commit), deferred recipients when their ``next_attempt`` is due;
-* 2xx → delivered; 5xx → failed, with an RFC 3464 bounce; 4xx → deferred with
-  :func:`backoff`, until ``lifetime`` runs out (then failed, status 4.4.7);
+* Outcome ``delivered`` → delivered; ``permanent`` → failed, with an RFC
+  3464 bounce; ``temporary`` → deferred with :func:`backoff`, until
+  ``lifetime`` runs out (then failed, status 4.4.7).  The kind is decided
+  once, by the courier's Outcome (``reply_kind`` of the reply code);
 * the outcome, the DSNs it owes and the removal of finished messages are
   written in one transaction, so a message leaves the spool only when every
   recipient is final and every DSN it owes is spooled;
 * a message from ``<>`` never gets a DSN (a failed bounce is logged and
   dropped, or reported to ``[relay] postmaster`` when that is set);
 * NOTIFY=SUCCESS (RFC 3461 §6.2.7): a next hop that offers DSN got the
-  parameters and takes over the duty, so we report nothing; one without DSN
-  gets ``Action: relayed`` from us (``delivered`` is for final delivery);
+  parameters and takes over the duty (``Outcome.dsn_passed``), so we report
+  nothing; one without DSN gets ``Action: relayed`` from us (``delivered``
+  is for final delivery: ``Outcome.final``);
 * one report of each kind (failure, delay, success) per message and queue
   pass, even when its recipients went to several next hops in several jobs:
   see :class:`_Reports`.
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -42,6 +48,7 @@ from ..config import RelayConfig, RetryConfig
 from ..message import InboundMessage, Recipient, new_queue_id, split_header_block
 from ..spool import SpoolWriteError, ops
 from ..spool.admin import _reason as spool_error_text
+from .types import Courier, Outcome, QueuedMessage, QueuedRecipient, Route
 
 log = Logger(namespace="mta.delivery")
 
@@ -132,10 +139,10 @@ class _Reports:
 @dataclass
 class Job:
     queue_id: str
-    domain: str
-    message: dict[str, Any]
-    rcpts: list[dict[str, Any]] = field(default_factory=list)
-    destination: str = ""       # Router.destination(): the concurrency key
+    domain: str                 # of the first recipient (for the log)
+    message: QueuedMessage
+    rcpts: list[QueuedRecipient] = field(default_factory=list)
+    route: Route = Route("smtp", "")   # the courier, and the concurrency key
     attempting: bool = False    # has a delivery slot and is under way
     recording: bool = False     # writing its outcome: not to be cancelled
     reports: _Reports = field(default_factory=lambda: _Reports(jobs=1))
@@ -157,16 +164,22 @@ class _Unrecorded:
 class QueueRunner(service.Service):
     name = "queue-runner"
 
-    def __init__(self, spool: Any, router: Any, pool: Any, *, hostname: str, retry: RetryConfig,
-                 relay: RelayConfig, reactor: Any = None, rand: Callable[[], float] = random.random,
-                 poll_interval: float = 1.0, dsn_builder: Callable[..., bytes] | None = None,
-                 metrics: Any = None):
+    """``router`` answers each recipient's Route (``route_for(domain)``;
+    a router without it routes everything to ``"smtp"``, grouped by
+    ``destination(domain)`` or else by domain); ``couriers`` maps a Route's
+    courier name to the Courier that delivers it.  The router's ``close()``
+    and every courier's are called at the stop."""
+
+    def __init__(self, spool: Any, router: Any, couriers: Mapping[str, Courier], *,
+                 hostname: str, retry: RetryConfig, relay: RelayConfig, reactor: Any = None,
+                 rand: Callable[[], float] = random.random, poll_interval: float = 1.0,
+                 dsn_builder: Callable[..., bytes] | None = None, metrics: Any = None):
         if reactor is None:
             from twisted.internet import reactor as _r
             reactor = _r
         self.spool = spool
         self.router = router
-        self.pool = pool
+        self.couriers: dict[str, Courier] = dict(couriers)
         self.hostname = hostname
         self.retry = retry
         self.relay = relay
@@ -175,7 +188,7 @@ class QueueRunner(service.Service):
         self.poll_interval = poll_interval
         self._dsn_builder = dsn_builder
         self._global = defer.DeferredSemaphore(relay.concurrency)
-        self._per_dest: dict[str, defer.DeferredSemaphore] = {}
+        self._per_dest: dict[Route, defer.DeferredSemaphore] = {}
         self._running = False
         self._again = False
         self._loop: task.LoopingCall | None = None
@@ -296,7 +309,8 @@ class QueueRunner(service.Service):
         def finished(_: Any) -> Any:
             if timer is not None and timer.active():
                 timer.cancel()
-            return self.pool.close()
+            return defer.DeferredList([defer.maybeDeferred(c.close)
+                                       for c in self.couriers.values()], consumeErrors=True)
         d = defer.DeferredList(waits, consumeErrors=True)
         d.addBoth(finished)
         close_router = getattr(self.router, "close", None)
@@ -349,7 +363,7 @@ class QueueRunner(service.Service):
             return
         try:
             rows, msgs = await self.spool.write(ops.claim_and_load,
-                                                [r["id"] for _d, part in plan for r in part])
+                                                [r.id for _d, part in plan for r in part])
         except SpoolWriteError:
             return             # logged by the spool; tried again at the next queue run
         except Exception as e:
@@ -359,64 +373,67 @@ class QueueRunner(service.Service):
         if not rows:
             return
         if not self.running:   # stopped meanwhile: give them back
-            await self.spool.write(ops.requeue_inflight, [r["id"] for r in rows])
+            await self.spool.write(ops.requeue_inflight, [r.id for r in rows])
             return
         if len(due) >= scan:   # there may be more due work beyond what was read
             self._again = True
-        claimed = {r["id"]: r for r in rows}
+        claimed = {r.id: r for r in rows}
         orphans = []
         jobs: list[Job] = []
         reports: dict[str, _Reports] = {}
-        for destination, part in plan:
-            part = [claimed[r["id"]] for r in part if r["id"] in claimed]
+        for route, part in plan:
+            part = [claimed[r.id] for r in part if r.id in claimed]
             if not part:       # changed by an administrator meanwhile
                 continue
-            qid = part[0]["queue_id"]
+            qid = part[0].queue_id
             msg = msgs.get(qid)
             if msg is None:  # should not happen: recipients without their message
                 orphans.extend(part)
                 continue
             share = reports.setdefault(qid, _Reports())
             share.jobs += 1
-            jobs.append(Job(qid, self._domain_of(part[0]["address"]), msg, part,
-                            destination=destination, reports=share))
+            jobs.append(Job(qid, self._domain_of(part[0].address), msg, part,
+                            route=route, reports=share))
         for job in jobs:
             self._start(job)
         if orphans:
             log.error("{n} recipients without a message row; marking failed", n=len(orphans))
             await self.spool.write(ops.record_results, [
-                ops.RecipientUpdate(r["id"], "failed", r["attempts"], now, "message missing")
+                ops.RecipientUpdate(r.id, "failed", r.attempts, now, "message missing")
                 for r in orphans], [], [])
 
-    def _plan(self, due: list[dict[str, Any]], free: int
-              ) -> list[tuple[str, list[dict[str, Any]]]]:
-        """The transactions (destination, recipients) to start now among the
-        *due* recipients (soonest first): those of one message to one
-        destination travel together, ``recipient_limit`` at most, and no more
-        than *free* transactions in all and than each destination has slots
-        free (``per_destination``)."""
-        groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    def _plan(self, due: Sequence[QueuedRecipient], free: int
+              ) -> list[tuple[Route, list[QueuedRecipient]]]:
+        """The transactions (route, recipients) to start now among the
+        *due* recipients (soonest first): those of one message with one
+        route travel together, ``recipient_limit`` at most, and no more
+        than *free* transactions in all and than each route's destination
+        has slots free (``per_destination``)."""
+        groups: dict[tuple[str, Route], list[QueuedRecipient]] = defaultdict(list)
         for r in due:
-            groups[(r["queue_id"], self._destination_of(r["address"]))].append(r)
-        busy = Counter(job.destination or job.domain for job in self._jobs.values())
+            groups[(r.queue_id, self._route_of(r.address))].append(r)
+        busy = Counter(job.route for job in self._jobs.values())
         step = self.relay.recipient_limit
-        plan: list[tuple[str, list[dict[str, Any]]]] = []
-        for (_qid, destination), rcpts in groups.items():
+        plan: list[tuple[Route, list[QueuedRecipient]]] = []
+        for (_qid, route), rcpts in groups.items():
             for i in range(0, len(rcpts), step):
                 if len(plan) >= free:
                     return plan
-                if busy[destination] >= self.relay.per_destination:
+                if busy[route] >= self.relay.per_destination:
                     break
-                busy[destination] += 1
-                plan.append((destination, rcpts[i:i + step]))
+                busy[route] += 1
+                plan.append((route, rcpts[i:i + step]))
         return plan
 
-    def _destination_of(self, address: str) -> str:
-        """Recipients with the same destination travel together (see
-        Router.destination); a router without that notion groups by domain."""
+    def _route_of(self, address: str) -> Route:
+        """The recipient's Route (Router.route_for); a router without that
+        notion relays, grouping by Router.destination, or else by domain."""
         domain = self._domain_of(address)
+        route_for = getattr(self.router, "route_for", None)
+        if route_for is not None:
+            return route_for(domain)
         dest = getattr(self.router, "destination", None)
-        return dest(domain) if dest is not None else domain
+        return Route("smtp", dest(domain) if dest is not None else domain)
 
     def _domain_of(self, address: str) -> str:
         return domain_key(address, self.hostname)
@@ -463,7 +480,7 @@ class QueueRunner(service.Service):
         """A delivery cancelled by the stop (or never started): its recipients
         go back to "queued" (unless their result was recorded meanwhile)."""
         was = "interrupted" if job.attempting else "not started"
-        d = self.spool.write(ops.requeue_inflight, [r["id"] for r in job.rcpts])
+        d = self.spool.write(ops.requeue_inflight, [r.id for r in job.rcpts])
 
         def logged(n: int) -> None:
             log.info("{queue_id}: delivery to {domain} {was} at shutdown; {n} recipient(s) "
@@ -476,9 +493,9 @@ class QueueRunner(service.Service):
         return d.addCallbacks(logged, failed)
 
     async def _run_job(self, job: Job) -> None:
-        sem = self._per_dest.get(job.destination or job.domain)
+        sem = self._per_dest.get(job.route)
         if sem is None:
-            sem = self._per_dest[job.destination or job.domain] = defer.DeferredSemaphore(self.relay.per_destination)
+            sem = self._per_dest[job.route] = defer.DeferredSemaphore(self.relay.per_destination)
         await sem.acquire()
         try:
             await self._global.acquire()
@@ -492,83 +509,62 @@ class QueueRunner(service.Service):
         finally:
             sem.release()
             if not sem.waiting and sem.tokens == sem.limit:
-                self._per_dest.pop(job.destination or job.domain, None)
+                self._per_dest.pop(job.route, None)
 
     # -- one attempt ------------------------------------------------------------------
     async def _attempt(self, job: Job) -> None:
-        from ..smtp.client import OutboundMessage, OutboundRecipient, RecipientResult
-        from .router import RouteError
-
-        m = job.message
-        remote = None
-        dsn_offered = False
-        tls = None
-        try:
-            hops = await self.router.route(job.domain)
-        except RouteError as e:
-            code = 550 if e.permanent else 451
-            results = [RecipientResult(r["address"], code, e.status, f"{code} {e.status} {e.text}")
-                       for r in job.rcpts]
-        except Exception as e:  # resolver trouble we did not foresee: try again later
-            log.failure("routing {domain} failed", domain=job.domain)
-            results = [RecipientResult(r["address"], 451, "4.4.3", f"451 4.4.3 routing failed: {e}")
-                       for r in job.rcpts]
+        courier = self.couriers.get(job.route.courier)
+        if courier is None:     # a route to a courier not configured: a bug, not a bounce
+            log.error("{queue_id}: no courier {name!r} for {domain}", queue_id=job.queue_id,
+                      name=job.route.courier, domain=job.domain)
+            outcomes = [Outcome.ours("4.3.5", f"no courier {job.route.courier!r} configured")
+                        ] * len(job.rcpts)
         else:
-            out = OutboundMessage(
-                queue_id=job.queue_id, sender=m["sender"],
-                recipients=[OutboundRecipient(self._outbound_address(r["address"]), r["notify"],
-                                              r["orcpt"]) for r in job.rcpts],
-                headers=bytes(m["headers"]), body=bytes(m["body"]), body_type=m["body_type"],
-                smtputf8=bool(m["smtputf8"]), ret=m["ret"], envid=m["envid"])
-            res = await self.pool.deliver(hops, out)
-            results, remote, dsn_offered = res.results, res.remote, res.dsn_offered
-            tls = res.tls
-        await self._record(job, results, remote, dsn_offered, tls)
+            outcomes = await courier.deliver(job.message, job.rcpts, job.route.destination)
+            if len(outcomes) != len(job.rcpts):
+                raise RuntimeError(f"courier {job.route.courier!r} returned {len(outcomes)} "
+                                   f"outcomes for {len(job.rcpts)} recipients")
+        await self._record(job, outcomes)
 
-    def _outbound_address(self, address: str) -> str:
-        return address if "@" in address else f"{address}@{self.hostname}"
-
-    async def _record(self, job: Job, results: list, remote: Any, dsn_offered: bool,
-                      tls: Any = None) -> None:
+    async def _record(self, job: Job, outcomes: Sequence[Outcome]) -> None:
         from ..dsn import DSNRecipient
 
         m = job.message
         now = self.reactor.seconds()
-        age = now - m["arrival"]
+        age = now - m.arrival
         lifetime = self.retry.lifetime
-        relay_txt = f"{remote.host}[{remote.address}]:{remote.port}" if remote else "none"
-        tls_txt = str(tls) if tls is not None else "none"
         updates: list[ops.RecipientUpdate] = []
         report: dict[str, list] = defaultdict(list)  # kind -> DSNRecipient list
         owing: set[int] = set()                      # rows that add to the report
-        for row, res in zip(job.rcpts, results):
-            attempts = row["attempts"] + 1
-            notify = row["notify"]
-            warned = bool(row["warned"])
+        for row, res in zip(job.rcpts, outcomes):
+            attempts = row.attempts + 1
+            notify = row.notify
+            warned = row.warned
             reply = res.text
             # Only a reply the next hop really sent is its Diagnostic-Code with
             # Remote-MTA; our own decisions are reported as ours (RFC 3464 §2.3.5).
             said_by = res.remote
-            dsn_common = dict(final_recipient=row["address"], original_recipient=row["orcpt"],
+            dsn_common = dict(final_recipient=row.address, original_recipient=row.orcpt,
                               remote_mta=said_by.host if said_by else None,
                               diagnostic_code=reply if said_by else None,
                               reason=None if said_by else res.detail, last_attempt=now)
             said = (f"host {said_by.host}[{said_by.address}] said: {res.text}"
-                    if said_by and res.code >= 300 else res.text if said_by else res.detail)
-            if 200 <= res.code < 300:
+                    if said_by and res.kind != "delivered" else res.text if said_by
+                    else res.detail)
+            if res.kind == "delivered":
                 status_word = "sent"
                 state, nxt = "delivered", now
                 # RFC 3461 §6.2.7: a next hop with DSN was given NOTIFY (and
                 # ORCPT, ENVID, RET) and now owes the report; ``delivered`` is
                 # for a final delivery, which the relay does not make.
-                if _notify_allows(notify, "SUCCESS") and not dsn_offered:
-                    owing.add(row["id"])
-                    report["success"].append(DSNRecipient(action="relayed",
-                                                          status=res.status or "2.0.0",
-                                                          **dsn_common))
+                if _notify_allows(notify, "SUCCESS") and not res.dsn_passed:
+                    owing.add(row.id)
+                    report["success"].append(DSNRecipient(
+                        action="delivered" if res.final else "relayed",
+                        status=res.status or "2.0.0", **dsn_common))
                 dsn_status = res.status or "2.0.0"
-            elif res.code >= 500 or age >= lifetime:
-                expired = res.code < 500
+            elif res.kind == "permanent" or age >= lifetime:
+                expired = res.kind != "permanent"
                 status_word = "expired" if expired else "bounced"
                 state, nxt = "failed", now
                 dsn_status = "4.4.7" if expired else (res.status or "5.0.0")
@@ -576,7 +572,7 @@ class QueueRunner(service.Service):
                     reply = f"delivery time expired; last reply: {res.text}"
                     said = f"delivery time expired; last reply: {said}"
                 if _notify_allows(notify, "FAILURE"):
-                    owing.add(row["id"])
+                    owing.add(row.id)
                     report["failure"].append(DSNRecipient(action="failed", status=dsn_status,
                                                           **dsn_common))
             else:
@@ -584,28 +580,29 @@ class QueueRunner(service.Service):
                 state = "deferred"
                 dsn_status = res.status or "4.0.0"
                 delay = backoff(attempts, self.retry.first, self.retry.max, self.rand())
-                nxt = min(now + delay, m["arrival"] + lifetime)
+                nxt = min(now + delay, m.arrival + lifetime)
                 warn = self.retry.warn_after
                 if (warn is not None and not warned and age >= warn
                         and _notify_allows(notify, "DELAY")):
                     warned = True
-                    owing.add(row["id"])
+                    owing.add(row.id)
                     report["delay"].append(DSNRecipient(
                         action="delayed", status=dsn_status,
-                        will_retry_until=m["arrival"] + lifetime, **dsn_common))
-            updates.append(ops.RecipientUpdate(row["id"], state, attempts, nxt, reply, warned))
+                        will_retry_until=m.arrival + lifetime, **dsn_common))
+            updates.append(ops.RecipientUpdate(row.id, state, attempts, nxt, reply, warned))
             if self.metrics is not None:
                 self.metrics.recipient_done(
-                    _METRIC_STATUS[status_word], self._domain_of(row["address"]),
+                    _METRIC_STATUS[status_word], self._domain_of(row.address),
                     age if state != "deferred" else None)
             log.info("{queue_id}: to=<{rcpt}> relay={relay} tls={tls} delay={delay:.1f} "
                      "attempts={attempts} dsn={dsn} status={status} ({reply})",
-                     queue_id=job.queue_id, rcpt=row["address"], relay=relay_txt, tls=tls_txt,
+                     queue_id=job.queue_id, rcpt=row.address, relay=res.relay,
+                     tls=str(res.tls) if res.tls is not None else "none",
                      delay=age, attempts=attempts, dsn=dsn_status, status=status_word,
                      reply=said)
         # One report per message and pass (see _Reports): the rows that owe
         # one wait for the message's last job, which writes them with the DSNs.
-        if m["sender"] == "" and not self.relay.postmaster:
+        if m.sender == "" and not self.relay.postmaster:
             owing.clear()       # nobody to report to: nothing to wait for
         share = job.reports
         job.reported = True
@@ -709,15 +706,15 @@ class QueueRunner(service.Service):
         log.warn("{queue_id}: the results of {n} recipient(s) to {domain} were not recorded "
                  "({why}); they stay in flight and are attempted again at the next start: "
                  "{rcpts}", queue_id=job.queue_id, n=len(job.rcpts), domain=job.domain, why=why,
-                 rcpts=", ".join(r["address"] for r in job.rcpts))
+                 rcpts=", ".join(r.address for r in job.rcpts))
         entry.done.callback(None)
 
-    def _make_dsns(self, m: dict[str, Any], report: dict[str, list], now: float) -> list:
+    def _make_dsns(self, m: QueuedMessage, report: dict[str, list], now: float) -> list:
         return dsn_messages(m, report, now, hostname=self.hostname,
                             postmaster=self.relay.postmaster, builder=self._dsn_builder)
 
 
-def dsn_messages(m: dict[str, Any], report: dict[str, list], now: float, *, hostname: str,
+def dsn_messages(m: QueuedMessage, report: dict[str, list], now: float, *, hostname: str,
                  postmaster: str = "", builder: Callable[..., bytes] | None = None) -> list:
     """The DSN messages (ready for the spool) that *report* owes for message
     row *m*: one per kind (failure, delay, success), from ``<>`` to the
@@ -726,7 +723,7 @@ def dsn_messages(m: dict[str, Any], report: dict[str, list], now: float, *, host
         return []
     from ..dsn import OriginalMessage, build_dsn, needs_smtputf8
     builder = builder or build_dsn
-    sender = m["sender"]
+    sender = m.sender
     if sender == "":
         # Never a DSN for a DSN.  A failed bounce may go to the postmaster.
         failed = report.get("failure", [])
@@ -734,7 +731,7 @@ def dsn_messages(m: dict[str, Any], report: dict[str, list], now: float, *, host
         if not failed or not pm:
             if failed:
                 log.warn("{queue_id}: bounce undeliverable, dropped (no DSN for <>)",
-                         queue_id=m["queue_id"])
+                         queue_id=m.queue_id)
             return []
         failed = [f for f in failed if f.final_recipient.lower() != pm.lower()]
         if not failed:
@@ -744,9 +741,8 @@ def dsn_messages(m: dict[str, Any], report: dict[str, list], now: float, *, host
     else:
         to = sender
     original = OriginalMessage(
-        queue_id=m["queue_id"], sender=to, headers=bytes(m["headers"]),
-        body=bytes(m["body"]), arrival=m["arrival"], envid=m["envid"], ret=m["ret"],
-        smtputf8=bool(m["smtputf8"]))
+        queue_id=m.queue_id, sender=to, headers=m.headers, body=m.body, arrival=m.arrival,
+        envid=m.envid, ret=m.ret, smtputf8=m.smtputf8)
     out = []
     for kind in ("failure", "delay", "success"):
         rcpts = report.get(kind)
@@ -761,7 +757,7 @@ def dsn_messages(m: dict[str, Any], report: dict[str, list], now: float, *, host
             body=data[n:], arrival=now, client_address="127.0.0.1", helo=hostname,
             protocol="local", size=len(data), smtputf8=utf8,
             body_type=None if data.isascii() else "8BITMIME"))
-        log.info("{queue_id}: sender {kind} notification: {dsn_id}", queue_id=m["queue_id"],
+        log.info("{queue_id}: sender {kind} notification: {dsn_id}", queue_id=m.queue_id,
                  kind={"failure": "non-delivery", "delay": "delay",
                        "success": "delivery"}[kind], dsn_id=qid)
     return out

@@ -3,7 +3,17 @@ cached connections that the queue runner hands messages to.
 
 ``ConnectionPool.deliver(hops, msg)`` tries the next hops in order and
 returns one result per recipient.  The protocol only reads replies and
-writes commands; the pool drives the conversation:
+writes commands.  Three parts drive it:
+
+* :class:`ConnectionPool`: connects (``connectTCP``), caches idle
+  connections, falls back across hops, holds rejected logins;
+* :class:`ClientSession`: the conversation over one connected
+  SMTPClientProtocol, whoever connected it (greeting, EHLO, STARTTLS, AUTH,
+  the transactions) -- so a session can also run over a connection the
+  pool did not open (a turned-around connection, ATRN);
+* :class:`TLSPolicy`: which TLS policy a hop gets and the TLS options.
+
+The conversation:
 
 * greeting, EHLO (HELO when EHLO gets a 5xx), opportunistic STARTTLS and
   EHLO again;
@@ -116,6 +126,7 @@ from __future__ import annotations
 import base64
 import re
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -130,7 +141,7 @@ from .data import has_bare_newline, normalize_newlines
 from .downgrade import DowngradeError, to_7bit
 from .settings import Timeouts
 
-from ..delivery.router import NextHop
+from .types import NextHop, TLSInfo, reply_detail, reply_kind
 
 log = Logger(namespace="mta.smtp")
 
@@ -142,7 +153,6 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _PARAM_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+")  # esmtp-value (+ UTF-8)
 _REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])(?:([ -])(.*))?")
 _STATUS = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})(?: +|$)")
-_CODE_PREFIX = re.compile(r"[2-5][0-9][0-9](?: +[245]\.[0-9]{1,3}\.[0-9]{1,3})?(?: +|$)")
 
 
 # ---------------------------------------------------------------------------
@@ -191,20 +201,7 @@ class RecipientResult:
     def detail(self) -> str:
         """``text`` without its leading reply code and enhanced status (for
         our own results: "connect to mx[192.0.2.1]:25: Connection refused")."""
-        m = _CODE_PREFIX.match(self.text)
-        return self.text[m.end():] if m and m.end() < len(self.text) else self.text
-
-
-@dataclass(frozen=True)
-class TLSInfo:
-    """The TLS session of the connection a delivery used."""
-    version: str                    # "TLSv1.3"
-    cipher: str                     # "TLS_AES_256_GCM_SHA384"
-    verified: bool                  # certificate checked (policy verify): chain and name
-
-    def __str__(self) -> str:
-        """The log form: ``TLSv1.3/TLS_AES_256_GCM_SHA384/verified`` (or ``/unverified``)."""
-        return f"{self.version}/{self.cipher}/{'verified' if self.verified else 'unverified'}"
+        return reply_detail(self.text)
 
 
 @dataclass
@@ -273,28 +270,45 @@ class _ProtocolError(_StepError):
 
 
 class _HopFailure(Exception):
-    """This next hop did not take the message; try the next one."""
+    """This next hop did not take the message; try the next one.
+
+    Made by one of two constructors: :meth:`from_reply` (the hop's own reply:
+    ``remote`` is the hop) or :meth:`ours` (our decision, always a 451 with a
+    4.x.y status: ``remote`` is None).  ``reached``: the hop was talked to
+    (its failure is the one reported); ``final``: no other hop is tried (a
+    rejected login); ``permanent``: a 5xx that may bounce the recipients when
+    every hop gave one (see ConnectionPool._deliver)."""
 
     def __init__(self, hop: NextHop, code: int, status: str, text: str, *,
-                 from_remote: bool, reached: bool, permanent: bool = False,
-                 final: bool = False):
-        if not from_remote:
-            text = f"{code} {status} {text}"
+                 remote: NextHop | None, reached: bool, permanent: bool = False,
+                 final: bool = False, login_rejected: bool = False):
         super().__init__(text)
         self.hop = hop
         self.code = code
         self.status = status
         self.text = text
-        self.from_remote = from_remote
+        self.remote = remote            # the hop when ``text`` is its reply, None when ours
         self.reached = reached
         self.permanent = permanent
         self.final = final              # no other hop is tried (a rejected login)
+        self.login_rejected = login_rejected  # AUTH got 5xx: the pool holds the credentials
         self.tls: TLSInfo | None = None  # the TLS session of the conversation, if any
 
     @classmethod
     def from_reply(cls, hop: NextHop, reply: Reply, *, permanent_ok: bool) -> "_HopFailure":
-        return cls(hop, reply.code, reply.status, reply.text, from_remote=True, reached=True,
-                   permanent=permanent_ok and reply.code >= 500)
+        return cls(hop, reply.code, reply.status, reply.text, remote=hop, reached=True,
+                   permanent=permanent_ok and reply_kind(reply.code) == "permanent")
+
+    @classmethod
+    def ours(cls, hop: NextHop, status: str, text: str, *, reached: bool = True,
+             final: bool = False, login_rejected: bool = False) -> "_HopFailure":
+        """Our own temporary failure with *hop*: "451 *status* *text*"."""
+        return cls(hop, 451, status, f"451 {status} {text}", remote=None, reached=reached,
+                   final=final, login_rejected=login_rejected)
+
+    def result(self, address: str) -> "RecipientResult":
+        """This failure as the result of one recipient."""
+        return RecipientResult(address, self.code, self.status, self.text, self.remote)
 
 
 class _TLSFailed(Exception):
@@ -314,13 +328,13 @@ def _hopname(hop: NextHop) -> str:
 def _step_failure(hop: NextHop, e: _StepError) -> _HopFailure:
     if isinstance(e, _StepTimeout):
         text = f"conversation with {_hopname(hop)} timed out while {e.step}"
-        return _HopFailure(hop, 451, "4.4.2", text, from_remote=False, reached=True)
+        return _HopFailure.ours(hop, "4.4.2", text)
     if isinstance(e, _ProtocolError):
         text = f"protocol error with {_hopname(hop)} while {e.step}"
-        return _HopFailure(hop, 451, "4.5.0", text, from_remote=False, reached=True)
+        return _HopFailure.ours(hop, "4.5.0", text)
     why = f" ({e.reason})" if isinstance(e, _StepLost) and e.reason else ""
     text = f"lost connection with {_hopname(hop)} while {e.step}{why}"
-    return _HopFailure(hop, 451, "4.4.2", text, from_remote=False, reached=True)
+    return _HopFailure.ours(hop, "4.4.2", text)
 
 
 def _is_limit_reply(r: Reply) -> bool:
@@ -881,199 +895,99 @@ def parse_ehlo(reply: Reply) -> dict[str, str]:
 # The pool
 # ---------------------------------------------------------------------------
 
-class ConnectionPool:
-    """Delivers messages to next hops and keeps connections for reuse.
+#: How a session gets a new started connection to a hop (ConnectionPool._open).
+Reopen = Callable[[NextHop, bool], Awaitable["SMTPClientProtocol"]]
 
-    ``starttls=False`` disables opportunistic STARTTLS (policy ``may``
-    becomes ``none``); ``tls_options`` is an
-    ``IOpenSSLClientConnectionCreator`` or context factory to use instead of
-    the default unverified one (policies ``may`` and ``encrypt``).
-    ``trust_root`` (an ``IOpenSSLTrustRoot``, see :func:`load_trust_root`)
-    is what policy ``verify`` checks certificates against; None: the
-    system's (``platformTrust()``).  ``auth_failure_hold``: seconds during
-    which a rejected login is not tried again (0: no hold).
-    """
 
-    def __init__(self, *, helo_name: str, reactor: Any = None, timeouts: Timeouts = Timeouts(),
-                 max_idle_per_host: int = 4, starttls: bool = True,
-                 tls_options: Any = None, trust_root: Any = None,
-                 auth_failure_hold: float = 300.0):
-        if reactor is None:
-            from twisted.internet import reactor as _r
-            reactor = _r
-        self.helo_name = helo_name
-        self.reactor = reactor
-        self.timeouts = timeouts
-        self.max_idle_per_host = max_idle_per_host
+class TLSPolicy:
+    """The outbound TLS policy (see the module docstring): the policy a next
+    hop gets -- ``NextHop.tls``, but credentials make ``may`` behave as
+    ``encrypt`` and ``starttls=False`` turns ``may`` into ``none`` -- and
+    the client TLS options for it: ``tls_options`` (else an unverified
+    context) for ``may``/``encrypt``, ``optionsForClientTLS`` against
+    ``trust_root`` (else the system's) for ``verify``."""
+
+    def __init__(self, *, starttls: bool = True, tls_options: Any = None,
+                 trust_root: Any = None) -> None:
         self.starttls = starttls
         self._tls_options = tls_options
-        self._idle: dict[tuple[str, int], list[SMTPClientProtocol]] = {}
-        self._quitting: set[defer.Deferred] = set()
-        self._closed = False
-        self.connections_made = 0
         self.trust_root = trust_root
-        self.auth_failure_hold = auth_failure_hold
         self._verify_options: dict[str, Any] = {}      # host -> optionsForClientTLS
-        self._auth_rejected: dict[tuple, tuple[float, str, str]] = {}  # until, status, why
 
-    # -- public -----------------------------------------------------------------
-    def deliver(self, hops: list[NextHop], msg: OutboundMessage) -> defer.Deferred:
-        return defer.Deferred.fromCoroutine(self._deliver(list(hops), msg))
+    def policy(self, hop: NextHop) -> str:
+        """The TLS policy applied to ``hop``: credentials require TLS."""
+        policy = hop.tls
+        if hop.auth is not None and policy == "may":
+            policy = "encrypt"
+        if policy == "may" and not self.starttls:
+            policy = "none"
+        return policy
 
-    def close(self) -> defer.Deferred:
-        """QUIT the idle connections; fires when they (and earlier QUITs) are closed."""
-        self._closed = True
-        for conns in list(self._idle.values()):
-            for conn in list(conns):
-                self._drop_idle(conn)
-                self._quit(conn)
-        self._idle.clear()
-        return defer.DeferredList(list(self._quitting), consumeErrors=True).addCallback(
-            lambda _: None)
+    def options(self, hop: NextHop, policy: str = "may") -> Any:
+        if policy == "verify":
+            options = self._verify_options.get(hop.host)
+            if options is None:
+                from twisted.internet import ssl
+                trust = self.trust_root if self.trust_root is not None else ssl.platformTrust()
+                options = ssl.optionsForClientTLS(hop.host, trustRoot=trust)
+                if len(self._verify_options) >= 1000:
+                    self._verify_options.clear()
+                self._verify_options[hop.host] = options
+            return options
+        if self._tls_options is None:
+            from twisted.internet import ssl
+            # Opportunistic and unauthenticated: no CA, no verification.
+            self._tls_options = ssl.CertificateOptions(verify=False)
+        return self._tls_options
 
-    def idle_count(self, hop: NextHop | None = None) -> int:
-        if hop is not None:
-            return len(self._idle.get(self._key(hop), ()))
-        return sum(len(v) for v in self._idle.values())
 
-    # -- delivery ---------------------------------------------------------------------
-    async def _deliver(self, hops: list[NextHop], msg: OutboundMessage) -> DeliveryResult:
-        # Nothing stored should hold a control character in an address, but
-        # a CR or LF here would be command injection: refuse, never send.
-        if _CONTROL.search(msg.sender):
-            text = "553 5.1.7 sender address contains control characters"
-            return DeliveryResult([RecipientResult(r.address, 553, "5.1.7", text)
-                                   for r in msg.recipients], None, False)
-        bad = [i for i, r in enumerate(msg.recipients) if _CONTROL.search(r.address)]
-        if bad:
-            good = [r for i, r in enumerate(msg.recipients) if i not in bad]
-            sub = (await self._deliver(hops, replace(msg, recipients=good)) if good
-                   else DeliveryResult([], None, False))
-            it = iter(sub.results)
-            text = "553 5.1.3 recipient address contains control characters"
-            return DeliveryResult(
-                [RecipientResult(r.address, 553, "5.1.3", text) if i in bad
-                 else next(it) for i, r in enumerate(msg.recipients)],
-                sub.remote, sub.dsn_offered, sub.tls)
-        content = _prepare(msg)
-        failures: list[_HopFailure] = []
-        for hop in self._order(hops):
-            try:
-                return await self._attempt(hop, msg, content)
-            except _HopFailure as e:
-                failure = e
-            except defer.CancelledError:
-                raise
-            except Exception:
-                log.failure("{queue_id}: delivery to {hop} failed", queue_id=msg.queue_id,
-                            hop=_hopname(hop))
-                failure = _HopFailure(hop, 451, "4.3.0", "local error in the SMTP client",
-                                      from_remote=False, reached=False)
-            log.info("{queue_id}: {hop}: {text}", queue_id=msg.queue_id,
-                     hop=_hopname(hop), text=failure.text)
-            failures.append(failure)
-            if failure.final:
-                break
-        if not failures:
-            text = "451 4.4.1 no next hop to deliver to"
-            results = [RecipientResult(r.address, 451, "4.4.1", text) for r in msg.recipients]
-            return DeliveryResult(results, None, False)
-        reached = [f for f in failures if f.reached]
-        last = reached[-1] if reached else failures[-1]
-        code, status = last.code, last.status
-        if code >= 500 and not all(f.permanent for f in failures):
-            code, status = 451, "4" + status[1:]
-        said_by = last.hop if last.from_remote else None
-        results = [RecipientResult(r.address, code, status, last.text, said_by)
-                   for r in msg.recipients]
-        return DeliveryResult(results, last.hop if last.reached else None, False,
-                              last.tls if last.reached else None)
+class ClientSession:
+    """The client side of the SMTP conversation over one connected
+    SMTPClientProtocol, whoever connected it: the pool's ``connectTCP``, or
+    any transport a protocol was attached to (a connection turned around,
+    as ATRN needs).
 
-    def _order(self, hops: list[NextHop]) -> list[NextHop]:
-        """The hops in order, but one with a cached connection first."""
-        for i, hop in enumerate(hops):
-            if any(c.usable for c in self._idle.get(self._key(hop), ())):
-                return [hop] + hops[:i] + hops[i + 1:]
-        return hops
+    ``start(conn, hop, use_tls)``: greeting, EHLO/HELO, STARTTLS as the
+    :class:`TLSPolicy` says, AUTH.  ``send(conn, hop, msg, content, reused,
+    use_tls, reopen)``: every recipient of the message, in as many
+    transactions as the next hop's recipient limit needs; when the
+    connection closes before every recipient was sent, ``reopen(hop,
+    use_tls)`` gives a new started connection (None: the rest are deferred).
 
-    async def _attempt(self, hop: NextHop, msg: OutboundMessage,
-                       content: _Content) -> DeliveryResult:
-        if hop.auth is not None:
-            self._check_auth_hold(hop)
-        conn = self._take_idle(hop)
-        use_tls = self._policy(hop) != "none"
-        while True:
-            reused = conn is not None
-            if conn is None:
-                try:
-                    conn = await self._open(hop, use_tls)
-                except _TLSFailed as e:
-                    log.info("{hop}: TLS handshake failed ({why}), retrying without TLS",
-                             hop=_hopname(hop), why=e.reason or "no reason given")
-                    use_tls = False
-                    continue
-            try:
-                return await self._send(conn, hop, msg, content, reused, use_tls)
-            except _DeadConnection:
-                log.debug("{hop}: cached connection was dead, reconnecting", hop=_hopname(hop))
-                conn.abort()
-                conn = None
-            except _HopFailure as e:
-                if e.tls is None:
-                    e.tls = conn.tls_info
-                raise
+    The connection's owner gets it back through two callables: ``release``
+    (ready for another transaction) and ``quit`` (to be closed with QUIT).
+    """
 
-    # -- connection setup ---------------------------------------------------------------
-    async def _connect(self, hop: NextHop) -> SMTPClientProtocol:
+    def __init__(self, *, helo_name: str, timeouts: Timeouts, tls: TLSPolicy,
+                 release: Callable[[SMTPClientProtocol], None],
+                 quit: Callable[[SMTPClientProtocol], None]) -> None:
+        self.helo_name = helo_name
+        self.timeouts = timeouts
+        self.tls = tls
+        self.release = release
+        self.quit = quit
+
+    async def start(self, conn: SMTPClientProtocol, hop: NextHop,
+                    use_tls: bool) -> SMTPClientProtocol:
+        """Greeting, EHLO/HELO, STARTTLS (as the TLS policy says for *hop*;
+        not when *use_tls* is false) and AUTH (``hop.auth``) on the freshly
+        connected *conn*.  Raises _HopFailure (or _TLSFailed: a failed
+        handshake under policy ``may``, to be tried again without TLS)."""
         t = self.timeouts
-        proto = SMTPClientProtocol(self.reactor, hop)
-        d = proto.connected_d
-        timer: Any = None
-        try:
-            connector = self.reactor.connectTCP(hop.address, hop.port, _ConnectFactory(proto),
-                                                timeout=t.connect)
-            proto.connector = connector
-
-            def timed_out() -> None:
-                if not d.called:
-                    d.errback(error.TimeoutError())
-                    connector.stopConnecting()
-            timer = self.reactor.callLater(t.connect, timed_out)
-            await d
-        except defer.CancelledError:
-            raise
-        except Exception as e:
-            if isinstance(e, (error.TimeoutError, error.UserError)):
-                why = "Connection timed out"
-            elif isinstance(e, error.ConnectionRefusedError):
-                why = "Connection refused"
-            else:
-                why = str(e) or e.__class__.__name__
-            raise _HopFailure(hop, 451, "4.4.1", f"connect to {_hopname(hop)}: {why}",
-                              from_remote=False, reached=False) from None
-        finally:
-            if timer is not None and timer.active():
-                timer.cancel()
-        self.connections_made += 1
-        return proto
-
-    async def _open(self, hop: NextHop, use_tls: bool) -> SMTPClientProtocol:
-        t = self.timeouts
-        conn = await self._connect(hop)
         try:
             greeting = (await conn.command(
                 None, [(t.greeting, "receiving the initial server greeting")]))[0]
             if greeting.code != 220:
-                self._quit(conn)
+                self.quit(conn)
                 raise _HopFailure.from_reply(hop, greeting, permanent_ok=True)
             await self._hello(conn, hop)
-            policy = self._policy(hop)
+            policy = self.tls.policy(hop)
             required = policy in ("encrypt", "verify")
             if use_tls and "STARTTLS" in conn.extensions and hasattr(conn.transport, "startTLS"):
                 r = (await conn.command(b"STARTTLS\r\n", [(t.helo, "sending STARTTLS")]))[0]
                 if r.code == 220:
                     conn.tls_verified = policy == "verify"
-                    conn.start_tls(self._client_tls(hop, policy))
+                    conn.start_tls(self.tls.options(hop, policy))
                     conn.extensions = {}
                     try:
                         await self._hello(conn, hop)
@@ -1089,10 +1003,10 @@ class ConnectionPool:
                             raise _TLSFailed(why) from None
                         raise
                 elif required:
-                    self._quit(conn)
+                    self.quit(conn)
                     raise self._tls_policy_failure(hop, policy, f"STARTTLS refused: {r.text}")
             elif required:
-                self._quit(conn)
+                self.quit(conn)
                 offered = "STARTTLS" in conn.extensions
                 raise self._tls_policy_failure(
                     hop, policy, "STARTTLS not offered" if not offered else
@@ -1100,7 +1014,7 @@ class ConnectionPool:
             if hop.auth is not None:
                 if not conn.tls:
                     # Only reachable with policy "none": never send the password in clear.
-                    self._quit(conn)
+                    self.quit(conn)
                     raise self._tls_policy_failure(hop, policy,
                                                    "not sending the password without TLS")
                 try:
@@ -1122,31 +1036,21 @@ class ConnectionPool:
             conn.esmtp = True
             conn.extensions = parse_ehlo(r)
             return
-        if r.code < 500:
-            self._quit(conn)
+        if reply_kind(r.code) != "permanent":
+            self.quit(conn)
             raise _HopFailure.from_reply(hop, r, permanent_ok=False)
         r = (await conn.command(b"HELO " + name + b"\r\n", [(t.helo, "sending HELO")]))[0]
         if not r.ok:
-            self._quit(conn)
+            self.quit(conn)
             raise _HopFailure.from_reply(hop, r, permanent_ok=True)
         conn.esmtp = False
         conn.extensions = {}
-
-    # -- TLS policy and AUTH -----------------------------------------------------------
-    def _policy(self, hop: NextHop) -> str:
-        """The TLS policy applied to ``hop``: credentials require TLS."""
-        policy = hop.tls
-        if hop.auth is not None and policy == "may":
-            policy = "encrypt"
-        if policy == "may" and not self.starttls:
-            policy = "none"
-        return policy
 
     def _tls_policy_failure(self, hop: NextHop, policy: str, why: str) -> _HopFailure:
         text = f"TLS is required (policy {policy}) with {_hopname(hop)}: {why}"
         log.warn("{hop}: TLS policy {policy} not met: {why}", hop=_hopname(hop),
                  policy=policy, why=why)
-        return _HopFailure(hop, 451, "4.7.5", text, from_remote=False, reached=True)
+        return _HopFailure.ours(hop, "4.7.5", text)
 
     async def _authenticate(self, conn: SMTPClientProtocol, hop: NextHop) -> None:
         """AUTH PLAIN (or LOGIN) with ``hop.auth``; raises _HopFailure unless accepted."""
@@ -1168,10 +1072,10 @@ class ConnectionPool:
                     break
                 r = (await conn.command(base64.b64encode(secret) + b"\r\n", step))[0]
         else:
-            self._quit(conn)
+            self.quit(conn)
             offered = " ".join(mechanisms) or "no AUTH"
-            raise _HopFailure(hop, 451, "4.7.0", f"{_hopname(hop)} offers no AUTH mechanism we "
-                              f"use (PLAIN, LOGIN): {offered}", from_remote=False, reached=True)
+            raise _HopFailure.ours(hop, "4.7.0", f"{_hopname(hop)} offers no AUTH mechanism we "
+                                   f"use (PLAIN, LOGIN): {offered}")
         if r.ok:
             log.debug("{hop}: authenticated as {user} ({mech})", hop=_hopname(hop),
                       user=cred.user, mech=mech)
@@ -1183,58 +1087,19 @@ class ConnectionPool:
             except _StepError:
                 conn.abort()
             else:
-                self._quit(conn)
-            raise _HopFailure(hop, 451, "4.7.0", f"unexpected AUTH {mech} dialogue with "
-                              f"{_hopname(hop)}: {r.text}", from_remote=False, reached=True)
-        self._quit(conn)
-        if r.code < 500:
+                self.quit(conn)
+            raise _HopFailure.ours(hop, "4.7.0", f"unexpected AUTH {mech} dialogue with "
+                                   f"{_hopname(hop)}: {r.text}")
+        self.quit(conn)
+        if reply_kind(r.code) != "permanent":
             raise _HopFailure.from_reply(hop, r, permanent_ok=False)
         status = "4.7.8" if r.code == 535 else "4" + r.status[1:]
         why = f"login as {cred.user} to {_hopname(hop)} (AUTH {mech}) rejected: {r.text}"
         log.error("SMARTHOST LOGIN REJECTED: {hop} refused user {user} (AUTH {mech}): {reply}; "
                   "mail for it is deferred, not bounced; check the credentials in the "
                   "configuration", hop=_hopname(hop), user=cred.user, mech=mech, reply=r.text)
-        if self.auth_failure_hold > 0:
-            self._auth_rejected[(hop.address, hop.port, cred)] = (
-                self.reactor.seconds() + self.auth_failure_hold, status, why)
-        raise _HopFailure(hop, 451, status, why, from_remote=False, reached=True, final=True)
+        raise _HopFailure.ours(hop, status, why, final=True, login_rejected=True)
 
-    def _check_auth_hold(self, hop: NextHop) -> None:
-        key = (hop.address, hop.port, hop.auth)
-        held = self._auth_rejected.get(key)
-        if held is None:
-            return
-        until, status, why = held
-        left = until - self.reactor.seconds()
-        if left <= 0:
-            del self._auth_rejected[key]
-            return
-        raise _HopFailure(hop, 451, status, f"{why} (not tried again for another {left:.0f}s)",
-                          from_remote=False, reached=True, final=True)
-
-    def _key(self, hop: NextHop) -> tuple:
-        """The connection cache key: a connection is reused only for the same requirements."""
-        policy = self._policy(hop)
-        return (hop.address, hop.port, policy, hop.host if policy == "verify" else "", hop.auth)
-
-    def _client_tls(self, hop: NextHop, policy: str = "may") -> Any:
-        if policy == "verify":
-            options = self._verify_options.get(hop.host)
-            if options is None:
-                from twisted.internet import ssl
-                trust = self.trust_root if self.trust_root is not None else ssl.platformTrust()
-                options = ssl.optionsForClientTLS(hop.host, trustRoot=trust)
-                if len(self._verify_options) >= 1000:
-                    self._verify_options.clear()
-                self._verify_options[hop.host] = options
-            return options
-        if self._tls_options is None:
-            from twisted.internet import ssl
-            # Opportunistic and unauthenticated: no CA, no verification.
-            self._tls_options = ssl.CertificateOptions(verify=False)
-        return self._tls_options
-
-    # -- the transaction ------------------------------------------------------------------
     def _local_check(self, conn: SMTPClientProtocol, msg: OutboundMessage,
                      content: _Content) -> tuple[int, str, str] | _Content:
         """The content to send to this hop (converted to 7 bits when it
@@ -1304,8 +1169,9 @@ class ConnectionPool:
         line = f"RCPT TO:<{rcpt.address}>" + "".join(" " + p for p in params) + "\r\n"
         return line.encode("utf-8")
 
-    async def _send(self, conn: SMTPClientProtocol, hop: NextHop, msg: OutboundMessage,
-                    content: _Content, reused: bool, use_tls: bool) -> DeliveryResult:
+    async def send(self, conn: SMTPClientProtocol, hop: NextHop, msg: OutboundMessage,
+                   content: _Content, reused: bool, use_tls: bool,
+                   reopen: Reopen | None = None) -> DeliveryResult:
         """Every recipient of *msg* to *hop* over *conn*, in as many
         transactions as the next hop's recipient limit needs (RFC 5321
         §4.5.3.1.10): recipients refused with a "too many recipients" 452
@@ -1318,7 +1184,7 @@ class ConnectionPool:
         if isinstance(local, _Content):
             content = local
         else:
-            self._release(conn)
+            self.release(conn)
             return DeliveryResult(self._local_results(msg.recipients, local), hop, dsn, tls)
         n = len(msg.recipients)
         results: list[RecipientResult | None] = [None] * n
@@ -1339,8 +1205,7 @@ class ConnectionPool:
                 # the others get this failure, never another hop's attempt
                 # (which would duplicate what was delivered).
                 for i in pending:
-                    results[i] = RecipientResult(msg.recipients[i].address, e.code, e.status,
-                                                 e.text, hop if e.from_remote else None)
+                    results[i] = e.result(msg.recipients[i].address)
                 break
             first = False
             for j, i in enumerate(batch):
@@ -1369,7 +1234,7 @@ class ConnectionPool:
                 clean = False
             if not pending:
                 if clean:
-                    self._release(conn)
+                    self.release(conn)
                 break
             if clean:
                 continue
@@ -1377,25 +1242,25 @@ class ConnectionPool:
             limit = conn.rcpt_limit
             failure: _HopFailure | None = None
             try:
-                conn = await self._open(hop, use_tls)
+                if reopen is None:
+                    raise _HopFailure.ours(hop, "4.4.2", f"connection with {_hopname(hop)} "
+                                           "closed before every recipient was sent")
+                conn = await reopen(hop, use_tls)
             except _HopFailure as e:
                 failure = e
             except _TLSFailed as e:
-                failure = _HopFailure(hop, 451, "4.4.2", f"TLS handshake with {_hopname(hop)} "
-                                      f"failed ({e.reason or 'no reason given'})",
-                                      from_remote=False, reached=True)
+                failure = _HopFailure.ours(hop, "4.4.2", f"TLS handshake with {_hopname(hop)} "
+                                           f"failed ({e.reason or 'no reason given'})")
             if failure is not None:
                 for i in pending:
-                    results[i] = RecipientResult(msg.recipients[i].address, failure.code,
-                                                 failure.status, failure.text,
-                                                 hop if failure.from_remote else None)
+                    results[i] = failure.result(msg.recipients[i].address)
                 break
             conn.rcpt_limit = limit
             local = self._local_check(conn, msg, content)
             if isinstance(local, _Content):
                 content = local
             else:
-                self._release(conn)
+                self.release(conn)
                 for i, rr in zip(pending, self._local_results(
                         [msg.recipients[i] for i in pending], local)):
                     results[i] = rr
@@ -1451,7 +1316,7 @@ class ConnectionPool:
                 if not mail_reply.ok:
                     if data_reply is not None and data_reply.code == 354:
                         conn.write(b".\r\n")   # a broken server wants a message: give it nothing
-                    self._quit(conn)
+                    self.quit(conn)
                     raise _HopFailure.from_reply(hop, mail_reply, permanent_ok=True)
             else:
                 try:
@@ -1463,7 +1328,7 @@ class ConnectionPool:
                 if reused and mail_reply.code == 421:
                     raise _DeadConnection()
                 if not mail_reply.ok:
-                    self._quit(conn)
+                    self.quit(conn)
                     raise _HopFailure.from_reply(hop, mail_reply, permanent_ok=True)
                 rcpt_replies = []
                 for line in rcpts:
@@ -1509,7 +1374,7 @@ class ConnectionPool:
                                          final.text, hop)
         conn.transactions += 1
         if final.code == 421:
-            self._quit(conn)
+            self.quit(conn)
             return results, over, False
         return results, over, conn.usable
 
@@ -1522,8 +1387,221 @@ class ConnectionPool:
             return False
         if r.ok:
             return conn.usable
-        self._quit(conn)
+        self.quit(conn)
         return False
+
+
+class ConnectionPool:
+    """Delivers messages to next hops and keeps connections for reuse.
+
+    ``starttls=False`` disables opportunistic STARTTLS (policy ``may``
+    becomes ``none``); ``tls_options`` is an
+    ``IOpenSSLClientConnectionCreator`` or context factory to use instead of
+    the default unverified one (policies ``may`` and ``encrypt``).
+    ``trust_root`` (an ``IOpenSSLTrustRoot``, see :func:`load_trust_root`)
+    is what policy ``verify`` checks certificates against; None: the
+    system's (``platformTrust()``).  ``auth_failure_hold``: seconds during
+    which a rejected login is not tried again (0: no hold).
+    """
+
+    def __init__(self, *, helo_name: str, reactor: Any = None, timeouts: Timeouts = Timeouts(),
+                 max_idle_per_host: int = 4, starttls: bool = True,
+                 tls_options: Any = None, trust_root: Any = None,
+                 auth_failure_hold: float = 300.0):
+        if reactor is None:
+            from twisted.internet import reactor as _r
+            reactor = _r
+        self.helo_name = helo_name
+        self.reactor = reactor
+        self.timeouts = timeouts
+        self.max_idle_per_host = max_idle_per_host
+        self.tls = TLSPolicy(starttls=starttls, tls_options=tls_options, trust_root=trust_root)
+        self.session = ClientSession(helo_name=helo_name, timeouts=timeouts, tls=self.tls,
+                                     release=self._release, quit=self._quit)
+        self._idle: dict[tuple[str, int], list[SMTPClientProtocol]] = {}
+        self._quitting: set[defer.Deferred] = set()
+        self._closed = False
+        self.connections_made = 0
+        self.auth_failure_hold = auth_failure_hold
+        self._auth_rejected: dict[tuple, tuple[float, str, str]] = {}  # until, status, why
+
+    @property
+    def trust_root(self) -> Any:
+        """What policy ``verify`` checks certificates against (None: the system's)."""
+        return self.tls.trust_root
+
+    # -- public -----------------------------------------------------------------
+    def deliver(self, hops: list[NextHop], msg: OutboundMessage) -> defer.Deferred:
+        return defer.Deferred.fromCoroutine(self._deliver(list(hops), msg))
+
+    def close(self) -> defer.Deferred:
+        """QUIT the idle connections; fires when they (and earlier QUITs) are closed."""
+        self._closed = True
+        for conns in list(self._idle.values()):
+            for conn in list(conns):
+                self._drop_idle(conn)
+                self._quit(conn)
+        self._idle.clear()
+        return defer.DeferredList(list(self._quitting), consumeErrors=True).addCallback(
+            lambda _: None)
+
+    def idle_count(self, hop: NextHop | None = None) -> int:
+        if hop is not None:
+            return len(self._idle.get(self._key(hop), ()))
+        return sum(len(v) for v in self._idle.values())
+
+    # -- delivery ---------------------------------------------------------------------
+    async def _deliver(self, hops: list[NextHop], msg: OutboundMessage) -> DeliveryResult:
+        # Nothing stored should hold a control character in an address, but
+        # a CR or LF here would be command injection: refuse, never send.
+        if _CONTROL.search(msg.sender):
+            text = "553 5.1.7 sender address contains control characters"
+            return DeliveryResult([RecipientResult(r.address, 553, "5.1.7", text)
+                                   for r in msg.recipients], None, False)
+        bad = [i for i, r in enumerate(msg.recipients) if _CONTROL.search(r.address)]
+        if bad:
+            good = [r for i, r in enumerate(msg.recipients) if i not in bad]
+            sub = (await self._deliver(hops, replace(msg, recipients=good)) if good
+                   else DeliveryResult([], None, False))
+            it = iter(sub.results)
+            text = "553 5.1.3 recipient address contains control characters"
+            return DeliveryResult(
+                [RecipientResult(r.address, 553, "5.1.3", text) if i in bad
+                 else next(it) for i, r in enumerate(msg.recipients)],
+                sub.remote, sub.dsn_offered, sub.tls)
+        content = _prepare(msg)
+        failures: list[_HopFailure] = []
+        for hop in self._order(hops):
+            try:
+                return await self._attempt(hop, msg, content)
+            except _HopFailure as e:
+                failure = e
+            except defer.CancelledError:
+                raise
+            except Exception:
+                log.failure("{queue_id}: delivery to {hop} failed", queue_id=msg.queue_id,
+                            hop=_hopname(hop))
+                failure = _HopFailure.ours(hop, "4.3.0", "local error in the SMTP client",
+                                          reached=False)
+            log.info("{queue_id}: {hop}: {text}", queue_id=msg.queue_id,
+                     hop=_hopname(hop), text=failure.text)
+            failures.append(failure)
+            if failure.final:
+                break
+        if not failures:
+            text = "451 4.4.1 no next hop to deliver to"
+            results = [RecipientResult(r.address, 451, "4.4.1", text) for r in msg.recipients]
+            return DeliveryResult(results, None, False)
+        reached = [f for f in failures if f.reached]
+        last = reached[-1] if reached else failures[-1]
+        code, status = last.code, last.status
+        if reply_kind(code) == "permanent" and not all(f.permanent for f in failures):
+            code, status = 451, "4" + status[1:]
+        results = [RecipientResult(r.address, code, status, last.text, last.remote)
+                   for r in msg.recipients]
+        return DeliveryResult(results, last.hop if last.reached else None, False,
+                              last.tls if last.reached else None)
+
+    def _order(self, hops: list[NextHop]) -> list[NextHop]:
+        """The hops in order, but one with a cached connection first."""
+        for i, hop in enumerate(hops):
+            if any(c.usable for c in self._idle.get(self._key(hop), ())):
+                return [hop] + hops[:i] + hops[i + 1:]
+        return hops
+
+    async def _attempt(self, hop: NextHop, msg: OutboundMessage,
+                       content: _Content) -> DeliveryResult:
+        if hop.auth is not None:
+            self._check_auth_hold(hop)
+        conn = self._take_idle(hop)
+        use_tls = self.tls.policy(hop) != "none"
+        while True:
+            reused = conn is not None
+            if conn is None:
+                try:
+                    conn = await self._open(hop, use_tls)
+                except _TLSFailed as e:
+                    log.info("{hop}: TLS handshake failed ({why}), retrying without TLS",
+                             hop=_hopname(hop), why=e.reason or "no reason given")
+                    use_tls = False
+                    continue
+            try:
+                return await self.session.send(conn, hop, msg, content, reused, use_tls,
+                                               self._open)
+            except _DeadConnection:
+                log.debug("{hop}: cached connection was dead, reconnecting", hop=_hopname(hop))
+                conn.abort()
+                conn = None
+            except _HopFailure as e:
+                if e.tls is None:
+                    e.tls = conn.tls_info
+                raise
+
+    # -- connection setup ---------------------------------------------------------------
+    async def _connect(self, hop: NextHop) -> SMTPClientProtocol:
+        t = self.timeouts
+        proto = SMTPClientProtocol(self.reactor, hop)
+        d = proto.connected_d
+        timer: Any = None
+        try:
+            connector = self.reactor.connectTCP(hop.address, hop.port, _ConnectFactory(proto),
+                                                timeout=t.connect)
+            proto.connector = connector
+
+            def timed_out() -> None:
+                if not d.called:
+                    d.errback(error.TimeoutError())
+                    connector.stopConnecting()
+            timer = self.reactor.callLater(t.connect, timed_out)
+            await d
+        except defer.CancelledError:
+            raise
+        except Exception as e:
+            if isinstance(e, (error.TimeoutError, error.UserError)):
+                why = "Connection timed out"
+            elif isinstance(e, error.ConnectionRefusedError):
+                why = "Connection refused"
+            else:
+                why = str(e) or e.__class__.__name__
+            raise _HopFailure.ours(hop, "4.4.1", f"connect to {_hopname(hop)}: {why}",
+                                   reached=False) from None
+        finally:
+            if timer is not None and timer.active():
+                timer.cancel()
+        self.connections_made += 1
+        return proto
+
+    async def _open(self, hop: NextHop, use_tls: bool) -> SMTPClientProtocol:
+        """A new connection to *hop*, started (see ClientSession.start); a
+        rejected login starts the hold (``auth_failure_hold``)."""
+        conn = await self._connect(hop)
+        try:
+            return await self.session.start(conn, hop, use_tls)
+        except _HopFailure as e:
+            if e.login_rejected and self.auth_failure_hold > 0 and hop.auth is not None:
+                self._auth_rejected[(hop.address, hop.port, hop.auth)] = (
+                    self.reactor.seconds() + self.auth_failure_hold, e.status,
+                    reply_detail(e.text))
+            raise
+
+    # -- AUTH hold and the cache key ---------------------------------------------------
+    def _check_auth_hold(self, hop: NextHop) -> None:
+        key = (hop.address, hop.port, hop.auth)
+        held = self._auth_rejected.get(key)
+        if held is None:
+            return
+        until, status, why = held
+        left = until - self.reactor.seconds()
+        if left <= 0:
+            del self._auth_rejected[key]
+            return
+        raise _HopFailure.ours(hop, status, f"{why} (not tried again for another {left:.0f}s)",
+                               final=True)
+
+    def _key(self, hop: NextHop) -> tuple:
+        """The connection cache key: a connection is reused only for the same requirements."""
+        policy = self.tls.policy(hop)
+        return (hop.address, hop.port, policy, hop.host if policy == "verify" else "", hop.auth)
 
     # -- the cache ------------------------------------------------------------------------
     def _release(self, conn: SMTPClientProtocol) -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from sqlalchemy import Integer, and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.engine import Connection
 
-from ..message import InboundMessage
+from ..message import InboundMessage, QueuedMessage, QueuedRecipient
 from .schema import contents, messages, recipients
 
 PENDING = ("queued", "deferred")
@@ -141,30 +141,50 @@ def queue_summary(conn: Connection) -> tuple[dict[str, int], int, float | None]:
     return by_state, int(count or 0), oldest
 
 
-def due_recipients(conn: Connection, now: float, limit: int) -> list[dict[str, Any]]:
+def queued_recipient(row: Mapping[str, Any]) -> QueuedRecipient:
+    """The typed record of a recipients row (or a mapping with its columns)."""
+    return QueuedRecipient(id=row["id"], queue_id=row["queue_id"], address=row["address"],
+                           notify=row["notify"], orcpt=row["orcpt"],
+                           attempts=row["attempts"], warned=bool(row["warned"]),
+                           last_reply=row.get("last_reply"))
+
+
+def queued_message(row: Mapping[str, Any]) -> QueuedMessage:
+    """The typed record of a message row joined with its contents (or a
+    mapping with those columns, such as mta.spool.admin's)."""
+    return QueuedMessage(queue_id=row["queue_id"], sender=row["sender"],
+                         headers=bytes(row["headers"]), body=bytes(row["body"]),
+                         arrival=row["arrival"], body_type=row.get("body_type"),
+                         smtputf8=bool(row.get("smtputf8")), ret=row.get("ret"),
+                         envid=row.get("envid"))
+
+
+def due_recipients(conn: Connection, now: float, limit: int) -> list[QueuedRecipient]:
     """Up to *limit* due recipients (queued or deferred, ``next_attempt`` <=
     *now*), soonest first -- a read: nothing is claimed (see
     :func:`claim_and_load`)."""
-    return [dict(r._mapping) for r in conn.execute(_sel_due, {"now": now, "limit": limit})]
+    return [queued_recipient(r._mapping)
+            for r in conn.execute(_sel_due, {"now": now, "limit": limit})]
 
 
 def claim_and_load(conn: Connection, rids: list[int]
-                   ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+                   ) -> tuple[list[QueuedRecipient], dict[str, QueuedMessage]]:
     """Mark in flight those of the recipients *rids* (read by
     :func:`due_recipients`) that are still pending -- an administrator may
     have held, flushed or deleted some meanwhile -- and return them (fresh,
-    in the order of *rids*) with their messages (queue id -> message row
-    with its headers and body), in one transaction."""
-    found: dict[int, dict[str, Any]] = {}
+    in the order of *rids*) with their messages (queue id -> message with
+    its headers and body), in one transaction."""
+    found: dict[int, QueuedRecipient] = {}
     q = _sel_claimable_locked if conn.dialect.name == "postgresql" else _sel_claimable
     for i in range(0, len(rids), _CHUNK):
         for r in conn.execute(q, {"ids": rids[i:i + _CHUNK]}):
-            found[r.id] = dict(r._mapping)
+            found[r.id] = queued_recipient(r._mapping)
     rows = [found[rid] for rid in rids if rid in found]
     if not rows:
         return rows, {}
-    conn.execute(_upd_inflight, [{"rid": r["id"]} for r in rows])
-    return rows, load_messages(conn, {r["queue_id"] for r in rows})
+    conn.execute(_upd_inflight, [{"rid": r.id} for r in rows])
+    loaded = load_messages(conn, {r.queue_id for r in rows})
+    return rows, {qid: queued_message(m) for qid, m in loaded.items()}
 
 
 def load_messages(conn: Connection, queue_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
