@@ -156,12 +156,12 @@ def test_every_component_runs_with_the_config_values(tmp_path: Path, source: str
         # Delivery: [relay] and [retry] as they are, the client's timeouts from [relay].
         assert runner.relay is config.relay and runner.retry is config.retry
         assert runner.shutdown_grace == config.relay.shutdown_grace
-        t, r = runner.pool.timeouts, config.relay
+        t, r = runner.couriers["smtp"].pool.timeouts, config.relay
         assert (t.connect, t.greeting, t.helo, t.mail, t.rcpt, t.data_end) == (
             r.connect_timeout, *[r.command_timeout] * 4, r.data_timeout)
         assert (t.data_init, t.data_block) == (min(r.command_timeout, 120.0),
                                                min(r.data_timeout, 180.0))
-        assert runner.pool.helo_name == config.server.hostname
+        assert runner.couriers["smtp"].pool.helo_name == config.server.hostname
         router = runner.router
         assert (router.port, router.tls) == (r.port, r.tls)
         assert router.smarthost is None and router.routes == {} and router.route_tls == {}
