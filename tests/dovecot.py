@@ -77,11 +77,11 @@ first_valid_uid = 1
 mail_location = maildir:~/Maildir
 passdb {{
   driver = passwd-file
-  args = {self.root / 'users'}
+  args = username_format=%n {self.root / 'users'}
 }}
 userdb {{
   driver = passwd-file
-  args = {self.root / 'users'}
+  args = username_format=%n {self.root / 'users'}
 }}
 service lmtp {{
   unix_listener lmtp {{

@@ -144,17 +144,17 @@ class LMTPClient:
         try:
             greeting = (await conn.command(None, [(t.greeting, step)]))[0]
             if greeting.code != 220:
-                self._quit(conn)
+                await self._quit(conn)
                 return fill(self._refused(greeting, "greeting"))
             step = "sending LHLO"
             lhlo = (await conn.command(f"LHLO {self.lhlo_name}\r\n".encode(),
                                        [(t.helo, step)]))[0]
             if lhlo.code != 250:
-                self._quit(conn)
+                await self._quit(conn)
                 return fill(self._refused(lhlo, "LHLO"))
             ext = parse_ehlo(lhlo)
             if smtputf8 and "SMTPUTF8" not in ext:
-                self._quit(conn)
+                await self._quit(conn)
                 return fill(self._ours(553, "5.6.7", f"LMTP server {self.destination} does not "
                                                      "support SMTPUTF8"))
             params = ""
@@ -164,7 +164,7 @@ class LMTPClient:
                 params += " SMTPUTF8"
             todo = [i for i, r in enumerate(results) if r is None]
             if not todo:
-                self._quit(conn)
+                await self._quit(conn)
                 return [r for r in results if r is not None]
             mail = f"MAIL FROM:<{sender}>{params}\r\n".encode("utf-8")
             rcpt_lines = [f"RCPT TO:<{rcpts[i]}>\r\n".encode("utf-8") for i in todo]
@@ -188,7 +188,7 @@ class LMTPClient:
                         step = "sending DATA"
                         data_r = (await conn.command(b"DATA\r\n", [(t.data_init, step)]))[0]
             if not mail_r.ok:
-                self._quit(conn)
+                await self._quit(conn)
                 return fill(self._theirs(mail_r))
             accepted = []
             for i, r in zip(todo, rcpt_rs):
@@ -200,11 +200,11 @@ class LMTPClient:
                 if data_r is not None and data_r.code == 354:
                     conn.abort()    # a broken server wants a message for nobody
                 else:
-                    self._quit(conn)
+                    await self._quit(conn)
                 return [r for r in results if r is not None]
             assert data_r is not None
             if data_r.code != 354:
-                self._quit(conn)
+                await self._quit(conn)
                 return fill(self._theirs(data_r))
             step = "sending message content"
             parts = [content] if content else []
@@ -219,7 +219,7 @@ class LMTPClient:
                 reply = (await conn.command(data, [(t.data_end, f"waiting for the reply for "
                                                                 f"<{rcpts[i]}>")]))[0]
                 results[i] = self._theirs(reply)
-            self._quit(conn)
+            await self._quit(conn)
             return [r for r in results if r is not None]
         except _StepError as e:
             conn.abort()
@@ -246,6 +246,9 @@ class LMTPClient:
                  text=reply.text)
         return self._theirs(reply)
 
-    def _quit(self, conn: SMTPClientProtocol) -> None:
-        d = conn.quit(self.timeouts.quit)
-        d.addErrback(lambda _: None)
+    async def _quit(self, conn: SMTPClientProtocol) -> None:
+        """QUIT and wait until the connection is closed (deliver fires after)."""
+        try:
+            await conn.quit(self.timeouts.quit)
+        except Exception:
+            conn.abort()
