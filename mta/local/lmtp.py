@@ -46,13 +46,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from twisted.internet import defer, error
+from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
 
 from ..delivery.router import NextHop
 from ..smtp.client import (Reply, SMTPClientProtocol, Timeouts, _ConnectFactory, _ProtocolError,
-                           _StepError, _StepTimeout, parse_ehlo)
+                           _StepError, _StepTimeout, connect_failure_text, parse_ehlo)
 from .result import LocalResult
 
 log = Logger(namespace="mta.local")
@@ -132,12 +132,7 @@ class LMTPClient:
         except defer.CancelledError:
             raise
         except Exception as e:
-            if isinstance(e, (defer.TimeoutError, error.TimeoutError)):
-                why = "Connection timed out"
-            elif isinstance(e, error.ConnectionRefusedError):
-                why = "Connection refused"
-            else:
-                why = str(e) or e.__class__.__name__
+            why = connect_failure_text(e)
             log.warn("LMTP {dest}: cannot connect: {why}", dest=self.destination, why=why)
             return fill(self._ours(451, "4.4.1", f"connect to {self.destination}: {why}"))
         step = "reading the greeting"

@@ -321,6 +321,16 @@ class _DeadConnection(Exception):
     """A cached connection was found dead before it said anything."""
 
 
+def connect_failure_text(e: BaseException) -> str:
+    """Why a connection attempt failed, in Postfix's words ("Connection
+    refused", "Connection timed out"), for logs and reports."""
+    if isinstance(e, (defer.TimeoutError, error.TimeoutError, error.UserError)):
+        return "Connection timed out"
+    if isinstance(e, error.ConnectionRefusedError):
+        return "Connection refused"
+    return str(e) or e.__class__.__name__
+
+
 def _hopname(hop: NextHop) -> str:
     return f"{hop.host}[{hop.address}]:{hop.port}"
 
@@ -1557,12 +1567,7 @@ class ConnectionPool:
         except defer.CancelledError:
             raise
         except Exception as e:
-            if isinstance(e, (error.TimeoutError, error.UserError)):
-                why = "Connection timed out"
-            elif isinstance(e, error.ConnectionRefusedError):
-                why = "Connection refused"
-            else:
-                why = str(e) or e.__class__.__name__
+            why = connect_failure_text(e)
             raise _HopFailure.ours(hop, "4.4.1", f"connect to {_hopname(hop)}: {why}",
                                    reached=False) from None
         finally:
