@@ -47,7 +47,7 @@ from ..address import domain_key
 from ..config import RelayConfig, RetryConfig
 from ..message import InboundMessage, Recipient, new_queue_id, split_header_block
 from ..spool import SpoolWriteError, ops
-from ..spool.admin import _reason as spool_error_text
+from ..spool.admin import error_text as spool_error_text
 from .types import Courier, Outcome, QueuedMessage, QueuedRecipient, Route
 
 log = Logger(namespace="mta.delivery")

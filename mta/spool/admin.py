@@ -36,7 +36,7 @@ from .schema import SCHEMA_VERSION, contents, meta, messages, metadata, recipien
 __all__ = [
     "AdminError", "STATES", "open_engine", "transaction", "list_queue", "get_message",
     "existing_ids", "flush", "delete_messages", "deferred_queue_ids", "hold", "release",
-    "requeue", "bounce", "stats", "store_messages",
+    "requeue", "bounce", "stats", "store_messages", "error_text",
 ]
 
 STATES = ("queued", "inflight", "deferred", "delivered", "failed", "held")
@@ -49,7 +49,9 @@ class AdminError(Exception):
     """The spool cannot be used; ``str()`` is one line."""
 
 
-def _reason(e: BaseException) -> str:
+def error_text(e: BaseException) -> str:
+    """A spool error in one line: the driver's message for a SQLAlchemy
+    error (without the SQL), else the exception's own text."""
     orig = getattr(e, "orig", None)
     return " ".join(str(orig if orig is not None else e).split())
 
@@ -77,7 +79,7 @@ def open_engine(url: str, *, create: bool = False) -> Engine:
         _check_schema(engine, url, create)
     except SQLAlchemyError as e:
         engine.dispose()
-        raise AdminError(f"{url}: cannot use spool: {_reason(e)}") from None
+        raise AdminError(f"{url}: cannot use spool: {error_text(e)}") from None
     except AdminError:
         engine.dispose()
         raise
@@ -122,7 +124,7 @@ def transaction(engine: Engine, *, write: bool) -> Iterator[Connection]:
                 conn.rollback()
     except SQLAlchemyError as e:
         raise AdminError(f"{engine.url.render_as_string(hide_password=True)}: "
-                         f"{_reason(e)}") from None
+                         f"{error_text(e)}") from None
 
 
 # --------------------------------------------------------------------------- helpers
