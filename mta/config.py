@@ -172,6 +172,19 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class LocalConfig:
+    """``[local]``: final delivery here (mta.local, mta.delivery.local_courier).
+    Without the section (``Config.local`` None) the only local domain is
+    ``[server] hostname`` and its only users are ``postmaster`` and ``root``,
+    delivered to the Maildirs of the default ``maildir`` template."""
+    domains: tuple[str, ...] = ()     # final destinations here (with [server] hostname)
+    mailboxes: str = ""               # who exists: a file, one local part or address per line; "" = anyone
+    maildir: str = "mail/{domain}/{user}"  # a mailbox's Maildir; {user}: the local part, lower case
+    aliases: str = ""                 # aliases(5) file; "" = none
+    lmtp: str = ""                    # "tcp:HOST:PORT" / "unix:PATH": LMTP server instead of Maildir
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -185,6 +198,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     sendmail: SendmailConfig = field(default_factory=SendmailConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    local: LocalConfig | None = None  # None: no [local] section (see LocalConfig)
     path: str = "<config>"
 
 
@@ -532,6 +546,37 @@ def _address(value: object) -> str:
     return text
 
 
+def _maildir_template(value: object) -> str:
+    from .local.maildir import check_template
+    text = _path(value)
+    try:
+        check_template(text)
+    except ValueError as e:
+        raise _Invalid(str(e).removeprefix("maildir: ")) from None
+    return text
+
+
+def _lmtp_destination(value: object) -> str:
+    text = _str(value).strip()
+    if not text:
+        return ""
+    from .local.lmtp import parse_destination
+    try:
+        parse_destination(text)
+    except ValueError as e:
+        raise _Invalid(str(e).removeprefix("lmtp: ")) from None
+    return text
+
+
+def _exact_domains(value: object) -> tuple[str, ...]:
+    names = _domains(value)
+    for name in names:
+        if name.startswith("."):
+            raise _Invalid(f"invalid domain {name!r}: list each local domain by its name "
+                           "(no \".\" wildcard)")
+    return names
+
+
 # section name -> (dataclass, {key: converter}); keys equal the dataclass field names.
 _SCHEMA: dict[str, tuple[type, dict[str, Callable[[object], Any]]]] = {
     "server": (
@@ -624,6 +669,16 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[object], Any]]]] = {
         SendmailConfig,
         {
             "domain": _optional_domain,
+        },
+    ),
+    "local": (
+        LocalConfig,
+        {
+            "domains": _exact_domains,
+            "mailboxes": _path,
+            "maildir": _maildir_template,
+            "aliases": _path,
+            "lmtp": _lmtp_destination,
         },
     ),
     "metrics": (
@@ -743,7 +798,20 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<config>") -> Confi
     route_tls = _route_tls(source, data.get("route_tls", {}), routes)
     _check_tls(source, sections["tls"], sections["server"])
     _check_relay(source, sections["relay"])
+    if "local" not in data:
+        sections["local"] = None
+    else:
+        _check_local(source, sections["local"], routes)
     return Config(path=source, routes=routes, route_tls=route_tls, **sections)
+
+
+def _check_local(source: str, local: LocalConfig, routes: tuple[tuple[str, str], ...]) -> None:
+    """A local domain is delivered here: it cannot also have a [routes] entry."""
+    routed = {name for name, _ in routes}
+    for name in local.domains:
+        if name in routed:
+            raise ConfigError(source, "[local] domains", f"{name} also has a [routes] entry "
+                              "(a domain is either delivered here or routed elsewhere)")
 
 
 def _check_tls(source: str, tls: TLSConfig, server: ServerConfig) -> None:

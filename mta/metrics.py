@@ -46,7 +46,8 @@ log = Logger(namespace="mta.metrics")
 #: Reasons a message (or, for relay_denied and too_many_recipients, a
 #: recipient) is refused; each is exported from the start, at 0.
 REJECT_REASONS = ("relay_denied", "too_big", "bare_newline", "long_line", "spool_error",
-                  "too_many_recipients", "auth_required", "insufficient_storage")
+                  "too_many_recipients", "auth_required", "insufficient_storage",
+                  "unknown_user", "lookup_failed")
 #: Recipient states in the spool (see mta/spool/schema.py).
 QUEUE_STATES = ("queued", "inflight", "deferred", "held", "delivered", "failed")
 DELIVERY_STATUSES = ("delivered", "deferred", "bounced")

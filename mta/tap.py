@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application import internet, service
 from twisted.internet import defer, endpoints, task
@@ -13,6 +13,10 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from .config import Config, ConfigError, implicit_tls_endpoint, load_config
+
+if TYPE_CHECKING:
+    from .delivery.types import Courier
+    from .local.directory import LocalDirectory
 
 log = Logger(namespace="mta")
 
@@ -120,8 +124,11 @@ def makeService(options: Options) -> service.IService:
 
     _chown_spool(options, url)
     _check_as_user(options, config, url, where)
-    policy = RelayPolicy(config.policy.relay_networks, config.policy.relay_domains)
-    runner = _make_runner(config, spool, reactor, metrics=metrics) if config.relay.deliver else None
+    directory = local_directory(config)
+    policy = RelayPolicy(config.policy.relay_networks, config.policy.relay_domains,
+                         local=directory)
+    runner = (_make_runner(config, spool, reactor, directory, metrics=metrics)
+              if config.relay.deliver else None)
     a = config.auth
     limiter = FailureLimiter(clock=reactor, delay=a.failure_delay, max_failures=a.max_failures,
                              lockout=a.lockout)
@@ -543,7 +550,31 @@ class _ReloadOnHangup(service.Service):
                          path=self.users.path, n=len(self.users))
 
 
-def _make_runner(config: Config, spool: object, reactor: object,
+def local_directory(config: Config) -> LocalDirectory:
+    """The local domains and users (mta.local.directory) of *config*."""
+    from .local.directory import LocalDirectory
+
+    local = config.local
+    return LocalDirectory(
+        hostname=config.server.hostname, domains=local.domains if local else (),
+        aliases=local.aliases if local else None, mailboxes=local.mailboxes if local else None,
+        configured=local is not None, routed=[name for name, _ in config.routes])
+
+
+def _local_courier(config: Config, reactor: Any, directory: LocalDirectory) -> Courier:
+    from .config import LocalConfig
+    from .delivery.local_courier import LocalCourier
+    from .local.lmtp import LMTPClient
+
+    local = config.local or LocalConfig()
+    lmtp = (LMTPClient(reactor, local.lmtp, lhlo_name=config.server.hostname,
+                       timeouts=config.relay.timeouts) if local.lmtp else None)
+    return LocalCourier(directory, maildir=local.maildir, hostname=config.server.hostname,
+                        reactor=reactor, lmtp=lmtp)
+
+
+def _make_runner(config: Config, spool: object, reactor: Any,
+                 directory: LocalDirectory | None = None,
                  metrics: Any = None) -> service.IService:
     from .delivery.router import Router
     from .delivery.scheduler import QueueRunner
@@ -551,19 +582,23 @@ def _make_runner(config: Config, spool: object, reactor: object,
     from .smtp.client import ConnectionPool
 
     relay = config.relay
+    if directory is None:
+        directory = local_directory(config)
     trust_root, credentials = _relay_tls_auth(config)
     # The values were validated by mta.config (with the router's own parsers).
     router = Router(smarthost=relay.smarthost, routes=config.routes,
                     nameservers=config.dns.nameservers, reactor=reactor, port=relay.port,
                     timeout=(max(1, round(config.dns.timeout)),),
-                    tls=relay.tls, route_tls=config.route_tls, smarthost_auth=credentials)
+                    tls=relay.tls, route_tls=config.route_tls, smarthost_auth=credentials,
+                    is_local=directory.is_local)
     # Cache as many idle connections per next hop as can be busy at once (with a
     # smarthost every delivery goes to one host), so none is closed and reopened
     # under steady load just for want of room in the cache.
     pool = ConnectionPool(helo_name=config.server.hostname, reactor=reactor,
                           timeouts=relay.timeouts,
                           max_idle_per_host=max(4, relay.concurrency), trust_root=trust_root)
-    couriers = {"smtp": SMTPCourier(router, pool, hostname=config.server.hostname)}
+    couriers = {"smtp": SMTPCourier(router, pool, hostname=config.server.hostname),
+                "local": _local_courier(config, reactor, directory)}
     return QueueRunner(spool, router, couriers, hostname=config.server.hostname,
                        retry=config.retry, relay=relay, reactor=reactor, metrics=metrics)
 

@@ -58,7 +58,7 @@ from __future__ import annotations
 import ipaddress
 import random as _random
 import socket
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -70,7 +70,7 @@ from twisted.names import error as dns_error
 
 from .. import domain as dom
 from ..smtp.types import TLS_POLICIES, Credentials, NextHop, reply_kind
-from .types import Route
+from .types import LOCAL_DESTINATION, Route
 
 __all__ = ["TLS_POLICIES", "Credentials", "NextHop", "RouteError", "Router", "parse_hostport"]
 
@@ -245,6 +245,7 @@ class Router:
         tls: str = "may",
         route_tls: Mapping[str, str] | Iterable[tuple[str, str]] = {},
         smarthost_auth: Credentials | None = None,
+        is_local: Callable[[str], bool] | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
@@ -268,6 +269,7 @@ class Router:
         for domain, policy in pairs:
             self.route_tls[_config_domain(domain, "route_tls")] = policy
         self.smarthost_auth = smarthost_auth
+        self._is_local = is_local
         self._logged: dict[str, tuple[str, tuple[NextHop, ...]]] = {}  # domain -> last route logged
 
     # -- resolver ------------------------------------------------------------------
@@ -321,9 +323,12 @@ class Router:
         return key
 
     def route_for(self, domain: str) -> Route:
-        """The route of a recipient of *domain*: which courier takes it
-        (``"smtp"``: every destination is relayed for now) and the
-        destination it shares a transaction with (:meth:`destination`)."""
+        """The route of a recipient of *domain*: which courier takes it and
+        the destination it shares a transaction with.  A local domain
+        (*is_local*, mta.local.directory) goes to the ``"local"`` courier;
+        anything else is relayed by ``"smtp"`` to :meth:`destination`."""
+        if self._is_local is not None and self._is_local(domain):
+            return Route("local", LOCAL_DESTINATION)
         return Route("smtp", self.destination(domain))
 
     def route(self, domain: str) -> Deferred[list[NextHop]]:

@@ -129,11 +129,12 @@ class _Reports:
     jobs: int = 0                                   # jobs of the message not finished
     report: dict[str, list] = field(default_factory=lambda: defaultdict(list))
     held: list[ops.RecipientUpdate] = field(default_factory=list)
+    held_forwards: list[InboundMessage] = field(default_factory=list)  # of held recipients
 
-    def take(self) -> tuple[list[ops.RecipientUpdate], dict[str, list]]:
-        held, report = self.held, self.report
-        self.held, self.report = [], defaultdict(list)
-        return held, report
+    def take(self) -> tuple[list[ops.RecipientUpdate], list[InboundMessage], dict[str, list]]:
+        held, forwards, report = self.held, self.held_forwards, self.report
+        self.held, self.held_forwards, self.report = [], [], defaultdict(list)
+        return held, forwards, report
 
 
 @dataclass
@@ -470,8 +471,8 @@ class QueueRunner(service.Service):
         share.jobs -= 1
         if share.jobs > 0 or not share.held:
             return None
-        held, report = share.take()
-        dsns = self._make_dsns(job.message, report, self.reactor.seconds())
+        held, forwards, report = share.take()
+        dsns = forwards + self._make_dsns(job.message, report, self.reactor.seconds())
         # Written like any result: kept and written again if the spool refuses it.
         d = defer.Deferred.fromCoroutine(self._write_results(job, held, dsns))
         return d.addCallback(lambda _: self.kick() if dsns else None)
@@ -536,6 +537,7 @@ class QueueRunner(service.Service):
         updates: list[ops.RecipientUpdate] = []
         report: dict[str, list] = defaultdict(list)  # kind -> DSNRecipient list
         owing: set[int] = set()                      # rows that add to the report
+        forwards: dict[int, InboundMessage] = {}     # row -> the copy its aliases relay
         for row, res in zip(job.rcpts, outcomes):
             attempts = row.attempts + 1
             notify = row.notify
@@ -560,8 +562,11 @@ class QueueRunner(service.Service):
                 if _notify_allows(notify, "SUCCESS") and not res.dsn_passed:
                     owing.add(row.id)
                     report["success"].append(DSNRecipient(
-                        action="delivered" if res.final else "relayed",
+                        action=("expanded" if res.expanded else
+                                "delivered" if res.final else "relayed"),
                         status=res.status or "2.0.0", **dsn_common))
+                if res.forward:
+                    forwards[row.id] = forwarded_copy(m, res, now, hostname=self.hostname)
                 dsn_status = res.status or "2.0.0"
             elif res.kind == "permanent" or age >= lifetime:
                 expired = res.kind != "permanent"
@@ -608,14 +613,23 @@ class QueueRunner(service.Service):
         job.reported = True
         share.jobs -= 1
         share.held += [u for u in updates if u.rid in owing]
+        share.held_forwards += [f for rid, f in forwards.items() if rid in owing]
         for kind, rcpts in report.items():
             share.report[kind] += rcpts
         updates = [u for u in updates if u.rid not in owing]
+        # A forwarded copy is written with its recipient's outcome, never apart.
+        new: list[InboundMessage] = [f for rid, f in forwards.items() if rid not in owing]
         dsns: list = []
         if share.jobs == 0:
-            held, report = share.take()
+            held, held_forwards, report = share.take()
             updates += held
+            new += held_forwards
             dsns = self._make_dsns(m, report, now)
+        if new:
+            for f in new:
+                log.info("{queue_id}: forwarded as {new_id} to {rcpts}", queue_id=m.queue_id,
+                         new_id=f.queue_id, rcpts=", ".join(r.address for r in f.recipients))
+        dsns = new + dsns
         if not updates and not dsns:
             return
         job.recording = True
@@ -712,6 +726,19 @@ class QueueRunner(service.Service):
     def _make_dsns(self, m: QueuedMessage, report: dict[str, list], now: float) -> list:
         return dsn_messages(m, report, now, hostname=self.hostname,
                             postmaster=self.relay.postmaster, builder=self._dsn_builder)
+
+
+def forwarded_copy(m: QueuedMessage, res: Outcome, now: float, *,
+                   hostname: str) -> InboundMessage:
+    """The new message that relays *m* to the remote members of an alias
+    (``res.forward``): same sender, envelope and content, recipients with
+    ``res.forward_notify`` / ``forward_orcpt`` (None: not passed on)."""
+    return InboundMessage(
+        queue_id=new_queue_id(now), sender=m.sender,
+        recipients=[Recipient(a, res.forward_notify, res.forward_orcpt) for a in res.forward],
+        headers=m.headers, body=m.body, arrival=now, client_address="127.0.0.1",
+        helo=hostname, protocol="local", size=len(m.headers) + len(m.body),
+        smtputf8=m.smtputf8, body_type=m.body_type, ret=m.ret, envid=m.envid)
 
 
 def dsn_messages(m: QueuedMessage, report: dict[str, list], now: float, *, hostname: str,

@@ -38,9 +38,15 @@ from ..message import QueuedMessage, QueuedRecipient
 from ..smtp.types import (TLS_POLICIES, Credentials, Kind, NextHop, TLSInfo, reply_detail,
                           reply_kind)
 
-__all__ = ["TLS_POLICIES", "Courier", "Credentials", "Kind", "NextHop", "Outcome",
+__all__ = ["LOCAL_DESTINATION", "TLS_POLICIES", "Courier", "Credentials", "Kind", "NextHop",
+           "Outcome",
            "QueuedMessage", "QueuedRecipient", "Route", "TLSInfo",
            "reply_kind"]
+
+
+#: The destination of every local recipient (one concurrency limit for the
+#: local courier: ``[relay] per_destination``).
+LOCAL_DESTINATION = "local"
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,14 @@ class Outcome:
     DSN) and now owes a success report, so we send none (RFC 3461 §6.2.7);
     ``final``: delivered into a mailbox here (a success report then says
     ``delivered``; otherwise ``relayed``).
+
+    Local delivery of an alias: ``expanded`` -- it stood for several
+    addresses (the success report says ``expanded``, RFC 3461 §6.2.7.3);
+    ``forward``: the remote addresses among them, which the scheduler
+    spools as a new message (same sender and content, written in the same
+    transaction as this outcome) to be relayed like any other mail, with
+    ``forward_notify`` / ``forward_orcpt`` as their NOTIFY and ORCPT (None
+    when not passed on).
     """
     kind: Kind
     status: str
@@ -87,14 +101,21 @@ class Outcome:
     tls: TLSInfo | None = None
     dsn_passed: bool = False
     final: bool = False
+    expanded: bool = False
+    forward: tuple[str, ...] = ()
+    forward_notify: str | None = None
+    forward_orcpt: str | None = None
 
     @classmethod
     def from_reply(cls, code: int, status: str, text: str, remote: NextHop | None, *,
                    relay: str = "none", tls: TLSInfo | None = None, dsn_passed: bool = False,
-                   final: bool = False) -> "Outcome":
+                   final: bool = False, expanded: bool = False, forward: tuple[str, ...] = (),
+                   forward_notify: str | None = None,
+                   forward_orcpt: str | None = None) -> "Outcome":
         """The outcome of a reply (``remote`` sent it, or None: we made it in
         the same form): its kind is :func:`reply_kind` of *code*."""
-        return cls(reply_kind(code), status, text, remote, code, relay, tls, dsn_passed, final)
+        return cls(reply_kind(code), status, text, remote, code, relay, tls, dsn_passed, final,
+                   expanded, forward, forward_notify, forward_orcpt)
 
     @classmethod
     def ours(cls, status: str, text: str, *, relay: str = "none") -> "Outcome":

@@ -427,7 +427,12 @@ class AliasTable:
             if key in seen:
                 return
             seen.add(key)
-            if exists is not None and not exists(local, dom):
+            try:
+                known = exists is None or exists(local, dom)
+            except TableUnavailable as e:
+                exp.problems.append(Problem(e.status, str(e)))
+                return
+            if not known:
                 exp.problems.append(Problem("5.1.1", f"no mailbox {local}@{dom}"))
                 return
             exp.mailboxes.append(f"{local}@{dom}")

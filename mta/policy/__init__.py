@@ -10,21 +10,41 @@ tested alone.  Like Postfix's ``permit_mynetworks, reject_unauth_destination``:
 * for clients that may not relay, a recipient whose local part carries
   sender-specified routing (``%``, ``!``, ``@``) is refused even for a relay
   domain, because the next hop might act on it; address literals are never
-  relay domains.
+  relay domains;
+* a local domain (mta.local.directory: ``[local] domains`` and the
+  hostname) is a final destination for anyone, and only for recipients
+  that exist there: ``550 5.1.1`` otherwise, ``451 4.3.0`` while the
+  aliases or mailboxes file cannot be read; ``postmaster`` always exists.
+
+:meth:`RelayPolicy.check_recipient` is what the server asks: None (accept)
+or a :class:`Refusal` (the reply, and the reason counted in the metrics).
 """
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from .. import domain as dom
 from ..address import Mailbox
+from ..local.directory import LocalDirectory, TableUnavailable
 
 _ROUTING_CHARS = ("%", "!", "@")
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """Why a recipient is refused: the SMTP reply and the metrics reason."""
+    code: int
+    status: str
+    text: str
+    reason: str             # "relay_denied", "unknown_user", "lookup_failed"
+
+
 class RelayPolicy:
-    def __init__(self, relay_networks: Iterable[str], relay_domains: Iterable[str]):
+    def __init__(self, relay_networks: Iterable[str], relay_domains: Iterable[str],
+                 local: LocalDirectory | None = None):
+        self._local = local
         self._networks = [ipaddress.ip_network(n, strict=False) for n in relay_networks]
         exact: set[str] = set()
         parents: list[str] = []
@@ -73,3 +93,21 @@ class RelayPolicy:
         if any(c in rcpt.local_text for c in _ROUTING_CHARS):
             return False
         return self.is_relay_domain(rcpt.domain)
+
+    def check_recipient(self, rcpt: Mailbox, *, client_ip: str,
+                        authenticated: bool = False) -> Refusal | None:
+        """None to accept *rcpt* from this client, or the Refusal."""
+        local = self._local
+        if local is not None and local.is_local(rcpt.domain):
+            try:
+                known = local.exists(rcpt.local_text, rcpt.domain)
+            except TableUnavailable as e:
+                return Refusal(451, "4.3.0", f"<{rcpt}>: Temporary lookup failure ({e})",
+                               "lookup_failed")
+            if known:
+                return None
+            return Refusal(550, "5.1.1", f"<{rcpt}>: Recipient address rejected: "
+                           "User unknown in local recipient table", "unknown_user")
+        if self.recipient_allowed(rcpt, client_ip=client_ip, authenticated=authenticated):
+            return None
+        return Refusal(554, "5.7.1", f"<{rcpt}>: Relay access denied", "relay_denied")

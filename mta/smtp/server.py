@@ -688,12 +688,15 @@ class SMTPServer(protocol.Protocol):
         if len(self.recipients) >= self.settings.max_recipients:
             self._count_rejected("too_many_recipients")
             raise SMTPReplyError(r.TOO_MANY_RCPTS)
-        if not self.factory.policy.recipient_allowed(
-                rcpt, client_ip=self.client_ip, authenticated=self.authenticated is not None):
-            log.info("reject client={client} from=<{sender}> to=<{rcpt}> 554 5.7.1 relay denied",
-                     client=self.client_ip, sender=self.sender or "", rcpt=rcpt)
-            self._count_rejected("relay_denied")
-            raise SMTPReplyError(R(554, "5.7.1", f"<{rcpt}>: Relay access denied"))
+        refusal = self.factory.policy.check_recipient(
+            rcpt, client_ip=self.client_ip, authenticated=self.authenticated is not None)
+        if refusal is not None:
+            log.info("reject client={client} from=<{sender}> to=<{rcpt}> {code} {status} "
+                     "{reason}", client=self.client_ip, sender=self.sender or "", rcpt=rcpt,
+                     code=refusal.code, status=refusal.status,
+                     reason=refusal.reason.replace("_", " "))
+            self._count_rejected(refusal.reason)
+            raise SMTPReplyError(R(refusal.code, refusal.status, refusal.text))
         text = str(rcpt)
         if text not in self._recipient_addresses:  # one copy per address; the first one's
             self._recipient_addresses.add(text)    # NOTIFY and ORCPT are kept
