@@ -44,6 +44,7 @@ from . import domain as dom
 __all__ = [
     "AuthConfig",
     "Config",
+    "GatewayConfig",
     "MetricsConfig",
     "ConfigError",
     "PolicyConfig",
@@ -185,6 +186,29 @@ class LocalConfig:
 
 
 @dataclass(frozen=True)
+class GatewayConfig:
+    """``[gateway]``: the store-and-forward gateway (issue 10).  The ATRN /
+    On-Demand Mail Relay keys (RFC 2645) are these two; the hold-domain and
+    ETRN keys join them in this section.
+
+    ``atrn_listen``: the ODMR listeners (366 is the registered port); empty:
+    no ATRN.  ``atrn`` is the ``[gateway.atrn]`` table: which user may take
+    which domains' mail by ATRN, as (user, domains) pairs, the domains as
+    mta.domain.to_ascii writes them.  Whether the user exists is not checked
+    here (the users file can change under a running daemon): a user not in it
+    cannot authenticate, so cannot ATRN."""
+    atrn_listen: tuple[str, ...] = ()
+    atrn: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def atrn_domains(self, user: str) -> tuple[str, ...]:
+        """The domains *user* may take by ATRN (none: not granted any)."""
+        for name, domains in self.atrn:
+            if name == user:
+                return domains
+        return ()
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -199,6 +223,7 @@ class Config:
     sendmail: SendmailConfig = field(default_factory=SendmailConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     local: LocalConfig | None = None  # None: no [local] section (see LocalConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
     path: str = "<config>"
 
 
@@ -577,6 +602,37 @@ def _exact_domains(value: object) -> tuple[str, ...]:
     return names
 
 
+def _atrn_grants(value: object) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``[gateway.atrn]``: user -> the domains (exact names, no "." wildcard)
+    that user takes by ATRN.  A domain is granted to one user only: two
+    customers taking one domain's mail would each get part of it."""
+    if not isinstance(value, Mapping):
+        raise _Invalid(f"expected a table of user = [domains], got {value!r}")
+    out = []
+    owner: dict[str, str] = {}
+    for user, domains in value.items():
+        from .auth.users import valid_username
+        problem = valid_username(user)
+        if problem is not None:
+            raise _Invalid(f"user {user!r}: {problem}")
+        name = user
+        try:
+            names = _domains(domains)
+        except _Invalid as e:
+            raise _Invalid(f"{user}: {e}") from None
+        if not names:
+            raise _Invalid(f"{user}: no domain listed")
+        for d in names:
+            if d.startswith("."):
+                raise _Invalid(f"{user}: invalid domain {d!r}: list each domain by its name "
+                               "(no \".\" wildcard)")
+            if d in owner:
+                raise _Invalid(f"{user}: {d} is already granted to {owner[d]}")
+            owner[d] = name
+        out.append((name, tuple(dict.fromkeys(names))))
+    return tuple(out)
+
+
 # section name -> (dataclass, {key: converter}); keys equal the dataclass field names.
 _SCHEMA: dict[str, tuple[type, dict[str, Callable[[object], Any]]]] = {
     "server": (
@@ -689,6 +745,13 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[object], Any]]]] = {
             "max_domains": _int(0, 100_000),
         },
     ),
+    "gateway": (
+        GatewayConfig,
+        {
+            "atrn_listen": _endpoints,
+            "atrn": _atrn_grants,
+        },
+    ),
 }
 
 
@@ -798,6 +861,7 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<config>") -> Confi
     route_tls = _route_tls(source, data.get("route_tls", {}), routes)
     _check_tls(source, sections["tls"], sections["server"])
     _check_relay(source, sections["relay"])
+    _check_atrn(source, sections["gateway"], sections["auth"], sections["tls"])
     if "local" not in data:
         sections["local"] = None
     else:
@@ -812,6 +876,26 @@ def _check_local(source: str, local: LocalConfig, routes: tuple[tuple[str, str],
         if name in routed:
             raise ConfigError(source, "[local] domains", f"{name} also has a [routes] entry "
                               "(a domain is either delivered here or routed elsewhere)")
+
+
+def _check_atrn(source: str, gateway: GatewayConfig, auth: AuthConfig, tls: TLSConfig) -> None:
+    """An ODMR listener needs logins (ATRN comes after AUTH) and someone to
+    grant domains to; an implicit-TLS one without its own key needs [tls]."""
+    if not gateway.atrn_listen:
+        return
+    if not auth.enabled:
+        raise ConfigError(source, "[gateway] atrn_listen",
+                          "ATRN needs AUTH: set [auth] users_file")
+    if not gateway.atrn:
+        raise ConfigError(source, "[gateway] atrn_listen",
+                          "no [gateway.atrn] table: nobody may take mail by ATRN")
+    if not tls.enabled:
+        for description in gateway.atrn_listen:
+            if implicit_tls_endpoint(description) is not None:
+                raise ConfigError(
+                    source, "[gateway] atrn_listen",
+                    f"{description!r} is an implicit-TLS listener without privateKey=: "
+                    "set [tls] certificate and private_key")
 
 
 def _check_tls(source: str, tls: TLSConfig, server: ServerConfig) -> None:

@@ -20,6 +20,9 @@ Metric names (all prefixed ``mta_``)::
     mta_messages_rejected_total{reason}              counter
     mta_delivery_recipients_total{status,domain}     counter  (delivered, deferred, bounced)
     mta_delivery_latency_seconds                     histogram (arrival -> delivered/bounced)
+    mta_atrn_requests_total{result}                  counter  (ATRN commands answered: turned,
+                                                               no_mail, denied, busy, failed)
+    mta_atrn_recipients_total                        counter  (recipients handed over by ATRN)
     mta_queue_recipients{state}                      gauge
     mta_queue_messages                               gauge
     mta_queue_oldest_message_age_seconds             gauge
@@ -104,6 +107,13 @@ class Metrics:
         self.spool_batch = Histogram("mta_spool_commit_messages",
                                      "New messages written by one group commit",
                                      buckets=_BATCH_BUCKETS, registry=r)
+        self.atrn = Counter("mta_atrn_requests", "ATRN commands (RFC 2645) by result: turned "
+                            "(the connection was turned and the mail handed over), no_mail "
+                            "(453), denied (450, 530), busy (451: another ATRN for the domain), "
+                            "failed (451: a temporary problem)", ["result"], registry=r)
+        self.atrn_recipients = Counter("mta_atrn_recipients",
+                                       "Recipients handed over on turned ATRN connections",
+                                       registry=r)
         self._rejected = {reason: self.rejected.labels(reason) for reason in REJECT_REASONS}
         for state in QUEUE_STATES:
             self.queue.labels(state).set(0)
@@ -119,6 +129,13 @@ class Metrics:
         if child is None:
             child = self._rejected[reason] = self.rejected.labels(reason)
         child.inc()
+
+    def atrn_done(self, result: str, recipients: int = 0) -> None:
+        """One ATRN command answered (see ``mta_atrn_requests``); *recipients*
+        handed over on its turned connection."""
+        self.atrn.labels(result).inc()
+        if recipients:
+            self.atrn_recipients.inc(recipients)
 
     def recipient_done(self, status: str, domain: str, latency: float | None = None) -> None:
         """One recipient's attempt ended: status delivered, deferred or bounced;

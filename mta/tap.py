@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.application import internet, service
 from twisted.internet import defer, endpoints, task
@@ -173,6 +173,8 @@ def makeService(options: Options) -> service.IService:
     for ep in s.submission:
         _listener(ep, f"{config.path}: [server] submission", factory, reactor, tls,
                   submission=True).setServiceParent(front)
+    for ep in config.gateway.atrn_listen:
+        _atrn_listener(ep, config, factory, runner, reactor, tls).setServiceParent(front)
     if s.submission and portal is None:
         log.warn("{config}: [server] submission is set but [auth] users_file is not: "
                  "nobody can submit mail there", config=config.path)
@@ -435,15 +437,24 @@ def _chown_spool(options: Options, url: str) -> None:
 
 def _listener(description: str, where: str, factory: Any, reactor: Any, tls: Any, *,
               submission: bool) -> _ListenService:
-    """A listening service.  ``ssl:`` strings without their own privateKey=
-    listen on the matching tcp: endpoint with TLS from the [tls] certificate
-    (reloadable), wrapped around the session factory."""
+    """A listening SMTP service (see :func:`_serve`)."""
+    return _serve(description, where, reactor, tls,
+                  lambda implicit: factory.listener(submission=submission,
+                                                    implicit_tls=implicit))
+
+
+def _serve(description: str, where: str, reactor: Any, tls: Any,
+           build: Callable[[bool], Any]) -> _ListenService:
+    """A listening service for the session factory ``build(implicit_tls)``.
+    ``ssl:`` strings without their own privateKey= listen on the matching
+    tcp: endpoint with TLS from the [tls] certificate (reloadable), wrapped
+    around the session factory."""
     try:
         tcp = implicit_tls_endpoint(description)
     except ValueError as e:
         _die(f"{where}: {description}: {e}")
     implicit = tcp is not None or description.startswith("ssl:")
-    session_factory = factory.listener(submission=submission, implicit_tls=implicit)
+    session_factory = build(implicit)
     if tcp is None:
         return _ListenService(description, where, session_factory, reactor)
     if tls is None:
@@ -452,6 +463,32 @@ def _listener(description: str, where: str, factory: Any, reactor: Any, tls: Any
     wrapped = TLSMemoryBIOFactory(tls, False, session_factory)
     return _ListenService(description, where, wrapped, reactor,
                           endpoint=endpoints.serverFromString(reactor, tcp))
+
+
+def _atrn_listener(description: str, config: Config, factory: Any, runner: Any,
+                   reactor: Any, tls: Any) -> _ListenService:
+    """An ODMR listener (``[gateway] atrn_listen``, RFC 2645): sessions of
+    mta.smtp.odmr sharing the SMTP server factory; an ATRN hands the mail
+    over through the queue runner's ``deliver_over``, with a TurnedCourier
+    over the turned connection."""
+    from .delivery.smtp_courier import TurnedCourier
+    from .smtp.odmr import ODMRFactory, Turn
+
+    where = f"{config.path}: [gateway] atrn_listen"
+    if runner is None:
+        _die(f"{where}: ATRN hands over the queue, but [relay] deliver = false runs no "
+             "queue runner (hold the domains instead: they are never attempted)")
+    hostname = config.server.hostname
+
+    def atrn(domains: Any, turn: Turn) -> defer.Deferred:
+        async def courier(n: int) -> TurnedCourier:
+            return TurnedCourier(await turn(n), hostname=hostname)
+        return runner.deliver_over(domains, courier)
+
+    return _serve(description, where, reactor, tls,
+                  lambda implicit: ODMRFactory(factory, grants=config.gateway.atrn_domains,
+                                               atrn=atrn, timeouts=config.relay.timeouts,
+                                               implicit_tls=implicit))
 
 
 def _make_tls(config: Config) -> Any:

@@ -20,7 +20,10 @@ records the Outcome of each recipient.
   is for final delivery: ``Outcome.final``);
 * one report of each kind (failure, delay, success) per message and queue
   pass, even when its recipients went to several next hops in several jobs:
-  see :class:`_Reports`.
+  see :class:`_Reports`;
+* ATRN (RFC 2645): :meth:`QueueRunner.deliver_over` claims the pending
+  recipients of some domains and hands them to a one-off courier over the
+  customer's own connection, recording the outcomes like any job's.
 
 Delivery is at least once: recipients in flight when the process dies are
 attempted again after a restart (see README).  Within one process a
@@ -35,7 +38,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -636,6 +639,82 @@ class QueueRunner(service.Service):
         await self._write_results(job, updates, dsns)
         if dsns:
             self.kick()
+
+    # -- ATRN: deliveries over a connection the customer opened ----------------------
+    def deliver_over(self, domains: Sequence[str],
+                     courier: Callable[[int], Awaitable[Courier]]) -> defer.Deferred[int]:
+        """Hand over the mail of *domains* (mta.domain.key form) on a
+        connection someone else opened: ATRN (RFC 2645, mta.smtp.odmr).
+
+        Claims every pending recipient of those domains -- queued or
+        deferred, due or not (ops.claim_domains) -- and fires with 0 when
+        there is none.  Otherwise ``courier(n)`` (n: the recipients claimed)
+        gives the one-off Courier of that connection (the ODMR side sends its
+        250 and turns the connection in there); the recipients go to it a
+        message at a time (``recipient_limit`` per transaction), outside the
+        delivery slots (the connection is the customer's), and each outcome
+        is recorded exactly like any job's (:meth:`_record`: 4xx deferred,
+        there for the next ATRN or attempt; 5xx bounced; the DSNs they owe).
+        Fires with the number of recipients delivered.  When no courier
+        comes (the connection was lost before the turn) or one fails, the
+        recipients not recorded are queued again, as a stop's are."""
+        return defer.Deferred.fromCoroutine(self._deliver_over(list(domains), courier))
+
+    async def _deliver_over(self, domains: list[str],
+                            open_courier: Callable[[int], Awaitable[Courier]]) -> int:
+        if not self.running or not self._recovered:
+            raise RuntimeError("the queue runner is not running (starting or stopping)")
+        rows, msgs = await self.spool.write(ops.claim_domains, domains, self.hostname)
+        if not rows:
+            return 0
+        jobs: list[Job] = []
+        by_message: dict[str, list[QueuedRecipient]] = defaultdict(list)
+        for row in rows:
+            by_message[row.queue_id].append(row)
+        orphans: list[QueuedRecipient] = []
+        step = self.relay.recipient_limit
+        for qid, part in by_message.items():
+            msg = msgs.get(qid)
+            if msg is None:     # should not happen: recipients without their message
+                orphans.extend(part)
+                continue
+            share = _Reports()
+            for i in range(0, len(part), step):
+                share.jobs += 1
+                chunk = part[i:i + step]
+                domain = self._domain_of(chunk[0].address)
+                jobs.append(Job(qid, domain, msg, chunk, route=Route("atrn", domain),
+                                reports=share))
+        if orphans:
+            log.error("{n} recipients without a message row; marking failed", n=len(orphans))
+            now = self.reactor.seconds()
+            await self.spool.write(ops.record_results, [
+                ops.RecipientUpdate(r.id, "failed", r.attempts, now, "message missing")
+                for r in orphans], [], [])
+        delivered = 0
+        left = list(jobs)
+        try:
+            courier = await open_courier(len(rows) - len(orphans))
+            while left:
+                job = left[0]
+                job.attempting = True
+                outcomes = await courier.deliver(job.message, job.rcpts, job.route.destination)
+                if len(outcomes) != len(job.rcpts):
+                    raise RuntimeError(f"the ATRN courier returned {len(outcomes)} outcomes "
+                                       f"for {len(job.rcpts)} recipients")
+                left.pop(0)
+                delivered += sum(1 for o in outcomes if o.kind == "delivered")
+                await self._record(job, outcomes)
+        except BaseException:
+            if left:
+                n = await self.spool.write(ops.requeue_inflight,
+                                           [r.id for job in left for r in job.rcpts])
+                log.info("ATRN for {domains}: {n} recipient(s) not handed over, queued again",
+                         domains=",".join(domains), n=n)
+                for job in left:
+                    self._job_gone(job)
+            raise
+        return delivered
 
     # -- results the spool refused --------------------------------------------------
     async def _write_results(self, job: Job, updates: list, dsns: list) -> None:

@@ -10,6 +10,10 @@ message to the SMTP client's ConnectionPool.
   whether the hop offered DSN (it then owes the success report);
 * a bare ``postmaster`` (accepted without a domain) is sent as
   ``postmaster@<hostname>``.
+
+:class:`TurnedCourier` is the same conversion over a connection the
+customer opened and turned around (ATRN), for the queue runner's
+``deliver_over``.
 """
 from __future__ import annotations
 
@@ -20,11 +24,11 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from ..address import domain_key
-from ..smtp.client import OutboundMessage, OutboundRecipient
+from ..smtp.client import DeliveryResult, OutboundMessage, OutboundRecipient
 from .router import RouteError
 from .types import Outcome, QueuedMessage, QueuedRecipient
 
-__all__ = ["SMTPCourier"]
+__all__ = ["SMTPCourier", "TurnedCourier", "outbound_message", "outcomes"]
 
 log = Logger(namespace="mta.delivery")
 
@@ -58,17 +62,52 @@ class SMTPCourier:
         except Exception as e:  # resolver trouble we did not foresee: try again later
             log.failure("routing {domain} failed", domain=domain)
             return [Outcome.ours("4.4.3", f"routing failed: {e}")] * len(rcpts)
-        out = OutboundMessage(
-            queue_id=m.queue_id, sender=m.sender,
-            recipients=[OutboundRecipient(self._address(r.address), r.notify, r.orcpt)
-                        for r in rcpts],
-            headers=m.headers, body=m.body, body_type=m.body_type, smtputf8=m.smtputf8,
-            ret=m.ret, envid=m.envid)
-        res = await self.pool.deliver(hops, out)
-        relay = str(res.remote) if res.remote is not None else "none"
-        return [Outcome.from_reply(r.code, r.status, r.text, r.remote, relay=relay,
-                                   tls=res.tls, dsn_passed=res.dsn_offered)
-                for r in res.results]
+        res = await self.pool.deliver(hops, outbound_message(m, rcpts, self.hostname))
+        return outcomes(res)
 
-    def _address(self, address: str) -> str:
-        return address if "@" in address else f"{address}@{self.hostname}"
+
+class TurnedCourier:
+    """The courier of one ATRN session (RFC 2645): delivers over the
+    customer's own connection, turned around
+    (:class:`mta.smtp.client.TurnedConnection`, or a fake with
+    ``deliver(msg)``), whatever the destination -- the queue runner's
+    ``deliver_over`` hands it the recipients of the domains asked for.
+    Messages and results are converted exactly as for :class:`SMTPCourier`.
+    ``close()`` does nothing: the ODMR session owns the connection and says
+    QUIT when the runner is done."""
+
+    def __init__(self, connection: Any, *, hostname: str) -> None:
+        self.connection = connection
+        self.hostname = hostname
+
+    def deliver(self, message: QueuedMessage, recipients: Sequence[QueuedRecipient],
+                destination: str) -> Deferred[list[Outcome]]:
+        return Deferred.fromCoroutine(self._deliver(message, list(recipients)))
+
+    async def _deliver(self, m: QueuedMessage, rcpts: list[QueuedRecipient]) -> list[Outcome]:
+        res = await self.connection.deliver(outbound_message(m, rcpts, self.hostname))
+        return outcomes(res)
+
+    def close(self) -> Deferred[None] | None:
+        return None
+
+
+def outbound_message(m: QueuedMessage, rcpts: Sequence[QueuedRecipient],
+                     hostname: str) -> OutboundMessage:
+    """What the SMTP client sends for *rcpts* of *m* (a bare ``postmaster``
+    as ``postmaster@<hostname>``)."""
+    return OutboundMessage(
+        queue_id=m.queue_id, sender=m.sender,
+        recipients=[OutboundRecipient(r.address if "@" in r.address
+                                      else f"{r.address}@{hostname}", r.notify, r.orcpt)
+                    for r in rcpts],
+        headers=m.headers, body=m.body, body_type=m.body_type, smtputf8=m.smtputf8,
+        ret=m.ret, envid=m.envid)
+
+
+def outcomes(res: DeliveryResult) -> list[Outcome]:
+    """The client's result as one Outcome per recipient (kind by reply_kind)."""
+    relay = str(res.remote) if res.remote is not None else "none"
+    return [Outcome.from_reply(r.code, r.status, r.text, r.remote, relay=relay,
+                               tls=res.tls, dsn_passed=res.dsn_offered)
+            for r in res.results]

@@ -1401,6 +1401,104 @@ class ClientSession:
         return False
 
 
+async def _without_control_characters(
+        msg: OutboundMessage,
+        send: Callable[[OutboundMessage], Awaitable[DeliveryResult]]) -> DeliveryResult:
+    """``send(msg)``, but never with a control character in an address:
+    nothing stored should hold one, but a CR or LF here would be command
+    injection.  Such a sender fails the message (553 5.1.7), such a
+    recipient itself (553 5.1.3); the others are sent."""
+    if _CONTROL.search(msg.sender):
+        text = "553 5.1.7 sender address contains control characters"
+        return DeliveryResult([RecipientResult(r.address, 553, "5.1.7", text)
+                               for r in msg.recipients], None, False)
+    bad = [i for i, r in enumerate(msg.recipients) if _CONTROL.search(r.address)]
+    if not bad:
+        return await send(msg)
+    good = [r for i, r in enumerate(msg.recipients) if i not in bad]
+    sub = (await send(replace(msg, recipients=good)) if good
+           else DeliveryResult([], None, False))
+    it = iter(sub.results)
+    text = "553 5.1.3 recipient address contains control characters"
+    return DeliveryResult(
+        [RecipientResult(r.address, 553, "5.1.3", text) if i in bad
+         else next(it) for i, r in enumerate(msg.recipients)],
+        sub.remote, sub.dsn_offered, sub.tls)
+
+
+class TurnedConnection:
+    """Deliveries over one connection this client did not open: one the
+    peer opened to us and turned around (ATRN, RFC 2645).  The same
+    :class:`ClientSession` as the pool's runs over it -- greeting, EHLO (the
+    extensions as offered: PIPELINING, 8BITMIME, DSN, SIZE...), the
+    transactions -- with no STARTTLS (the connection is whatever it already
+    is: TLS from before the turn, or plain text) and no login.
+
+    *conn* is an SMTPClientProtocol already attached to the transport
+    (``makeConnection``); *hop* names the peer in replies and logs.
+    ``start()`` waits for the peer's 220 greeting and says EHLO; raises
+    :class:`TurnFailed` when the peer does not take mail.  ``deliver(msg)``
+    fires with a :class:`DeliveryResult` like ``ConnectionPool.deliver``:
+    a recipient refused is the peer's reply; a connection lost or timed out
+    before the end of data gives every recipient of that message 451 4.4.2
+    (nothing else is tried: there is no other hop).  After a loss every
+    further ``deliver`` fails that way at once.  ``close()``: QUIT; fires
+    when the connection is closed."""
+
+    def __init__(self, conn: SMTPClientProtocol, hop: NextHop, *, helo_name: str,
+                 timeouts: Timeouts) -> None:
+        self.conn = conn
+        self.hop = hop
+        self.timeouts = timeouts
+        self._quitting: defer.Deferred | None = None
+        self.session = ClientSession(helo_name=helo_name, timeouts=timeouts,
+                                     tls=TLSPolicy(starttls=False),
+                                     release=lambda c: None, quit=self._quit)
+
+    @property
+    def usable(self) -> bool:
+        return self.conn.usable and self._quitting is None
+
+    def start(self) -> defer.Deferred:
+        return defer.Deferred.fromCoroutine(self._start())
+
+    async def _start(self) -> None:
+        try:
+            await self.session.start(self.conn, self.hop, False)
+        except _HopFailure as e:
+            raise TurnFailed(e.text) from None
+
+    def deliver(self, msg: OutboundMessage) -> defer.Deferred:
+        return defer.Deferred.fromCoroutine(_without_control_characters(msg, self._send))
+
+    async def _send(self, msg: OutboundMessage) -> DeliveryResult:
+        hop = self.hop
+        try:
+            if not self.usable:
+                raise _HopFailure.ours(hop, "4.4.2", f"connection with {_hopname(hop)} "
+                                       "closed before this message was sent")
+            return await self.session.send(self.conn, hop, msg, _prepare(msg), False, False)
+        except _HopFailure as e:
+            return DeliveryResult([e.result(r.address) for r in msg.recipients],
+                                  hop if e.reached else None, False, self.conn.tls_info)
+
+    def close(self) -> defer.Deferred:
+        if self._quitting is None:
+            self._quit(self.conn)
+        assert self._quitting is not None
+        return self._quitting
+
+    def _quit(self, conn: SMTPClientProtocol) -> None:
+        if self._quitting is None:
+            self._quitting = conn.quit(self.timeouts.quit)
+
+
+class TurnFailed(Exception):
+    """The peer of a turned connection did not take mail (greeting or EHLO
+    refused, connection lost or timed out): ``str()`` says why, in the form
+    of a reply ("451 4.4.2 ...")."""
+
+
 class ConnectionPool:
     """Delivers messages to next hops and keeps connections for reuse.
 
@@ -1462,23 +1560,10 @@ class ConnectionPool:
 
     # -- delivery ---------------------------------------------------------------------
     async def _deliver(self, hops: list[NextHop], msg: OutboundMessage) -> DeliveryResult:
-        # Nothing stored should hold a control character in an address, but
-        # a CR or LF here would be command injection: refuse, never send.
-        if _CONTROL.search(msg.sender):
-            text = "553 5.1.7 sender address contains control characters"
-            return DeliveryResult([RecipientResult(r.address, 553, "5.1.7", text)
-                                   for r in msg.recipients], None, False)
-        bad = [i for i, r in enumerate(msg.recipients) if _CONTROL.search(r.address)]
-        if bad:
-            good = [r for i, r in enumerate(msg.recipients) if i not in bad]
-            sub = (await self._deliver(hops, replace(msg, recipients=good)) if good
-                   else DeliveryResult([], None, False))
-            it = iter(sub.results)
-            text = "553 5.1.3 recipient address contains control characters"
-            return DeliveryResult(
-                [RecipientResult(r.address, 553, "5.1.3", text) if i in bad
-                 else next(it) for i, r in enumerate(msg.recipients)],
-                sub.remote, sub.dsn_offered, sub.tls)
+        return await _without_control_characters(
+            msg, lambda good: self._deliver_hops(hops, good))
+
+    async def _deliver_hops(self, hops: list[NextHop], msg: OutboundMessage) -> DeliveryResult:
         content = _prepare(msg)
         failures: list[_HopFailure] = []
         for hop in self._order(hops):

@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable, Mapping
 from sqlalchemy import Integer, and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.engine import Connection
 
+from ..address import domain_key
 from ..message import InboundMessage, QueuedMessage, QueuedRecipient
 from .schema import contents, messages, recipients
 
@@ -180,6 +181,28 @@ def claim_and_load(conn: Connection, rids: list[int]
         for r in conn.execute(q, {"ids": rids[i:i + _CHUNK]}):
             found[r.id] = queued_recipient(r._mapping)
     rows = [found[rid] for rid in rids if rid in found]
+    if not rows:
+        return rows, {}
+    conn.execute(_upd_inflight, [{"rid": r.id} for r in rows])
+    loaded = load_messages(conn, {r.queue_id for r in rows})
+    return rows, {qid: queued_message(m) for qid, m in loaded.items()}
+
+
+def claim_domains(conn: Connection, domains: Iterable[str], hostname: str
+                  ) -> tuple[list[QueuedRecipient], dict[str, QueuedMessage]]:
+    """Mark in flight every pending recipient (queued or deferred, due or
+    not) whose domain is one of *domains* (mta.domain.key form; a bare
+    ``postmaster`` is *hostname*'s) and return them in the order they arrived,
+    with their messages -- in one transaction, as :func:`claim_and_load`
+    does: what ATRN hands over (RFC 2645).  Held recipients (``mta queue
+    hold``) stay where the administrator put them."""
+    want = set(domains)
+    q = (select(*_sel_due.selected_columns).where(_pending)
+         .order_by(recipients.c.id))
+    if conn.dialect.name == "postgresql":
+        q = q.with_for_update(skip_locked=True)
+    rows = [queued_recipient(r._mapping) for r in conn.execute(q)
+            if domain_key(r.address, hostname) in want]
     if not rows:
         return rows, {}
     conn.execute(_upd_inflight, [{"rid": r.id} for r in rows])
