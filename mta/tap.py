@@ -196,6 +196,8 @@ def _start_line(config: Config, listen: list[str], url: str) -> str:
     parts = [f"listening on {', '.join(listen) or 'nothing'}"]
     if config.server.submission:
         parts.append(f"submission on {', '.join(config.server.submission)}")
+    if config.gateway.atrn_listen:
+        parts.append(f"ATRN on {', '.join(config.gateway.atrn_listen)}")
     parts.append(f"spool {spool}")
     r = config.relay
     if not r.deliver:
