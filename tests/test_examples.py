@@ -1,4 +1,4 @@
-"""The three deployments of README.rst "Sysadmin's guide", from their
+"""The four deployments of README.rst "Sysadmin's guide", from their
 ``etc/examples/*.toml``:
 
 * each example loads with ``mta.config.load_config`` and says what the
@@ -9,7 +9,8 @@
   peers, DNS -> the loopback test server, certificates -> a test
   certificate), and a message travels the deployment's way: through the
   smarthost with STARTTLS and AUTH, to the internal server by [routes], to
-  a recipient domain's MX found in DNS.  The metrics page counts it.
+  a recipient domain's MX found in DNS, to the branch office that takes its
+  mail by ATRN over STARTTLS.  The metrics page counts it.
 
 Nothing leaves loopback, and no daemon uses the system resolver.
 """
@@ -32,7 +33,7 @@ from tlsutil import self_signed
 from mta.config import config_from_dict, load_config
 
 EXAMPLES = ROOT / "etc" / "examples"
-NAMES = ["lan-relay-smarthost", "gateway", "outbound-mx"]
+NAMES = ["lan-relay-smarthost", "gateway", "outbound-mx", "branch-gateway"]
 
 
 def example(name: str) -> Path:
@@ -81,6 +82,16 @@ def test_outbound_mx_relay_delivers_by_mx_with_opportunistic_tls():
     assert c.server.submission and c.auth.enabled and c.tls.enabled
 
 
+def test_branch_gateway_keeps_the_branch_mail_for_atrn():
+    c = load_config(example("branch-gateway"))
+    assert c.policy.relay_domains == ("branch.example.org",)
+    assert dict(c.routes) == {"branch.example.org": "198.51.100.7:25"}
+    assert [p for p in c.gateway.atrn_listen] == ["tcp:366:interface=203.0.113.25"]
+    assert c.gateway.atrn_domains("branch") == ("branch.example.org",)
+    assert c.auth.enabled and c.tls.enabled
+    assert c.retry.warn_after == 86400 and c.retry.lifetime == 7 * 86400
+
+
 # --------------------------------------------------------------------------- running them
 
 def _toml(value: Any) -> str:
@@ -95,12 +106,16 @@ def _toml(value: Any) -> str:
     raise TypeError(value)
 
 
-def dump_toml(data: dict[str, dict[str, Any]]) -> str:
+def dump_toml(data: dict[str, dict[str, Any]], prefix: str = "") -> str:
     out = []
     for section, table in data.items():
-        out.append(f"[{section}]")
-        out.extend(f"{_toml(key)} = {_toml(value)}" for key, value in table.items())
+        out.append(f"[{prefix}{section}]")
+        out.extend(f"{_toml(key)} = {_toml(value)}" for key, value in table.items()
+                   if not isinstance(value, dict))
         out.append("")
+        subtables = {k: v for k, v in table.items() if isinstance(v, dict)}   # [a.b]
+        if subtables:
+            out.append(dump_toml(subtables, f"{prefix}{section}."))
     return "\n".join(out)
 
 
@@ -274,3 +289,76 @@ def test_outbound_mx_relay_runs(example_daemon, peer_factory, dns_factory, certi
     with smtplib.SMTP_SSL("127.0.0.1", ports["ssl:465"], timeout=10,
                           context=ssl._create_unverified_context()) as s:
         assert s.ehlo()[0] == 250
+
+
+def test_branch_gateway_runs(example_daemon, certificate, tmp_path):
+    """The branch is offline (its route a dead port), so the mail waits; the
+    branch's server comes online, logs in over STARTTLS on the ATRN port and
+    takes it over the same TLS connection, byte for byte."""
+    import base64
+    import socket
+
+    from mta.auth.passwords import hash_password
+
+    users = tmp_path / "users"
+    users.write_text(f"branch:{hash_password('night shift', n=16)}\n")
+    cert, key = certificate
+    mport, aport, dead = free_port(), free_port(), free_port()
+    mta = example_daemon(
+        "branch-gateway",
+        routes={"branch.example.org": f"127.0.0.1:{dead}"},
+        dns={"nameservers": ["127.0.0.1:9"]},
+        tls={"certificate": cert, "private_key": key},
+        auth={"users_file": str(users)},
+        gateway={"atrn_listen": [f"tcp:{aport}:interface=127.0.0.1"]},
+        metrics={"listen": f"tcp:{mport}:interface=127.0.0.1"})
+    with smtplib.SMTP("127.0.0.1", mta.port, timeout=10) as s:
+        s.sendmail("someone@outside.test", ["clerk@branch.example.org"], MESSAGE)
+    wait_for(lambda: mta.rows("SELECT COUNT(*) FROM recipients WHERE state='deferred'")[0][0],
+             20, "the branch's mail to wait (deferred)", detail=mta.log)
+
+    sock = socket.create_connection(("127.0.0.1", aport), timeout=10)
+    f = sock.makefile("rb")
+
+    def reply(f) -> bytes:
+        out = b""
+        while True:
+            line = f.readline()
+            out += line
+            if line[3:4] != b"-":
+                return out
+    assert reply(f).startswith(b"220 mx.example.org ")
+    sock.sendall(b"EHLO branch-gw.branch.example.org\r\n")
+    assert b"250-STARTTLS\r\n" in reply(f)
+    sock.sendall(b"STARTTLS\r\n")
+    assert reply(f).startswith(b"220 ")
+    tls = ssl._create_unverified_context().wrap_socket(sock, server_hostname="mx.example.org")
+    f = tls.makefile("rb")
+    tls.sendall(b"EHLO branch-gw.branch.example.org\r\n")
+    ehlo = reply(f)
+    assert b"AUTH PLAIN LOGIN\r\n" in ehlo and b"ATRN\r\n" in ehlo
+    token = base64.b64encode(b"\0branch\0night shift")
+    tls.sendall(b"AUTH PLAIN " + token + b"\r\n")
+    assert reply(f).startswith(b"235 ")
+    tls.sendall(b"ATRN branch.example.org\r\n")
+    assert reply(f) == b"250 2.0.0 OK now reversing the connection\r\n"
+    # Now we are the branch's SMTP server, on the same TLS connection.
+    tls.sendall(b"220 branch-gw.branch.example.org ESMTP\r\n")
+    assert f.readline() == b"EHLO mx.example.org\r\n"
+    tls.sendall(b"250-branch-gw.branch.example.org\r\n250 PIPELINING\r\n")
+    commands = b"".join(f.readline() for _ in range(3))
+    assert commands == (b"MAIL FROM:<someone@outside.test>\r\n"
+                        b"RCPT TO:<clerk@branch.example.org>\r\nDATA\r\n")
+    tls.sendall(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go ahead\r\n")
+    content = b""
+    while not content.endswith(b"\r\n.\r\n"):
+        content += f.readline()
+    assert content.startswith(b"Received: from ") and content.endswith(MESSAGE + b".\r\n")
+    tls.sendall(b"250 2.0.0 Ok: queued at the branch\r\n")
+    assert f.readline() == b"QUIT\r\n"
+    tls.sendall(b"221 2.0.0 Bye\r\n")
+    tls.close()
+    wait_for(lambda: mta.count() == 0, 20, "the delivered message to leave the spool",
+             detail=mta.log)
+    assert re.search(r'^mta_atrn_recipients_total 1\.0$', metrics_of(mport), re.M)
+    assert "ATRN client=127.0.0.1 user=branch domains=branch.example.org recipients=1" in mta.log()
