@@ -32,7 +32,7 @@ from mta.metrics import Metrics
 from mta.smtp.odmr import ODMRFactory
 from mta.smtp.settings import Timeouts
 
-from test_scheduler import SyncSpool
+from test_scheduler import SyncSpool, logged  # noqa: F401  (fixture)
 from test_smtp_auth import FakeTLS, TLSTransport, plain
 from test_smtp_server import HOST, code, make_factory, parse_replies
 
@@ -486,3 +486,52 @@ def test_a_customer_that_refuses_the_turn_keeps_its_mail_queued(tmp_path, users)
     s.proto.dataReceived(b"554 5.3.2 not today\r\n")
     assert s.tr.value() == b"QUIT\r\n"
     assert g.states() == [("one@branch.test", "queued", 0)]
+
+
+def test_the_stop_lets_a_turned_session_finish_then_aborts_it(tmp_path, users):
+    g = Gateway(tmp_path, users)
+    g.put(["one@branch.test"])
+    s = g.session()
+    assert code(s.cmd("ATRN branch.test")) == "250 2.0.0"
+    s.clock.advance(0)
+    main = g.factory.main
+    main.shutdown()                 # SessionDrain's first step: the turned session goes on
+    assert not s.tr.disconnecting and not main.drained()
+    main.force_close()              # the grace is over: the turned connection is aborted
+    assert s.tr.disconnecting or getattr(s.tr, "aborted", False)
+    s.proto.connectionLost(Failure(ConnectionLost()))
+    assert g.states() == [("one@branch.test", "queued", 0)]
+    assert main.drained()
+
+
+def test_no_turn_while_stopping(tmp_path, users):
+    g = Gateway(tmp_path, users)
+    g.put(["one@branch.test"])
+    h = FakeHandler()
+    f = odmr_factory(users, h)
+    s = Session(f)
+    s.login()
+    s.send("ATRN branch.test\r\n")
+    f.main.shutting_down = True
+    failed = []
+    h.calls[0][1](1).addErrback(failed.append)
+    assert failed and "stopping" in str(failed[0].value)
+
+
+def test_the_customer_is_named_by_its_ehlo_domain_or_its_address(tmp_path, users, logged):
+    g = Gateway(tmp_path, users)
+    g.put(["one@branch.test"])
+    g.put(["two@branch.test"])
+    s = Session(g.factory)
+    s.send("EHLO \x01bad\r\n")
+    assert code(s.cmd(f"AUTH PLAIN {plain('branch', PASSWORD)}")) == "235 2.7.0"
+    assert code(s.cmd("ATRN")) == "250 2.0.0"
+    Customer(s).greet()
+    s2 = g.session(40002)                   # EHLO branch-gw.branch.test
+    assert code(s2.cmd("ATRN")) == "453 4.3.0"
+    g.put(["three@branch.test"])
+    assert code(s2.cmd("ATRN")) == "250 2.0.0"
+    Customer(s2).greet()
+    relays = [re.search(r"relay=(\S+)", line).group(1) for line in logged if "to=<" in line]
+    assert relays == ["127.0.0.1[127.0.0.1]:40001", "127.0.0.1[127.0.0.1]:40001",
+                      "branch-gw.branch.test[127.0.0.1]:40002"]

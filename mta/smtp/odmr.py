@@ -197,6 +197,9 @@ class ODMRServer(SMTPServer):
             d.errback(TurnFailed("451 4.4.2 the client closed the connection before ATRN's "
                                  "reply"))
             return d
+        if self.factory.shutting_down:
+            d.errback(TurnFailed("451 4.3.2 stopping: not turning the connection"))
+            return d
         self._reply(REVERSING)
         self._flush()
         self.reactor.callLater(0, self._switch, d)
@@ -216,7 +219,7 @@ class ODMRServer(SMTPServer):
             self._read_paused = False
             self.transport.resumeProducing()
         peer = self.transport.getPeer()
-        hop = NextHop(host=self.helo or self.client_ip, address=self.client_ip,
+        hop = NextHop(host=self._peer_name(), address=self.client_ip,
                       port=getattr(peer, "port", 0) or 0, tls="none")
         conn = SMTPClientProtocol(self.reactor, hop)
         if self.tls:
@@ -232,6 +235,16 @@ class ODMRServer(SMTPServer):
                                   timeouts=self.odmr.timeouts)
         self._turned_session = turned
         turned.start().addCallback(lambda _: turned).chainDeferred(d)
+
+    def _peer_name(self) -> str:
+        """The customer's name for logs and DSNs (Remote-MTA): its EHLO name
+        when that is a domain name, else its address."""
+        try:
+            if self.helo and not dom.is_literal(self.helo):
+                return dom.to_ascii(self.helo)
+        except dom.DomainError:
+            pass
+        return self.client_ip
 
     def dataReceived(self, data: bytes) -> None:
         if self._turned is not None:
