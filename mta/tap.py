@@ -138,6 +138,7 @@ def makeService(options: Options) -> service.IService:
                                 storage=spool.free_space(minfree=config.spool.queue_minfree,
                                                          max_message_size=s.max_message_size),
                                 auth_plaintext_on_loopback=a.allow_plaintext_on_loopback,
+                                cram_md5=users.has_cram_md5 if users is not None else None,
                                 on_stored=runner.kick if runner is not None else None,
                                 metrics=metrics)
     # Started in this order and stopped in the reverse one, each part after
