@@ -7,7 +7,6 @@ import email.policy
 import sqlite3
 
 import pytest
-from sqlalchemy import create_engine
 from twisted.internet import defer, task
 
 from mta.config import RelayConfig, RetryConfig
@@ -17,31 +16,9 @@ from mta.delivery.smtp_courier import SMTPCourier
 from mta.message import InboundMessage, Recipient, new_queue_id
 from mta.smtp.client import DeliveryResult, RecipientResult
 from mta.spool import ops
-from mta.spool.schema import metadata
+from fakespool import SyncSpool
 
 HOP = NextHop("mx.dest.test", "127.0.0.1", 25)
-
-
-class SyncSpool:
-    """The spool's interface, run synchronously on a real SQLite file."""
-
-    def __init__(self, path):
-        self.path = str(path)
-        self.engine = create_engine(f"sqlite:///{path}")
-        metadata.create_all(self.engine)
-
-    def write(self, fn, *args):
-        with self.engine.begin() as conn:
-            return defer.succeed(fn(conn, *args))
-
-    run = write
-
-    def store(self, msg):
-        return self.write(ops.insert_messages, [msg]).addCallback(lambda _: msg.queue_id)
-
-    def sql(self, query, *args):
-        with sqlite3.connect(self.path) as c:
-            return c.execute(query, args).fetchall()
 
 
 class FakeRouter:
@@ -361,7 +338,7 @@ def test_owed_report_waits_for_the_last_job_and_a_crash_loses_nothing(env, tmp_p
                       "dave@slow.test": "inflight"}
     assert dsns(env) == []
     # A crash now: the restart attempts bob again, and his bounce is owed then.
-    env.spool.write(ops.recover_inflight)
+    env.spool.recover_inflight()
     pool2 = FakePool()
     pool2.script = {"bob@dest.test": [(550, "5.1.1")], "dave@slow.test": [(250, "2.0.0")],
                     "alice@example.test": [(451, "4.2.0")]}
@@ -436,14 +413,14 @@ class FlakySpool(SyncSpool):
         # A result written again fails as its first write did.
         return ops.record_results if fn is ops.record_results_again else fn
 
-    def write(self, fn, *args):
+    def _write(self, fn, *args):
         if self._key(fn) in self.fail:
             if self.hold:
                 d = defer.Deferred()
                 self.held.append((fn, args, d))
                 return d
             return self._write_now(fn, args)
-        return super().write(fn, *args)
+        return super()._write(fn, *args)
 
     def _write_now(self, fn, args):
         key = self._key(fn)
@@ -451,12 +428,12 @@ class FlakySpool(SyncSpool):
             self.fail[key] -= 1
             self.writes.append((fn.__name__, False))
             if self.committed_anyway:
-                super().write(fn, *args)
+                super()._write(fn, *args)
             from sqlalchemy.exc import OperationalError
             return defer.fail(OperationalError(
                 "UPDATE recipients ...", {}, sqlite3.OperationalError("database is locked")))
         self.writes.append((fn.__name__, True))
-        return super().write(fn, *args)
+        return super()._write(fn, *args)
 
     def answer(self):
         """Answer the oldest held write (fails while fail[fn] > 0)."""

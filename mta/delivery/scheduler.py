@@ -48,6 +48,7 @@ from ..config import RelayConfig, RetryConfig
 from ..message import InboundMessage, Recipient, new_queue_id, split_header_block
 from ..spool import SpoolWriteError, ops
 from ..spool.admin import error_text as spool_error_text
+from ..spool.interface import DeliveryQueue
 from .types import Courier, Outcome, QueuedMessage, QueuedRecipient, Route
 
 log = Logger(namespace="mta.delivery")
@@ -153,7 +154,7 @@ class Job:
 @dataclass(eq=False)
 class _Unrecorded:
     """The result of *job* that the spool refused (the arguments of
-    ops.record_results): kept, and written again until it is recorded or
+    DeliveryQueue.record): kept, and written again until it is recorded or
     the stop gives up on it; *done* fires then, and the job ends."""
     job: Job
     args: tuple
@@ -171,7 +172,7 @@ class QueueRunner(service.Service):
     courier name to the Courier that delivers it.  The router's ``close()``
     and every courier's are called at the stop."""
 
-    def __init__(self, spool: Any, router: Any, couriers: Mapping[str, Courier], *,
+    def __init__(self, spool: DeliveryQueue, router: Any, couriers: Mapping[str, Courier], *,
                  hostname: str, retry: RetryConfig, relay: RelayConfig, reactor: Any = None,
                  rand: Callable[[], float] = random.random, poll_interval: float = 1.0,
                  dsn_builder: Callable[..., bytes] | None = None, metrics: Any = None):
@@ -228,7 +229,7 @@ class QueueRunner(service.Service):
         self._recover_call = None
         if not self.running or self._recovered:
             return
-        d = self.spool.write(ops.recover_inflight)
+        d = self.spool.recover_inflight()
         d.addCallbacks(self._recovered_cb, self._recover_failed)
         d.addErrback(lambda f: log.failure("starting the queue runner failed", f))
 
@@ -354,7 +355,7 @@ class QueueRunner(service.Service):
         now = self.reactor.seconds()
         scan = free * self.relay.recipient_limit
         try:
-            due = await self.spool.run(ops.due_recipients, now, scan)
+            due = await self.spool.due(now, scan)
         except Exception as e:
             self._run_trouble.failed(spool_error_text(e))
             return
@@ -363,8 +364,8 @@ class QueueRunner(service.Service):
             self._run_trouble.ok()
             return
         try:
-            rows, msgs = await self.spool.write(ops.claim_and_load,
-                                                [r.id for _d, part in plan for r in part])
+            rows, msgs = await self.spool.claim_and_load(
+                [r.id for _d, part in plan for r in part])
         except SpoolWriteError:
             return             # logged by the spool; tried again at the next queue run
         except Exception as e:
@@ -374,7 +375,7 @@ class QueueRunner(service.Service):
         if not rows:
             return
         if not self.running:   # stopped meanwhile: give them back
-            await self.spool.write(ops.requeue_inflight, [r.id for r in rows])
+            await self.spool.requeue([r.id for r in rows])
             return
         if len(due) >= scan:   # there may be more due work beyond what was read
             self._again = True
@@ -399,7 +400,7 @@ class QueueRunner(service.Service):
             self._start(job)
         if orphans:
             log.error("{n} recipients without a message row; marking failed", n=len(orphans))
-            await self.spool.write(ops.record_results, [
+            await self.spool.record([
                 ops.RecipientUpdate(r.id, "failed", r.attempts, now, "message missing")
                 for r in orphans], [], [])
 
@@ -481,7 +482,7 @@ class QueueRunner(service.Service):
         """A delivery cancelled by the stop (or never started): its recipients
         go back to "queued" (unless their result was recorded meanwhile)."""
         was = "interrupted" if job.attempting else "not started"
-        d = self.spool.write(ops.requeue_inflight, [r.id for r in job.rcpts])
+        d = self.spool.requeue([r.id for r in job.rcpts])
 
         def logged(n: int) -> None:
             log.info("{queue_id}: delivery to {domain} {was} at shutdown; {n} recipient(s) "
@@ -639,13 +640,13 @@ class QueueRunner(service.Service):
 
     # -- results the spool refused --------------------------------------------------
     async def _write_results(self, job: Job, updates: list, dsns: list) -> None:
-        """Record the results of *job* (ops.record_results).  One the spool
+        """Record the results of *job* (DeliveryQueue.record).  One the spool
         refuses is kept and written again -- the job, its delivery slot and
         its recipients (in flight in the spool, so no pass claims them) wait
         -- until it is recorded, or the stop gives up on it (see stopService)."""
         args = (updates, dsns, [job.queue_id])
         try:
-            await self.spool.write(ops.record_results, *args)
+            await self.spool.record(*args)
         except Exception as e:
             entry = _Unrecorded(job, args)
             self._unrecorded.append(entry)
@@ -657,7 +658,7 @@ class QueueRunner(service.Service):
 
     def _write_unrecorded(self, entry: _Unrecorded) -> None:
         entry.writing = True
-        d = self.spool.write(ops.record_results_again, *entry.args)
+        d = self.spool.record_again(*entry.args)
         d.addCallbacks(lambda _: self._unrecorded_written(entry),
                        lambda f: self._unrecorded_failed(entry, f.value))
         d.addErrback(lambda f: log.failure("writing a delivery result again failed", f))

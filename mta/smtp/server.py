@@ -61,8 +61,8 @@ from ..address import AddressError, Mailbox
 from ..auth.checker import IMailUser
 from ..auth.limiter import FailureLimiter
 from ..tls import connection_info
-from ..message import (InboundMessage, Recipient, new_queue_id, received_header,
-                       split_header_block)
+from ..message import (InboundMessage, MessageStore, Recipient, new_queue_id,
+                       received_header, split_header_block)
 from . import replies as r
 from .data import DataReader, has_bare_newline, has_long_line, normalize_newlines
 from .params import MailParams, parse_mail_params, parse_rcpt_params
@@ -88,9 +88,10 @@ _REFUSAL_REASONS = {r.MSG_TOO_BIG: "too_big", r.BARE_NEWLINE: "bare_newline",
 
 
 class SMTPServerFactory(protocol.Factory):
-    """Shared state of all listeners: settings, spool, policy, connection
-    counters, and (optional) the TLS context factory, the cred portal and the
-    AUTH failure limiter.  ``listener()`` gives the per-endpoint factory.
+    """Shared state of all listeners: settings, spool (a
+    :class:`mta.message.MessageStore`), policy, connection counters, and
+    (optional) the TLS context factory, the cred portal and the AUTH
+    failure limiter.  ``listener()`` gives the per-endpoint factory.
 
     ``settings`` is a :class:`mta.smtp.settings.ServerSettings` (the
     daemon passes its ``[server]`` config section, which is one);
@@ -101,7 +102,7 @@ class SMTPServerFactory(protocol.Factory):
     daemon kicks the queue runner); ``metrics`` is a
     :class:`mta.metrics.Metrics` or None."""
 
-    def __init__(self, settings: ServerSettings, spool: Any, policy: Any,
+    def __init__(self, settings: ServerSettings, spool: MessageStore, policy: Any,
                  reactor: Any = None, *, tls: Any = None, portal: Any = None,
                  limiter: FailureLimiter | None = None,
                  storage: Callable[[int], bool] | None = None,
