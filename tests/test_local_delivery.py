@@ -246,11 +246,8 @@ def _lmtp_to_dovecot(tmp_path, top, mta_factory, peer_factory, origin) -> None:
         send(mta, SENDER, ["bob@example.org", "team@example.org", "nosuch@example.org"], data,
              ["BODY=8BITMIME"])
         # bob: his own copy and the team's (two recipients, one delivery each).
-        wait_for(lambda: len(list(mailbox.Maildir(str(dove.maildir("bob")), create=False)))
-                 >= 1 if dove.maildir("bob").exists() else None, 15, "bob's mail in Dovecot")
-        wait_for(lambda: dove.maildir("carol").exists()
-                 and len(list(mailbox.Maildir(str(dove.maildir("carol")), create=False))) >= 1,
-                 15, "carol's mail in Dovecot")
+        wait_files(dove.maildir("bob"), 1)
+        wait_files(dove.maildir("carol"), 1)
         [(tx, dsn)] = wait_dsns(origin, 1)
         blocks = per_recipient(dsn)
         assert set(blocks) == {"nosuch@example.org"}
