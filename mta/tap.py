@@ -17,6 +17,7 @@ from .config import Config, ConfigError, implicit_tls_endpoint, load_config
 if TYPE_CHECKING:
     from .delivery.types import Courier
     from .local.directory import LocalDirectory
+    from .spool.interface import DeliveryQueue, SpoolInterface
 
 log = Logger(namespace="mta")
 
@@ -328,7 +329,8 @@ def _make_metrics(config: Config, reactor: Any) -> Any:
     return Metrics(max_domains=m.max_domains, clock=reactor.seconds)
 
 
-def _metrics_services(config: Config, metrics: Any, spool: Any, factory: Any, reactor: Any,
+def _metrics_services(config: Config, metrics: Any, spool: SpoolInterface, factory: Any,
+                      reactor: Any,
                       parent: service.MultiService) -> None:
     """The metrics' queue gauges and their web page."""
     from .metrics import MetricsSite, QueueGauges, is_loopback_endpoint
@@ -574,7 +576,7 @@ def _local_courier(config: Config, reactor: Any, directory: LocalDirectory) -> C
                         reactor=reactor, lmtp=lmtp)
 
 
-def _make_runner(config: Config, spool: object, reactor: Any,
+def _make_runner(config: Config, spool: DeliveryQueue, reactor: Any,
                  directory: LocalDirectory | None = None,
                  metrics: Any = None) -> service.IService:
     from .delivery.router import Router

@@ -11,6 +11,7 @@ from twisted.internet import defer, task
 
 from mta.config import RelayConfig, RetryConfig
 from mta.delivery.router import NextHop, RouteError
+from mta.delivery.types import Route
 from mta.delivery.scheduler import QueueRunner, backoff
 from mta.delivery.smtp_courier import SMTPCourier
 from mta.message import InboundMessage, Recipient, new_queue_id
@@ -31,6 +32,15 @@ class FakeRouter:
         if domain in self.errors:
             return defer.fail(self.errors[domain])
         return defer.succeed([HOP])
+
+    def destination(self, domain):
+        return domain
+
+    def route_for(self, domain):
+        return Route("smtp", self.destination(domain))
+
+    def close(self):
+        pass
 
 
 class FakePool:

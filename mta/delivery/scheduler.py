@@ -49,7 +49,7 @@ from ..message import InboundMessage, Recipient, new_queue_id, split_header_bloc
 from ..spool import SpoolWriteError, ops
 from ..spool.admin import error_text as spool_error_text
 from ..spool.interface import DeliveryQueue
-from .types import Courier, Outcome, QueuedMessage, QueuedRecipient, Route
+from .types import Courier, Outcome, QueuedMessage, QueuedRecipient, Route, RouteMap
 
 log = Logger(namespace="mta.delivery")
 
@@ -166,13 +166,12 @@ class _Unrecorded:
 class QueueRunner(service.Service):
     name = "queue-runner"
 
-    """``router`` answers each recipient's Route (``route_for(domain)``;
-    a router without it routes everything to ``"smtp"``, grouped by
-    ``destination(domain)`` or else by domain); ``couriers`` maps a Route's
-    courier name to the Courier that delivers it.  The router's ``close()``
-    and every courier's are called at the stop."""
+    """``router`` answers each recipient's Route (``route_for(domain)``,
+    mta.delivery.types.RouteMap); ``couriers`` maps a Route's courier name
+    to the Courier that delivers it.  The router's ``close()`` and every
+    courier's are called at the stop."""
 
-    def __init__(self, spool: DeliveryQueue, router: Any, couriers: Mapping[str, Courier], *,
+    def __init__(self, spool: DeliveryQueue, router: RouteMap, couriers: Mapping[str, Courier], *,
                  hostname: str, retry: RetryConfig, relay: RelayConfig, reactor: Any = None,
                  rand: Callable[[], float] = random.random, poll_interval: float = 1.0,
                  dsn_builder: Callable[..., bytes] | None = None, metrics: Any = None):
@@ -315,9 +314,7 @@ class QueueRunner(service.Service):
                                        for c in self.couriers.values()], consumeErrors=True)
         d = defer.DeferredList(waits, consumeErrors=True)
         d.addBoth(finished)
-        close_router = getattr(self.router, "close", None)
-        if close_router is not None:
-            d.addBoth(lambda _: close_router())
+        d.addBoth(lambda _: self.router.close())
         return d
 
     def kick(self, *_: Any) -> None:
@@ -428,14 +425,8 @@ class QueueRunner(service.Service):
         return plan
 
     def _route_of(self, address: str) -> Route:
-        """The recipient's Route (Router.route_for); a router without that
-        notion relays, grouping by Router.destination, or else by domain."""
-        domain = self._domain_of(address)
-        route_for = getattr(self.router, "route_for", None)
-        if route_for is not None:
-            return route_for(domain)
-        dest = getattr(self.router, "destination", None)
-        return Route("smtp", dest(domain) if dest is not None else domain)
+        """The recipient's Route (RouteMap.route_for of its domain)."""
+        return self.router.route_for(self._domain_of(address))
 
     def _domain_of(self, address: str) -> str:
         return domain_key(address, self.hostname)

@@ -14,29 +14,43 @@ message to the SMTP client's ConnectionPool.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from ..address import domain_key
-from ..smtp.client import OutboundMessage, OutboundRecipient
+from ..smtp.client import DeliveryResult, OutboundMessage, OutboundRecipient
 from .router import RouteError
-from .types import Outcome, QueuedMessage, QueuedRecipient
+from .types import NextHop, Outcome, QueuedMessage, QueuedRecipient
 
 __all__ = ["SMTPCourier"]
 
 log = Logger(namespace="mta.delivery")
 
 
-class SMTPCourier:
-    """Relay by SMTP: ``router`` (``route(domain) -> Deferred[list[NextHop]]``,
-    mta.delivery.router.Router) finds the hops, ``pool``
-    (mta.smtp.client.ConnectionPool, or a fake with ``deliver(hops, msg)``
-    and ``close()``) delivers; ``hostname`` is ours (for a bare postmaster).
-    The router is not closed here (the scheduler owns it)."""
+class HopFinder(Protocol):
+    """The next hops of a domain, most preferred first (mta.delivery.router.Router);
+    fails with RouteError."""
 
-    def __init__(self, router: Any, pool: Any, *, hostname: str) -> None:
+    def route(self, domain: str) -> Deferred[list[NextHop]]: ...
+
+
+class Transmitter(Protocol):
+    """Hands a message to the first of *hops* that takes it
+    (mta.smtp.client.ConnectionPool)."""
+
+    def deliver(self, hops: list[NextHop], msg: OutboundMessage) -> Deferred[DeliveryResult]: ...
+
+    def close(self) -> Deferred[None] | None: ...
+
+
+class SMTPCourier:
+    """Relay by SMTP: ``router`` finds the hops, ``pool`` delivers;
+    ``hostname`` is ours (for a bare postmaster).  The router is not closed
+    here (the scheduler owns it)."""
+
+    def __init__(self, router: HopFinder, pool: Transmitter, *, hostname: str) -> None:
         self.router = router
         self.pool = pool
         self.hostname = hostname

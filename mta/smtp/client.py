@@ -1441,10 +1441,10 @@ class ConnectionPool:
         return self.tls.trust_root
 
     # -- public -----------------------------------------------------------------
-    def deliver(self, hops: list[NextHop], msg: OutboundMessage) -> defer.Deferred:
+    def deliver(self, hops: list[NextHop], msg: OutboundMessage) -> defer.Deferred[DeliveryResult]:
         return defer.Deferred.fromCoroutine(self._deliver(list(hops), msg))
 
-    def close(self) -> defer.Deferred:
+    def close(self) -> defer.Deferred[None]:
         """QUIT the idle connections; fires when they (and earlier QUITs) are closed."""
         self._closed = True
         for conns in list(self._idle.values()):
