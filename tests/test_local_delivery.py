@@ -103,6 +103,12 @@ def test_local_recipients_maildir_byte_exact(tmp_path, mta_factory, peer_factory
     for pm in ("postmaster", "postmaster@example.org", f"postmaster@{HOSTNAME}"):
         assert replies[pm][0] == 250, (pm, replies[pm])
     assert replies["someone@elsewhere.test"][0] == 554    # still no relaying for strangers
+    # The files are re-read when they change: a new user, a new alias.
+    (tmp_path / "mailboxes").write_text("bob\ncarol\ndave\n")
+    (tmp_path / "aliases").write_text("postmaster: bob\nstaff: bob\n")
+    later = rcpt_replies(mta, ["dave@example.org", "staff@example.org", "eve@example.org"])
+    assert [later[a][0] for a in ("dave@example.org", "staff@example.org",
+                                  "eve@example.org")] == [250, 250, 550]
 
     data = message("to bob", BODY)
     qid = send(mta, SENDER, ["bob@example.org"], data, ["BODY=8BITMIME"])
