@@ -580,6 +580,8 @@ def test_domain_keys_are_idna_2008():
      "[route_tls] strasse.test", "no [routes] entry for this domain"),
     ({"routes": {"\u2603.test": "127.0.0.1:25"}}, "[routes] \u2603.test", "invalid domain"),
     ({"routes": {"[127.0.0.1]": "127.0.0.1:25"}}, "[routes] [127.0.0.1]", "invalid domain"),
+    ({"routes": {".sub.test": "127.0.0.1:25"}}, "[routes] .sub.test",
+     "bad route domain '.sub.test'"),
     ({"policy": {"relay_domains": ["a\u05d0.test"]}}, "[policy] relay_domains", "invalid domain"),
     ({"server": {"hostname": "\u2603.test"}}, "[server] hostname", "invalid internationalized"),
 ])
