@@ -30,13 +30,14 @@ from .. import domain as dom
 from ..address import domain_key
 from ..message import InboundMessage
 from . import SpoolError, make_engine
+from .faults import describe
 from .ops import PENDING, RecipientUpdate, insert_messages, record_results
 from .schema import SCHEMA_VERSION, contents, meta, messages, metadata, recipients
 
 __all__ = [
     "AdminError", "STATES", "open_engine", "transaction", "list_queue", "get_message",
     "existing_ids", "flush", "delete_messages", "deferred_queue_ids", "hold", "release",
-    "requeue", "bounce", "stats", "store_messages", "error_text",
+    "requeue", "bounce", "stats", "store_messages",
 ]
 
 STATES = ("queued", "inflight", "deferred", "delivered", "failed", "held")
@@ -47,13 +48,6 @@ _CHUNK = 500      # ids per IN (...): well under every database's parameter limi
 
 class AdminError(Exception):
     """The spool cannot be used; ``str()`` is one line."""
-
-
-def error_text(e: BaseException) -> str:
-    """A spool error in one line: the driver's message for a SQLAlchemy
-    error (without the SQL), else the exception's own text."""
-    orig = getattr(e, "orig", None)
-    return " ".join(str(orig if orig is not None else e).split())
 
 
 # --------------------------------------------------------------------------- engine
@@ -79,7 +73,7 @@ def open_engine(url: str, *, create: bool = False) -> Engine:
         _check_schema(engine, url, create)
     except SQLAlchemyError as e:
         engine.dispose()
-        raise AdminError(f"{url}: cannot use spool: {error_text(e)}") from None
+        raise AdminError(f"{url}: cannot use spool: {describe(e)}") from None
     except AdminError:
         engine.dispose()
         raise
@@ -124,7 +118,7 @@ def transaction(engine: Engine, *, write: bool) -> Iterator[Connection]:
                 conn.rollback()
     except SQLAlchemyError as e:
         raise AdminError(f"{engine.url.render_as_string(hide_password=True)}: "
-                         f"{error_text(e)}") from None
+                         f"{describe(e)}") from None
 
 
 # --------------------------------------------------------------------------- helpers
