@@ -526,11 +526,14 @@ def test_unrecorded_result_is_written_again_once_the_spool_takes_it(flaky, logge
     assert env.spool.sql("SELECT COUNT(*) FROM recipients") == [(0,)]
     env.clock.advance(3600)
     assert len(env.pool.calls) == 1
-    # One line for the episode, one when it is over; not one per try.
+    # One line for the error, one summary of its repeats at the end of the
+    # minute, one when the episode is over; not one per try.
     trouble = [e for e in logged if "recording delivery results" in e]
-    assert len(trouble) == 2, trouble
-    assert "failed: database is locked;" in trouble[0]
-    assert "succeeded after 6 failed tries" in trouble[1]
+    assert len(trouble) == 3, trouble
+    assert "failed: OperationalError: database is locked; the results are kept" in trouble[0]
+    assert "failed: OperationalError: database is locked (repeated 5 times in the last " \
+        in trouble[1]
+    assert trouble[2].endswith("succeeded again after 6 failure(s) in 61 s")
 
 
 def test_a_result_written_after_all_is_not_written_twice(flaky):
@@ -632,7 +635,9 @@ def test_failed_recovery_at_start_is_tried_again(flaky, logged):
     assert len(env.pool.calls) == 1
     assert env.spool.sql("SELECT COUNT(*) FROM recipients") == [(0,)]
     trouble = [e for e in logged if "recovering the recipients in flight" in e]
-    assert len(trouble) == 2 and "database is locked" in trouble[0], trouble
+    assert len(trouble) == 3 and "database is locked; no delivery starts" in trouble[0], trouble
+    assert "(repeated 2 times in the last 7 s)" in trouble[1]      # pending at the recovery
+    assert trouble[2].endswith("succeeded again after 3 failure(s) in 7 s")
 
 
 def test_stop_during_failed_recovery_ends_the_retries(flaky):

@@ -41,13 +41,13 @@ from typing import Any, Callable
 
 from twisted.application import service
 from twisted.internet import defer, task
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from ..address import domain_key
 from ..config import RelayConfig, RetryConfig
 from ..message import InboundMessage, Recipient, new_queue_id, split_header_block
 from ..spool import SpoolWriteError, ops
-from ..spool.admin import error_text as spool_error_text
+from ..spool.faults import RepeatedFailures, describe
 from ..spool.interface import DeliveryQueue
 from .types import Courier, Outcome, QueuedMessage, QueuedRecipient, Route, RouteMap
 
@@ -78,40 +78,6 @@ def _notify_allows(notify: str | None, what: str) -> bool:
 # The status label of mta_delivery_recipients_total for each outcome.
 _METRIC_STATUS = {"sent": "delivered", "deferred": "deferred", "bounced": "bounced",
                   "expired": "bounced"}
-
-
-class _Trouble:
-    """One episode of failures of one kind of spool write: each distinct
-    error is logged once, in one line, and the end of the episode once --
-    not every failed try."""
-
-    _MAX_ERRORS = 20
-
-    def __init__(self, clock: Any, what: str, consequence: str):
-        self.clock = clock
-        self.what = what
-        self.consequence = consequence
-        self.errors: set[str] = set()
-        self.failures = 0
-        self.since = 0.0
-
-    def failed(self, error: str) -> None:
-        if not self.errors:
-            self.since = self.clock.seconds()
-        self.failures += 1
-        if error in self.errors or len(self.errors) >= self._MAX_ERRORS:
-            return
-        self.errors.add(error)
-        log.warn("{what} failed: {error}; {consequence}", what=self.what, error=error,
-                 consequence=self.consequence)
-
-    def ok(self) -> None:
-        if not self.errors:
-            return
-        log.info("{what} succeeded after {n} failed tries in {secs:.1f}s", what=self.what,
-                 n=self.failures, secs=self.clock.seconds() - self.since)
-        self.errors.clear()
-        self.failures = 0
 
 
 @dataclass
@@ -201,18 +167,21 @@ class QueueRunner(service.Service):
         self._recovered = False
         self._recover_call: Any = None       # the next try of a failed recovery
         self._recover_tries = 0
-        self._recover_trouble = _Trouble(
-            reactor, "recovering the recipients in flight at the last stop",
-            f"no delivery starts until it succeeds (tried again every {RETRY_MAX:.0f}s at most)")
-        self._run_trouble = _Trouble(reactor, "a queue run",
-                                     "tried again at the next queue run")
+        self._recover_trouble = RepeatedFailures(
+            log, reactor, what="recovering the recipients in flight at the last stop",
+            consequence="no delivery starts until it succeeds "
+            f"(tried again every {RETRY_MAX:.0f}s at most)", level=LogLevel.warn)
+        self._run_trouble = RepeatedFailures(
+            log, reactor, what="a queue run", consequence="tried again at the next queue run",
+            level=LogLevel.warn)
         self._unrecorded: list[_Unrecorded] = []  # results the spool refused, oldest first
         self._record_call: Any = None        # the next round of writing them again
         self._record_rounds = 0
-        self._record_trouble = _Trouble(
-            reactor, "recording delivery results",
-            "the results are kept and written again (every "
-            f"{RETRY_MAX:.0f}s at most); their recipients stay in flight meanwhile")
+        self._record_trouble = RepeatedFailures(
+            log, reactor, what="recording delivery results",
+            consequence="the results are kept and written again (every "
+            f"{RETRY_MAX:.0f}s at most); their recipients stay in flight meanwhile",
+            level=LogLevel.warn)
         self._grace_over = False             # stopping, and the grace has run out
 
     # -- lifecycle -------------------------------------------------------------
@@ -234,13 +203,13 @@ class QueueRunner(service.Service):
 
     def _recover_failed(self, f: Any) -> None:
         self._recover_tries += 1
-        self._recover_trouble.failed(spool_error_text(f.value))
+        self._recover_trouble.failed(describe(f.value))
         if self.running:
             delay = backoff(self._recover_tries, RETRY_FIRST, RETRY_MAX, self.rand())
             self._recover_call = self.reactor.callLater(delay, self._recover)
 
     def _recovered_cb(self, n: int) -> None:
-        self._recover_trouble.ok()
+        self._recover_trouble.succeeded()
         if n:
             log.info("requeued {n} recipients that were in flight at the last stop", n=n)
         self._recovered = True
@@ -310,6 +279,8 @@ class QueueRunner(service.Service):
         def finished(_: Any) -> Any:
             if timer is not None and timer.active():
                 timer.cancel()
+            for trouble in (self._recover_trouble, self._run_trouble, self._record_trouble):
+                trouble.close()
             return defer.DeferredList([defer.maybeDeferred(c.close)
                                        for c in self.couriers.values()], consumeErrors=True)
         d = defer.DeferredList(waits, consumeErrors=True)
@@ -354,11 +325,11 @@ class QueueRunner(service.Service):
         try:
             due = await self.spool.due(now, scan)
         except Exception as e:
-            self._run_trouble.failed(spool_error_text(e))
+            self._run_trouble.failed(describe(e))
             return
         plan = self._plan(due, free)
         if not plan:
-            self._run_trouble.ok()
+            self._run_trouble.succeeded()
             return
         try:
             rows, msgs = await self.spool.claim_and_load(
@@ -366,9 +337,9 @@ class QueueRunner(service.Service):
         except SpoolWriteError:
             return             # logged by the spool; tried again at the next queue run
         except Exception as e:
-            self._run_trouble.failed(spool_error_text(e))
+            self._run_trouble.failed(describe(e))
             return
-        self._run_trouble.ok()
+        self._run_trouble.succeeded()
         if not rows:
             return
         if not self.running:   # stopped meanwhile: give them back
@@ -658,7 +629,7 @@ class QueueRunner(service.Service):
         entry.writing = False
         if entry.done.called:      # given up at the stop meanwhile
             return
-        text = spool_error_text(error)
+        text = describe(error)
         self._record_trouble.failed(text)
         if self.running:
             if self._record_call is None:
@@ -680,7 +651,7 @@ class QueueRunner(service.Service):
             return
         entry.done.callback(None)
         if not self._unrecorded:
-            self._record_trouble.ok()
+            self._record_trouble.succeeded()
             self._record_rounds = 0
         elif self.running:
             self._retry_unrecorded()

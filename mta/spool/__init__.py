@@ -28,23 +28,13 @@ from twisted.python.threadpool import ThreadPool
 
 from ..message import InboundMessage, QueuedRecipient
 from . import ops
-from .faults import RepeatedFailures, describe
+from .faults import RepeatedFailures, SpoolError, SpoolWriteError, describe
 from .interface import Claimed, QueueSummary, RecipientUpdate, SpoolInterface
 from .ops import MERGEABLE, insert_messages
 from .schema import SCHEMA_VERSION, meta, metadata
 
 log = Logger()
 _STOP = object()
-
-
-class SpoolError(Exception):
-    """The spool cannot be opened or used."""
-
-
-class SpoolWriteError(SpoolError):
-    """A write that was not done (nothing of it is in the spool, or nothing
-    a restart would find).  ``str()`` is one line; ``__cause__`` is the
-    original exception, when there is one."""
 
 
 def _failure(exc: BaseException, cause: BaseException | None = None) -> Failure:
@@ -141,7 +131,7 @@ class Spool(SpoolInterface):
         self._suspect = False
         self._saved: str | None = None   # where the removed spool was saved (see _recover)
         self.idle_check = idle_check   # seconds: how often an idle writer checks its file
-        self._faults = RepeatedFailures(log, reactor)
+        self._faults = RepeatedFailures(log, reactor, what="spool write")
         self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="mta-spool")
         self.batches = 0     # commits done by the writer (for benchmarks/tests)
         self.stored = 0
@@ -548,7 +538,7 @@ class Spool(SpoolInterface):
         for event in events:
             kind = event[0]
             if kind == "failed":
-                self._faults.failed(event[1], event[2])
+                self._faults.failed(event[2], where=event[1])
             elif kind == "ok":
                 self._faults.succeeded()
             elif kind == "warn":

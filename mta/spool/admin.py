@@ -36,12 +36,13 @@ from .. import domain as dom
 from ..address import domain_key
 from ..message import InboundMessage, QueuedRecipient
 from . import SpoolError, make_engine
+from .faults import describe
 from .interface import (Changed, DSNMaker, Flushed, ListedMessage, ListedRecipient,
                         MessageChange, QueueAdmin, QueueStats, RecipientUpdate)
 from .ops import PENDING, insert_messages, record_results
 from .schema import SCHEMA_VERSION, contents, meta, messages, metadata, recipients
 
-__all__ = ["SpoolAdmin", "AdminError", "STATES", "open_engine", "error_text"]
+__all__ = ["SpoolAdmin", "AdminError", "STATES", "open_engine"]
 
 STATES = ("queued", "inflight", "deferred", "delivered", "failed", "held")
 #: States an administrator may move a recipient out of (not final, not in flight).
@@ -51,13 +52,6 @@ _CHUNK = 500      # ids per IN (...): well under every database's parameter limi
 
 class AdminError(Exception):
     """The spool cannot be used; ``str()`` is one line."""
-
-
-def error_text(e: BaseException) -> str:
-    """A spool error in one line: the driver's message for a SQLAlchemy
-    error (without the SQL), else the exception's own text."""
-    orig = getattr(e, "orig", None)
-    return " ".join(str(orig if orig is not None else e).split())
 
 
 # --------------------------------------------------------------------------- engine
@@ -83,7 +77,7 @@ def open_engine(url: str, *, create: bool = False) -> Engine:
         _check_schema(engine, url, create)
     except SQLAlchemyError as e:
         engine.dispose()
-        raise AdminError(f"{url}: cannot use spool: {error_text(e)}") from None
+        raise AdminError(f"{url}: cannot use spool: {describe(e)}") from None
     except AdminError:
         engine.dispose()
         raise
@@ -128,7 +122,7 @@ def transaction(engine: Engine, *, write: bool) -> Iterator[Connection]:
                 conn.rollback()
     except SQLAlchemyError as e:
         raise AdminError(f"{engine.url.render_as_string(hide_password=True)}: "
-                         f"{error_text(e)}") from None
+                         f"{describe(e)}") from None
 
 
 # --------------------------------------------------------------------------- helpers
