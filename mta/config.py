@@ -9,9 +9,10 @@ whose ``str()`` is one line naming the file and the key, e.g.::
 This module is the one validator of every value: components are handed
 their section (or a settings object built from it here, e.g.
 ``RelayConfig.timeouts``) and do not check it again.  Where a component
-parses a value itself, the validator here calls that component's parser
-(``[relay] smarthost``, ``[routes]``, ``[dns] nameservers``, TLS policies:
-mta.delivery.router), so the two cannot disagree.
+parses a value itself, the validator here calls that same parser
+(``[relay] smarthost``, ``[routes]`` values, ``[dns] nameservers``:
+mta.hostport; ``[routes]``/``[route_tls]`` domains: mta.domain; TLS
+policies: mta.smtp.types), so the two cannot disagree.
 
 Defaults are defined once.  The protocol layer (``mta/smtp/``) knows
 nothing of this file, so its settings types live there
@@ -37,7 +38,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .auth.limiter import FAILURE_DELAY, LOCKOUT, MAX_FAILURES
+from .hostport import parse_hostport, parse_nameserver
 from .smtp.settings import ServerSettings, Timeouts
+from .smtp.types import TLS_POLICIES
 from .tls import MIN_VERSIONS
 from . import domain as dom
 
@@ -495,11 +498,10 @@ def _sqlalchemy_url(value: object) -> str:
 
 def _hostport(value: object) -> str:
     """``"host:port"`` (or ``"host"``, ``"[IPv6]:port"``), checked with the
-    router's own parser -- the one that reads it (mta.delivery.router)."""
+    parser that the router reads it with (mta.hostport)."""
     text = _str(value).strip()
     if not text:
         return ""
-    from .delivery.router import parse_hostport
     try:
         parse_hostport(text)
     except ValueError as e:
@@ -515,11 +517,10 @@ def _required_hostport(value: object) -> str:
 
 
 def _nameservers(value: object) -> tuple[str, ...]:
-    from .delivery.router import _parse_nameserver
     items = _str_list(value)
     for item in items:
         try:
-            _parse_nameserver(item)
+            parse_nameserver(item)
         except ValueError as e:
             raise _Invalid(f"expected \"ip\" or \"ip:port\", got {item!r} ({e})") from None
     return items
@@ -559,8 +560,7 @@ def _user(value: object) -> str:
 
 
 def _tls_policy(value: object) -> str:
-    """An outbound TLS policy: one of the router's ``TLS_POLICIES``."""
-    from .delivery.router import TLS_POLICIES
+    """An outbound TLS policy: one of ``mta.smtp.types.TLS_POLICIES``."""
     return _choice(*TLS_POLICIES)(value)
 
 
@@ -771,10 +771,9 @@ def _routes(source: str, table: Mapping[str, Any]) -> tuple[tuple[str, str], ...
 
 def _route_key(name: str) -> None:
     """A ``[routes]``/``[route_tls]`` domain must be one the router can look up."""
-    from .delivery.router import _config_domain
     try:
-        _config_domain(name, "route")
-    except ValueError as e:
+        dom.config_key(name, "route")
+    except dom.DomainError as e:
         raise _Invalid(str(e)) from None
 
 

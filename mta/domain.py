@@ -36,8 +36,8 @@ import idna
 # other modules (before twistd switches user, see mta.usercheck).
 import idna.uts46data  # noqa: F401
 
-__all__ = ["MAX_LENGTH", "DomainError", "is_literal", "key", "literal_ip", "to_ascii",
-           "to_unicode"]
+__all__ = ["MAX_LENGTH", "DomainError", "config_key", "is_literal", "key", "literal_ip",
+           "to_ascii", "to_unicode"]
 
 #: Octets of a domain name in text form, without the trailing dot (RFC 1035 §2.3.4).
 MAX_LENGTH = 253
@@ -105,6 +105,16 @@ def to_ascii(domain: str) -> str:
         raise DomainError(f"domain name longer than {MAX_LENGTH} octets",
                           f"longer than {MAX_LENGTH} octets")
     return name
+
+
+def config_key(domain: str, what: str) -> str:
+    """A domain configured as a lookup key (``[routes]``, ``[route_tls]``):
+    :func:`to_ascii`, with an error that says *what* the domain was
+    configured as ("bad route domain '.example.org': ...")."""
+    try:
+        return to_ascii(domain)
+    except DomainError as e:
+        raise DomainError(f"bad {what} domain {domain!r}: {e}", e.reason) from None
 
 
 def to_unicode(domain: str) -> str:

@@ -1,5 +1,8 @@
 """What the server hands to the spool: the envelope and the content, kept
-apart (OpenSMTPD's vocabulary: one message, one envelope row per recipient).
+apart (OpenSMTPD's vocabulary: one message, one envelope row per recipient),
+the records delivery reads back, and :class:`MessageStore`, the one thing
+the SMTP server needs of the spool (here, so that mta/smtp/ need not import
+mta/spool/; the spool's whole interface is mta.spool.interface).
 """
 from __future__ import annotations
 
@@ -8,6 +11,9 @@ import re
 import time
 from dataclasses import dataclass, field
 from email.utils import formatdate
+from typing import Protocol
+
+from twisted.internet.defer import Deferred
 
 _FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
 
@@ -110,6 +116,15 @@ class QueuedRecipient:
     attempts: int = 0
     warned: bool = False         # a delay DSN was sent
     last_reply: str | None = None
+
+
+class MessageStore(Protocol):
+    """Where received mail goes: mta.spool.Spool (and the tests' fakes)."""
+
+    def store(self, msg: InboundMessage) -> Deferred[str]:
+        """Durably store *msg*; fires with its queue id once it is safe to
+        say 250 (after the commit), or fails (nothing of it was kept)."""
+        ...
 
 
 _date_cache: list = [None, ""]

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import ipaddress
 import threading
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
                                Histogram, generate_latest)
@@ -43,6 +43,9 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from .config import MetricsConfig
+
+if TYPE_CHECKING:
+    from .spool.interface import QueueSummary, SpoolInterface
 
 log = Logger(namespace="mta.metrics")
 
@@ -190,7 +193,8 @@ class QueueGauges(service.Service):
 
     name = "metrics-queue"
 
-    def __init__(self, metrics: Metrics, spool: Any, interval: float, reactor: Any = None):
+    def __init__(self, metrics: Metrics, spool: SpoolInterface, interval: float,
+                 reactor: Any = None):
         if reactor is None:
             from twisted.internet import reactor as _r
             reactor = _r
@@ -210,12 +214,11 @@ class QueueGauges(service.Service):
     def refresh(self) -> defer.Deferred | None:
         if self._pending is not None:
             return None
-        from .spool import ops
-        d = self.spool.run(ops.queue_summary)
+        d = self.spool.summary()
         self._pending = d
 
-        def got(summary: tuple[dict[str, int], int, float | None]) -> None:
-            self.metrics.set_queue(*summary)
+        def got(s: QueueSummary) -> None:
+            self.metrics.set_queue(dict(s.by_state), s.messages, s.oldest_arrival)
 
         def failed(f: Any) -> None:
             log.warn("reading the queue gauges failed: {error}", error=f.getErrorMessage())

@@ -2,7 +2,7 @@
 
 ::
 
-    mta passwd add USER [--password-stdin] [--config PATH]
+    mta passwd add USER [--password-stdin] [--cram-md5] [--config PATH]
     mta passwd remove USER [--config PATH]
     mta passwd list [--config PATH]
 
@@ -11,7 +11,11 @@ The configuration is ``--config PATH``, else ``$MTA_CONFIG``, else
 
 ``add`` creates the user or changes an existing user's password; the
 password is read from the terminal (twice) or, with ``--password-stdin``,
-as the first line of standard input.  Changes are atomic (see
+as the first line of standard input.  With ``--cram-md5`` the user's
+CRAM-MD5 secret is stored as well (the HMAC-MD5 states, not the password:
+:mod:`mta.auth.passwords`), so the user can also AUTH CRAM-MD5; without it
+any CRAM-MD5 secret the user had is dropped, since it belongs to the old
+password.  Changes are atomic (see
 :mod:`mta.auth.users`); a running daemon notices them at the next AUTH.
 """
 from __future__ import annotations
@@ -36,6 +40,9 @@ def register(subparsers: Any) -> None:
     a.add_argument("user")
     a.add_argument("--password-stdin", action="store_true",
                    help="read the password from the first line of standard input")
+    a.add_argument("--cram-md5", action="store_true",
+                   help="also store the CRAM-MD5 secret (HMAC-MD5 states, not the password), "
+                        "so that the user can AUTH CRAM-MD5")
     add_config_option(a)
     a.set_defaults(func=run_add)
 
@@ -82,7 +89,7 @@ def _read_password(args: argparse.Namespace) -> str:
 
 
 def run_add(args: argparse.Namespace) -> int:
-    from .auth.passwords import hash_password
+    from .auth.passwords import cram_md5_secret, hash_password
     from .auth.users import Entry, UsersFileError, edit_users_file, valid_username
 
     why = valid_username(args.user)
@@ -91,16 +98,17 @@ def run_add(args: argparse.Namespace) -> int:
     path = _users_file(args)
     password = _read_password(args)
     hashed = hash_password(password)     # before taking the lock: it takes a while
+    cram = cram_md5_secret(password) if args.cram_md5 else None
+    new = Entry.for_user(args.user, hashed, cram)
     outcome = []
 
     def change(entries: list[Entry]) -> bool:
-        for e in entries:
+        for i, e in enumerate(entries):
             if e.user == args.user:
-                e.line = f"{args.user}:{hashed}"
-                e.hash = hashed
+                entries[i] = new
                 outcome.append("changed password of")
                 return True
-        entries.append(Entry(f"{args.user}:{hashed}", args.user, hashed))
+        entries.append(new)
         outcome.append("added")
         return True
 
@@ -108,7 +116,8 @@ def run_add(args: argparse.Namespace) -> int:
         edit_users_file(path, change)
     except UsersFileError as e:
         raise CommandError(str(e)) from None
-    print(f"{path}: {outcome[0]} user {args.user}")
+    with_cram = " (with a CRAM-MD5 secret)" if cram is not None else ""
+    print(f"{path}: {outcome[0]} user {args.user}{with_cram}")
     return 0
 
 

@@ -15,8 +15,8 @@
 
 The configuration is ``--config PATH``, else ``$MTA_CONFIG``, else
 ``etc/mta.toml``.  Every command is one short transaction on the spool
-(:mod:`mta.spool.admin`); the running daemon sees the changes at its next
-poll (every second).
+(:class:`mta.spool.interface.QueueAdmin`, :class:`mta.spool.admin.SpoolAdmin`);
+the running daemon sees the changes at its next poll (every second).
 
 Exit status: 0 done; 1 an error, one line ``mta: ...`` on stderr (a queue id
 that is not in the queue: ``mta: queue: no such message: ID``; the other ids
@@ -28,9 +28,13 @@ import argparse
 import json
 import sys
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .cli import CommandError, add_config_option, load_config
+
+if TYPE_CHECKING:
+    from .message import InboundMessage, QueuedMessage, QueuedRecipient
+    from .spool.interface import Changed, ListedMessage, ListedRecipient, QueueAdmin
 
 BOUNCE_STATUS = "5.0.0"
 BOUNCE_REPLY = f"550 {BOUNCE_STATUS} message returned by the mail system administrator"
@@ -116,23 +120,19 @@ def register(subparsers: Any) -> None:
 
 
 class _Queue:
-    """The configuration and an engine on its spool."""
+    """The configuration and the spool's QueueAdmin."""
 
     def __init__(self, args: argparse.Namespace):
-        from .spool.admin import AdminError, open_engine
+        from .spool.admin import AdminError, SpoolAdmin
         self.config = load_config(getattr(args, "config", None))
-        self.hostname = self.config.server.hostname
         try:
-            self.engine = open_engine(self.config.spool.url)
+            self.spool: QueueAdmin = SpoolAdmin.open(self.config.spool.url,
+                                                     hostname=self.config.server.hostname)
         except AdminError as e:
             raise CommandError(f"queue: {e}") from None
 
-    def tx(self, *, write: bool) -> Any:
-        from .spool.admin import transaction
-        return transaction(self.engine, write=write)
-
     def close(self) -> None:
-        self.engine.dispose()
+        self.spool.close()
 
 
 def _with_queue(fn: Callable[[_Queue, argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -154,11 +154,11 @@ def _ids(raw: list[str]) -> list[str]:
     return list(dict.fromkeys(i.strip().upper() for i in raw if i.strip()))
 
 
-def _missing(wanted: list[str], found: set[str]) -> list[str]:
-    missing = [i for i in wanted if i not in found]
+def _missing(missing: tuple[str, ...]) -> int:
+    """Say which ids are not in the queue; the exit status."""
     for i in missing:
         print(f"mta: queue: no such message: {i}", file=sys.stderr)
-    return missing
+    return 1 if missing else 0
 
 
 def _warn(text: str) -> None:
@@ -195,24 +195,24 @@ def _one_line(text: str | None) -> str:
     return " ".join((text or "").split())
 
 
-def _next_text(r: dict[str, Any], now: float) -> str:
-    if r["state"] not in ("queued", "deferred"):
+def _next_text(r: ListedRecipient, now: float) -> str:
+    if r.state not in ("queued", "deferred"):
         return "-"
-    return "now" if r["next_attempt"] <= now else format_time(r["next_attempt"])
+    return "now" if r.next_attempt <= now else format_time(r.next_attempt)
 
 
-def recipient_json(r: dict[str, Any]) -> dict[str, Any]:
-    return {"address": r["address"], "state": r["state"], "attempts": r["attempts"],
-            "next_attempt": r["next_attempt"], "last_reply": r["last_reply"],
-            "notify": r["notify"], "orcpt": r["orcpt"]}
+def recipient_json(r: ListedRecipient) -> dict[str, Any]:
+    return {"address": r.address, "state": r.state, "attempts": r.attempts,
+            "next_attempt": r.next_attempt, "last_reply": r.last_reply,
+            "notify": r.notify, "orcpt": r.orcpt}
 
 
-def message_json(m: dict[str, Any]) -> dict[str, Any]:
-    return {"queue_id": m["queue_id"], "sender": m["sender"], "arrival": m["arrival"],
-            "size": m["size"], "client_address": m["client_address"], "helo": m["helo"],
-            "protocol": m["protocol"], "body_type": m["body_type"], "smtputf8": m["smtputf8"],
-            "ret": m["ret"], "envid": m["envid"],
-            "recipients": [recipient_json(r) for r in m["recipients"]]}
+def message_json(m: ListedMessage) -> dict[str, Any]:
+    return {"queue_id": m.queue_id, "sender": m.sender, "arrival": m.arrival,
+            "size": m.size, "client_address": m.client_address, "helo": m.helo,
+            "protocol": m.protocol, "body_type": m.body_type, "smtputf8": m.smtputf8,
+            "ret": m.ret, "envid": m.envid,
+            "recipients": [recipient_json(r) for r in m.recipients]}
 
 
 # --------------------------------------------------------------------------- list / show / stats
@@ -221,7 +221,7 @@ LIST_HEADER = ("Queue ID                   Size  Arrival              Sender\n"
                "      State      Tries  Next attempt         Recipient")
 
 
-def print_list(msgs: list[dict[str, Any]], *, now: float, filtered: bool) -> None:
+def print_list(msgs: list[ListedMessage], *, now: float, filtered: bool) -> None:
     out = sys.stdout
     if not msgs:
         print("No matching messages" if filtered else "Mail queue is empty", file=out)
@@ -229,28 +229,26 @@ def print_list(msgs: list[dict[str, Any]], *, now: float, filtered: bool) -> Non
     print(LIST_HEADER, file=out)
     nrcpt = size = 0
     for m in msgs:
-        size += m["size"]
-        print(f"{m['queue_id']:<20} {m['size']:>10}  {format_time(m['arrival'])}  "
-              f"<{m['sender']}>", file=out)
-        for r in m["recipients"]:
+        size += m.size
+        print(f"{m.queue_id:<20} {m.size:>10}  {format_time(m.arrival)}  "
+              f"<{m.sender}>", file=out)
+        for r in m.recipients:
             nrcpt += 1
-            print(f"      {r['state']:<9} {r['attempts']:>6}  {_next_text(r, now):<19}  "
-                  f"<{r['address']}>", file=out)
-            if r["last_reply"]:
-                print(f"{'':24}({_one_line(r['last_reply'])})", file=out)
+            print(f"      {r.state:<9} {r.attempts:>6}  {_next_text(r, now):<19}  "
+                  f"<{r.address}>", file=out)
+            if r.last_reply:
+                print(f"{'':24}({_one_line(r.last_reply)})", file=out)
     print(f"-- {_plural(len(msgs), 'message')}, {_plural(nrcpt, 'recipient')}, "
           f"{size} bytes", file=out)
 
 
 @_with_queue
 def run_list(q: _Queue, args: argparse.Namespace) -> int:
-    from .spool.admin import list_queue
     now = time.time()
     states = [s for group in (args.state or []) for s in group]
-    with q.tx(write=False) as conn:
-        msgs = list_queue(conn, hostname=q.hostname, states=states or None, domain=args.domain,
-                          sender=args.sender,
-                          arrived_before=None if args.older_than is None else now - args.older_than)
+    msgs = q.spool.list_messages(
+        states=states or None, domain=args.domain, sender=args.sender,
+        arrived_before=None if args.older_than is None else now - args.older_than)
     if args.json:
         for m in msgs:
             sys.stdout.write(json.dumps(message_json(m), sort_keys=True) + "\n")
@@ -262,44 +260,46 @@ def run_list(q: _Queue, args: argparse.Namespace) -> int:
 
 @_with_queue
 def run_show(q: _Queue, args: argparse.Namespace) -> int:
-    from .spool.admin import get_message
     qid = _ids([args.queue_id])
-    with q.tx(write=False) as conn:
-        m = get_message(conn, qid[0]) if qid else None
+    m = q.spool.show(qid[0]) if qid else None
     if m is None:
         raise CommandError(f"queue: no such message: {args.queue_id.strip()}")
+    content_headers, body = m.headers or b"", m.body or b""
     if args.body:
         sys.stdout.flush()
-        sys.stdout.buffer.write(m["headers"] + m["body"])
+        sys.stdout.buffer.write(content_headers + body)
         sys.stdout.buffer.flush()
         return 0
-    headers = m["headers"].decode("utf-8", "replace")
+    headers = content_headers.decode("utf-8", "replace")
     if args.json:
         d = message_json(m)
-        d.update(size_param=m["size_param"], auth=m["auth"], headers=headers)
+        d.update(size_param=m.size_param, auth=m.auth, headers=headers)
         print(json.dumps(d, sort_keys=True))
         return 0
     now = time.time()
     lines = [
-        f"Queue ID:   {m['queue_id']}",
-        f"Sender:     <{m['sender']}>",
-        f"Arrival:    {format_time(m['arrival'])} ({format_age(now - m['arrival'])} ago)",
-        f"Size:       {m['size']} bytes",
-        f"Client:     {m['client_address']} (helo {m['helo']}) with {m['protocol']}",
+        f"Queue ID:   {m.queue_id}",
+        f"Sender:     <{m.sender}>",
+        f"Arrival:    {format_time(m.arrival)} ({format_age(now - m.arrival)} ago)",
+        f"Size:       {m.size} bytes",
+        f"Client:     {m.client_address} (helo {m.helo}) with {m.protocol}",
     ]
-    params = [f"{k.upper()}={m[k]}" for k in ("body_type", "size_param", "ret", "envid", "auth")
-              if m[k] is not None]
-    if m["smtputf8"]:
+    params = [f"{k.upper()}={v}" for k, v in (("body_type", m.body_type),
+                                              ("size_param", m.size_param), ("ret", m.ret),
+                                              ("envid", m.envid), ("auth", m.auth))
+              if v is not None]
+    if m.smtputf8:
         params.append("SMTPUTF8")
     if params:
         lines.append(f"Parameters: {' '.join(params)}")
     lines.append("Recipients:")
-    for r in m["recipients"]:
-        extra = "".join(f" {k.upper()}={r[k]}" for k in ("notify", "orcpt") if r[k])
-        lines.append(f"  <{r['address']}> {r['state']} attempts={r['attempts']} "
+    for r in m.recipients:
+        extra = "".join(f" {k.upper()}={v}" for k, v in (("notify", r.notify),
+                                                          ("orcpt", r.orcpt)) if v)
+        lines.append(f"  <{r.address}> {r.state} attempts={r.attempts} "
                      f"next={_next_text(r, now)}{extra}")
-        if r["last_reply"]:
-            lines.append(f"      ({_one_line(r['last_reply'])})")
+        if r.last_reply:
+            lines.append(f"      ({_one_line(r.last_reply)})")
     lines.append("")
     print("\n".join(lines))
     sys.stdout.write(headers.replace("\r\n", "\n"))
@@ -308,27 +308,27 @@ def run_show(q: _Queue, args: argparse.Namespace) -> int:
 
 @_with_queue
 def run_stats(q: _Queue, args: argparse.Namespace) -> int:
-    from .spool.admin import STATES, stats
-    now = time.time()
-    with q.tx(write=False) as conn:
-        s = stats(conn, now=now, hostname=q.hostname)
+    import dataclasses
+
+    from .spool.admin import STATES
+    s = q.spool.stats(now=time.time())
     if args.json:
-        print(json.dumps(s, sort_keys=True))
+        print(json.dumps(dataclasses.asdict(s), sort_keys=True))
         return 0
-    out = [f"Messages:   {s['messages']}", f"Recipients: {s['recipients']}",
-           f"Size:       {s['size']} bytes"]
-    if s["oldest_queue_id"] is not None:
-        out.append(f"Oldest:     {s['oldest_queue_id']}, arrived "
-                   f"{format_time(s['oldest_arrival'])} ({format_age(s['oldest_age'])} ago)")
+    out = [f"Messages:   {s.messages}", f"Recipients: {s.recipients}",
+           f"Size:       {s.size} bytes"]
+    if s.oldest_queue_id is not None and s.oldest_arrival is not None:
+        out.append(f"Oldest:     {s.oldest_queue_id}, arrived "
+                   f"{format_time(s.oldest_arrival)} ({format_age(s.oldest_age or 0.0)} ago)")
     out.append("")
     out.append(f"{'State':<10} {'Count':>8}")
-    out.extend(f"{state:<10} {s['by_state'][state]:>8}" for state in STATES)
-    if s["by_domain"]:
+    out.extend(f"{state:<10} {s.by_state[state]:>8}" for state in STATES)
+    if s.by_domain:
         out.append("")
-        width = max(24, *(len(d) for d in s["by_domain"]))
+        width = max(24, *(len(d) for d in s.by_domain))
         out.append(f"{'Domain':<{width}} {'total':>7} "
                    + " ".join(f"{state:>9}" for state in STATES))
-        for d, counts in s["by_domain"].items():
+        for d, counts in s.by_domain.items():
             out.append(f"{d:<{width}} {counts['total']:>7} "
                        + " ".join(f"{counts[state]:>9}" for state in STATES))
     print("\n".join(out))
@@ -339,122 +339,87 @@ def run_stats(q: _Queue, args: argparse.Namespace) -> int:
 
 @_with_queue
 def run_flush(q: _Queue, args: argparse.Namespace) -> int:
-    from .spool.admin import existing_ids, flush
     ids = _ids(args.queue_ids)
     if ids and (args.all or args.domain):
         args.parser.error("give queue ids, or --domain, or --all, not both")
-    missing: list[str] = []
-    with q.tx(write=True) as conn:
-        if ids:
-            found = existing_ids(conn, ids)
-            missing = _missing(ids, found)
-            ids = [i for i in ids if i in found]
-            n = flush(conn, now=time.time(), hostname=q.hostname, queue_ids=ids) if ids else 0
-        else:
-            n = flush(conn, now=time.time(), hostname=q.hostname, domain=args.domain)
-    print(f"{_plural(n, 'recipient')} due now")
-    return 1 if missing else 0
+    if ids:
+        done = q.spool.flush(now=time.time(), queue_ids=ids)
+    else:
+        done = q.spool.flush(now=time.time(), domain=args.domain)
+    status = _missing(done.missing)
+    print(f"{_plural(done.recipients, 'recipient')} due now")
+    return status
 
 
 @_with_queue
 def run_delete(q: _Queue, args: argparse.Namespace) -> int:
-    from .spool.admin import deferred_queue_ids, delete_messages, existing_ids
     ids = _ids(args.queue_ids)
     if bool(ids) == bool(args.all_deferred):
         args.parser.error("give queue ids or --all-deferred")
-    missing: list[str] = []
-    with q.tx(write=True) as conn:
-        if args.all_deferred:
-            ids = deferred_queue_ids(conn)
-        else:
-            found = existing_ids(conn, ids)
-            missing = _missing(ids, found)
-            ids = [i for i in ids if i in found]
-        inflight = delete_messages(conn, ids) if ids else {}
-    for qid in ids:
-        print(f"{qid}: deleted")
-        if inflight.get(qid):
-            _warn(f"{qid}: {_plural(inflight[qid], 'recipient')} in flight: "
+    done = q.spool.delete_deferred() if args.all_deferred else q.spool.delete(ids)
+    status = _missing(done.missing)
+    for m in done.messages:
+        print(f"{m.queue_id}: deleted")
+        if m.inflight:
+            _warn(f"{m.queue_id}: {_plural(m.inflight, 'recipient')} in flight: "
                   "a delivery in progress may still complete")
     if args.all_deferred:
-        print(f"{_plural(len(ids), 'message')} deleted")
-    return 1 if missing else 0
+        print(f"{_plural(len(done.messages), 'message')} deleted")
+    return status
 
 
-def _per_message(q: _Queue, raw: list[str], change: Callable[[Any, list[str]], Any]) -> tuple[Any, list[str], list[str]]:
-    from .spool.admin import existing_ids
-    ids = _ids(raw)
-    with q.tx(write=True) as conn:
-        found = existing_ids(conn, ids)
-        missing = _missing(ids, found)
-        ids = [i for i in ids if i in found]
-        result = change(conn, ids) if ids else None
-    return result, ids, missing
+def _report(done: Changed, verb: str, *, left: str | None = None) -> int:
+    """One line per message changed (and a warning for its recipients in
+    flight, which *left* says what became of); the exit status."""
+    status = _missing(done.missing)
+    for m in done.messages:
+        print(f"{m.queue_id}: {verb} {_plural(m.changed, 'recipient')}")
+        if m.inflight and left is not None:
+            _warn(f"{m.queue_id}: {_plural(m.inflight, 'recipient')} in flight, {left}")
+    return status
 
 
 @_with_queue
 def run_hold(q: _Queue, args: argparse.Namespace) -> int:
-    from .spool import admin
-    result, ids, missing = _per_message(q, args.queue_ids, admin.hold)
-    for qid in ids:
-        changed, inflight = result[0][qid], result[1][qid]
-        print(f"{qid}: held {_plural(changed, 'recipient')}")
-        if inflight:
-            _warn(f"{qid}: {_plural(inflight, 'recipient')} in flight, not held")
-    return 1 if missing else 0
+    return _report(q.spool.hold(_ids(args.queue_ids)), "held", left="not held")
 
 
 @_with_queue
 def run_release(q: _Queue, args: argparse.Namespace) -> int:
-    from .spool import admin
-    now = time.time()
-    result, ids, missing = _per_message(q, args.queue_ids,
-                                        lambda c, i: admin.release(c, i, now=now))
-    for qid in ids:
-        print(f"{qid}: released {_plural(result[qid], 'recipient')}")
-    return 1 if missing else 0
+    return _report(q.spool.release(_ids(args.queue_ids), now=time.time()), "released")
 
 
 @_with_queue
 def run_requeue(q: _Queue, args: argparse.Namespace) -> int:
-    from .spool import admin
-    now = time.time()
-    result, ids, missing = _per_message(q, args.queue_ids,
-                                        lambda c, i: admin.requeue(c, i, now=now))
-    for qid in ids:
-        changed, inflight = result[0][qid], result[1][qid]
-        print(f"{qid}: requeued {_plural(changed, 'recipient')}")
-        if inflight:
-            _warn(f"{qid}: {_plural(inflight, 'recipient')} in flight, not requeued")
-    return 1 if missing else 0
+    return _report(q.spool.requeue(_ids(args.queue_ids), now=time.time()), "requeued",
+                   left="not requeued")
 
 
-def dsn_maker(config: Any) -> Callable[[dict[str, Any], list[dict[str, Any]], float], list]:
+def dsn_maker(config: Any) -> Callable[[QueuedMessage, list[QueuedRecipient], float],
+                                       list[InboundMessage]]:
     """DSNs for recipients failed by the administrator, built and spooled
     exactly as the queue runner does for its failures (with NOTIFY
     respected); none for a message from ``<>``."""
     from .delivery.scheduler import _notify_allows, dsn_messages
     from .dsn import DSNRecipient
-    from .spool import ops
 
-    def make(m: dict[str, Any], rows: list[dict[str, Any]], now: float) -> list:
-        if m["sender"] == "":
+    def make(m: QueuedMessage, rows: list[QueuedRecipient], now: float) -> list[InboundMessage]:
+        if m.sender == "":
             return []
         failed = []
         for r in rows:
-            if not _notify_allows(r["notify"], "FAILURE"):
+            if not _notify_allows(r.notify, "FAILURE"):
                 continue
             # Our own decision, not a reply of a remote MTA (RFC 3464 §2.3.6).
             reason = BOUNCE_REPLY.split(" ", 2)[2]
-            if r["last_reply"]:
-                reason += f"; last attempt: {_one_line(r['last_reply'])}"
-            failed.append(DSNRecipient(final_recipient=r["address"], action="failed",
-                                       status=BOUNCE_STATUS, original_recipient=r["orcpt"],
+            if r.last_reply:
+                reason += f"; last attempt: {_one_line(r.last_reply)}"
+            failed.append(DSNRecipient(final_recipient=r.address, action="failed",
+                                       status=BOUNCE_STATUS, original_recipient=r.orcpt,
                                        reason=reason))
         if not failed:
             return []
-        return dsn_messages(ops.queued_message(m), {"failure": failed}, now,
-                            hostname=config.server.hostname,
+        return dsn_messages(m, {"failure": failed}, now, hostname=config.server.hostname,
                             postmaster=config.relay.postmaster)
 
     return make
@@ -462,17 +427,13 @@ def dsn_maker(config: Any) -> Callable[[dict[str, Any], list[dict[str, Any]], fl
 
 @_with_queue
 def run_bounce(q: _Queue, args: argparse.Namespace) -> int:
-    from .spool import admin
-    make = dsn_maker(q.config)
-    now = time.time()
-    result, ids, missing = _per_message(
-        q, args.queue_ids,
-        lambda c, i: admin.bounce(c, i, now=now, reply=BOUNCE_REPLY, make_dsns=make))
-    for qid in ids:
-        r = result[qid]
-        dsn = f"DSN {', '.join(r['dsns'])}" if r["dsns"] else "no DSN"
-        print(f"{qid}: bounced {_plural(r['bounced'], 'recipient')} ({dsn})")
-        if r["inflight"]:
-            _warn(f"{qid}: {_plural(r['inflight'], 'recipient')} in flight, left to their "
+    done = q.spool.bounce(_ids(args.queue_ids), now=time.time(), reply=BOUNCE_REPLY,
+                          make_dsns=dsn_maker(q.config))
+    status = _missing(done.missing)
+    for m in done.messages:
+        dsn = f"DSN {', '.join(m.dsns)}" if m.dsns else "no DSN"
+        print(f"{m.queue_id}: bounced {_plural(m.changed, 'recipient')} ({dsn})")
+        if m.inflight:
+            _warn(f"{m.queue_id}: {_plural(m.inflight, 'recipient')} in flight, left to their "
                   "delivery attempt; the message goes when they are done")
-    return 1 if missing else 0
+    return status

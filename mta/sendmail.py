@@ -53,7 +53,10 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+if TYPE_CHECKING:
+    from .message import InboundMessage
 
 EX_OK = 0
 EX_USAGE = 64
@@ -557,7 +560,7 @@ def main(argv: list[str] | None = None, *, prog: str = "sendmail",
         size=size, body_type="8BITMIME" if eight_bit else None,
         smtputf8=not all(a.isascii() for a in [sender, *rcpts]))
     try:
-        store(config.spool.url, msg)
+        store(config.spool.url, msg, hostname=hostname)
     except Exception as e:
         err(f"cannot queue the message: {' '.join(str(e).split())}")
         return EX_TEMPFAIL
@@ -584,15 +587,14 @@ def _from_field(full_name: str | None, address: str) -> str:
     return email.utils.formataddr((full_name, "x@x"), charset="utf-8")[:-5] + f"<{address}>"
 
 
-def store(url: str, msg: Any) -> None:
-    from .spool.admin import open_engine, store_messages, transaction
+def store(url: str, msg: InboundMessage, *, hostname: str) -> None:
+    from .spool.admin import SpoolAdmin
 
-    engine = open_engine(url, create=True)
+    spool = SpoolAdmin.open(url, hostname=hostname, create=True)
     try:
-        with transaction(engine, write=True) as conn:
-            store_messages(conn, [msg])
+        spool.submit([msg])
     finally:
-        engine.dispose()
+        spool.close()
 
 
 # --------------------------------------------------------------------------- mta sendmail

@@ -17,6 +17,7 @@ from .config import Config, ConfigError, implicit_tls_endpoint, load_config
 if TYPE_CHECKING:
     from .delivery.types import Courier
     from .local.directory import LocalDirectory
+    from .spool.interface import DeliveryQueue, SpoolInterface
 
 log = Logger(namespace="mta")
 
@@ -138,6 +139,7 @@ def makeService(options: Options) -> service.IService:
                                 storage=spool.free_space(minfree=config.spool.queue_minfree,
                                                          max_message_size=s.max_message_size),
                                 auth_plaintext_on_loopback=a.allow_plaintext_on_loopback,
+                                cram_md5=users.has_cram_md5 if users is not None else None,
                                 on_stored=runner.kick if runner is not None else None,
                                 metrics=metrics)
     # Started in this order and stopped in the reverse one, each part after
@@ -331,7 +333,8 @@ def _make_metrics(config: Config, reactor: Any) -> Any:
     return Metrics(max_domains=m.max_domains, clock=reactor.seconds)
 
 
-def _metrics_services(config: Config, metrics: Any, spool: Any, factory: Any, reactor: Any,
+def _metrics_services(config: Config, metrics: Any, spool: SpoolInterface, factory: Any,
+                      reactor: Any,
                       parent: service.MultiService) -> None:
     """The metrics' queue gauges and their web page."""
     from .metrics import MetricsSite, QueueGauges, is_loopback_endpoint
@@ -612,7 +615,7 @@ def _local_courier(config: Config, reactor: Any, directory: LocalDirectory) -> C
                         reactor=reactor, lmtp=lmtp)
 
 
-def _make_runner(config: Config, spool: object, reactor: Any,
+def _make_runner(config: Config, spool: DeliveryQueue, reactor: Any,
                  directory: LocalDirectory | None = None,
                  metrics: Any = None) -> service.IService:
     from .delivery.router import Router

@@ -41,6 +41,7 @@ from peers import ScriptedPeer
 from test_e2e_server import Raw, assert_spool_empty, queue_id_of, recipients, stored_message
 from test_smtp_server import Client, FakeSpool, code, codes, stored_content
 
+from mta.message import InboundMessage
 from mta.policy import RelayPolicy
 from mta.smtp import client as client_module
 from mta.smtp.client import ConnectionPool, OutboundMessage, OutboundRecipient, dot_stuff
@@ -659,8 +660,8 @@ def test_data_reader_keeps_the_content_once():
         del wire
         seen = {}
 
-        class Spool:
-            def store(self, msg):
+        class Spool:     # a MessageStore
+            def store(self, msg: InboundMessage) -> defer.Deferred[str]:
                 seen["peak"] = tracemalloc.get_traced_memory()[1]
                 seen["size"] = msg.size
                 return defer.succeed(msg.queue_id)

@@ -32,7 +32,8 @@ from mta.metrics import Metrics
 from mta.smtp.odmr import ODMRFactory
 from mta.smtp.settings import Timeouts
 
-from test_scheduler import SyncSpool, logged  # noqa: F401  (fixture)
+from fakespool import SyncSpool
+from test_scheduler import logged  # noqa: F401  (fixture)
 from test_smtp_auth import FakeTLS, TLSTransport, plain
 from test_smtp_server import HOST, code, make_factory, parse_replies
 
@@ -320,6 +321,16 @@ class Customer:
                 out += b"502 5.5.1 what?\r\n"
 
 
+class NoRoutes:
+    """The runner's RouteMap: never asked here (no queue pass runs)."""
+
+    def route_for(self, domain):
+        raise AssertionError("no queue pass runs in these tests")
+
+    def close(self):
+        pass
+
+
 class Gateway:
     """The real chain: a QueueRunner on a SQLite spool, wired to an ODMR
     factory as the daemon wires it (mta.tap._atrn_listener)."""
@@ -330,7 +341,7 @@ class Gateway:
         self.clock = self.factory.main.reactor
         self.clock.advance(1_800_000_000)
         self.spool = SyncSpool(tmp_path / "spool.sqlite")
-        self.runner = QueueRunner(self.spool, router=object(), couriers={},
+        self.runner = QueueRunner(self.spool, router=NoRoutes(), couriers={},
                                   hostname=HOST, retry=RetryConfig(first=300, max=3600),
                                   relay=relay, reactor=self.clock, rand=lambda: 0.5,
                                   metrics=self.metrics)

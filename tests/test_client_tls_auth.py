@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-from sqlalchemy import create_engine
 from twisted.internet import defer, reactor, task
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
@@ -547,25 +546,18 @@ class QueueRunnerTests(TLSAuthTestCase):
     @defer.inlineCallbacks
     def test_policy_failure_defers_in_the_spool(self):
         from mta.delivery.scheduler import QueueRunner
+        from fakespool import SyncSpool
         from mta.message import InboundMessage, Recipient, new_queue_id
-        from mta.spool import ops
-        from mta.spool.schema import metadata
 
         peer = self.peer({})
-        engine = create_engine(f"sqlite:///{self.dir}/spool.sqlite")
-        metadata.create_all(engine)
+        spool = SyncSpool(f"{self.dir}/spool.sqlite")
+        engine = spool.engine
         self.addCleanup(engine.dispose)
-
-        class Spool:
-            def write(self, fn, *args):
-                with engine.begin() as conn:
-                    return defer.succeed(fn(conn, *args))
-            run = write
 
         router = Router(routes={"d.test": f"127.0.0.1:{peer.port}"}, route_tls={"d.test": "encrypt"})
         pool = ConnectionPool(helo_name="me.test")
         from mta.delivery.smtp_courier import SMTPCourier
-        runner = QueueRunner(Spool(), router,
+        runner = QueueRunner(spool, router,
                              {"smtp": SMTPCourier(router, pool, hostname="me.test")},
                              hostname="me.test",
                              retry=RetryConfig(), relay=RelayConfig(), poll_interval=3600)
@@ -575,7 +567,7 @@ class QueueRunnerTests(TLSAuthTestCase):
             recipients=[Recipient("x@d.test"), Recipient("y@d.test")], headers=HEADERS,
             body=BODY, arrival=now, client_address="127.0.0.1", helo="c", protocol="ESMTP",
             size=len(HEADERS + BODY))
-        Spool().write(ops.insert_messages, [msg])
+        spool.store(msg)
         runner.startService()
         self.addCleanup(runner.stopService)
 

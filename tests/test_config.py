@@ -1,8 +1,11 @@
+import contextlib
 import dataclasses
 import os
 import re
+import shutil
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -415,14 +418,41 @@ def test_directory(tmp_path):
     assert str(info.value).startswith(f"{tmp_path}: cannot read file: [Errno 21] ")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can read any file")
-def test_unreadable_file(tmp_path):
-    path = tmp_path / "secret.toml"
-    path.write_text("")
-    path.chmod(0)
-    with pytest.raises(ConfigError) as info:
-        load_config(str(path))
-    assert str(info.value) == f"{path}: cannot read file: [Errno 13] Permission denied"
+NOBODY = 65534
+
+
+@contextlib.contextmanager
+def not_root():
+    """Root reads any file: run as root, the block runs with the effective
+    uid of nobody (``seteuid``, undone at the end); else as it is."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.seteuid(NOBODY)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+def test_unreadable_file():
+    # Not under tmp_path: its parents are root's, mode 700, and nobody could
+    # not even look for the file; here only the file's own mode keeps it out.
+    directory = Path(tempfile.mkdtemp(prefix="mta-test-config-"))
+    try:
+        directory.chmod(0o755)
+        readable = directory / "mta.toml"
+        readable.write_text('[server]\nhostname = "mx.example.test"\n')
+        path = directory / "secret.toml"
+        path.write_text("")
+        path.chmod(0)
+        with not_root():
+            assert load_config(str(readable)).server.hostname == "mx.example.test"
+            with pytest.raises(ConfigError) as info:
+                load_config(str(path))
+        assert str(info.value) == f"{path}: cannot read file: [Errno 13] Permission denied"
+    finally:
+        shutil.rmtree(directory)
 
 
 def test_invalid_toml(tmp_path):
@@ -580,6 +610,8 @@ def test_domain_keys_are_idna_2008():
      "[route_tls] strasse.test", "no [routes] entry for this domain"),
     ({"routes": {"\u2603.test": "127.0.0.1:25"}}, "[routes] \u2603.test", "invalid domain"),
     ({"routes": {"[127.0.0.1]": "127.0.0.1:25"}}, "[routes] [127.0.0.1]", "invalid domain"),
+    ({"routes": {".sub.test": "127.0.0.1:25"}}, "[routes] .sub.test",
+     "bad route domain '.sub.test'"),
     ({"policy": {"relay_domains": ["a\u05d0.test"]}}, "[policy] relay_domains", "invalid domain"),
     ({"server": {"hostname": "\u2603.test"}}, "[server] hostname", "invalid internationalized"),
 ])

@@ -10,7 +10,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mta import domain
-from mta.domain import DomainError, is_literal, key, literal_ip, to_ascii, to_unicode
+from mta.domain import (DomainError, config_key, is_literal, key, literal_ip, to_ascii,
+                        to_unicode)
 
 props = settings(deadline=None, max_examples=200)
 
@@ -162,3 +163,10 @@ def test_only_domain_error(text: str) -> None:
         return
     assert to_ascii(a) == a
     assert to_ascii(to_unicode(text)) == a
+
+
+def test_config_key_names_what_was_configured() -> None:
+    assert config_key("Stra\u00dfe.Test.", "route") == "xn--strae-oqa.test"
+    with pytest.raises(DomainError) as info:
+        config_key(".sub.test", "route_tls")
+    assert str(info.value).startswith("bad route_tls domain '.sub.test': ")

@@ -27,8 +27,10 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+from mta.message import InboundMessage
 from mta.policy import RelayPolicy
 from mta.smtp.data import has_bare_newline, has_long_line
 from mta.smtp.server import ServerSettings, SMTPServerFactory
@@ -39,8 +41,9 @@ _QUEUED = re.compile(rb"^250 (?:2\.0\.0 )?Ok: queued as (\S+)$")
 
 
 class ControlledSpool:
-    """store() does what ``mode`` says: "ok" and "fail" answer at once,
-    "raise" raises, "hold" returns a Deferred fired later by release()."""
+    """A :class:`mta.message.MessageStore` whose store() does what ``mode``
+    says: "ok" and "fail" answer at once, "raise" raises, "hold" returns a
+    Deferred fired later by release()."""
 
     def __init__(self):
         self.mode = "ok"
@@ -50,7 +53,7 @@ class ControlledSpool:
         self.stored: dict[str, tuple[object, object]] = {}   # qid -> (msg, session)
         self.session = None        # set by the machine: the session storing now
 
-    def store(self, msg):
+    def store(self, msg: InboundMessage) -> Deferred[str]:
         self.calls += 1
         if self.mode == "raise":
             raise RuntimeError("the spool fell over")

@@ -33,7 +33,8 @@ from twisted.internet import defer, task
 
 from conftest import wait_for
 from daemonutil import python_for_user, use_twistd_args
-from test_scheduler import FakeRouter, SyncSpool, put, smtp
+from fakespool import SyncSpool
+from test_scheduler import FakeRouter, put, smtp
 from test_smtp_server import Client, codes, make_factory
 
 from mta.config import RelayConfig, RetryConfig

@@ -103,6 +103,12 @@ def test_local_recipients_maildir_byte_exact(tmp_path, mta_factory, peer_factory
     for pm in ("postmaster", "postmaster@example.org", f"postmaster@{HOSTNAME}"):
         assert replies[pm][0] == 250, (pm, replies[pm])
     assert replies["someone@elsewhere.test"][0] == 554    # still no relaying for strangers
+    # The files are re-read when they change: a new user, a new alias.
+    (tmp_path / "mailboxes").write_text("bob\ncarol\ndave\n")
+    (tmp_path / "aliases").write_text("postmaster: bob\nstaff: bob\n")
+    later = rcpt_replies(mta, ["dave@example.org", "staff@example.org", "eve@example.org"])
+    assert [later[a][0] for a in ("dave@example.org", "staff@example.org",
+                                  "eve@example.org")] == [250, 250, 550]
 
     data = message("to bob", BODY)
     qid = send(mta, SENDER, ["bob@example.org"], data, ["BODY=8BITMIME"])
@@ -246,11 +252,8 @@ def _lmtp_to_dovecot(tmp_path, top, mta_factory, peer_factory, origin) -> None:
         send(mta, SENDER, ["bob@example.org", "team@example.org", "nosuch@example.org"], data,
              ["BODY=8BITMIME"])
         # bob: his own copy and the team's (two recipients, one delivery each).
-        wait_for(lambda: len(list(mailbox.Maildir(str(dove.maildir("bob")), create=False)))
-                 >= 1 if dove.maildir("bob").exists() else None, 15, "bob's mail in Dovecot")
-        wait_for(lambda: dove.maildir("carol").exists()
-                 and len(list(mailbox.Maildir(str(dove.maildir("carol")), create=False))) >= 1,
-                 15, "carol's mail in Dovecot")
+        wait_files(dove.maildir("bob"), 1)
+        wait_files(dove.maildir("carol"), 1)
         [(tx, dsn)] = wait_dsns(origin, 1)
         blocks = per_recipient(dsn)
         assert set(blocks) == {"nosuch@example.org"}

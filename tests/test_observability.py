@@ -25,7 +25,8 @@ from twisted.logger import Logger, LogPublisher
 
 from conftest import free_port, toml_text, wait_for
 from daemonutil import use_twistd_args
-from test_scheduler import SyncSpool, put
+from fakespool import SyncSpool
+from test_scheduler import put
 from test_smtp_server import Client, codes
 
 from mta.metrics import Metrics, QueueGauges, is_loopback_endpoint

@@ -16,7 +16,7 @@ from twisted.names import dns
 from twisted.trial import unittest
 
 from dnsserver import blackhole, parse_record, spawn_dns_server, start_dns_server
-from mta.delivery.router import NextHop, RouteError, Router, parse_hostport
+from mta.delivery.router import NextHop, RouteError, Router
 
 PORT = 2525  # the SMTP port given to Router(port=...) so MX-found hops are recognisable
 
@@ -274,36 +274,6 @@ class IPv6NameserverTests(unittest.TestCase):
 
 
 # ----------------------------------------------------------------------------- no DNS
-
-
-@pytest.mark.parametrize("value, expected", [
-    ("mx.example.test", ("mx.example.test", 25)),
-    ("MX.Example.Test.:2525", ("mx.example.test", 2525)),
-    ("192.0.2.1", ("192.0.2.1", 25)),
-    ("192.0.2.1:587", ("192.0.2.1", 587)),
-    ("[2001:db8::1]:2525", ("2001:db8::1", 2525)),
-    ("[2001:DB8:0::1]", ("2001:db8::1", 25)),
-    ("[IPv6:2001:db8::1]:26", ("2001:db8::1", 26)),
-    ("[192.0.2.1]:26", ("192.0.2.1", 26)),
-    ("::1", ("::1", 25)),
-    ("b\u00fccher.test:25", ("xn--bcher-kva.test", 25)),
-    ("localhost", ("localhost", 25)),
-])
-def test_parse_hostport(value: str, expected: tuple[str, int]) -> None:
-    assert parse_hostport(value) == expected
-
-
-@pytest.mark.parametrize("value", [
-    "", " ", "host:", "host:0", "host:65536", "host:x", "[::1", "[::1]x", "[nothost]:25",
-    "[::1]:", "bad host", "-:25", "a..b", "127.0.0.300", "1:2:3", "x" * 64 + ".test",
-])
-def test_parse_hostport_rejects(value: str) -> None:
-    with pytest.raises(ValueError):
-        parse_hostport(value)
-
-
-def test_parse_hostport_default_port() -> None:
-    assert parse_hostport("relay.test", default_port=587) == ("relay.test", 587)
 
 
 def test_route_error() -> None:

@@ -7,41 +7,19 @@ import email.policy
 import sqlite3
 
 import pytest
-from sqlalchemy import create_engine
 from twisted.internet import defer, task
 
 from mta.config import RelayConfig, RetryConfig
 from mta.delivery.router import NextHop, RouteError
+from mta.delivery.types import Route
 from mta.delivery.scheduler import QueueRunner, backoff
 from mta.delivery.smtp_courier import SMTPCourier
 from mta.message import InboundMessage, Recipient, new_queue_id
 from mta.smtp.client import DeliveryResult, RecipientResult
 from mta.spool import ops
-from mta.spool.schema import metadata
+from fakespool import SyncSpool
 
 HOP = NextHop("mx.dest.test", "127.0.0.1", 25)
-
-
-class SyncSpool:
-    """The spool's interface, run synchronously on a real SQLite file."""
-
-    def __init__(self, path):
-        self.path = str(path)
-        self.engine = create_engine(f"sqlite:///{path}")
-        metadata.create_all(self.engine)
-
-    def write(self, fn, *args):
-        with self.engine.begin() as conn:
-            return defer.succeed(fn(conn, *args))
-
-    run = write
-
-    def store(self, msg):
-        return self.write(ops.insert_messages, [msg]).addCallback(lambda _: msg.queue_id)
-
-    def sql(self, query, *args):
-        with sqlite3.connect(self.path) as c:
-            return c.execute(query, args).fetchall()
 
 
 class FakeRouter:
@@ -54,6 +32,15 @@ class FakeRouter:
         if domain in self.errors:
             return defer.fail(self.errors[domain])
         return defer.succeed([HOP])
+
+    def destination(self, domain):
+        return domain
+
+    def route_for(self, domain):
+        return Route("smtp", self.destination(domain))
+
+    def close(self):
+        pass
 
 
 class FakePool:
@@ -361,7 +348,7 @@ def test_owed_report_waits_for_the_last_job_and_a_crash_loses_nothing(env, tmp_p
                       "dave@slow.test": "inflight"}
     assert dsns(env) == []
     # A crash now: the restart attempts bob again, and his bounce is owed then.
-    env.spool.write(ops.recover_inflight)
+    env.spool.recover_inflight()
     pool2 = FakePool()
     pool2.script = {"bob@dest.test": [(550, "5.1.1")], "dave@slow.test": [(250, "2.0.0")],
                     "alice@example.test": [(451, "4.2.0")]}
@@ -436,14 +423,14 @@ class FlakySpool(SyncSpool):
         # A result written again fails as its first write did.
         return ops.record_results if fn is ops.record_results_again else fn
 
-    def write(self, fn, *args):
+    def _write(self, fn, *args):
         if self._key(fn) in self.fail:
             if self.hold:
                 d = defer.Deferred()
                 self.held.append((fn, args, d))
                 return d
             return self._write_now(fn, args)
-        return super().write(fn, *args)
+        return super()._write(fn, *args)
 
     def _write_now(self, fn, args):
         key = self._key(fn)
@@ -451,12 +438,12 @@ class FlakySpool(SyncSpool):
             self.fail[key] -= 1
             self.writes.append((fn.__name__, False))
             if self.committed_anyway:
-                super().write(fn, *args)
+                super()._write(fn, *args)
             from sqlalchemy.exc import OperationalError
             return defer.fail(OperationalError(
                 "UPDATE recipients ...", {}, sqlite3.OperationalError("database is locked")))
         self.writes.append((fn.__name__, True))
-        return super().write(fn, *args)
+        return super()._write(fn, *args)
 
     def answer(self):
         """Answer the oldest held write (fails while fail[fn] > 0)."""
@@ -539,11 +526,14 @@ def test_unrecorded_result_is_written_again_once_the_spool_takes_it(flaky, logge
     assert env.spool.sql("SELECT COUNT(*) FROM recipients") == [(0,)]
     env.clock.advance(3600)
     assert len(env.pool.calls) == 1
-    # One line for the episode, one when it is over; not one per try.
+    # One line for the error, one summary of its repeats at the end of the
+    # minute, one when the episode is over; not one per try.
     trouble = [e for e in logged if "recording delivery results" in e]
-    assert len(trouble) == 2, trouble
-    assert "failed: database is locked;" in trouble[0]
-    assert "succeeded after 6 failed tries" in trouble[1]
+    assert len(trouble) == 3, trouble
+    assert "failed: OperationalError: database is locked; the results are kept" in trouble[0]
+    assert "failed: OperationalError: database is locked (repeated 5 times in the last " \
+        in trouble[1]
+    assert trouble[2].endswith("succeeded again after 6 failure(s) in 61 s")
 
 
 def test_a_result_written_after_all_is_not_written_twice(flaky):
@@ -645,7 +635,9 @@ def test_failed_recovery_at_start_is_tried_again(flaky, logged):
     assert len(env.pool.calls) == 1
     assert env.spool.sql("SELECT COUNT(*) FROM recipients") == [(0,)]
     trouble = [e for e in logged if "recovering the recipients in flight" in e]
-    assert len(trouble) == 2 and "database is locked" in trouble[0], trouble
+    assert len(trouble) == 3 and "database is locked; no delivery starts" in trouble[0], trouble
+    assert "(repeated 2 times in the last 7 s)" in trouble[1]      # pending at the recovery
+    assert trouble[2].endswith("succeeded again after 3 failure(s) in 7 s")
 
 
 def test_stop_during_failed_recovery_ends_the_retries(flaky):

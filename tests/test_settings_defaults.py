@@ -79,7 +79,7 @@ def test_the_example_config_documents_the_defaults() -> None:
     checked = 0
     defaults = config_from_dict({})
     for line in EXAMPLE.read_text(encoding="utf-8").splitlines():
-        if m := re.fullmatch(r"\[([a-z_]+)\]", line):
+        if m := re.fullmatch(r"(?:# )?\[([a-z_]+)\]", line):   # "# [local]": optional section
             section = m.group(1)
             continue
         m = _COMMENTED.match(line)
@@ -91,8 +91,8 @@ def test_the_example_config_documents_the_defaults() -> None:
         except tomllib.TOMLDecodeError:
             continue                      # prose that happens to look like a key
         documented = getattr(config_from_dict({section: {key: value}}), section)
-        assert getattr(documented, key) == getattr(getattr(defaults, section), key), (
-            f"[{section}] {key}")
+        base = getattr(defaults, section) or type(documented)()   # [local]: None when absent
+        assert getattr(documented, key) == getattr(base, key), f"[{section}] {key}"
         checked += 1
     assert checked >= 30
 
@@ -182,6 +182,41 @@ def test_router_gets_what_config_validated(tmp_path: Path) -> None:
         assert router.routes == {"a.test": ("127.0.0.1", 2525), "b.test": ("::1", 2627)}
         assert router.route_tls == {"b.test": "verify"} and router.tls == "encrypt"
         assert router.nameservers == [("127.0.0.1", 5353)] and router.timeout == (3,)
+    finally:
+        built["factory"].spool.engine.dispose()
+
+
+def test_local_section_reaches_the_local_courier(tmp_path: Path) -> None:
+    (tmp_path / "aliases").write_text("team: bob\n")
+    (tmp_path / "mailboxes").write_text("bob\n")
+    config = config_from_dict({
+        "server": {"hostname": "mx.local.test"},
+        "local": {"domains": ["Example.ORG"], "aliases": str(tmp_path / "aliases"),
+                  "mailboxes": str(tmp_path / "mailboxes"), "maildir": "/srv/{domain}/{user}",
+                  "lmtp": "unix:/run/dovecot/lmtp"}})
+    built = _build(tmp_path, config)
+    try:
+        local = built["runner"].couriers["local"]
+        assert local.maildir == "/srv/{domain}/{user}"
+        assert local.lmtp.destination == "unix:/run/dovecot/lmtp"
+        assert local.lmtp.lhlo_name == "mx.local.test"
+        assert local.lmtp.timeouts == config.relay.timeouts
+        d = local.directory
+        assert d.domains == {"example.org", "mx.local.test"} and d.configured
+        assert d.exists("team", "example.org") and d.exists("bob", "example.org")
+        assert not d.exists("carol", "example.org")
+        # The policy and the router ask the same directory.
+        assert built["factory"].policy.local is d
+        assert built["runner"].router.route_for("example.org").courier == "local"
+    finally:
+        built["factory"].spool.engine.dispose()
+    # Without [local]: the hostname's postmaster and root, Maildirs from the default template.
+    built = _build(tmp_path, config_from_dict({"server": {"hostname": "mx.local.test"}}))
+    try:
+        local = built["runner"].couriers["local"]
+        assert local.maildir == "mail/{domain}/{user}" and local.lmtp is None
+        assert not local.directory.configured
+        assert local.directory.domains == {"mx.local.test"}
     finally:
         built["factory"].spool.engine.dispose()
 

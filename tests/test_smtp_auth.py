@@ -113,6 +113,7 @@ class Session:
             factory.tls = tls
             if users is not None:
                 factory.portal = make_portal(users, runner)
+                factory.cram_md5 = users.has_cram_md5     # as the daemon wires it
             if limiter is not None:
                 limiter.clock = factory.reactor
                 factory.limiter = limiter

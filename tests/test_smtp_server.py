@@ -15,8 +15,10 @@ from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+from mta.message import InboundMessage
 from mta.policy import RelayPolicy
 from mta.smtp.server import ServerSettings, SMTPServer, SMTPServerFactory
 
@@ -28,14 +30,15 @@ INSIDE = "127.0.0.1"
 # -- fakes and helpers ------------------------------------------------------------
 
 class FakeSpool:
-    """``store()`` returns a Deferred the test controls (or, with *auto*, one
-    that has already fired with the message's queue id)."""
+    """A :class:`mta.message.MessageStore` whose ``store()`` returns a
+    Deferred the test controls (or, with *auto*, one that has already fired
+    with the message's queue id)."""
 
     def __init__(self, auto: bool = False):
         self.auto = auto
         self.calls: list[tuple[object, defer.Deferred]] = []
 
-    def store(self, msg):
+    def store(self, msg: InboundMessage) -> Deferred[str]:
         if self.auto:
             self.calls.append((msg, None))
             return defer.succeed(msg.queue_id)
@@ -58,7 +61,9 @@ class FakeSpool:
 
 
 class RaisingSpool:
-    def store(self, msg):
+    """A MessageStore whose store() raises (a bug in the spool)."""
+
+    def store(self, msg: InboundMessage) -> Deferred[str]:
         raise RuntimeError("database is locked")
 
 

@@ -32,7 +32,7 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger, formatEvent
 
 from conftest import free_port, toml_text, wait_for
-from mta.spool.faults import RepeatedFailures, describe
+from mta.spool.faults import RepeatedFailures, SpoolWriteError, describe
 from mta.spool.space import FreeSpace
 
 DELIVERY = 20.0
@@ -148,7 +148,7 @@ def test_spool_that_cannot_be_recreated_refuses_then_recovers(mta):
     directory.unlink()
     outcomes = [send(mta, i) for i in range(4, 7)]
     assert [code for code, _ in outcomes] == [250] * 3, outcomes
-    wait_for(lambda: any("spool writes succeed again after 3 failure(s)" in l
+    wait_for(lambda: any("spool write succeeded again after 3 failure(s) in " in l
                          for l in spool_lines(mta)), 10, "the recovery line")
 
     mta.restart()
@@ -247,7 +247,7 @@ def test_spool_failures_are_one_line_each_and_repeats_are_summarised(mta_factory
     mta.execute("DROP TRIGGER e2e_claim")
     code, _ = send(mta, 6)
     assert code == 250
-    wait_for(lambda: any("succeed again" in l for l in spool_lines(mta)), 10, "recovery line")
+    wait_for(lambda: any("succeeded again" in l for l in spool_lines(mta)), 10, "recovery line")
 
     lines = spool_lines(mta)
     failed = [l for l in lines if "e2e disk trouble" in l]
@@ -258,7 +258,7 @@ def test_spool_failures_are_one_line_each_and_repeats_are_summarised(mta_factory
                      r"trouble \(repeated 4 times in the last \d+ s\)$", failed[1]), failed
     claims = [l for l in lines if "e2e claim trouble" in l]
     assert 1 <= len(claims) <= 2, lines          # the first, and the summary of repeats
-    m = re.search(r"spool writes succeed again after (\d+) failure\(s\)$", lines[-1])
+    m = re.search(r"spool write succeeded again after (\d+) failure\(s\) in \d+ s$", lines[-1])
     assert m and int(m.group(1)) >= 6, lines
     # No traceback anywhere (the fixture checks the whole log too), nothing
     # more from the queue runner about the failed claims, and the server's
@@ -284,32 +284,32 @@ class _Captured:
 
 def test_repeated_failures_one_line_then_one_summary_per_window():
     clock, out = Clock(), _Captured()
-    faults = RepeatedFailures(out.log, clock, window=60.0)
+    faults = RepeatedFailures(out.log, clock, what="spool write", window=60.0)
     full = "OperationalError: database or disk is full"
     for i in range(120):                       # twice a second for a minute
-        faults.failed("claim_due_and_load" if i % 2 else f"QID{i}", full)
+        faults.failed(full, "claim_due_and_load" if i % 2 else f"QID{i}")
         clock.advance(0.5)
     assert out.lines == ["spool write failed (QID0): OperationalError: database or disk is full",
                          "spool write failed: OperationalError: database or disk is full "
                          "(repeated 119 times in the last 60 s)"]
-    faults.failed("QIDX", "OperationalError: database is locked")     # another failure
+    faults.failed("OperationalError: database is locked", "QIDX")     # another failure
     assert out.lines[-1] == "spool write failed (QIDX): OperationalError: database is locked"
     clock.advance(10)
-    faults.failed("QIDY", full)
+    faults.failed(full, "QIDY")
     faults.succeeded()
     assert out.lines[2:] == [
         "spool write failed (QIDX): OperationalError: database is locked",
         "spool write failed: OperationalError: database or disk is full "
         "(repeated 1 times in the last 10 s)",
-        "spool writes succeed again after 122 failure(s)"]
+        "spool write succeeded again after 122 failure(s) in 70 s"]
     assert clock.getDelayedCalls() == []
     n = len(out.lines)
     faults.succeeded()                          # nothing to say
     assert len(out.lines) == n
     # Quiet for a whole window: the next one is logged in full again.
-    faults.failed("Q1", full)
+    faults.failed(full, "Q1")
     clock.advance(61)
-    faults.failed("Q2", full)
+    faults.failed(full, "Q2")
     assert out.lines[n:] == [f"spool write failed (Q1): {full}", f"spool write failed (Q2): {full}"]
 
 
@@ -325,6 +325,24 @@ def test_describe_is_one_line_without_the_sql():
     assert describe(error) == "OperationalError: no such table: nowhere"
     assert describe(OSError(28, "No space left on device")) == \
         "OSError: [Errno 28] No space left on device"
+    # The spool's own errors already say what failed, in one line.
+    assert describe(SpoolWriteError("spool write failed:\n OSError: gone")) == \
+        "spool write failed: OSError: gone"
+
+
+def test_repeated_failures_with_a_consequence_and_many_distinct_errors():
+    clock, out = Clock(), _Captured()
+    faults = RepeatedFailures(out.log, clock, what="a queue run",
+                              consequence="tried again at the next queue run")
+    for i in range(RepeatedFailures.MAX_ERRORS + 5):
+        faults.failed(f"error {i}")
+    lines = out.lines
+    assert lines[0] == "a queue run failed: error 0; tried again at the next queue run"
+    assert len(lines) == RepeatedFailures.MAX_ERRORS         # the rest only counted
+    clock.advance(2)
+    faults.succeeded()
+    assert out.lines[-1] == (f"a queue run succeeded again after "
+                             f"{RepeatedFailures.MAX_ERRORS + 5} failure(s) in 2 s")
 
 
 # --------------------------------------------------------------------------- reserve: units

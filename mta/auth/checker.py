@@ -1,7 +1,11 @@
 """``twisted.cred`` glue: a checker over the users file, a realm, a portal.
 
 The SMTP server only sees a :class:`~twisted.cred.portal.Portal`: it calls
-``portal.login(UsernamePassword(user, password), None, IMailUser)`` and gets
+``portal.login(UsernamePassword(user, password), None, IMailUser)`` (PLAIN,
+LOGIN) or ``portal.login(cram, None, IMailUser)`` with a
+:class:`~twisted.cred.credentials.CramMD5Credentials` carrying challenge,
+user name and hex digest (CRAM-MD5, checked against the stored HMAC-MD5
+states, never a plaintext), and gets
 a Deferred that fires with ``(IMailUser, avatar, logout)`` or fails with
 :class:`~twisted.cred.error.UnauthorizedLogin`.  Another store of users (a
 database, LDAP) would be another checker behind the same portal.
@@ -23,7 +27,8 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Attribute, Interface, implementer
 
-from .passwords import HashError, dummy_verify, verify_password
+from .passwords import (HashError, dummy_verify, dummy_verify_cram_md5, verify_cram_md5,
+                        verify_password)
 from .users import UsersFile
 
 __all__ = ["IMailUser", "MailUser", "UsersFileChecker", "MailRealm", "AuthPool", "make_portal"]
@@ -75,29 +80,53 @@ class AuthPool(service.Service):
         self.pool.stop()
 
 
+def _username(raw: bytes | str | None) -> str | None:
+    if isinstance(raw, bytes):
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return raw
+
+
 @implementer(ICredentialsChecker)
 class UsersFileChecker:
-    """Checks IUsernamePassword credentials against a :class:`UsersFile`.
+    """Checks IUsernamePassword credentials against a :class:`UsersFile`,
+    and CRAM-MD5 ones (:class:`~twisted.cred.credentials.CramMD5Credentials`,
+    the only IUsernameHashedPassword accepted) against its CRAM-MD5 secrets.
 
     *run* calls a function off the reactor thread and returns a Deferred
     (``AuthPool.run``); tests pass one that runs it inline.
     """
-    credentialInterfaces = (credentials.IUsernamePassword,)
+    credentialInterfaces = (credentials.IUsernamePassword, credentials.IUsernameHashedPassword)
 
     def __init__(self, users: UsersFile, run: Runner):
         self.users = users
         self._run = run
 
     def requestAvatarId(self, creds: Any) -> defer.Deferred:
-        username = creds.username
-        password = creds.password
-        if isinstance(username, bytes):
-            try:
-                username = username.decode("utf-8")
-            except UnicodeDecodeError:
-                username = None
-        d = self._run(self._check, username, password)
-        return d
+        username = _username(creds.username)
+        if isinstance(creds, credentials.CramMD5Credentials):
+            return self._run(self._check_cram, username, creds.challenge, creds.response)
+        if not credentials.IUsernamePassword.providedBy(creds):
+            return defer.fail(error.UnhandledCredentials("only passwords and CRAM-MD5"))
+        return self._run(self._check, username, creds.password)
+
+    def _check_cram(self, username: str | None, challenge: bytes, response: bytes) -> str:
+        stored = self.users.lookup_cram_md5(username) if username else None
+        if stored is None:
+            # Unknown user, or one without a CRAM-MD5 secret.
+            dummy_verify_cram_md5(challenge, response)
+            raise error.UnauthorizedLogin("no such user with a CRAM-MD5 secret")
+        try:
+            ok = verify_cram_md5(stored, challenge, response)
+        except HashError as e:  # cannot happen for lines the parser accepted
+            log.error("{path}: user {user!r}: unusable CRAM-MD5 secret: {error}",
+                      path=self.users.path, user=username, error=str(e))
+            ok = False
+        if not ok:
+            raise error.UnauthorizedLogin("bad CRAM-MD5 response")
+        return username
 
     def _check(self, username: str | None, password: bytes | str) -> str:
         # Runs on the worker thread: stat/re-read the file, then the hash.

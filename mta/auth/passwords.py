@@ -9,6 +9,18 @@ The defaults (N=2^14, r=8, p=1: 16 MiB and some tens of milliseconds per
 check) are the interactive-login parameters recommended for scrypt.  Checks
 compare in constant time; :func:`dummy_verify` spends the same effort for an
 unknown user so that timing does not tell which user names exist.
+
+A user may also have a CRAM-MD5 secret (``mta passwd add --cram-md5``), in
+the form of Dovecot's ``CRAM-MD5`` password scheme::
+
+    {CRAM-MD5}<64 hex digits>
+
+32 octets: the HMAC-MD5 outer state, then the inner state (the MD5 states
+after hashing ``key ^ opad`` and ``key ^ ipad``, see :mod:`mta.auth.md5`),
+each as four little-endian 32-bit words.  It is not the password, but it is
+as good as the password for CRAM-MD5, and it is unsalted and cheap to test
+guesses against: it weakens what scrypt protects, which is why it is only
+stored for the users who need CRAM-MD5.
 """
 from __future__ import annotations
 
@@ -18,9 +30,14 @@ import hashlib
 import hmac
 import os
 import re
+import struct
+
+from .md5 import State, hmac_md5_finish, hmac_md5_states
 
 __all__ = ["DEFAULT_N", "DEFAULT_R", "DEFAULT_P", "HashError", "hash_password",
-           "verify_password", "dummy_verify", "check_hash"]
+           "verify_password", "dummy_verify", "check_hash", "CRAM_MD5_PREFIX",
+           "cram_md5_secret", "check_cram_md5_secret", "verify_cram_md5",
+           "dummy_verify_cram_md5"]
 
 DEFAULT_N = 1 << 14
 DEFAULT_R = 8
@@ -117,4 +134,51 @@ def dummy_verify(password: str | bytes) -> bool:
     if isinstance(password, str):
         password = password.encode("utf-8", "replace")
     _scrypt(password, _DUMMY_SALT, DEFAULT_N, DEFAULT_R, DEFAULT_P, KEY_BYTES)
+    return False
+
+
+# --------------------------------------------------------------------------- CRAM-MD5
+
+CRAM_MD5_PREFIX = "{CRAM-MD5}"
+_CRAM_FORMAT = re.compile(r"\{CRAM-MD5\}([0-9a-fA-F]{64})")
+_HEX_DIGEST = re.compile(rb"[0-9a-fA-F]{32}")
+
+
+def cram_md5_secret(password: str | bytes) -> str:
+    """The ``{CRAM-MD5}...`` secret for *password* (str is encoded as UTF-8)."""
+    if isinstance(password, str):
+        password = password.encode("utf-8")
+    inner, outer = hmac_md5_states(password)
+    return CRAM_MD5_PREFIX + struct.pack("<8I", *outer, *inner).hex()
+
+
+def _parse_cram(stored: str) -> tuple[State, State]:
+    m = _CRAM_FORMAT.fullmatch(stored)
+    if m is None:
+        raise HashError("not a {CRAM-MD5} followed by 64 hex digits")
+    words = struct.unpack("<8I", bytes.fromhex(m.group(1)))
+    return words[4:8], words[0:4]
+
+
+def check_cram_md5_secret(stored: str) -> None:
+    """Raise HashError if *stored* is not a usable CRAM-MD5 secret."""
+    _parse_cram(stored)
+
+
+def verify_cram_md5(stored: str, challenge: bytes, response: bytes) -> bool:
+    """Is *response* (the hex digest a client sent, either case) the
+    HMAC-MD5 of *challenge* under the password *stored* was made from?"""
+    inner, outer = _parse_cram(stored)
+    expected = hmac_md5_finish(inner, outer, challenge).hex().encode("ascii")
+    if _HEX_DIGEST.fullmatch(response) is None:
+        return False
+    return hmac.compare_digest(expected, response.lower())
+
+
+_DUMMY_CRAM = cram_md5_secret(os.urandom(16))
+
+
+def dummy_verify_cram_md5(challenge: bytes, response: bytes) -> bool:
+    """Spend what a real CRAM-MD5 check costs, and fail (for unknown users)."""
+    verify_cram_md5(_DUMMY_CRAM, challenge, response)
     return False

@@ -1,14 +1,22 @@
-"""The users file: one ``user:hash`` line per user.
+"""The users file: one ``user:hash`` line per user, optionally ``user:hash:cram``.
 
 ::
 
     # comments and blank lines are kept as they are
     alice@example.test:$scrypt$n=16384,r=8,p=1$...$...
+    branch:$scrypt$n=16384,r=8,p=1$...$...:{CRAM-MD5}0123...cdef
+
+The second field is the scrypt hash every user has (AUTH PLAIN and LOGIN
+check it).  The optional third field, written by ``mta passwd add
+--cram-md5``, is the user's CRAM-MD5 secret in the form of Dovecot's
+``CRAM-MD5`` scheme (see :mod:`mta.auth.passwords`); only users that have
+one can use AUTH CRAM-MD5.  Files without third fields are read as before.
 
 User names are UTF-8 without ``:``, white space or control characters and
 are compared exactly (case matters).  The daemon reads the file at startup
 and again whenever its modification time, size or inode changes (one
-``stat()`` per AUTH, done on the worker thread); a missing file means no
+``stat()`` per AUTH, done on the worker thread, and one per EHLO, to know
+whether to offer CRAM-MD5); a missing file means no
 users.  A malformed line is skipped and reported, never fatal, so one typo
 does not lock everybody out.
 
@@ -29,7 +37,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from .passwords import HashError, check_hash
+from .passwords import HashError, check_cram_md5_secret, check_hash
 
 __all__ = ["UsersFileError", "UsersFile", "Entry", "valid_username", "parse_lines",
            "edit_users_file", "read_users_file"]
@@ -58,10 +66,18 @@ def valid_username(name: str) -> str | None:
 
 @dataclass
 class Entry:
-    """One line of the file: a user (name and hash) or anything else (kept verbatim)."""
+    """One line of the file: a user (name, hash and maybe a CRAM-MD5 secret)
+    or anything else (kept verbatim)."""
     line: str
     user: str | None = None
     hash: str | None = None
+    cram: str | None = None
+
+    @classmethod
+    def for_user(cls, user: str, hashed: str, cram: str | None = None) -> "Entry":
+        """The entry (and its line) for a user."""
+        line = f"{user}:{hashed}" if cram is None else f"{user}:{hashed}:{cram}"
+        return cls(line, user, hashed, cram)
 
 
 def parse_lines(text: str, source: str) -> tuple[list[Entry], list[str]]:
@@ -74,14 +90,21 @@ def parse_lines(text: str, source: str) -> tuple[list[Entry], list[str]]:
         if not stripped or stripped.startswith("#"):
             entries.append(Entry(line))
             continue
-        user, sep, hashed = line.partition(":")
+        user, sep, rest = line.partition(":")
+        hashed, sep2, cram_field = rest.partition(":")
         hashed = hashed.strip()
+        cram = cram_field.strip() if sep2 else None
         why = valid_username(user) if sep else "expected user:hash"
         if why is None:
             try:
                 check_hash(hashed)
             except HashError as e:
                 why = f"user {user!r}: bad hash: {e}"
+        if why is None and cram is not None:
+            try:
+                check_cram_md5_secret(cram)
+            except HashError as e:
+                why = f"user {user!r}: bad CRAM-MD5 secret: {e}"
         if why is None and user in seen:
             why = f"user {user!r} listed again (the first line counts)"
         if why is not None:
@@ -89,7 +112,7 @@ def parse_lines(text: str, source: str) -> tuple[list[Entry], list[str]]:
             entries.append(Entry(line))
             continue
         seen.add(user)
-        entries.append(Entry(line, user, hashed))
+        entries.append(Entry(line, user, hashed, cram))
     return entries, problems
 
 
@@ -127,6 +150,7 @@ class UsersFile:
         self._lock = threading.Lock()
         self._stamp: tuple[int, int, int] | None = None
         self._users: dict[str, str] = {}
+        self._cram: dict[str, str] = {}
         self.loads = 0
 
     def _current_stamp(self) -> tuple[int, int, int] | None:
@@ -147,6 +171,7 @@ class UsersFile:
     def _load(self, stamp: tuple[int, int, int] | None) -> list[str]:
         entries, problems = read_users_file(self.path)
         self._users = {e.user: e.hash for e in entries if e.user is not None and e.hash}
+        self._cram = {e.user: e.cram for e in entries if e.user is not None and e.cram}
         self._stamp = stamp
         self.loads += 1
         for p in problems:
@@ -177,6 +202,17 @@ class UsersFile:
         """The stored hash for *user*, or None (after a cheap freshness check)."""
         self.refresh()
         return self._users.get(user)
+
+    def lookup_cram_md5(self, user: str) -> str | None:
+        """The stored CRAM-MD5 secret for *user*, or None (after a cheap
+        freshness check)."""
+        self.refresh()
+        return self._cram.get(user)
+
+    def has_cram_md5(self) -> bool:
+        """Does any user have a CRAM-MD5 secret (after a cheap freshness check)?"""
+        self.refresh()
+        return bool(self._cram)
 
     def __len__(self) -> int:
         return len(self._users)

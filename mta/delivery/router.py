@@ -69,16 +69,16 @@ from twisted.names import client, dns
 from twisted.names import error as dns_error
 
 from .. import domain as dom
-from ..smtp.types import TLS_POLICIES, Credentials, NextHop, reply_kind
+from ..hostport import parse_hostport, parse_nameserver
+from ..smtp.types import Credentials, NextHop, reply_kind
 from .types import LOCAL_DESTINATION, Route
 
-__all__ = ["TLS_POLICIES", "Credentials", "NextHop", "RouteError", "Router", "parse_hostport"]
+__all__ = ["Credentials", "NextHop", "RouteError", "Router"]
 
 log = Logger()
 
 #: How many CNAMEs a lookup follows before giving up (temporary failure).
 MAX_CNAME_CHAIN = 8
-DNS_PORT = 53
 
 
 
@@ -104,79 +104,6 @@ class RouteError(Exception):
 
 
 # --------------------------------------------------------------------------- names
-
-
-def _port(text: str, value: str) -> int:
-    if not text.isdigit() or not 0 < int(text) <= 65535:
-        raise ValueError(f"bad port in {value!r}")
-    return int(text)
-
-
-def parse_hostport(value: str, default_port: int = 25) -> tuple[str, int]:
-    """``"host"``, ``"host:port"``, ``"192.0.2.1:25"``, ``"[2001:db8::1]:25"``,
-    ``"[IPv6:2001:db8::1]"`` or a bare ``"2001:db8::1"`` -> ``(host, port)``.
-
-    The host comes back normalised: an IP address in its canonical text form,
-    or a host name as mta.domain.to_ascii writes it.  Raises ``ValueError`` on
-    anything else (for config validation).
-    """
-    text = value.strip()
-    if not text:
-        raise ValueError("empty host")
-    port = default_port
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise ValueError(f"missing ']' in {value!r}")
-        inner, rest = text[1:end], text[end + 1:]
-        if inner[:5].lower() == "ipv6:":
-            inner = inner[5:]
-        try:
-            host = str(ipaddress.ip_address(inner))
-        except ValueError:
-            raise ValueError(f"bad address literal in {value!r}") from None
-        if rest:
-            if not rest.startswith(":"):
-                raise ValueError(f"unexpected {rest!r} after ']' in {value!r}")
-            port = _port(rest[1:], value)
-        return host, port
-    if text.count(":") > 1:  # a bare IPv6 address cannot carry a port
-        try:
-            return str(ipaddress.IPv6Address(text)), port
-        except ValueError:
-            raise ValueError(f"bad IPv6 address {value!r} (write \"[address]:port\")") from None
-    if ":" in text:
-        text, p = text.rsplit(":", 1)
-        port = _port(p, value)
-    try:
-        return str(ipaddress.IPv4Address(text)), port
-    except ValueError:
-        pass
-    try:
-        host = dom.to_ascii(text)
-    except dom.DomainError as e:
-        raise ValueError(f"bad host in {value!r}: {e}") from None
-    if host.rsplit(".", 1)[-1].isdigit():  # "127.0.0.300", "10.1": not an IP, not a host name
-        raise ValueError(f"bad host in {value!r}: neither an IP address nor a host name")
-    return host, port
-
-
-def _config_domain(domain: str, what: str) -> str:
-    """A configured domain as a lookup key (mta.domain.to_ascii)."""
-    try:
-        return dom.to_ascii(domain)
-    except dom.DomainError as e:
-        raise ValueError(f"bad {what} domain {domain!r}: {e}") from None
-
-
-def _parse_nameserver(value: str) -> tuple[str, int]:
-    host, port = parse_hostport(value, DNS_PORT)
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"nameserver must be an IP address (\"ip\" or \"ip:port\"), "
-                         f"got {value!r}") from None
-    return host, port
 
 
 def _is_ip(host: str) -> bool:
@@ -218,16 +145,16 @@ class Router:
     found by MX/implicit MX/address literal and for routes without a port.
     ``random`` may be a seeded ``random.Random`` for reproducible ordering.
 
-    ``tls`` is the TLS policy (``TLS_POLICIES``) given to every next hop,
+    ``tls`` is the TLS policy (``mta.smtp.types.TLS_POLICIES``) given to every next hop,
     except those of a domain in ``route_tls`` (domain -> policy, for domains
     of ``routes``); ``smarthost_auth`` is given to the smarthost's next hops
     only.
 
     The values are those of the config (``[relay]``, ``[routes]``,
-    ``[route_tls]``, ``[dns]``), which ``mta.config`` validated with the
-    functions of this module (``parse_hostport``, ``_parse_nameserver``,
-    ``_config_domain``, ``TLS_POLICIES``): they are parsed here, not checked
-    again.  (Text that does not parse still raises ``ValueError``.)  The
+    ``[route_tls]``, ``[dns]``), which ``mta.config`` validated with the same
+    functions (``mta.hostport.parse_hostport`` / ``parse_nameserver``,
+    ``mta.domain.config_key``, ``mta.smtp.types.TLS_POLICIES``): they are
+    parsed here, not checked again.  (Text that does not parse still raises ``ValueError``.)  The
     defaults of ``port`` and ``tls`` are those of ``[relay]``
     (``tests/test_settings_defaults.py``).
     """
@@ -258,16 +185,16 @@ class Router:
         self.routes: dict[str, tuple[str, int]] = {}
         pairs = routes.items() if isinstance(routes, Mapping) else routes  # or config's pairs
         for domain, value in pairs:
-            self.routes[_config_domain(domain, "route")] = parse_hostport(value, port)
+            self.routes[dom.config_key(domain, "route")] = parse_hostport(value, port)
         self.smarthost: tuple[str, int] | None = (
             parse_hostport(smarthost, port) if smarthost.strip() else None)
-        self.nameservers: list[tuple[str, int]] = [_parse_nameserver(n) for n in nameservers]
+        self.nameservers: list[tuple[str, int]] = [parse_nameserver(n) for n in nameservers]
         self._resolver: Any = None
         self.tls = tls
         self.route_tls: dict[str, str] = {}
         pairs = route_tls.items() if isinstance(route_tls, Mapping) else route_tls
         for domain, policy in pairs:
-            self.route_tls[_config_domain(domain, "route_tls")] = policy
+            self.route_tls[dom.config_key(domain, "route_tls")] = policy
         self.smarthost_auth = smarthost_auth
         self._is_local = is_local
         self._logged: dict[str, tuple[str, tuple[NextHop, ...]]] = {}  # domain -> last route logged

@@ -44,14 +44,15 @@ from typing import Any, Callable
 
 from twisted.application import service
 from twisted.internet import defer, task
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from ..address import domain_key
 from ..config import RelayConfig, RetryConfig
 from ..message import InboundMessage, Recipient, new_queue_id, split_header_block
 from ..spool import SpoolWriteError, ops
-from ..spool.admin import error_text as spool_error_text
-from .types import Courier, Outcome, QueuedMessage, QueuedRecipient, Route
+from ..spool.faults import RepeatedFailures, describe
+from ..spool.interface import DeliveryQueue
+from .types import Courier, Outcome, QueuedMessage, QueuedRecipient, Route, RouteMap
 
 log = Logger(namespace="mta.delivery")
 
@@ -80,40 +81,6 @@ def _notify_allows(notify: str | None, what: str) -> bool:
 # The status label of mta_delivery_recipients_total for each outcome.
 _METRIC_STATUS = {"sent": "delivered", "deferred": "deferred", "bounced": "bounced",
                   "expired": "bounced"}
-
-
-class _Trouble:
-    """One episode of failures of one kind of spool write: each distinct
-    error is logged once, in one line, and the end of the episode once --
-    not every failed try."""
-
-    _MAX_ERRORS = 20
-
-    def __init__(self, clock: Any, what: str, consequence: str):
-        self.clock = clock
-        self.what = what
-        self.consequence = consequence
-        self.errors: set[str] = set()
-        self.failures = 0
-        self.since = 0.0
-
-    def failed(self, error: str) -> None:
-        if not self.errors:
-            self.since = self.clock.seconds()
-        self.failures += 1
-        if error in self.errors or len(self.errors) >= self._MAX_ERRORS:
-            return
-        self.errors.add(error)
-        log.warn("{what} failed: {error}; {consequence}", what=self.what, error=error,
-                 consequence=self.consequence)
-
-    def ok(self) -> None:
-        if not self.errors:
-            return
-        log.info("{what} succeeded after {n} failed tries in {secs:.1f}s", what=self.what,
-                 n=self.failures, secs=self.clock.seconds() - self.since)
-        self.errors.clear()
-        self.failures = 0
 
 
 @dataclass
@@ -156,7 +123,7 @@ class Job:
 @dataclass(eq=False)
 class _Unrecorded:
     """The result of *job* that the spool refused (the arguments of
-    ops.record_results): kept, and written again until it is recorded or
+    DeliveryQueue.record): kept, and written again until it is recorded or
     the stop gives up on it; *done* fires then, and the job ends."""
     job: Job
     args: tuple
@@ -168,13 +135,12 @@ class _Unrecorded:
 class QueueRunner(service.Service):
     name = "queue-runner"
 
-    """``router`` answers each recipient's Route (``route_for(domain)``;
-    a router without it routes everything to ``"smtp"``, grouped by
-    ``destination(domain)`` or else by domain); ``couriers`` maps a Route's
-    courier name to the Courier that delivers it.  The router's ``close()``
-    and every courier's are called at the stop."""
+    """``router`` answers each recipient's Route (``route_for(domain)``,
+    mta.delivery.types.RouteMap); ``couriers`` maps a Route's courier name
+    to the Courier that delivers it.  The router's ``close()`` and every
+    courier's are called at the stop."""
 
-    def __init__(self, spool: Any, router: Any, couriers: Mapping[str, Courier], *,
+    def __init__(self, spool: DeliveryQueue, router: RouteMap, couriers: Mapping[str, Courier], *,
                  hostname: str, retry: RetryConfig, relay: RelayConfig, reactor: Any = None,
                  rand: Callable[[], float] = random.random, poll_interval: float = 1.0,
                  dsn_builder: Callable[..., bytes] | None = None, metrics: Any = None):
@@ -204,18 +170,21 @@ class QueueRunner(service.Service):
         self._recovered = False
         self._recover_call: Any = None       # the next try of a failed recovery
         self._recover_tries = 0
-        self._recover_trouble = _Trouble(
-            reactor, "recovering the recipients in flight at the last stop",
-            f"no delivery starts until it succeeds (tried again every {RETRY_MAX:.0f}s at most)")
-        self._run_trouble = _Trouble(reactor, "a queue run",
-                                     "tried again at the next queue run")
+        self._recover_trouble = RepeatedFailures(
+            log, reactor, what="recovering the recipients in flight at the last stop",
+            consequence="no delivery starts until it succeeds "
+            f"(tried again every {RETRY_MAX:.0f}s at most)", level=LogLevel.warn)
+        self._run_trouble = RepeatedFailures(
+            log, reactor, what="a queue run", consequence="tried again at the next queue run",
+            level=LogLevel.warn)
         self._unrecorded: list[_Unrecorded] = []  # results the spool refused, oldest first
         self._record_call: Any = None        # the next round of writing them again
         self._record_rounds = 0
-        self._record_trouble = _Trouble(
-            reactor, "recording delivery results",
-            "the results are kept and written again (every "
-            f"{RETRY_MAX:.0f}s at most); their recipients stay in flight meanwhile")
+        self._record_trouble = RepeatedFailures(
+            log, reactor, what="recording delivery results",
+            consequence="the results are kept and written again (every "
+            f"{RETRY_MAX:.0f}s at most); their recipients stay in flight meanwhile",
+            level=LogLevel.warn)
         self._grace_over = False             # stopping, and the grace has run out
 
     # -- lifecycle -------------------------------------------------------------
@@ -231,19 +200,19 @@ class QueueRunner(service.Service):
         self._recover_call = None
         if not self.running or self._recovered:
             return
-        d = self.spool.write(ops.recover_inflight)
+        d = self.spool.recover_inflight()
         d.addCallbacks(self._recovered_cb, self._recover_failed)
         d.addErrback(lambda f: log.failure("starting the queue runner failed", f))
 
     def _recover_failed(self, f: Any) -> None:
         self._recover_tries += 1
-        self._recover_trouble.failed(spool_error_text(f.value))
+        self._recover_trouble.failed(describe(f.value))
         if self.running:
             delay = backoff(self._recover_tries, RETRY_FIRST, RETRY_MAX, self.rand())
             self._recover_call = self.reactor.callLater(delay, self._recover)
 
     def _recovered_cb(self, n: int) -> None:
-        self._recover_trouble.ok()
+        self._recover_trouble.succeeded()
         if n:
             log.info("requeued {n} recipients that were in flight at the last stop", n=n)
         self._recovered = True
@@ -313,13 +282,13 @@ class QueueRunner(service.Service):
         def finished(_: Any) -> Any:
             if timer is not None and timer.active():
                 timer.cancel()
+            for trouble in (self._recover_trouble, self._run_trouble, self._record_trouble):
+                trouble.close()
             return defer.DeferredList([defer.maybeDeferred(c.close)
                                        for c in self.couriers.values()], consumeErrors=True)
         d = defer.DeferredList(waits, consumeErrors=True)
         d.addBoth(finished)
-        close_router = getattr(self.router, "close", None)
-        if close_router is not None:
-            d.addBoth(lambda _: close_router())
+        d.addBoth(lambda _: self.router.close())
         return d
 
     def kick(self, *_: Any) -> None:
@@ -357,27 +326,27 @@ class QueueRunner(service.Service):
         now = self.reactor.seconds()
         scan = free * self.relay.recipient_limit
         try:
-            due = await self.spool.run(ops.due_recipients, now, scan)
+            due = await self.spool.due(now, scan)
         except Exception as e:
-            self._run_trouble.failed(spool_error_text(e))
+            self._run_trouble.failed(describe(e))
             return
         plan = self._plan(due, free)
         if not plan:
-            self._run_trouble.ok()
+            self._run_trouble.succeeded()
             return
         try:
-            rows, msgs = await self.spool.write(ops.claim_and_load,
-                                                [r.id for _d, part in plan for r in part])
+            rows, msgs = await self.spool.claim_and_load(
+                [r.id for _d, part in plan for r in part])
         except SpoolWriteError:
             return             # logged by the spool; tried again at the next queue run
         except Exception as e:
-            self._run_trouble.failed(spool_error_text(e))
+            self._run_trouble.failed(describe(e))
             return
-        self._run_trouble.ok()
+        self._run_trouble.succeeded()
         if not rows:
             return
         if not self.running:   # stopped meanwhile: give them back
-            await self.spool.write(ops.requeue_inflight, [r.id for r in rows])
+            await self.spool.requeue([r.id for r in rows])
             return
         if len(due) >= scan:   # there may be more due work beyond what was read
             self._again = True
@@ -402,7 +371,7 @@ class QueueRunner(service.Service):
             self._start(job)
         if orphans:
             log.error("{n} recipients without a message row; marking failed", n=len(orphans))
-            await self.spool.write(ops.record_results, [
+            await self.spool.record([
                 ops.RecipientUpdate(r.id, "failed", r.attempts, now, "message missing")
                 for r in orphans], [], [])
 
@@ -430,14 +399,8 @@ class QueueRunner(service.Service):
         return plan
 
     def _route_of(self, address: str) -> Route:
-        """The recipient's Route (Router.route_for); a router without that
-        notion relays, grouping by Router.destination, or else by domain."""
-        domain = self._domain_of(address)
-        route_for = getattr(self.router, "route_for", None)
-        if route_for is not None:
-            return route_for(domain)
-        dest = getattr(self.router, "destination", None)
-        return Route("smtp", dest(domain) if dest is not None else domain)
+        """The recipient's Route (RouteMap.route_for of its domain)."""
+        return self.router.route_for(self._domain_of(address))
 
     def _domain_of(self, address: str) -> str:
         return domain_key(address, self.hostname)
@@ -484,7 +447,7 @@ class QueueRunner(service.Service):
         """A delivery cancelled by the stop (or never started): its recipients
         go back to "queued" (unless their result was recorded meanwhile)."""
         was = "interrupted" if job.attempting else "not started"
-        d = self.spool.write(ops.requeue_inflight, [r.id for r in job.rcpts])
+        d = self.spool.requeue([r.id for r in job.rcpts])
 
         def logged(n: int) -> None:
             log.info("{queue_id}: delivery to {domain} {was} at shutdown; {n} recipient(s) "
@@ -664,7 +627,7 @@ class QueueRunner(service.Service):
                             open_courier: Callable[[int], Awaitable[Courier]]) -> int:
         if not self.running or not self._recovered:
             raise RuntimeError("the queue runner is not running (starting or stopping)")
-        rows, msgs = await self.spool.write(ops.claim_domains, domains, self.hostname)
+        rows, msgs = await self.spool.claim_domains(domains, self.hostname)
         if not rows:
             return 0
         jobs: list[Job] = []
@@ -688,7 +651,7 @@ class QueueRunner(service.Service):
         if orphans:
             log.error("{n} recipients without a message row; marking failed", n=len(orphans))
             now = self.reactor.seconds()
-            await self.spool.write(ops.record_results, [
+            await self.spool.record([
                 ops.RecipientUpdate(r.id, "failed", r.attempts, now, "message missing")
                 for r in orphans], [], [])
         delivered = 0
@@ -707,8 +670,7 @@ class QueueRunner(service.Service):
                 await self._record(job, outcomes)
         except BaseException:
             if left:
-                n = await self.spool.write(ops.requeue_inflight,
-                                           [r.id for job in left for r in job.rcpts])
+                n = await self.spool.requeue([r.id for job in left for r in job.rcpts])
                 log.info("ATRN for {domains}: {n} recipient(s) not handed over, queued again",
                          domains=",".join(domains), n=n)
                 for job in left:
@@ -718,13 +680,13 @@ class QueueRunner(service.Service):
 
     # -- results the spool refused --------------------------------------------------
     async def _write_results(self, job: Job, updates: list, dsns: list) -> None:
-        """Record the results of *job* (ops.record_results).  One the spool
+        """Record the results of *job* (DeliveryQueue.record).  One the spool
         refuses is kept and written again -- the job, its delivery slot and
         its recipients (in flight in the spool, so no pass claims them) wait
         -- until it is recorded, or the stop gives up on it (see stopService)."""
         args = (updates, dsns, [job.queue_id])
         try:
-            await self.spool.write(ops.record_results, *args)
+            await self.spool.record(*args)
         except Exception as e:
             entry = _Unrecorded(job, args)
             self._unrecorded.append(entry)
@@ -736,7 +698,7 @@ class QueueRunner(service.Service):
 
     def _write_unrecorded(self, entry: _Unrecorded) -> None:
         entry.writing = True
-        d = self.spool.write(ops.record_results_again, *entry.args)
+        d = self.spool.record_again(*entry.args)
         d.addCallbacks(lambda _: self._unrecorded_written(entry),
                        lambda f: self._unrecorded_failed(entry, f.value))
         d.addErrback(lambda f: log.failure("writing a delivery result again failed", f))
@@ -745,7 +707,7 @@ class QueueRunner(service.Service):
         entry.writing = False
         if entry.done.called:      # given up at the stop meanwhile
             return
-        text = spool_error_text(error)
+        text = describe(error)
         self._record_trouble.failed(text)
         if self.running:
             if self._record_call is None:
@@ -767,7 +729,7 @@ class QueueRunner(service.Service):
             return
         entry.done.callback(None)
         if not self._unrecorded:
-            self._record_trouble.ok()
+            self._record_trouble.succeeded()
             self._record_rounds = 0
         elif self.running:
             self._retry_unrecorded()

@@ -18,7 +18,7 @@ customer opened and turned around (ATRN), for the queue runner's
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -26,21 +26,43 @@ from twisted.logger import Logger
 from ..address import domain_key
 from ..smtp.client import DeliveryResult, OutboundMessage, OutboundRecipient
 from .router import RouteError
-from .types import Outcome, QueuedMessage, QueuedRecipient
+from .types import NextHop, Outcome, QueuedMessage, QueuedRecipient
 
-__all__ = ["SMTPCourier", "TurnedCourier", "outbound_message", "outcomes"]
+__all__ = ["HopFinder", "SMTPCourier", "Transmitter", "TurnedCourier", "TurnedTransmitter",
+           "outbound_message", "outcomes"]
 
 log = Logger(namespace="mta.delivery")
 
 
-class SMTPCourier:
-    """Relay by SMTP: ``router`` (``route(domain) -> Deferred[list[NextHop]]``,
-    mta.delivery.router.Router) finds the hops, ``pool``
-    (mta.smtp.client.ConnectionPool, or a fake with ``deliver(hops, msg)``
-    and ``close()``) delivers; ``hostname`` is ours (for a bare postmaster).
-    The router is not closed here (the scheduler owns it)."""
+class HopFinder(Protocol):
+    """The next hops of a domain, most preferred first (mta.delivery.router.Router);
+    fails with RouteError."""
 
-    def __init__(self, router: Any, pool: Any, *, hostname: str) -> None:
+    def route(self, domain: str) -> Deferred[list[NextHop]]: ...
+
+
+class Transmitter(Protocol):
+    """Hands a message to the first of *hops* that takes it
+    (mta.smtp.client.ConnectionPool)."""
+
+    def deliver(self, hops: list[NextHop], msg: OutboundMessage) -> Deferred[DeliveryResult]: ...
+
+    def close(self) -> Deferred[None] | None: ...
+
+
+class TurnedTransmitter(Protocol):
+    """Delivers over one connection, to whoever is at its other end
+    (mta.smtp.client.TurnedConnection: a connection turned around by ATRN)."""
+
+    def deliver(self, msg: OutboundMessage) -> Deferred[DeliveryResult]: ...
+
+
+class SMTPCourier:
+    """Relay by SMTP: ``router`` finds the hops, ``pool`` delivers;
+    ``hostname`` is ours (for a bare postmaster).  The router is not closed
+    here (the scheduler owns it)."""
+
+    def __init__(self, router: HopFinder, pool: Transmitter, *, hostname: str) -> None:
         self.router = router
         self.pool = pool
         self.hostname = hostname
@@ -69,14 +91,13 @@ class SMTPCourier:
 class TurnedCourier:
     """The courier of one ATRN session (RFC 2645): delivers over the
     customer's own connection, turned around
-    (:class:`mta.smtp.client.TurnedConnection`, or a fake with
-    ``deliver(msg)``), whatever the destination -- the queue runner's
+    (a :class:`TurnedTransmitter`), whatever the destination -- the queue runner's
     ``deliver_over`` hands it the recipients of the domains asked for.
     Messages and results are converted exactly as for :class:`SMTPCourier`.
     ``close()`` does nothing: the ODMR session owns the connection and says
     QUIT when the runner is done."""
 
-    def __init__(self, connection: Any, *, hostname: str) -> None:
+    def __init__(self, connection: TurnedTransmitter, *, hostname: str) -> None:
         self.connection = connection
         self.hostname = hostname
 

@@ -39,7 +39,7 @@ from ..smtp.types import (TLS_POLICIES, Credentials, Kind, NextHop, TLSInfo, rep
                           reply_kind)
 
 __all__ = ["LOCAL_DESTINATION", "TLS_POLICIES", "Courier", "Credentials", "Kind", "NextHop",
-           "Outcome",
+           "Outcome", "RouteMap",
            "QueuedMessage", "QueuedRecipient", "Route", "TLSInfo",
            "reply_kind"]
 
@@ -153,3 +153,12 @@ class Courier(Protocol):
                 destination: str) -> Deferred[list[Outcome]]: ...
 
     def close(self) -> Deferred[None] | None: ...
+
+
+class RouteMap(Protocol):
+    """What the scheduler asks of the router (mta.delivery.router.Router):
+    each recipient domain's :class:`Route`; ``close()`` at the stop."""
+
+    def route_for(self, domain: str) -> Route: ...
+
+    def close(self) -> None: ...

@@ -50,9 +50,10 @@ from twisted.internet import defer
 from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
 
-from ..delivery.router import NextHop
-from ..smtp.client import (Reply, SMTPClientProtocol, Timeouts, _ConnectFactory, _ProtocolError,
-                           _StepError, _StepTimeout, connect_failure_text, parse_ehlo)
+from ..smtp.client import (ConnectFactory, Reply, SMTPClientProtocol, StepError,
+                           connect_failure_text, parse_ehlo, step_failure_text)
+from ..smtp.settings import Timeouts
+from ..smtp.types import NextHop
 from .result import LocalResult
 
 log = Logger(namespace="mta.local")
@@ -107,7 +108,7 @@ class LMTPClient:
 
     async def _connect(self) -> SMTPClientProtocol:
         proto = SMTPClientProtocol(self.reactor, self._hop)
-        d = self._endpoint.connect(_ConnectFactory(proto))
+        d = self._endpoint.connect(ConnectFactory(proto))
         d.addTimeout(self.timeouts.connect, self.reactor)
         await d
         return proto
@@ -216,18 +217,9 @@ class LMTPClient:
                 results[i] = self._theirs(reply)
             await self._quit(conn)
             return [r for r in results if r is not None]
-        except _StepError as e:
+        except StepError as e:
             conn.abort()
-            if isinstance(e, _StepTimeout):
-                r = self._ours(451, "4.4.2", f"conversation with {self.destination} timed out "
-                                             f"while {e.step}")
-            elif isinstance(e, _ProtocolError):
-                r = self._ours(451, "4.5.0", f"protocol error with {self.destination} while "
-                                             f"{e.step}")
-            else:
-                why = f" ({e.reason})" if getattr(e, "reason", "") else ""
-                r = self._ours(451, "4.4.2", f"lost connection with {self.destination} while "
-                                             f"{e.step}{why}")
+            r = self._ours(451, *step_failure_text(self.destination, e))
             log.warn("LMTP {dest}: {text}", dest=self.destination, text=r.text)
             return fill(r)
         except defer.CancelledError:

@@ -44,7 +44,7 @@ class Refusal:
 class RelayPolicy:
     def __init__(self, relay_networks: Iterable[str], relay_domains: Iterable[str],
                  local: LocalDirectory | None = None):
-        self._local = local
+        self.local = local
         self._networks = [ipaddress.ip_network(n, strict=False) for n in relay_networks]
         exact: set[str] = set()
         parents: list[str] = []
@@ -97,7 +97,7 @@ class RelayPolicy:
     def check_recipient(self, rcpt: Mailbox, *, client_ip: str,
                         authenticated: bool = False) -> Refusal | None:
         """None to accept *rcpt* from this client, or the Refusal."""
-        local = self._local
+        local = self.local
         if local is not None and local.is_local(rcpt.domain):
             try:
                 known = local.exists(rcpt.local_text, rcpt.domain)

@@ -1,1 +1,2 @@
-"""SMTP protocol code: the inbound server (and, later, the relay client)."""
+"""SMTP protocol code: the inbound server and the outbound client, and the
+types they take and give; nothing of delivery, configuration or SQL."""

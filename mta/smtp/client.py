@@ -247,25 +247,30 @@ def _make_reply(code: int, lines: list[str]) -> Reply:
                  tuple(lines))
 
 
-class _StepError(Exception):
+class StepError(Exception):
+    """A conversation broke off at one *step* (its words: "sending RCPT"):
+    raised by :meth:`SMTPClientProtocol.command`; :func:`step_failure_text`
+    says it in a report's words.  The private subclasses say how: timed out,
+    connection lost, or a reply that is not SMTP."""
+
     def __init__(self, step: str, got: int = 0):
         super().__init__(step)
         self.step = step
         self.got = got                  # replies received in this batch before it failed
 
 
-class _StepTimeout(_StepError):
+class _StepTimeout(StepError):
     pass
 
 
-class _StepLost(_StepError):
+class _StepLost(StepError):
     def __init__(self, step: str, got: int = 0, tls_failed: bool = False, reason: str = ""):
         super().__init__(step, got)
         self.tls_failed = tls_failed
         self.reason = reason
 
 
-class _ProtocolError(_StepError):
+class _ProtocolError(StepError):
     pass
 
 
@@ -335,16 +340,22 @@ def _hopname(hop: NextHop) -> str:
     return f"{hop.host}[{hop.address}]:{hop.port}"
 
 
-def _step_failure(hop: NextHop, e: _StepError) -> _HopFailure:
+def step_failure_text(peer: str, e: StepError) -> tuple[str, str]:
+    """Our own words for a conversation with *peer* that broke off:
+    ``(enhanced status, text)``, e.g. ``("4.4.2", "conversation with
+    mx[192.0.2.1]:25 timed out while sending RCPT")``; 4.5.0 for a
+    protocol error.  For the SMTP pool and the LMTP client alike."""
     if isinstance(e, _StepTimeout):
-        text = f"conversation with {_hopname(hop)} timed out while {e.step}"
-        return _HopFailure.ours(hop, "4.4.2", text)
+        return "4.4.2", f"conversation with {peer} timed out while {e.step}"
     if isinstance(e, _ProtocolError):
-        text = f"protocol error with {_hopname(hop)} while {e.step}"
-        return _HopFailure.ours(hop, "4.5.0", text)
+        return "4.5.0", f"protocol error with {peer} while {e.step}"
     why = f" ({e.reason})" if isinstance(e, _StepLost) and e.reason else ""
-    text = f"lost connection with {_hopname(hop)} while {e.step}{why}"
-    return _HopFailure.ours(hop, "4.4.2", text)
+    return "4.4.2", f"lost connection with {peer} while {e.step}{why}"
+
+
+def _step_failure(hop: NextHop, e: StepError) -> _HopFailure:
+    status, text = step_failure_text(_hopname(hop), e)
+    return _HopFailure.ours(hop, status, text)
 
 
 def _is_limit_reply(r: Reply) -> bool:
@@ -581,7 +592,7 @@ class SMTPClientProtocol(protocol.Protocol):
 
     ``command(data, steps)`` writes *data* (one or more pipelined commands)
     and returns a Deferred that fires with one :class:`Reply` per entry of
-    *steps* (``(timeout, description)``), or fails with a ``_StepError``.
+    *steps* (``(timeout, description)``), or fails with a ``StepError``.
     Each reply has its own timer, started when the previous reply arrives.
     """
 
@@ -828,7 +839,10 @@ class SMTPClientProtocol(protocol.Protocol):
         self.abort()
 
 
-class _ConnectFactory(protocol.ClientFactory):
+class ConnectFactory(protocol.ClientFactory):
+    """Hands one :class:`SMTPClientProtocol` to a connector or an endpoint,
+    and fails its ``connected_d`` when the connection attempt fails."""
+
     noisy = False  # no "Starting/Stopping factory" line per connection
     def __init__(self, proto: SMTPClientProtocol):
         self.proto = proto
@@ -1032,7 +1046,7 @@ class ClientSession:
                 except _HopFailure as e:
                     e.tls = conn.tls_info
                     raise
-        except _StepError as e:
+        except StepError as e:
             conn.abort()
             raise _step_failure(hop, e) from None
         return conn
@@ -1094,7 +1108,7 @@ class ClientSession:
             # More challenges than the mechanism has: cancel (RFC 4954 "*").
             try:
                 await conn.command(b"*\r\n", step)
-            except _StepError:
+            except StepError:
                 conn.abort()
             else:
                 self.quit(conn)
@@ -1376,7 +1390,7 @@ class ClientSession:
                     return results, over, await self._rset(conn)
                 await conn.send_content(content.parts, stuff=True, block_timeout=t.data_block)
                 final = (await conn.command(b".\r\n", [(t.data_end, "sending end of data")]))[0]
-        except _StepError as e:
+        except StepError as e:
             conn.abort()
             raise _step_failure(hop, e) from None
         for i in accepted:
@@ -1392,7 +1406,7 @@ class ClientSession:
         """RSET; True when the connection can take another transaction (else it is closed)."""
         try:
             r = (await conn.command(b"RSET\r\n", [(self.timeouts.helo, "sending RSET")]))[0]
-        except _StepError:
+        except StepError:
             conn.abort()
             return False
         if r.ok:
@@ -1539,10 +1553,10 @@ class ConnectionPool:
         return self.tls.trust_root
 
     # -- public -----------------------------------------------------------------
-    def deliver(self, hops: list[NextHop], msg: OutboundMessage) -> defer.Deferred:
+    def deliver(self, hops: list[NextHop], msg: OutboundMessage) -> defer.Deferred[DeliveryResult]:
         return defer.Deferred.fromCoroutine(self._deliver(list(hops), msg))
 
-    def close(self) -> defer.Deferred:
+    def close(self) -> defer.Deferred[None]:
         """QUIT the idle connections; fires when they (and earlier QUITs) are closed."""
         self._closed = True
         for conns in list(self._idle.values()):
@@ -1639,7 +1653,7 @@ class ConnectionPool:
         d = proto.connected_d
         timer: Any = None
         try:
-            connector = self.reactor.connectTCP(hop.address, hop.port, _ConnectFactory(proto),
+            connector = self.reactor.connectTCP(hop.address, hop.port, ConnectFactory(proto),
                                                 timeout=t.connect)
             proto.connector = connector
 

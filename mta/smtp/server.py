@@ -28,7 +28,9 @@ TLS`` whatever the client pipelined in plaintext is thrown away (the
 CVE-2011-0411 class of bug), and everything learnt from the client so far
 (EHLO, transaction, AUTH) is forgotten.  AUTH PLAIN and LOGIN (RFC 4954) are
 offered over TLS, or in plaintext on a loopback connection when the settings
-allow it; a credential check holds further input like a spool write does.
+allow it; AUTH CRAM-MD5 (RFC 2195), which does not reveal the password, is
+offered on every connection as long as some user has a CRAM-MD5 secret.  A
+credential check holds further input like a spool write does.
 On a submission listener (port 587 semantics) MAIL needs AUTH first.
 
 No SQL and no configuration parsing in here.
@@ -39,11 +41,12 @@ import base64
 import binascii
 import ipaddress
 import re
+import secrets
 from collections import Counter
 from dataclasses import replace
 from typing import Any, Callable
 
-from twisted.cred.credentials import UsernamePassword
+from twisted.cred.credentials import CramMD5Credentials, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, protocol
 from twisted.internet.address import UNIXAddress
@@ -58,8 +61,8 @@ from ..address import AddressError, Mailbox
 from ..auth.checker import IMailUser
 from ..auth.limiter import FailureLimiter
 from ..tls import connection_info
-from ..message import (InboundMessage, Recipient, new_queue_id, received_header,
-                       split_header_block)
+from ..message import (InboundMessage, MessageStore, Recipient, new_queue_id,
+                       received_header, split_header_block)
 from . import replies as r
 from .data import DataReader, has_bare_newline, has_long_line, normalize_newlines
 from .params import MailParams, parse_mail_params, parse_rcpt_params
@@ -85,22 +88,26 @@ _REFUSAL_REASONS = {r.MSG_TOO_BIG: "too_big", r.BARE_NEWLINE: "bare_newline",
 
 
 class SMTPServerFactory(protocol.Factory):
-    """Shared state of all listeners: settings, spool, policy, connection
-    counters, and (optional) the TLS context factory, the cred portal and the
-    AUTH failure limiter.  ``listener()`` gives the per-endpoint factory.
+    """Shared state of all listeners: settings, spool (a
+    :class:`mta.message.MessageStore`), policy, connection counters, and
+    (optional) the TLS context factory, the cred portal and the AUTH
+    failure limiter.  ``listener()`` gives the per-endpoint factory.
 
     ``settings`` is a :class:`mta.smtp.settings.ServerSettings` (the
     daemon passes its ``[server]`` config section, which is one);
     ``auth_plaintext_on_loopback`` is ``[auth] allow_plaintext_on_loopback``;
+    ``cram_md5()`` tells whether some user can AUTH CRAM-MD5 now (the
+    daemon passes ``UsersFile.has_cram_md5``; None: never);
     ``on_stored(queue_id)`` is called after each 250 for a message (the
     daemon kicks the queue runner); ``metrics`` is a
     :class:`mta.metrics.Metrics` or None."""
 
-    def __init__(self, settings: ServerSettings, spool: Any, policy: Any,
+    def __init__(self, settings: ServerSettings, spool: MessageStore, policy: Any,
                  reactor: Any = None, *, tls: Any = None, portal: Any = None,
                  limiter: FailureLimiter | None = None,
                  storage: Callable[[int], bool] | None = None,
                  auth_plaintext_on_loopback: bool = False,
+                 cram_md5: Callable[[], bool] | None = None,
                  on_stored: Callable[[str], Any] | None = None,
                  metrics: Any = None):
         if reactor is None:
@@ -119,6 +126,7 @@ class SMTPServerFactory(protocol.Factory):
         self.connections = 0
         self.per_client: Counter[str] = Counter()
         self.auth_plaintext_on_loopback = auth_plaintext_on_loopback
+        self.cram_md5 = cram_md5          # is CRAM-MD5 offered (some user has a secret)?
         self.on_stored = on_stored        # e.g. kick the queue runner
         self.metrics = metrics            # mta.metrics.Metrics, or None (no metrics)
         self.sessions: set[SMTPServer] = set()
@@ -235,6 +243,7 @@ class SMTPServer(protocol.Protocol):
         self.authenticated: str | None = None
         self._sasl_mech: str | None = None      # an AUTH exchange is waiting for a response
         self._sasl_user: str | None = None      # LOGIN: the user name already given
+        self._sasl_challenge: bytes | None = None  # CRAM-MD5: the challenge we sent
         self._delayed: Any = None               # a held-back reply (failed AUTH)
         self.client_ip = "unknown"
         self._reset_transaction()
@@ -311,7 +320,7 @@ class SMTPServer(protocol.Protocol):
         self._buf = b""
         self.factory.sessions.discard(self)
         self._reset_transaction()
-        self._sasl_mech = self._sasl_user = None
+        self._end_sasl()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -544,7 +553,7 @@ class SMTPServer(protocol.Protocol):
 
     def _line_too_long(self) -> None:
         if self._sasl_mech is not None:
-            self._sasl_mech = self._sasl_user = None
+            self._end_sasl()
             self._reply(R(500, "5.5.6", "Authentication exchange line is too long"))
         else:
             self._reply(r.LINE_TOO_LONG)
@@ -975,19 +984,34 @@ class SMTPServer(protocol.Protocol):
             return True
         return _is_loopback(self.client_ip) and _is_loopback(getattr(host, "host", "") or "")
 
-    def _auth_offered(self) -> bool:
-        if self.factory.portal is None:
-            return False
-        return self.tls or (self.factory.auth_plaintext_on_loopback and self._on_loopback())
+    def _auth_mechanisms(self) -> list[str]:
+        """The SASL mechanisms this session offers (EHLO's AUTH line)."""
+        f = self.factory
+        if f.portal is None:
+            return []
+        # PLAIN and LOGIN send the password itself: TLS (or loopback if allowed).
+        if self.tls or (f.auth_plaintext_on_loopback and self._on_loopback()):
+            mechanisms = ["PLAIN", "LOGIN"]
+        else:
+            mechanisms = []
+        if f.cram_md5 is not None and f.cram_md5():
+            mechanisms.append("CRAM-MD5")
+        return mechanisms
+
+    def _end_sasl(self) -> None:
+        self._sasl_mech = self._sasl_user = self._sasl_challenge = None
 
     def _auth_keyword(self) -> str | None:
-        """EHLO's AUTH line ("AUTH PLAIN LOGIN"), None when AUTH is not offered."""
-        return "AUTH PLAIN LOGIN" if self._auth_offered() else None
+        """EHLO's AUTH line ("AUTH PLAIN LOGIN CRAM-MD5"), None when AUTH is
+        not offered (one place for the ODMR listener's EHLO too)."""
+        mechanisms = self._auth_mechanisms()
+        return "AUTH " + " ".join(mechanisms) if mechanisms else None
 
     def do_AUTH(self, arg: str) -> None:
         if self.factory.portal is None:
             raise SMTPReplyError(r.AUTH_UNAVAILABLE)
-        if not self._auth_offered():
+        offered = self._auth_mechanisms()
+        if not offered:
             raise SMTPReplyError(r.ENCRYPTION_REQUIRED)
         if not self.esmtp:
             raise SMTPReplyError(R(503, "5.5.1", "Send EHLO first"))
@@ -1000,13 +1024,25 @@ class SMTPServer(protocol.Protocol):
         if not mech or " " in initial:
             raise SMTPReplyError(R(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]"))
         mech = mech.upper()
-        if mech not in ("PLAIN", "LOGIN"):
+        if mech not in offered:
+            if mech in ("PLAIN", "LOGIN"):      # offered with TLS only
+                raise SMTPReplyError(r.ENCRYPTION_REQUIRED)
             raise SMTPReplyError(R(504, "5.5.4", "Unrecognized authentication type"))
+        if mech == "CRAM-MD5" and initial:
+            # The server speaks first in CRAM-MD5 (RFC 4954 §4).
+            raise SMTPReplyError(R(501, "5.5.4", "CRAM-MD5 takes no initial response"))
         if self.factory.limiter.refused(self.client_ip):
             log.info("auth refused client={client}: too many failures", client=self.client_ip)
             raise SMTPReplyError(r.AUTH_TOO_MANY_FAILURES)
         self._sasl_mech = mech
         self._sasl_user = None
+        if mech == "CRAM-MD5":
+            # RFC 2195: a msg-id style challenge, <random.timestamp@hostname>.
+            self._sasl_challenge = (f"<{secrets.randbelow(10 ** 12)}."
+                                    f"{int(self.reactor.seconds())}@{self.settings.hostname}>"
+                                    ).encode("utf-8")
+            self._reply(R(334, None, base64.b64encode(self._sasl_challenge).decode("ascii")))
+            return
         if not initial:
             self._reply(R(334, None, _LOGIN_USERNAME if mech == "LOGIN" else ""))
             return
@@ -1018,14 +1054,30 @@ class SMTPServer(protocol.Protocol):
         """One client response of the AUTH exchange (or the initial response)."""
         mech = self._sasl_mech
         if line == b"*" and not initial:
-            self._sasl_mech = self._sasl_user = None
+            self._end_sasl()
             self._reply(R(501, "5.7.0", "Authentication cancelled"))
             return
         try:
             data = base64.b64decode(line, validate=True)
         except (binascii.Error, ValueError):
-            self._sasl_mech = self._sasl_user = None
+            self._end_sasl()
             self._reply(R(501, "5.5.2", "Cannot decode response"))
+            return
+        if mech == "CRAM-MD5":
+            # RFC 2195: user name, a space, the HMAC-MD5 digest in hex.
+            challenge = self._sasl_challenge or b""
+            self._end_sasl()
+            name, space, digest = data.rpartition(b" ")
+            if not space or not name:
+                self._reply(R(501, "5.5.2", "Invalid CRAM-MD5 response"))
+                return
+            try:
+                user = name.decode("utf-8")
+            except UnicodeDecodeError:
+                user = "\ufffd"
+            cram = CramMD5Credentials(self.settings.hostname.encode("utf-8", "replace"))
+            cram.challenge, cram.username, cram.response = challenge, name, digest
+            self._check_credentials(mech, user, cram)
             return
         if mech == "LOGIN":
             if self._sasl_user is None:
@@ -1039,7 +1091,7 @@ class SMTPServer(protocol.Protocol):
         else:  # PLAIN: authzid NUL authcid NUL passwd (RFC 4616)
             parts = data.split(b"\0")
             if len(parts) != 3:
-                self._sasl_mech = self._sasl_user = None
+                self._end_sasl()
                 self._reply(R(501, "5.5.2", "Invalid PLAIN response"))
                 return
             authzid, authcid, password = parts
@@ -1050,13 +1102,14 @@ class SMTPServer(protocol.Protocol):
                 user, zid = "\ufffd", ""
             if zid and zid != user:
                 user = "\ufffd"     # acting for someone else is not allowed: fail below
-        self._sasl_mech = self._sasl_user = None
-        self._check_credentials(mech or "?", user, password)
+        self._end_sasl()
+        self._check_credentials(mech or "?", user,
+                                UsernamePassword(user.encode("utf-8", "replace"), password))
 
-    def _check_credentials(self, mech: str, user: str, password: bytes) -> None:
+    def _check_credentials(self, mech: str, user: str,
+                           creds: UsernamePassword | CramMD5Credentials) -> None:
         self._busy = True            # pipelined input waits for the verdict
         self.factory.limiter.started(self.client_ip)
-        creds = UsernamePassword(user.encode("utf-8", "replace"), password)
         try:
             d = self.factory.portal.login(creds, None, IMailUser)
         except Exception:

@@ -1,9 +1,11 @@
 """The spool: the only code that speaks SQL.
 
-Every call runs off the reactor thread.  Writes of new messages go through
-one writer thread that takes every pending message, inserts them all in one
-transaction and commits once (group commit), then answers each caller.  The
-Deferred returned by :meth:`Spool.store` fires only after the commit
+:class:`Spool` is the daemon's spool: it is
+:class:`mta.spool.interface.SpoolInterface`, with thin methods over the SQL
+of mta.spool.ops.  Every call runs off the reactor thread.  Writes go
+through one writer thread that takes every pending write, runs them all in
+one transaction and commits once (group commit), then answers each caller.
+The Deferred returned by :meth:`Spool.store` fires only after the commit
 returned, so the server says ``250`` only for durable messages.
 """
 from __future__ import annotations
@@ -13,7 +15,8 @@ import queue
 import sqlite3
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from sqlalchemy import create_engine, event, select, text
 from sqlalchemy.engine import Connection, Engine, make_url
@@ -23,23 +26,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from ..message import InboundMessage
-from .faults import RepeatedFailures, describe
+from ..message import InboundMessage, QueuedRecipient
+from . import ops
+from .faults import RepeatedFailures, SpoolError, SpoolWriteError, describe
+from .interface import Claimed, QueueSummary, RecipientUpdate, SpoolInterface
 from .ops import MERGEABLE, insert_messages
 from .schema import SCHEMA_VERSION, meta, metadata
 
 log = Logger()
 _STOP = object()
-
-
-class SpoolError(Exception):
-    """The spool cannot be opened or used."""
-
-
-class SpoolWriteError(SpoolError):
-    """A write that was not done (nothing of it is in the spool, or nothing
-    a restart would find).  ``str()`` is one line; ``__cause__`` is the
-    original exception, when there is one."""
 
 
 def _failure(exc: BaseException, cause: BaseException | None = None) -> Failure:
@@ -112,7 +107,11 @@ def make_engine(url: str) -> Engine:
     return create_engine(u, pool_pre_ping=True)
 
 
-class Spool:
+class Spool(SpoolInterface):
+    """The spool at a SQLAlchemy *url*: writes through one group-commit
+    writer thread (:meth:`store` and every write below), reads on a small
+    thread pool."""
+
     def __init__(self, url: str, *, reactor: Any = None, threads: int = 4,
                  idle_check: float = 5.0,
                  on_commit: Callable[[float, int], None] | None = None):
@@ -132,7 +131,7 @@ class Spool:
         self._suspect = False
         self._saved: str | None = None   # where the removed spool was saved (see _recover)
         self.idle_check = idle_check   # seconds: how often an idle writer checks its file
-        self._faults = RepeatedFailures(log, reactor)
+        self._faults = RepeatedFailures(log, reactor, what="spool write")
         self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="mta-spool")
         self.batches = 0     # commits done by the writer (for benchmarks/tests)
         self.stored = 0
@@ -183,14 +182,46 @@ class Spool:
         self._pool.stop()
         self.engine.dispose()
 
-    # -- writes ------------------------------------------------------------
-    def store(self, msg: InboundMessage) -> defer.Deferred:
+    # -- the interface (mta.spool.interface) --------------------------------
+    def store(self, msg: InboundMessage) -> defer.Deferred[str]:
         """Durably store *msg*; fires with its queue id after the commit."""
         d: defer.Deferred = defer.Deferred()
         self._queue.put((None, msg, d))
         return d
 
-    def write(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred:
+    def recover_inflight(self) -> defer.Deferred[int]:
+        return self._write(ops.recover_inflight)
+
+    def due(self, now: float, limit: int) -> defer.Deferred[list[QueuedRecipient]]:
+        return self._run(ops.due_recipients, now, limit)
+
+    def claim_and_load(self, rids: Sequence[int]) -> defer.Deferred[Claimed]:
+        return self._write(ops.claim_and_load, list(rids))
+
+    def claim_domains(self, domains: Sequence[str], hostname: str) -> defer.Deferred[Claimed]:
+        return self._write(ops.claim_domains, list(domains), hostname)
+
+    def record(self, updates: Sequence[RecipientUpdate], new_messages: Sequence[InboundMessage],
+               finished: Sequence[str]) -> defer.Deferred[list[str]]:
+        # ops.record_results is MERGEABLE: the writer runs the records of one
+        # batch as one call.
+        return self._write(ops.record_results, list(updates), list(new_messages),
+                           list(finished))
+
+    def record_again(self, updates: Sequence[RecipientUpdate],
+                     new_messages: Sequence[InboundMessage],
+                     finished: Sequence[str]) -> defer.Deferred[list[str]]:
+        return self._write(ops.record_results_again, list(updates), list(new_messages),
+                           list(finished))
+
+    def requeue(self, rids: Sequence[int]) -> defer.Deferred[int]:
+        return self._write(ops.requeue_inflight, list(rids))
+
+    def summary(self) -> defer.Deferred[QueueSummary]:
+        return self._run(ops.queue_summary)
+
+    # -- writes ------------------------------------------------------------
+    def _write(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred:
         """Run ``fn(conn, *args)`` on the writer thread, inside the next group
         commit; fires with its result after the commit returned."""
         d: defer.Deferred = defer.Deferred()
@@ -510,7 +541,7 @@ class Spool:
         for event in events:
             kind = event[0]
             if kind == "failed":
-                self._faults.failed(event[1], event[2])
+                self._faults.failed(event[2], where=event[1])
             elif kind == "ok":
                 self._faults.succeeded()
             elif kind == "warn":
@@ -522,14 +553,15 @@ class Spool:
                 d.errback(failure)
 
     # -- other work, on the spool's thread pool ----------------------------
-    def run(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> defer.Deferred:
+    def _run(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> defer.Deferred:
         """Run ``fn(conn, *args, **kw)`` in a transaction on the spool pool."""
         def work() -> Any:
             with self.engine.begin() as conn:
                 return fn(conn, *args, **kw)
         return threads.deferToThreadPool(self.reactor, self._pool, work)
 
-    def free_space(self, *, minfree: int, max_message_size: int) -> Callable[[int], bool] | None:
+    def free_space(self, *, minfree: int,
+                   max_message_size: int) -> Callable[[int], bool] | None:
         """The check the SMTP server makes at MAIL: whether a message of
         *size* octets (0: not declared) may be taken while keeping the
         free-space reserve (see mta.spool.space); None when the spool is not
@@ -540,5 +572,5 @@ class Spool:
         return FreeSpace(os.path.dirname(self._db_path), minfree=minfree,
                          max_message_size=max_message_size, clock=self.reactor.seconds)
 
-    def count_messages(self) -> defer.Deferred:
-        return self.run(lambda c: c.execute(text("SELECT COUNT(*) FROM messages")).scalar_one())
+    def count_messages(self) -> defer.Deferred[int]:
+        return self._run(lambda c: c.execute(text("SELECT COUNT(*) FROM messages")).scalar_one())

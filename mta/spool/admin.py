@@ -1,4 +1,6 @@
-"""Queue administration: the SQL of ``mta queue`` and ``mta sendmail``.
+"""Queue administration: the SQL of ``mta queue`` and ``mta sendmail``,
+behind :class:`SpoolAdmin` (their :class:`mta.spool.interface.QueueAdmin`,
+answering with the typed records of mta.spool.interface).
 
 These run in their own short-lived processes, next to a running daemon, on
 the same database.  Each command is one short transaction on its own
@@ -13,6 +15,10 @@ Recipients in flight belong to a delivery in progress; the commands here
 leave them alone (``hold``, ``requeue``, ``bounce``) except ``delete``,
 which, as Postfix's ``postsuper -d``, removes the message anyway: the
 daemon's later record of that attempt then updates no rows.
+
+The functions of a Connection below are the statements; a SpoolAdmin
+method runs them in one transaction (the check of which ids exist with
+the change, so what it reports is what it did).
 """
 from __future__ import annotations
 
@@ -28,16 +34,15 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from .. import domain as dom
 from ..address import domain_key
-from ..message import InboundMessage
+from ..message import InboundMessage, QueuedRecipient
 from . import SpoolError, make_engine
-from .ops import PENDING, RecipientUpdate, insert_messages, record_results
+from .faults import describe
+from .interface import (Changed, DSNMaker, Flushed, ListedMessage, ListedRecipient,
+                        MessageChange, QueueAdmin, QueueStats, RecipientUpdate)
+from .ops import PENDING, insert_messages, record_results
 from .schema import SCHEMA_VERSION, contents, meta, messages, metadata, recipients
 
-__all__ = [
-    "AdminError", "STATES", "open_engine", "transaction", "list_queue", "get_message",
-    "existing_ids", "flush", "delete_messages", "deferred_queue_ids", "hold", "release",
-    "requeue", "bounce", "stats", "store_messages", "error_text",
-]
+__all__ = ["SpoolAdmin", "AdminError", "STATES", "open_engine"]
 
 STATES = ("queued", "inflight", "deferred", "delivered", "failed", "held")
 #: States an administrator may move a recipient out of (not final, not in flight).
@@ -47,13 +52,6 @@ _CHUNK = 500      # ids per IN (...): well under every database's parameter limi
 
 class AdminError(Exception):
     """The spool cannot be used; ``str()`` is one line."""
-
-
-def error_text(e: BaseException) -> str:
-    """A spool error in one line: the driver's message for a SQLAlchemy
-    error (without the SQL), else the exception's own text."""
-    orig = getattr(e, "orig", None)
-    return " ".join(str(orig if orig is not None else e).split())
 
 
 # --------------------------------------------------------------------------- engine
@@ -79,7 +77,7 @@ def open_engine(url: str, *, create: bool = False) -> Engine:
         _check_schema(engine, url, create)
     except SQLAlchemyError as e:
         engine.dispose()
-        raise AdminError(f"{url}: cannot use spool: {error_text(e)}") from None
+        raise AdminError(f"{url}: cannot use spool: {describe(e)}") from None
     except AdminError:
         engine.dispose()
         raise
@@ -124,7 +122,7 @@ def transaction(engine: Engine, *, write: bool) -> Iterator[Connection]:
                 conn.rollback()
     except SQLAlchemyError as e:
         raise AdminError(f"{engine.url.render_as_string(hide_password=True)}: "
-                         f"{error_text(e)}") from None
+                         f"{describe(e)}") from None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -162,35 +160,45 @@ _RCPT_COLS = (recipients.c.id, recipients.c.queue_id, recipients.c.address, reci
               recipients.c.notify, recipients.c.orcpt, recipients.c.warned)
 
 
-def _recipient(row: Any) -> dict[str, Any]:
-    d = dict(row._mapping)
-    d["warned"] = bool(d["warned"])
-    return d
+def _recipient(row: Any) -> ListedRecipient:
+    return ListedRecipient(id=row.id, queue_id=row.queue_id, address=row.address,
+                           state=row.state, attempts=row.attempts,
+                           next_attempt=row.next_attempt, last_reply=row.last_reply,
+                           notify=row.notify, orcpt=row.orcpt, warned=bool(row.warned))
 
 
-def _message(row: Any) -> dict[str, Any]:
-    d = dict(row._mapping)
-    d["smtputf8"] = bool(d["smtputf8"])
-    d["recipients"] = []
-    return d
+def _message(row: Any, rcpts: Iterable[ListedRecipient], headers: bytes | None = None,
+             body: bytes | None = None) -> ListedMessage:
+    return ListedMessage(queue_id=row.queue_id, sender=row.sender, arrival=row.arrival,
+                         size=row.size, client_address=row.client_address, helo=row.helo,
+                         protocol=row.protocol, body_type=row.body_type,
+                         smtputf8=bool(row.smtputf8), size_param=row.size_param, ret=row.ret,
+                         envid=row.envid, auth=row.auth, recipients=tuple(rcpts),
+                         headers=headers, body=body)
+
+
+def _queued_recipient(r: ListedRecipient) -> QueuedRecipient:
+    return QueuedRecipient(id=r.id, queue_id=r.queue_id, address=r.address, notify=r.notify,
+                           orcpt=r.orcpt, attempts=r.attempts, warned=r.warned,
+                           last_reply=r.last_reply)
 
 
 # --------------------------------------------------------------------------- reads
 
 def list_queue(conn: Connection, *, hostname: str, states: Iterable[str] | None = None,
                domain: str | None = None, sender: str | None = None,
-               arrived_before: float | None = None) -> list[dict[str, Any]]:
+               arrived_before: float | None = None) -> list[ListedMessage]:
     """Messages, oldest first, each with the recipients that pass the
     filters (``states``, destination ``domain``); a message with none, or
     whose sender or arrival does not pass, is left out."""
     q = select(*_MSG_COLS).order_by(messages.c.arrival, messages.c.queue_id)
     if arrived_before is not None:
         q = q.where(messages.c.arrival <= arrived_before)
-    found: dict[str, dict[str, Any]] = {}
+    found: dict[str, tuple[Any, list[ListedRecipient]]] = {}
     for row in conn.execute(q):
         if sender is not None and not _sender_matches(row.sender, sender):
             continue
-        found[row.queue_id] = _message(row)
+        found[row.queue_id] = (row, [])
     rq = select(*_RCPT_COLS).order_by(recipients.c.id)
     states = list(states or ())
     if states:
@@ -200,24 +208,23 @@ def list_queue(conn: Connection, *, hostname: str, states: Iterable[str] | None 
         m = found.get(row.queue_id)
         if m is None or (want is not None and domain_key(row.address, hostname) != want):
             continue
-        m["recipients"].append(_recipient(row))
-    return [m for m in found.values() if m["recipients"]]
+        m[1].append(_recipient(row))
+    return [_message(row, rcpts) for row, rcpts in found.values() if rcpts]
 
 
-def get_message(conn: Connection, queue_id: str, *, content: bool = True) -> dict[str, Any] | None:
+def get_message(conn: Connection, queue_id: str, *, content: bool = True) -> ListedMessage | None:
     """One message: envelope, recipients and (with *content*) ``headers`` and ``body``."""
     row = conn.execute(select(*_MSG_COLS).where(messages.c.queue_id == queue_id)).first()
     if row is None:
         return None
-    m = _message(row)
-    m["recipients"] = [_recipient(r) for r in conn.execute(
+    rcpts = [_recipient(r) for r in conn.execute(
         select(*_RCPT_COLS).where(recipients.c.queue_id == queue_id).order_by(recipients.c.id))]
-    if content:
-        c = conn.execute(select(contents.c.headers, contents.c.body)
-                         .where(contents.c.queue_id == queue_id)).first()
-        m["headers"] = bytes(c.headers) if c is not None else b""
-        m["body"] = bytes(c.body) if c is not None else b""
-    return m
+    if not content:
+        return _message(row, rcpts)
+    c = conn.execute(select(contents.c.headers, contents.c.body)
+                     .where(contents.c.queue_id == queue_id)).first()
+    return _message(row, rcpts, bytes(c.headers) if c is not None else b"",
+                    bytes(c.body) if c is not None else b"")
 
 
 def existing_ids(conn: Connection, queue_ids: Sequence[str]) -> set[str]:
@@ -236,7 +243,7 @@ def deferred_queue_ids(conn: Connection) -> list[str]:
         .distinct().order_by(recipients.c.queue_id))]
 
 
-def stats(conn: Connection, *, now: float, hostname: str) -> dict[str, Any]:
+def queue_stats(conn: Connection, *, now: float, hostname: str) -> QueueStats:
     by_state = {s: 0 for s in STATES}
     by_domain: dict[str, dict[str, int]] = defaultdict(lambda: {s: 0 for s in STATES})
     for address, state in conn.execute(select(recipients.c.address, recipients.c.state)):
@@ -254,22 +261,17 @@ def stats(conn: Connection, *, now: float, hostname: str) -> dict[str, Any]:
     domains = {}
     for d in sorted(by_domain, key=lambda d: (-sum(by_domain[d].values()), d)):
         domains[d] = dict(by_domain[d], total=sum(by_domain[d].values()))
-    return {
-        "messages": int(n),
-        "recipients": sum(by_state.values()),
-        "size": int(size),
-        "oldest_queue_id": oldest_id,
-        "oldest_arrival": oldest,
-        "oldest_age": None if oldest is None else max(0.0, now - oldest),
-        "by_state": by_state,
-        "by_domain": domains,
-    }
+    return QueueStats(messages=int(n), recipients=sum(by_state.values()), size=int(size),
+                      oldest_queue_id=oldest_id, oldest_arrival=oldest,
+                      oldest_age=None if oldest is None else max(0.0, now - oldest),
+                      by_state=by_state, by_domain=domains)
 
 
 # --------------------------------------------------------------------------- writes
 
-def flush(conn: Connection, *, now: float, hostname: str, queue_ids: Sequence[str] | None = None,
-          domain: str | None = None) -> int:
+def flush_recipients(conn: Connection, *, now: float, hostname: str,
+                     queue_ids: Sequence[str] | None = None,
+                     domain: str | None = None) -> int:
     """Make queued and deferred recipients due now (of *queue_ids*, or to
     *domain*, or all); returns how many."""
     q = select(recipients.c.id, recipients.c.address).where(recipients.c.state.in_(PENDING))
@@ -303,9 +305,9 @@ def _count_by_message(conn: Connection, queue_ids: Sequence[str],
 
 
 def _change(conn: Connection, queue_ids: Sequence[str], from_states: Sequence[str],
-            **values: Any) -> tuple[dict[str, int], dict[str, int]]:
-    """Set *values* on the recipients of *queue_ids* in *from_states*;
-    returns ({queue_id: recipients changed}, {queue_id: recipients in flight})."""
+            **values: Any) -> list[MessageChange]:
+    """Set *values* on the recipients of *queue_ids* in *from_states*; for
+    each message, how many were changed and how many are in flight."""
     changed = _count_by_message(conn, queue_ids, from_states)
     inflight = _count_by_message(conn, queue_ids, ("inflight",))
     for chunk in _chunks(list(queue_ids)):
@@ -313,68 +315,143 @@ def _change(conn: Connection, queue_ids: Sequence[str], from_states: Sequence[st
                      .where(recipients.c.queue_id.in_(chunk),
                             recipients.c.state.in_(from_states))
                      .values(**values))
-    return ({q: changed.get(q, 0) for q in queue_ids}, {q: inflight.get(q, 0) for q in queue_ids})
+    return [MessageChange(q, changed=changed.get(q, 0), inflight=inflight.get(q, 0))
+            for q in queue_ids]
 
 
-def hold(conn: Connection, queue_ids: Sequence[str]) -> tuple[dict[str, int], dict[str, int]]:
+def hold_messages(conn: Connection, queue_ids: Sequence[str]) -> list[MessageChange]:
     """queued/deferred → held (the queue runner never claims held recipients)."""
     return _change(conn, queue_ids, PENDING, state="held")
 
 
-def release(conn: Connection, queue_ids: Sequence[str], *, now: float) -> dict[str, int]:
+def release_messages(conn: Connection, queue_ids: Sequence[str],
+                     *, now: float) -> list[MessageChange]:
     """held → queued, due now."""
-    return _change(conn, queue_ids, ("held",), state="queued", next_attempt=now)[0]
+    return _change(conn, queue_ids, ("held",), state="queued", next_attempt=now)
 
 
-def requeue(conn: Connection, queue_ids: Sequence[str],
-            *, now: float) -> tuple[dict[str, int], dict[str, int]]:
+def requeue_messages(conn: Connection, queue_ids: Sequence[str],
+                     *, now: float) -> list[MessageChange]:
     """queued/deferred/held → queued with no attempts so far, due now."""
     return _change(conn, queue_ids, CHANGEABLE, state="queued", attempts=0, next_attempt=now)
 
 
-def delete_messages(conn: Connection, queue_ids: Sequence[str]) -> dict[str, int]:
-    """Remove messages with their content and recipients; returns
-    {queue_id: recipients that were in flight}."""
+def delete_messages(conn: Connection, queue_ids: Sequence[str]) -> list[MessageChange]:
+    """Remove messages with their content and recipients; for each, how
+    many recipients were in flight."""
     inflight = _count_by_message(conn, queue_ids, ("inflight",))
     for chunk in _chunks(list(queue_ids)):
         conn.execute(delete(recipients).where(recipients.c.queue_id.in_(chunk)))
         conn.execute(delete(contents).where(contents.c.queue_id.in_(chunk)))
         conn.execute(delete(messages).where(messages.c.queue_id.in_(chunk)))
-    return {q: inflight.get(q, 0) for q in queue_ids}
+    return [MessageChange(q, inflight=inflight.get(q, 0)) for q in queue_ids]
 
 
-#: make_dsns(message, recipients bounced, now) -> DSN messages to spool
-DSNMaker = Callable[[dict[str, Any], list[dict[str, Any]], float], list[InboundMessage]]
-
-
-def bounce(conn: Connection, queue_ids: Sequence[str], *, now: float, reply: str,
-           make_dsns: DSNMaker) -> dict[str, dict[str, Any]]:
+def bounce_messages(conn: Connection, queue_ids: Sequence[str], *, now: float, reply: str,
+           make_dsns: DSNMaker) -> list[MessageChange]:
     """Fail the queued, deferred and held recipients of each message now,
     with *reply* as their last reply, spool the DSNs *make_dsns* builds for
     them, and remove each message whose recipients are then all final (as
-    the queue runner does: :func:`mta.spool.ops.record_results`).  Returns
-    {queue_id: {"bounced": n, "inflight": n, "dsns": [ids], "removed": bool}}."""
-    out: dict[str, dict[str, Any]] = {}
+    the queue runner does: :func:`mta.spool.ops.record_results`)."""
+    found: list[tuple[str, int, int, tuple[str, ...]]] = []
     updates: list[RecipientUpdate] = []
     dsns: list[InboundMessage] = []
     for qid in queue_ids:
         m = get_message(conn, qid)
         if m is None:
             continue
-        rows = [r for r in m["recipients"] if r["state"] in CHANGEABLE]
-        made = make_dsns(m, rows, now) if rows else []
+        rows = [r for r in m.recipients if r.state in CHANGEABLE]
+        made = make_dsns(m.queued(), [_queued_recipient(r) for r in rows], now) if rows else []
         dsns.extend(made)
-        updates.extend(RecipientUpdate(r["id"], "failed", r["attempts"], now, reply, r["warned"])
+        updates.extend(RecipientUpdate(r.id, "failed", r.attempts, now, reply, r.warned)
                        for r in rows)
-        out[qid] = {"bounced": len(rows),
-                    "inflight": sum(r["state"] == "inflight" for r in m["recipients"]),
-                    "dsns": [d.queue_id for d in made], "removed": False}
-    removed = record_results(conn, updates, dsns, list(out))
-    for qid in removed:
-        out[qid]["removed"] = True
-    return out
+        found.append((qid, len(rows), sum(r.state == "inflight" for r in m.recipients),
+                      tuple(d.queue_id for d in made)))
+    removed = set(record_results(conn, updates, dsns, [f[0] for f in found]))
+    return [MessageChange(qid, changed=n, inflight=inflight, dsns=made, removed=qid in removed)
+            for qid, n, inflight, made in found]
 
 
-def store_messages(conn: Connection, msgs: list[InboundMessage]) -> None:
+def store_messages(conn: Connection, msgs: Sequence[InboundMessage]) -> None:
     """Spool new messages (local submission), all recipients queued and due."""
-    insert_messages(conn, msgs)
+    insert_messages(conn, list(msgs))
+
+
+# --------------------------------------------------------------------------- the interface
+
+class SpoolAdmin(QueueAdmin):
+    """:class:`mta.spool.interface.QueueAdmin` on an engine (from
+    :func:`open_engine`): each method one transaction, SQLAlchemy errors
+    raised as :class:`AdminError`.  *hostname* is the server's: what a bare
+    recipient (``postmaster``) is at, for ``--domain`` and the stats."""
+
+    def __init__(self, engine: Engine, *, hostname: str):
+        self.engine = engine
+        self.hostname = hostname
+
+    @classmethod
+    def open(cls, url: str, *, hostname: str, create: bool = False) -> SpoolAdmin:
+        return cls(open_engine(url, create=create), hostname=hostname)
+
+    def _changes(self, queue_ids: Sequence[str],
+                 change: Callable[[Connection, list[str]], list[MessageChange]]) -> Changed:
+        with transaction(self.engine, write=True) as conn:
+            found = existing_ids(conn, queue_ids)
+            ids = [q for q in dict.fromkeys(queue_ids) if q in found]
+            done = change(conn, ids) if ids else []
+        return Changed(tuple(done), tuple(q for q in dict.fromkeys(queue_ids) if q not in found))
+
+    def list_messages(self, *, states: Sequence[str] | None = None, domain: str | None = None,
+             sender: str | None = None,
+             arrived_before: float | None = None) -> list[ListedMessage]:
+        with transaction(self.engine, write=False) as conn:
+            return list_queue(conn, hostname=self.hostname, states=states, domain=domain,
+                              sender=sender, arrived_before=arrived_before)
+
+    def show(self, queue_id: str) -> ListedMessage | None:
+        with transaction(self.engine, write=False) as conn:
+            return get_message(conn, queue_id)
+
+    def stats(self, *, now: float) -> QueueStats:
+        with transaction(self.engine, write=False) as conn:
+            return queue_stats(conn, now=now, hostname=self.hostname)
+
+    def flush(self, *, now: float, queue_ids: Sequence[str] | None = None,
+              domain: str | None = None) -> Flushed:
+        with transaction(self.engine, write=True) as conn:
+            if queue_ids is None:
+                return Flushed(flush_recipients(conn, now=now, hostname=self.hostname,
+                                                domain=domain))
+            found = existing_ids(conn, queue_ids)
+            ids = [q for q in dict.fromkeys(queue_ids) if q in found]
+            n = flush_recipients(conn, now=now, hostname=self.hostname, queue_ids=ids) if ids else 0
+        return Flushed(n, tuple(q for q in dict.fromkeys(queue_ids) if q not in found))
+
+    def hold(self, queue_ids: Sequence[str]) -> Changed:
+        return self._changes(queue_ids, hold_messages)
+
+    def release(self, queue_ids: Sequence[str], *, now: float) -> Changed:
+        return self._changes(queue_ids, lambda c, ids: release_messages(c, ids, now=now))
+
+    def requeue(self, queue_ids: Sequence[str], *, now: float) -> Changed:
+        return self._changes(queue_ids, lambda c, ids: requeue_messages(c, ids, now=now))
+
+    def delete(self, queue_ids: Sequence[str]) -> Changed:
+        return self._changes(queue_ids, delete_messages)
+
+    def delete_deferred(self) -> Changed:
+        with transaction(self.engine, write=True) as conn:
+            ids = deferred_queue_ids(conn)
+            return Changed(tuple(delete_messages(conn, ids)) if ids else ())
+
+    def bounce(self, queue_ids: Sequence[str], *, now: float, reply: str,
+               make_dsns: DSNMaker) -> Changed:
+        return self._changes(queue_ids, lambda c, ids: bounce_messages(
+            c, ids, now=now, reply=reply, make_dsns=make_dsns))
+
+    def submit(self, msgs: Sequence[InboundMessage]) -> None:
+        with transaction(self.engine, write=True) as conn:
+            store_messages(conn, msgs)
+
+    def close(self) -> None:
+        self.engine.dispose()

@@ -1,17 +1,20 @@
 """Spool operations, each a function of a Connection run inside a
 transaction (by the group-commit writer for writes, the spool thread pool
-for reads).  All the queue's SQL lives here."""
+for reads): the SQL behind mta.spool.Spool's methods (the interface is
+mta.spool.interface).  The queue's SQL lives here and, for ``mta queue``,
+in mta.spool.admin."""
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from sqlalchemy import Integer, and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.engine import Connection
 
 from ..address import domain_key
 from ..message import InboundMessage, QueuedMessage, QueuedRecipient
+# RecipientUpdate is the interface's record, also known as ops.RecipientUpdate.
+from .interface import Claimed, QueueSummary, RecipientUpdate
 from .schema import contents, messages, recipients
 
 PENDING = ("queued", "deferred")
@@ -120,7 +123,7 @@ def recover_inflight(conn: Connection) -> int:
     return res.rowcount or 0
 
 
-def requeue_inflight(conn: Connection, rids: list[int]) -> int:
+def requeue_inflight(conn: Connection, rids: Sequence[int]) -> int:
     """Recipients claimed for an attempt that did not happen (or was
     interrupted by a stop) are queued again.  Only rows still in flight: a
     result recorded meanwhile stands."""
@@ -132,14 +135,14 @@ def requeue_inflight(conn: Connection, rids: list[int]) -> int:
     return res.rowcount or 0
 
 
-def queue_summary(conn: Connection) -> tuple[dict[str, int], int, float | None]:
+def queue_summary(conn: Connection) -> QueueSummary:
     """For the metrics: recipients by state, the number of messages, and the
     arrival time of the oldest (None when the spool is empty)."""
     by_state = {state: n for state, n in conn.execute(
         select(recipients.c.state, func.count()).group_by(recipients.c.state))}
     count, oldest = conn.execute(select(func.count(), func.min(messages.c.arrival))
                                  .select_from(messages)).one()
-    return by_state, int(count or 0), oldest
+    return QueueSummary(by_state, int(count or 0), oldest)
 
 
 def queued_recipient(row: Mapping[str, Any]) -> QueuedRecipient:
@@ -151,8 +154,7 @@ def queued_recipient(row: Mapping[str, Any]) -> QueuedRecipient:
 
 
 def queued_message(row: Mapping[str, Any]) -> QueuedMessage:
-    """The typed record of a message row joined with its contents (or a
-    mapping with those columns, such as mta.spool.admin's)."""
+    """The typed record of a message row joined with its contents."""
     return QueuedMessage(queue_id=row["queue_id"], sender=row["sender"],
                          headers=bytes(row["headers"]), body=bytes(row["body"]),
                          arrival=row["arrival"], body_type=row.get("body_type"),
@@ -168,8 +170,7 @@ def due_recipients(conn: Connection, now: float, limit: int) -> list[QueuedRecip
             for r in conn.execute(_sel_due, {"now": now, "limit": limit})]
 
 
-def claim_and_load(conn: Connection, rids: list[int]
-                   ) -> tuple[list[QueuedRecipient], dict[str, QueuedMessage]]:
+def claim_and_load(conn: Connection, rids: Sequence[int]) -> Claimed:
     """Mark in flight those of the recipients *rids* (read by
     :func:`due_recipients`) that are still pending -- an administrator may
     have held, flushed or deleted some meanwhile -- and return them (fresh,
@@ -182,14 +183,13 @@ def claim_and_load(conn: Connection, rids: list[int]
             found[r.id] = queued_recipient(r._mapping)
     rows = [found[rid] for rid in rids if rid in found]
     if not rows:
-        return rows, {}
+        return Claimed(rows, {})
     conn.execute(_upd_inflight, [{"rid": r.id} for r in rows])
     loaded = load_messages(conn, {r.queue_id for r in rows})
-    return rows, {qid: queued_message(m) for qid, m in loaded.items()}
+    return Claimed(rows, {qid: queued_message(m) for qid, m in loaded.items()})
 
 
-def claim_domains(conn: Connection, domains: Iterable[str], hostname: str
-                  ) -> tuple[list[QueuedRecipient], dict[str, QueuedMessage]]:
+def claim_domains(conn: Connection, domains: Iterable[str], hostname: str) -> Claimed:
     """Mark in flight every pending recipient (queued or deferred, due or
     not) whose domain is one of *domains* (mta.domain.key form; a bare
     ``postmaster`` is *hostname*'s) and return them in the order they arrived,
@@ -204,10 +204,10 @@ def claim_domains(conn: Connection, domains: Iterable[str], hostname: str
     rows = [queued_recipient(r._mapping) for r in conn.execute(q)
             if domain_key(r.address, hostname) in want]
     if not rows:
-        return rows, {}
+        return Claimed(rows, {})
     conn.execute(_upd_inflight, [{"rid": r.id} for r in rows])
     loaded = load_messages(conn, {r.queue_id for r in rows})
-    return rows, {qid: queued_message(m) for qid, m in loaded.items()}
+    return Claimed(rows, {qid: queued_message(m) for qid, m in loaded.items()})
 
 
 def load_messages(conn: Connection, queue_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
@@ -220,18 +220,8 @@ def next_due(conn: Connection) -> float | None:
                         .where(recipients.c.state.in_(PENDING))).scalar()
 
 
-@dataclass(slots=True)
-class RecipientUpdate:
-    rid: int
-    state: str
-    attempts: int
-    next_attempt: float
-    last_reply: str | None
-    warned: bool = False
-
-
-def record_results(conn: Connection, updates: list[RecipientUpdate],
-                   new_messages: list[InboundMessage], queue_ids: Iterable[str]) -> list[str]:
+def record_results(conn: Connection, updates: Sequence[RecipientUpdate],
+                   new_messages: Sequence[InboundMessage], queue_ids: Iterable[str]) -> list[str]:
     """Store the outcome of delivery attempts, the DSNs they owe, and remove
     every message of *queue_ids* whose recipients are all final — in one
     transaction, so a message goes only once its DSNs are spooled.
@@ -241,7 +231,7 @@ def record_results(conn: Connection, updates: list[RecipientUpdate],
                                   "b_next": u.next_attempt, "b_reply": u.last_reply,
                                   "b_warned": u.warned} for u in updates])
     if new_messages:
-        insert_messages(conn, new_messages)
+        insert_messages(conn, list(new_messages))
     ids = list(set(queue_ids))
     if not ids:
         return []
@@ -255,8 +245,8 @@ def record_results(conn: Connection, updates: list[RecipientUpdate],
     return done
 
 
-def record_results_again(conn: Connection, updates: list[RecipientUpdate],
-                         new_messages: list[InboundMessage],
+def record_results_again(conn: Connection, updates: Sequence[RecipientUpdate],
+                         new_messages: Sequence[InboundMessage],
                          queue_ids: Iterable[str]) -> list[str]:
     """record_results for a result whose earlier write failed.  Only the
     recipients still in flight are updated: one that is not was recorded by

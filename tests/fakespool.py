@@ -1,0 +1,80 @@
+"""The tests' spool: :class:`SyncSpool` is mta.spool.interface.SpoolInterface
+run synchronously (each call one transaction, its Deferred already fired)
+on a real SQLite file, through the same mta.spool.ops as the real Spool --
+for the queue runner, the gauges and the lifecycle tests, with a task.Clock
+and no threads.  tests/test_spool_interface.py checks that its methods are
+the interface's, signature for signature, as the real Spool's are."""
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sqlalchemy import create_engine
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+
+from mta.message import InboundMessage, QueuedRecipient
+from mta.spool import ops
+from mta.spool.interface import Claimed, QueueSummary, RecipientUpdate
+from mta.spool.schema import metadata
+
+
+class SyncSpool:
+    """The spool's interface, run synchronously on a real SQLite file."""
+
+    def __init__(self, path: Any):
+        self.path = str(path)
+        self.engine = create_engine(f"sqlite:///{path}")
+        metadata.create_all(self.engine)
+
+    # -- how each call runs (FlakySpool in test_scheduler overrides _write) ---------
+    def _write(self, fn: Callable[..., Any], *args: Any) -> Deferred:
+        with self.engine.begin() as conn:
+            return defer.succeed(fn(conn, *args))
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> Deferred:
+        with self.engine.begin() as conn:
+            return defer.succeed(fn(conn, *args))
+
+    # -- mta.spool.interface.SpoolInterface --------------------------------------------
+    def store(self, msg: InboundMessage) -> Deferred[str]:
+        return self._write(ops.insert_messages, [msg]).addCallback(lambda _: msg.queue_id)
+
+    def recover_inflight(self) -> Deferred[int]:
+        return self._write(ops.recover_inflight)
+
+    def due(self, now: float, limit: int) -> Deferred[list[QueuedRecipient]]:
+        return self._run(ops.due_recipients, now, limit)
+
+    def claim_and_load(self, rids: Sequence[int]) -> Deferred[Claimed]:
+        return self._write(ops.claim_and_load, list(rids))
+
+    def claim_domains(self, domains: Sequence[str], hostname: str) -> Deferred[Claimed]:
+        return self._write(ops.claim_domains, list(domains), hostname)
+
+    def record(self, updates: Sequence[RecipientUpdate], new_messages: Sequence[InboundMessage],
+               finished: Sequence[str]) -> Deferred[list[str]]:
+        return self._write(ops.record_results, list(updates), list(new_messages),
+                           list(finished))
+
+    def record_again(self, updates: Sequence[RecipientUpdate],
+                     new_messages: Sequence[InboundMessage],
+                     finished: Sequence[str]) -> Deferred[list[str]]:
+        return self._write(ops.record_results_again, list(updates), list(new_messages),
+                           list(finished))
+
+    def requeue(self, rids: Sequence[int]) -> Deferred[int]:
+        return self._write(ops.requeue_inflight, list(rids))
+
+    def summary(self) -> Deferred[QueueSummary]:
+        return self._run(ops.queue_summary)
+
+    def free_space(self, *, minfree: int,
+                   max_message_size: int) -> Callable[[int], bool] | None:
+        return None
+
+    # -- for the tests ------------------------------------------------------------------
+    def sql(self, query: str, *args: Any) -> list[tuple]:
+        with sqlite3.connect(self.path) as c:
+            return c.execute(query, args).fetchall()
