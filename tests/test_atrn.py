@@ -65,9 +65,11 @@ class FakeHandler:
         return d
 
 
-def odmr_factory(users, handler, *, tls=None, metrics=None, main=None):
+def odmr_factory(users, handler, *, tls=None, metrics=None, main=None, plaintext=True,
+                 cram_md5=None):
     if main is None:
-        main = make_factory(auth_plaintext_on_loopback=True)
+        main = make_factory(auth_plaintext_on_loopback=plaintext)
+        main.cram_md5 = cram_md5
         main.portal = make_portal(users, inline)
         main.limiter = FailureLimiter(clock=main.reactor, delay=0.0, max_failures=0)
         main.tls = tls
@@ -119,6 +121,13 @@ def test_ehlo_lists_auth_and_atrn_and_starttls_with_a_certificate(users):
     kws = s.ehlo()
     assert "ATRN" in kws and "STARTTLS" in kws and "AUTH PLAIN LOGIN" in kws
     assert not {"PIPELINING", "8BITMIME", "DSN", "CHUNKING"} & set(kws)
+
+
+def test_cram_md5_is_offered_without_tls_plain_and_login_only_with_it(users):
+    s = Session(odmr_factory(users, FakeHandler(), tls=FakeTLS(), plaintext=False,
+                             cram_md5=lambda: True))
+    assert "AUTH CRAM-MD5" in s.ehlo()
+    assert code(s.cmd(f"AUTH PLAIN {plain('branch', PASSWORD)}")) == "538 5.7.11"
 
 
 def test_no_starttls_without_a_certificate(users):
