@@ -49,7 +49,7 @@ from .. import domain as dom
 from .client import SMTPClientProtocol, TurnedConnection, TurnFailed
 from .replies import R, Reply, SMTPReplyError
 from . import replies as r
-from .server import SMTPServer, SMTPServerFactory, _CLOSED
+from .server import SMTPServer, SMTPServerFactory
 from .settings import Timeouts
 from .types import NextHop, TLSInfo
 
@@ -193,7 +193,7 @@ class ODMRServer(SMTPServer):
         the next turn of the reactor, once the command loop has let go of
         the input buffer)."""
         d: defer.Deferred[TurnedConnection] = defer.Deferred()
-        if self._mode == _CLOSED:
+        if self.closed:
             d.errback(TurnFailed("451 4.4.2 the client closed the connection before ATRN's "
                                  "reply"))
             return d
@@ -206,7 +206,7 @@ class ODMRServer(SMTPServer):
         return d
 
     def _switch(self, d: defer.Deferred[TurnedConnection]) -> None:
-        if self._mode == _CLOSED:
+        if self.closed:
             d.errback(TurnFailed("451 4.4.2 connection lost while reversing it"))
             return
         if self._timer is not None and self._timer.active():
@@ -304,7 +304,7 @@ class ODMRServer(SMTPServer):
         connection already gone stays gone)."""
         self._busy = False
         turned = self._turned_session
-        if turned is not None and self._mode != _CLOSED:
+        if turned is not None and not self.closed:
             turned.close()
 
     def _count(self, result: str, recipients: int = 0) -> None:
@@ -320,12 +320,9 @@ class ODMRServer(SMTPServer):
 
     def force_shutdown(self) -> None:
         if self._turned is not None:
-            if self._mode != _CLOSED:
+            if not self.closed:
                 log.info("stopping: aborting the turned ATRN connection client={client}",
                          client=self.client_ip)
                 self._turned.abort()
             return
         super().force_shutdown()
-
-    def finished(self) -> bool:
-        return self._mode == _CLOSED and not self._busy

@@ -402,6 +402,11 @@ class SMTPServer(protocol.Protocol):
         if not self._busy:               # a commit in progress still gets its reply
             self._close_with(r.SHUTTING_DOWN, enhanced=True)
 
+    @property
+    def closed(self) -> bool:
+        """The session is over (closed, or closing): nothing more is read or said."""
+        return self._mode == _CLOSED
+
     def finished(self) -> bool:
         """Nothing more to say: closed (or closing), and no commit pending."""
         return self._mode == _CLOSED and not self._busy
