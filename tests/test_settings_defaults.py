@@ -252,3 +252,23 @@ def test_server_config_adds_only_the_listeners() -> None:
     extra = {f.name for f in dataclasses.fields(ServerConfig)} - {
         f.name for f in dataclasses.fields(ServerSettings)}
     assert extra == {"listen", "submission"}
+
+
+def test_gateway_atrn_reaches_the_odmr_listener(tmp_path: Path) -> None:
+    from mta.smtp.odmr import ODMRFactory
+
+    config = config_from_dict({
+        "auth": {"users_file": str(tmp_path / "users")},
+        "relay": {"command_timeout": "42s", "data_timeout": "7m"},
+        "gateway": {"atrn_listen": ["tcp:0:interface=127.0.0.1"],
+                    "atrn": {"branch": ["Branch.Example"]}}})
+    built = _build(tmp_path, config)
+    try:
+        [odmr] = [s.factory for s in _walk(built["top"])
+                  if isinstance(getattr(s, "factory", None), ODMRFactory)]
+        assert odmr.main is built["factory"]          # one server factory: limits, AUTH, stop
+        assert odmr.grants("branch") == ("branch.example",) and odmr.grants("x") == ()
+        assert odmr.timeouts == config.relay.timeouts
+        assert not odmr.implicit_tls
+    finally:
+        built["factory"].spool.engine.dispose()
