@@ -555,3 +555,12 @@ def test_the_customer_is_named_by_its_ehlo_domain_or_its_address(tmp_path, users
     relays = [re.search(r"relay=(\S+)", line).group(1) for line in logged if "to=<" in line]
     assert relays == ["127.0.0.1[127.0.0.1]:40001", "127.0.0.1[127.0.0.1]:40001",
                       "branch-gw.branch.test[127.0.0.1]:40002"]
+
+
+def test_atrn_while_the_queue_runner_is_stopped_is_451(tmp_path, users):
+    g = Gateway(tmp_path, users)
+    g.put(["one@branch.test"])
+    g.runner.stopService()
+    s = g.session()
+    assert code(s.cmd("ATRN branch.test")) == "451 4.3.0"
+    assert g.states() == [("one@branch.test", "queued", 0)]

@@ -283,9 +283,12 @@ class ODMRServer(SMTPServer):
         domains = ",".join(self._domains)
         self._release_domains()
         if self._turned is None:
+            # The spool refused the claim, the queue runner is starting or
+            # stopping...: the client tries again later (one line, no traceback).
             self._count("failed")
-            log.failure("ATRN failed client={client} user={user} domains={domains}", failure,
-                        client=self.client_ip, user=self.authenticated, domains=domains)
+            log.warn("ATRN failed client={client} user={user} domains={domains}: {error}: "
+                     "{why}", client=self.client_ip, user=self.authenticated, domains=domains,
+                     error=failure.type.__name__, why=failure.getErrorMessage())
             self._resume(ATRN_FAILED)
             return
         self._count("turned")
