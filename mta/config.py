@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .auth.limiter import FAILURE_DELAY, LOCKOUT, MAX_FAILURES
-from .hostport import parse_hostport, parse_nameserver
+from .hostport import client_endpoint, parse_hostport, parse_nameserver
 from .smtp.settings import ServerSettings, Timeouts
 from .smtp.types import TLS_POLICIES
 from .tls import MIN_VERSIONS
@@ -583,13 +583,11 @@ def _maildir_template(value: object) -> str:
 
 def _lmtp_destination(value: object) -> str:
     text = _str(value).strip()
-    if not text:
-        return ""
-    from .local.lmtp import parse_destination
-    try:
-        parse_destination(text)
-    except ValueError as e:
-        raise _Invalid(str(e).removeprefix("lmtp: ")) from None
+    if text:
+        try:
+            client_endpoint(text)
+        except ValueError as e:
+            raise _Invalid(str(e)) from None
     return text
 
 

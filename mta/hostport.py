@@ -1,4 +1,5 @@
-"""Where to connect, as the config writes it: ``host:port`` and nameservers.
+"""Where to connect, as the config writes it: ``host:port``, nameservers, and
+stream destinations (``tcp:HOST:PORT`` / ``unix:PATH``: ``[local] lmtp``).
 
 This module owns the text form of a host and port: the config validates
 ``[relay] smarthost``, ``[routes]`` values and ``[dns] nameservers`` with
@@ -16,7 +17,7 @@ import ipaddress
 
 from . import domain as dom
 
-__all__ = ["DNS_PORT", "parse_hostport", "parse_nameserver"]
+__all__ = ["DNS_PORT", "client_endpoint", "parse_hostport", "parse_nameserver"]
 
 DNS_PORT = 53
 
@@ -87,3 +88,24 @@ def parse_nameserver(value: str) -> tuple[str, int]:
         raise ValueError(f"nameserver must be an IP address (\"ip\" or \"ip:port\"), "
                          f"got {value!r}") from None
     return host, port
+
+
+def _escape(s: str) -> str:
+    return s.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+
+def client_endpoint(dest: str) -> str:
+    """The Twisted client endpoint description (``clientFromString``) for
+    ``tcp:HOST:PORT`` (the host as :func:`parse_hostport` reads it, a port
+    required) or ``unix:/PATH``; ValueError (one line) otherwise."""
+    kind, _, rest = dest.partition(":")
+    if kind == "unix" and rest.startswith("/"):
+        return f"unix:path={_escape(rest)}"
+    if kind == "tcp" and rest:
+        try:
+            host, port = parse_hostport(rest, default_port=0)
+        except ValueError:
+            port = 0
+        if port:
+            return f"tcp:host={_escape(host)}:port={port}"
+    raise ValueError(f"{dest!r} is not tcp:HOST:PORT or unix:/PATH")

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from mta.config import (
     Config,
     ConfigError,
+    LocalConfig,
     PolicyConfig,
     ServerConfig,
     SpoolConfig,
@@ -113,7 +114,8 @@ def test_example_file_loads_with_contract_values():
 
 def test_example_file_commented_keys_are_valid_and_default():
     # Uncommenting every "# key = value" line must give a valid file with the same values.
-    setting = re.compile(r"# ([a-z_]+ = .*)")
+    # "# [local]" heads an optional section: uncommented too.
+    setting = re.compile(r"# ([a-z_]+ = .*|\[[a-z_]+\])")
     lines = []
     for line in EXAMPLE.read_text().splitlines():
         match = setting.fullmatch(line)
@@ -123,7 +125,11 @@ def test_example_file_commented_keys_are_valid_and_default():
     import tomllib
 
     data = tomllib.loads(uncommented)
-    assert config_from_dict(data) == config_from_dict(tomllib.loads(EXAMPLE.read_text()))
+    full = config_from_dict(data)
+    assert full.local == LocalConfig()          # the optional section's keys are its defaults
+    example = config_from_dict(tomllib.loads(EXAMPLE.read_text()))
+    assert example.local is None
+    assert dataclasses.replace(full, local=None) == example
 
 
 def test_full_config(tmp_path):

@@ -15,7 +15,8 @@ from twisted.internet import defer, protocol, reactor
 from twisted.trial import unittest
 
 from dovecot import DovecotLMTP
-from mta.local.lmtp import LMTPClient, parse_destination
+from mta.hostport import client_endpoint
+from mta.local.lmtp import LMTPClient
 from mta.smtp.client import Timeouts
 
 CONTENT = (b"From: alice@example.net\r\n"
@@ -247,14 +248,14 @@ class ScriptedPeerTests(unittest.TestCase):
         self.assertNotIn("RSET", f.commands)
 
 
-def test_parse_destination() -> None:
-    assert parse_destination("tcp:127.0.0.1:24") == "tcp:host=127.0.0.1:port=24"
-    assert parse_destination("tcp:[::1]:24") == "tcp:host=\\:\\:1:port=24"
-    assert parse_destination("unix:/run/dovecot/lmtp") == "unix:path=/run/dovecot/lmtp"
+def test_client_endpoint() -> None:
+    assert client_endpoint("tcp:127.0.0.1:24") == "tcp:host=127.0.0.1:port=24"
+    assert client_endpoint("tcp:[::1]:24") == "tcp:host=\\:\\:1:port=24"
+    assert client_endpoint("unix:/run/dovecot/lmtp") == "unix:path=/run/dovecot/lmtp"
     for bad in ("", "lmtp.example:24", "tcp:host", "tcp:h:0", "tcp:h:99999", "unix:relative",
                 "ssl:h:24"):
         with pytest.raises(ValueError):
-            parse_destination(bad)
+            client_endpoint(bad)
 
 
 # --------------------------------------------------------------------------- real Dovecot

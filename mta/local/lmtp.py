@@ -37,8 +37,8 @@ SMTPUTF8 → ``553 5.6.7``; BINARYMIME content is not sent over LMTP
 message was declared so and the server offers 8BITMIME (local LMTP servers
 take 8-bit text either way).
 
-Destinations: ``tcp:HOST:PORT`` or ``unix:PATH`` (``parse_destination``
-checks them for the configuration), connected through Twisted endpoints
+Destinations: ``tcp:HOST:PORT`` or ``unix:PATH`` (mta.hostport.client_endpoint,
+which the configuration checks them with), connected through Twisted endpoints
 (``clientFromString``) on the injected reactor.
 """
 from __future__ import annotations
@@ -53,30 +53,13 @@ from twisted.logger import Logger
 from ..smtp.client import (ConnectFactory, Reply, SMTPClientProtocol, StepError,
                            connect_failure_text, parse_ehlo, step_failure_text)
 from ..smtp.settings import Timeouts
+from ..hostport import client_endpoint
 from ..smtp.types import NextHop
 from .result import LocalResult
 
 log = Logger(namespace="mta.local")
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def parse_destination(dest: str) -> str:
-    """The endpoint description for ``tcp:HOST:PORT`` or ``unix:PATH``;
-    ValueError (one line) otherwise."""
-    kind, _, rest = dest.partition(":")
-    if kind == "unix" and rest.startswith("/"):
-        return f"unix:path={_escape(rest)}"
-    if kind == "tcp":
-        host, _, port = rest.rpartition(":")
-        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        if host and port.isdigit() and 0 < int(port) < 65536:
-            return f"tcp:host={_escape(host)}:port={int(port)}"
-    raise ValueError(f"lmtp: {dest!r} is not tcp:HOST:PORT or unix:/PATH")
-
-
-def _escape(s: str) -> str:
-    return s.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
 
 
 class LMTPClient:
@@ -86,7 +69,7 @@ class LMTPClient:
                  timeouts: Timeouts = Timeouts()):
         self.reactor = reactor
         self.destination = destination
-        self._endpoint = clientFromString(reactor, parse_destination(destination))
+        self._endpoint = clientFromString(reactor, client_endpoint(destination))
         self.lhlo_name = lhlo_name
         self.timeouts = timeouts
         # SMTPClientProtocol names its peer by a NextHop (logs only here).
