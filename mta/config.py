@@ -190,9 +190,15 @@ class LocalConfig:
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    """``[gateway]``: the store-and-forward gateway (issue 10).  The ATRN /
-    On-Demand Mail Relay keys (RFC 2645) are these two; the hold-domain and
-    ETRN keys join them in this section.
+    """``[gateway]``: the store-and-forward gateway (issue 10), for sites
+    that are not always reachable.
+
+    ``hold_domains`` (exact names, as mta.domain.to_ascii writes them): mail
+    for them is accepted from anyone (like a relay domain's), stored, and
+    not attempted until it is asked for -- by ETRN (RFC 1985), ATRN (RFC
+    2645) or ``mta queue flush --domain`` (mta.delivery.hold_courier).
+    ``etrn_networks``: the clients that may send ETRN; None (the key not
+    set) means ``[policy] relay_networks`` (see Config.etrn_networks).
 
     ``atrn_listen``: the ODMR listeners (366 is the registered port); empty:
     no ATRN.  ``atrn`` is the ``[gateway.atrn]`` table: which user may take
@@ -200,6 +206,8 @@ class GatewayConfig:
     mta.domain.to_ascii writes them.  Whether the user exists is not checked
     here (the users file can change under a running daemon): a user not in it
     cannot authenticate, so cannot ATRN."""
+    hold_domains: tuple[str, ...] = ()
+    etrn_networks: tuple[str, ...] | None = None
     atrn_listen: tuple[str, ...] = ()
     atrn: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
@@ -228,6 +236,13 @@ class Config:
     local: LocalConfig | None = None  # None: no [local] section (see LocalConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     path: str = "<config>"
+
+    @property
+    def etrn_networks(self) -> tuple[str, ...]:
+        """The clients that may send ETRN: ``[gateway] etrn_networks``, by
+        default ``[policy] relay_networks`` (the one place the default is applied)."""
+        nets = self.gateway.etrn_networks
+        return self.policy.relay_networks if nets is None else nets
 
 
 # --------------------------------------------------------------------------- durations
@@ -591,13 +606,17 @@ def _lmtp_destination(value: object) -> str:
     return text
 
 
-def _exact_domains(value: object) -> tuple[str, ...]:
+def _exact_domains(value: object, what: str = "local") -> tuple[str, ...]:
     names = _domains(value)
     for name in names:
         if name.startswith("."):
-            raise _Invalid(f"invalid domain {name!r}: list each local domain by its name "
+            raise _Invalid(f"invalid domain {name!r}: list each {what} domain by its name "
                            "(no \".\" wildcard)")
     return names
+
+
+def _hold_domains(value: object) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(_exact_domains(value, "hold")))
 
 
 def _atrn_grants(value: object) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -746,6 +765,8 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[object], Any]]]] = {
     "gateway": (
         GatewayConfig,
         {
+            "hold_domains": _hold_domains,
+            "etrn_networks": _networks,
             "atrn_listen": _endpoints,
             "atrn": _atrn_grants,
         },
@@ -863,6 +884,7 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<config>") -> Confi
         sections["local"] = None
     else:
         _check_local(source, sections["local"], routes)
+    _check_gateway(source, sections["gateway"], sections["local"], sections["server"])
     return Config(path=source, routes=routes, route_tls=route_tls, **sections)
 
 

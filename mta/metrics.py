@@ -26,6 +26,8 @@ Metric names (all prefixed ``mta_``)::
     mta_queue_recipients{state}                      gauge
     mta_queue_messages                               gauge
     mta_queue_oldest_message_age_seconds             gauge
+    mta_etrn_requests_total{result}                  counter  (started, already, no_mail, refused, unsupported, failed)
+    mta_etrn_recipients_total                        counter  (recipients made due by ETRN)
     mta_spool_commit_seconds                         histogram (one group commit)
     mta_spool_commit_messages                        histogram (messages per group commit)
 """
@@ -57,6 +59,8 @@ REJECT_REASONS = ("relay_denied", "too_big", "bare_newline", "long_line", "spool
 #: Recipient states in the spool (see mta/spool/schema.py).
 QUEUE_STATES = ("queued", "inflight", "deferred", "held", "delivered", "failed")
 DELIVERY_STATUSES = ("delivered", "deferred", "bounced")
+#: The results of an ETRN (mta.smtp.server), each exported from the start.
+ETRN_RESULTS = ("started", "already", "no_mail", "refused", "unsupported", "failed")
 OTHER_DOMAIN = "other"
 
 _LATENCY_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400,
@@ -117,6 +121,13 @@ class Metrics:
         self.atrn_recipients = Counter("mta_atrn_recipients",
                                        "Recipients handed over on turned ATRN connections",
                                        registry=r)
+        self.etrn = Counter("mta_etrn_requests", "ETRN commands (RFC 1985) by result: started "
+                            "(253), already (250: a flush of that node was under way), "
+                            "no_mail (251), refused (459), unsupported (458 #queue), "
+                            "failed (458)", ["result"], registry=r)
+        self.etrn_recipients = Counter("mta_etrn_recipients",
+                                       "Recipients made due by ETRN", registry=r)
+        self._etrn = {result: self.etrn.labels(result) for result in ETRN_RESULTS}
         self._rejected = {reason: self.rejected.labels(reason) for reason in REJECT_REASONS}
         for state in QUEUE_STATES:
             self.queue.labels(state).set(0)
@@ -139,6 +150,14 @@ class Metrics:
         self.atrn.labels(result).inc()
         if recipients:
             self.atrn_recipients.inc(recipients)
+    def etrn_done(self, result: str, recipients: int) -> None:
+        """One ETRN answered: *result* (ETRN_RESULTS), *recipients* made due."""
+        child = self._etrn.get(result)
+        if child is None:
+            child = self._etrn[result] = self.etrn.labels(result)
+        child.inc()
+        if recipients:
+            self.etrn_recipients.inc(recipients)
 
     def recipient_done(self, status: str, domain: str, latency: float | None = None) -> None:
         """One recipient's attempt ended: status delivered, deferred or bounced;

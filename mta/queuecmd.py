@@ -5,7 +5,7 @@
     mta queue [--config PATH] list [--state S] [--domain D] [--sender A]
                                    [--older-than DURATION] [--json]
     mta queue show ID [--body | --json]
-    mta queue flush [ID... | --domain D | --all]
+    mta queue flush [ID... | --domain D | --all]     (--domain: also releases a hold domain)
     mta queue delete ID... | --all-deferred
     mta queue hold ID...
     mta queue release ID...
@@ -344,11 +344,21 @@ def run_flush(q: _Queue, args: argparse.Namespace) -> int:
         args.parser.error("give queue ids, or --domain, or --all, not both")
     if ids:
         done = q.spool.flush(now=time.time(), queue_ids=ids)
+    elif args.domain and _is_hold_domain(q, args.domain):
+        # A hold domain's mail leaves only when released: relayed once, at
+        # the daemon's next queue pass.
+        done = q.spool.release_domain(args.domain, now=time.time(), how="mta queue flush")
     else:
         done = q.spool.flush(now=time.time(), domain=args.domain)
     status = _missing(done.missing)
     print(f"{_plural(done.recipients, 'recipient')} due now")
     return status
+
+
+def _is_hold_domain(q: _Queue, domain: str) -> bool:
+    """Is *domain* (``example.org``, ``@example.org``) one of [gateway] hold_domains?"""
+    from . import domain as dom
+    return dom.key(domain.strip().removeprefix("@")) in q.config.gateway.hold_domains
 
 
 @_with_queue

@@ -15,7 +15,9 @@ from twisted.python import usage
 from .config import Config, ConfigError, implicit_tls_endpoint, load_config
 
 if TYPE_CHECKING:
+    from .delivery.scheduler import QueueRunner
     from .delivery.types import Courier
+    from .smtp.server import EtrnHandler
     from .local.directory import LocalDirectory
     from .spool.interface import DeliveryQueue, SpoolInterface
 
@@ -127,7 +129,9 @@ def makeService(options: Options) -> service.IService:
     _check_as_user(options, config, url, where)
     directory = local_directory(config)
     policy = RelayPolicy(config.policy.relay_networks, config.policy.relay_domains,
-                         local=directory)
+                         local=directory, hold_domains=config.gateway.hold_domains,
+                         etrn_networks=config.etrn_networks,
+                         routed=[name for name, _ in config.routes])
     runner = (_make_runner(config, spool, reactor, directory, metrics=metrics)
               if config.relay.deliver else None)
     a = config.auth
@@ -141,7 +145,8 @@ def makeService(options: Options) -> service.IService:
                                 auth_plaintext_on_loopback=a.allow_plaintext_on_loopback,
                                 cram_md5=users.has_cram_md5 if users is not None else None,
                                 on_stored=runner.kick if runner is not None else None,
-                                metrics=metrics)
+                                metrics=metrics,
+                                etrn=_etrn_handler(runner) if runner is not None else None)
     # Started in this order and stopped in the reverse one, each part after
     # the one before it has finished stopping (README "Stopping and
     # restarting"): the listeners; then the open sessions (421) and the
@@ -615,12 +620,26 @@ def _local_courier(config: Config, reactor: Any, directory: LocalDirectory) -> C
                         reactor=reactor, lmtp=lmtp)
 
 
+def _etrn_handler(runner: QueueRunner) -> EtrnHandler:
+    """ETRN (mta.smtp.server) starts the runner's flush of the domain."""
+    from .smtp.server import EtrnStarted
+
+    def etrn(domain: str, subdomains: bool, client: str) -> defer.Deferred[EtrnStarted]:
+        already = runner.flush_under_way(domain, subdomains)
+        d = runner.flush_domain(domain, subdomains, how=f"ETRN from {client}")
+        return d.addCallback(lambda rel: EtrnStarted(rel.messages, rel.recipients,
+                                                     rel.domains, already))
+    return etrn
+
+
 def _make_runner(config: Config, spool: DeliveryQueue, reactor: Any,
                  directory: LocalDirectory | None = None,
-                 metrics: Any = None) -> service.IService:
+                 metrics: Any = None) -> QueueRunner:
+    from .delivery.hold_courier import HoldCourier
     from .delivery.router import Router
     from .delivery.scheduler import QueueRunner
     from .delivery.smtp_courier import SMTPCourier
+    from .delivery.types import HOLD_COURIER
     from .smtp.client import ConnectionPool
 
     relay = config.relay
@@ -632,17 +651,19 @@ def _make_runner(config: Config, spool: DeliveryQueue, reactor: Any,
                     nameservers=config.dns.nameservers, reactor=reactor, port=relay.port,
                     timeout=(max(1, round(config.dns.timeout)),),
                     tls=relay.tls, route_tls=config.route_tls, smarthost_auth=credentials,
-                    is_local=directory.is_local)
+                    is_local=directory.is_local, hold_domains=config.gateway.hold_domains)
     # Cache as many idle connections per next hop as can be busy at once (with a
     # smarthost every delivery goes to one host), so none is closed and reopened
     # under steady load just for want of room in the cache.
     pool = ConnectionPool(helo_name=config.server.hostname, reactor=reactor,
                           timeouts=relay.timeouts,
                           max_idle_per_host=max(4, relay.concurrency), trust_root=trust_root)
-    couriers = {"smtp": SMTPCourier(router, pool, hostname=config.server.hostname),
-                "local": _local_courier(config, reactor, directory)}
+    smtp = SMTPCourier(router, pool, hostname=config.server.hostname)
+    couriers = {"smtp": smtp, "local": _local_courier(config, reactor, directory),
+                HOLD_COURIER: HoldCourier(hostname=config.server.hostname)}
     return QueueRunner(spool, router, couriers, hostname=config.server.hostname,
-                       retry=config.retry, relay=relay, reactor=reactor, metrics=metrics)
+                       retry=config.retry, relay=relay, reactor=reactor, metrics=metrics,
+                       fresh_connections=smtp.fresh_connections)
 
 
 def _relay_tls_auth(config: Config) -> tuple[Any, Any]:

@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred
 
 from mta.message import InboundMessage, QueuedRecipient
 from mta.spool import ops
-from mta.spool.interface import Claimed, QueueSummary, RecipientUpdate
+from mta.spool.interface import Claimed, QueueSummary, RecipientUpdate, Release
 from mta.spool.schema import metadata
 
 
@@ -66,6 +66,10 @@ class SyncSpool:
 
     def requeue(self, rids: Sequence[int]) -> Deferred[int]:
         return self._write(ops.requeue_inflight, list(rids))
+
+    def release(self, domain: str, subdomains: bool, *, now: float, hostname: str,
+                how: str) -> Deferred[Release]:
+        return self._write(ops.release_domain, domain, subdomains, now, hostname, how)
 
     def summary(self) -> Deferred[QueueSummary]:
         return self._run(ops.queue_summary)

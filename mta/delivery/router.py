@@ -71,7 +71,7 @@ from twisted.names import error as dns_error
 from .. import domain as dom
 from ..hostport import parse_hostport, parse_nameserver
 from ..smtp.types import Credentials, NextHop, reply_kind
-from .types import LOCAL_DESTINATION, Route
+from .types import HOLD_COURIER, LOCAL_DESTINATION, Route
 
 __all__ = ["Credentials", "NextHop", "RouteError", "Router"]
 
@@ -173,6 +173,7 @@ class Router:
         route_tls: Mapping[str, str] | Iterable[tuple[str, str]] = {},
         smarthost_auth: Credentials | None = None,
         is_local: Callable[[str], bool] | None = None,
+        hold_domains: Iterable[str] = (),
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
@@ -197,6 +198,7 @@ class Router:
             self.route_tls[dom.config_key(domain, "route_tls")] = policy
         self.smarthost_auth = smarthost_auth
         self._is_local = is_local
+        self.hold_domains = frozenset(dom.key(d) for d in hold_domains)
         self._logged: dict[str, tuple[str, tuple[NextHop, ...]]] = {}  # domain -> last route logged
 
     # -- resolver ------------------------------------------------------------------
@@ -252,10 +254,19 @@ class Router:
     def route_for(self, domain: str) -> Route:
         """The route of a recipient of *domain*: which courier takes it and
         the destination it shares a transaction with.  A local domain
-        (*is_local*, mta.local.directory) goes to the ``"local"`` courier;
-        anything else is relayed by ``"smtp"`` to :meth:`destination`."""
+        (*is_local*, mta.local.directory) goes to the ``"local"`` courier; a
+        hold domain (``[gateway] hold_domains``) to the ``"hold"`` courier,
+        which keeps it until its host asks (the queue runner routes a
+        released one by :meth:`relay_route`); anything else is relayed by
+        ``"smtp"`` to :meth:`destination`."""
         if self._is_local is not None and self._is_local(domain):
             return Route("local", LOCAL_DESTINATION)
+        if self.hold_domains and dom.key(domain) in self.hold_domains:
+            return Route(HOLD_COURIER, dom.key(domain))
+        return self.relay_route(domain)
+
+    def relay_route(self, domain: str) -> Route:
+        """The SMTP relay route of *domain* (also a hold domain's, when it is released)."""
         return Route("smtp", self.destination(domain))
 
     def route(self, domain: str) -> Deferred[list[NextHop]]:

@@ -25,6 +25,17 @@ records the Outcome of each recipient.
   recipients of some domains and hands them to a one-off courier over the
   customer's own connection, recording the outcomes like any job's.
 
+Hold domains (``[gateway] hold_domains``; mta.delivery.hold_courier): the
+router routes them to the ``"hold"`` courier, which defers them without a
+connection, so their lifetime and delay warnings run as for any mail.  A
+release (:meth:`QueueRunner.flush_domain` for ETRN, ``mta queue flush
+--domain``: DeliveryQueue.release, QueueAdmin.release_domain) makes a
+domain's pending recipients due now and marks them released: this runner
+relays a released recipient of a hold domain, that once, by ``"smtp"``
+(``RouteMap.relay_route``), on a connection opened after the release (the
+``fresh_connections`` hook: the SMTP courier does not reuse one cached
+before).  A domain whose flush is under way is not flushed again.
+
 Delivery is at least once: recipients in flight when the process dies are
 attempted again after a restart (see README).  Within one process a
 delivery happens once: a result the spool refuses (disk full, a read-only
@@ -45,14 +56,17 @@ from typing import Any, Callable
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 
+from .. import domain as dom
 from ..address import domain_key
 from ..config import RelayConfig, RetryConfig
 from ..message import InboundMessage, Recipient, new_queue_id, split_header_block
 from ..spool import SpoolWriteError, ops
 from ..spool.faults import RepeatedFailures, describe
-from ..spool.interface import DeliveryQueue
-from .types import Courier, Outcome, QueuedMessage, QueuedRecipient, Route, RouteMap
+from ..spool.interface import DeliveryQueue, Release, is_released
+from .types import (HOLD_COURIER, Courier, Outcome, QueuedMessage, QueuedRecipient, Route,
+                    RouteMap)
 
 log = Logger(namespace="mta.delivery")
 
@@ -121,6 +135,18 @@ class Job:
 
 
 @dataclass(eq=False)
+class _Flush:
+    """One flush by :meth:`QueueRunner.flush_domain` (one ETRN argument),
+    started at *at*: *result* is its Release once the spool made the
+    recipients due (the *waiters* get it, or the *failure*); it is over
+    once none of its domains is being flushed any more."""
+    at: float
+    result: Release | None = None
+    failure: Failure | None = None
+    waiters: list[defer.Deferred] = field(default_factory=list)
+
+
+@dataclass(eq=False)
 class _Unrecorded:
     """The result of *job* that the spool refused (the arguments of
     DeliveryQueue.record): kept, and written again until it is recorded or
@@ -138,12 +164,17 @@ class QueueRunner(service.Service):
     """``router`` answers each recipient's Route (``route_for(domain)``,
     mta.delivery.types.RouteMap); ``couriers`` maps a Route's courier name
     to the Courier that delivers it.  The router's ``close()`` and every
-    courier's are called at the stop."""
+    courier's are called at the stop.
+
+    ``fresh_connections(domain, since)``: called when a flush of *domain*
+    starts (SMTPCourier.fresh_connections): its deliveries must use
+    connections opened at *since* or later (ETRN: a new connection)."""
 
     def __init__(self, spool: DeliveryQueue, router: RouteMap, couriers: Mapping[str, Courier], *,
                  hostname: str, retry: RetryConfig, relay: RelayConfig, reactor: Any = None,
                  rand: Callable[[], float] = random.random, poll_interval: float = 1.0,
-                 dsn_builder: Callable[..., bytes] | None = None, metrics: Any = None):
+                 dsn_builder: Callable[..., bytes] | None = None, metrics: Any = None,
+                 fresh_connections: Callable[[str, float], None] | None = None):
         if reactor is None:
             from twisted.internet import reactor as _r
             reactor = _r
@@ -186,6 +217,11 @@ class QueueRunner(service.Service):
             f"{RETRY_MAX:.0f}s at most); their recipients stay in flight meanwhile",
             level=LogLevel.warn)
         self._grace_over = False             # stopping, and the grace has run out
+        # Flushes (ETRN, mta queue flush --domain): the domains being flushed
+        # (domain key -> since when) and the flushes asked for, by argument.
+        self._fresh_connections = fresh_connections
+        self._flushing: dict[str, float] = {}
+        self._flushes: dict[tuple[str, bool], _Flush] = {}
 
     # -- lifecycle -------------------------------------------------------------
     def startService(self) -> None:
@@ -330,6 +366,7 @@ class QueueRunner(service.Service):
         except Exception as e:
             self._run_trouble.failed(describe(e))
             return
+        self._track_flushes(due, complete=len(due) < scan, since=now)
         plan = self._plan(due, free)
         if not plan:
             self._run_trouble.succeeded()
@@ -384,7 +421,7 @@ class QueueRunner(service.Service):
         has slots free (``per_destination``)."""
         groups: dict[tuple[str, Route], list[QueuedRecipient]] = defaultdict(list)
         for r in due:
-            groups[(r.queue_id, self._route_of(r.address))].append(r)
+            groups[(r.queue_id, self._route_of_recipient(r))].append(r)
         busy = Counter(job.route for job in self._jobs.values())
         step = self.relay.recipient_limit
         plan: list[tuple[Route, list[QueuedRecipient]]] = []
@@ -404,6 +441,98 @@ class QueueRunner(service.Service):
 
     def _domain_of(self, address: str) -> str:
         return domain_key(address, self.hostname)
+
+    # -- flushes: ETRN, mta queue flush --domain (hold domains) -------------------------
+    def _route_of_recipient(self, r: QueuedRecipient) -> Route:
+        """:meth:`_route_of`, but a hold domain's recipient that a release
+        made due goes to the SMTP courier -- that once: its outcome replaces
+        the mark (mta.spool.interface.is_released)."""
+        route = self._route_of(r.address)
+        if route.courier == HOLD_COURIER and is_released(r):
+            return self.router.relay_route(self._domain_of(r.address))
+        return route
+
+    def is_flushing(self, domain: str) -> bool:
+        """Is a flush of *domain* (a mta.domain key) under way?"""
+        return domain in self._flushing
+
+    def flush_under_way(self, domain: str, subdomains: bool = False) -> bool:
+        """Was this flush (the same ETRN argument) asked for and is not over?"""
+        return (dom.key(domain), subdomains) in self._flushes
+
+    def flush_domain(self, domain: str, subdomains: bool = False, *,
+                     how: str = "ETRN") -> defer.Deferred[Release]:
+        """Release *domain* (with *subdomains*: and the domains below it,
+        ``ETRN @domain``): its queued and deferred recipients become due now,
+        a hold domain's are relayed once (see the module docstring), on new
+        connections.  Fires with the mta.spool.interface.Release (messages,
+        recipients, domains).  While a flush of the same argument is under
+        way (until its recipients are claimed), it is not started again: a
+        flood of ETRNs costs one flush per domain, and each gets its answer."""
+        key = (dom.key(domain), subdomains)
+        f = self._flushes.get(key)
+        if f is None:
+            f = self._start_flush(key, how)
+        if f.failure is not None:
+            return defer.fail(f.failure)
+        if f.result is not None:
+            return defer.succeed(f.result)
+        d: defer.Deferred = defer.Deferred()
+        f.waiters.append(d)
+        return d
+
+    def _start_flush(self, key: tuple[str, bool], how: str) -> _Flush:
+        now = self.reactor.seconds()
+        f = self._flushes[key] = _Flush(now)
+
+        def released(rel: Release) -> None:
+            f.result = rel
+            for d in rel.domains:
+                self._flush_started(d, now)
+            self.kick()
+            for w in f.waiters:
+                w.callback(rel)
+
+        def failed(failure: Failure) -> None:
+            f.failure = failure
+            if self._flushes.get(key) is f:
+                del self._flushes[key]   # not done: the next ETRN tries again
+            for w in f.waiters:
+                w.errback(failure)
+        self.spool.release(key[0], key[1], now=now, hostname=self.hostname,
+                           how=how).addCallbacks(released, failed)
+        return f
+
+    def _flush_started(self, domain: str, since: float) -> None:
+        if domain in self._flushing:
+            return
+        self._flushing[domain] = since
+        if self._fresh_connections is not None:
+            self._fresh_connections(domain, since)
+
+    def _track_flushes(self, due: Sequence[QueuedRecipient], *, complete: bool,
+                       since: float) -> None:
+        """Per queue pass: a hold domain released by another process
+        (``mta queue flush --domain``) starts being flushed here; with a
+        *complete* view of the due work, a domain none of whose recipients
+        is due any more (all claimed) is no longer being flushed, and
+        flushes all of whose domains are over end."""
+        due_domains: set[str] = set()
+        for r in due:
+            d = self._domain_of(r.address)
+            due_domains.add(d)
+            if is_released(r):
+                self._flush_started(d, since)
+        if not complete:
+            return
+        for d, started in list(self._flushing.items()):
+            # A flush that started after this pass read the spool is not judged by it.
+            if d not in due_domains and started < since:
+                del self._flushing[d]
+        for key, f in list(self._flushes.items()):
+            if (f.result is not None and f.at < since
+                    and not any(d in self._flushing for d in f.result.domains)):
+                del self._flushes[key]
 
     def _start(self, job: Job) -> None:
         if not self.running:  # stopping: the claimed recipients are requeued at the next start

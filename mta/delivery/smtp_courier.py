@@ -9,7 +9,9 @@ message to the SMTP client's ConnectionPool.
   carrying the hop reached (``relay=``), the TLS session (``tls=``) and
   whether the hop offered DSN (it then owes the success report);
 * a bare ``postmaster`` (accepted without a domain) is sent as
-  ``postmaster@<hostname>``.
+  ``postmaster@<hostname>``;
+* after :meth:`SMTPCourier.fresh_connections` (a flush: ETRN), a domain's
+  mail goes out on a connection opened since, never one cached before.
 
 :class:`TurnedCourier` is the same conversion over a connection the
 customer opened and turned around (ATRN), for the queue runner's
@@ -66,6 +68,13 @@ class SMTPCourier:
         self.router = router
         self.pool = pool
         self.hostname = hostname
+        self._fresh_since: dict[str, float] = {}   # domain -> deliveries need a connection since
+
+    def fresh_connections(self, domain: str, since: float) -> None:
+        """From now on, *domain*'s mail goes out on connections opened at
+        *since* or later (the queue runner calls this when a flush starts).
+        One entry per flushed domain, replaced by the next flush."""
+        self._fresh_since[domain] = since
 
     def deliver(self, message: QueuedMessage, recipients: Sequence[QueuedRecipient],
                 destination: str) -> Deferred[list[Outcome]]:
@@ -84,7 +93,10 @@ class SMTPCourier:
         except Exception as e:  # resolver trouble we did not foresee: try again later
             log.failure("routing {domain} failed", domain=domain)
             return [Outcome.ours("4.4.3", f"routing failed: {e}")] * len(rcpts)
-        res = await self.pool.deliver(hops, outbound_message(m, rcpts, self.hostname))
+        out = outbound_message(m, rcpts, self.hostname)
+        since = self._fresh_since.get(domain)
+        res = await (self.pool.deliver(hops, out) if since is None
+                     else self.pool.deliver(hops, out, opened_after=since))
         return outcomes(res)
 
 

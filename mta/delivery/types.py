@@ -38,8 +38,8 @@ from ..message import QueuedMessage, QueuedRecipient
 from ..smtp.types import (TLS_POLICIES, Credentials, Kind, NextHop, TLSInfo, reply_detail,
                           reply_kind)
 
-__all__ = ["LOCAL_DESTINATION", "TLS_POLICIES", "Courier", "Credentials", "Kind", "NextHop",
-           "Outcome", "RouteMap",
+__all__ = ["HOLD_COURIER", "LOCAL_DESTINATION", "TLS_POLICIES", "Courier", "Credentials", "Kind",
+           "NextHop", "Outcome", "RouteMap",
            "QueuedMessage", "QueuedRecipient", "Route", "TLSInfo",
            "reply_kind"]
 
@@ -47,6 +47,10 @@ __all__ = ["LOCAL_DESTINATION", "TLS_POLICIES", "Courier", "Credentials", "Kind"
 #: The destination of every local recipient (one concurrency limit for the
 #: local courier: ``[relay] per_destination``).
 LOCAL_DESTINATION = "local"
+
+#: The courier of a hold domain's mail (mta.delivery.hold_courier): it keeps
+#: it until the domain is released (ETRN, ATRN, ``mta queue flush --domain``).
+HOLD_COURIER = "hold"
 
 
 @dataclass(frozen=True)
@@ -160,5 +164,9 @@ class RouteMap(Protocol):
     each recipient domain's :class:`Route`; ``close()`` at the stop."""
 
     def route_for(self, domain: str) -> Route: ...
+
+    def relay_route(self, domain: str) -> Route:
+        """The SMTP relay route of *domain*: a hold domain's, once released."""
+        ...
 
     def close(self) -> None: ...

@@ -93,7 +93,10 @@ Choices:
   to the front of the list (the earlier hops were unreachable or busy a
   moment ago).  A cached connection that turns out to be dead (closed, or
   answering 421 before anything else) is replaced by a fresh connection to
-  the same hop; that is not a hop failure.
+  the same hop; that is not a hop failure.  ``deliver(...,
+  opened_after=T)`` reuses only a connection opened at T or later (a
+  flush after ETRN, RFC 1985, goes out on a new connection); older cached
+  ones to that hop are closed.
 * Results we make ourselves have the same form as server replies:
   ``text`` is "451 4.4.1 connect to mx[192.0.2.1]:25: Connection refused",
   "552 5.3.4 Message too big for next hop", ...; ``RecipientResult.remote``
@@ -611,6 +614,7 @@ class SMTPClientProtocol(protocol.Protocol):
         self.idle = False
         self.idle_timer: Any = None
         self.transactions = 0
+        self.opened_at = 0.0            # reactor time the TCP connection was made
         self._buf = b""
         self._lines: list[str] = []
         self._reply_code = 0
@@ -1553,7 +1557,14 @@ class ConnectionPool:
         return self.tls.trust_root
 
     # -- public -----------------------------------------------------------------
-    def deliver(self, hops: list[NextHop], msg: OutboundMessage) -> defer.Deferred[DeliveryResult]:
+    def deliver(self, hops: list[NextHop], msg: OutboundMessage, *,
+                opened_after: float | None = None) -> defer.Deferred[DeliveryResult]:
+        """Deliver *msg* to the first of *hops* that takes it; with
+        *opened_after*, on a connection opened at that time or later only
+        (cached older ones to these hops are closed)."""
+        if opened_after is not None:
+            for hop in hops:
+                self._drop_older(hop, opened_after)
         return defer.Deferred.fromCoroutine(self._deliver(list(hops), msg))
 
     def close(self) -> defer.Deferred[None]:
@@ -1673,6 +1684,7 @@ class ConnectionPool:
             if timer is not None and timer.active():
                 timer.cancel()
         self.connections_made += 1
+        proto.opened_at = self.reactor.seconds()
         return proto
 
     async def _open(self, hop: NextHop, use_tls: bool) -> SMTPClientProtocol:
@@ -1739,6 +1751,13 @@ class ConnectionPool:
                 return conn
         self._idle.pop(key, None)
         return None
+
+    def _drop_older(self, hop: NextHop, since: float) -> None:
+        """QUIT the cached connections to *hop* opened before *since*."""
+        for conn in list(self._idle.get(self._key(hop), ())):
+            if conn.opened_at < since:
+                self._drop_idle(conn)
+                self._quit(conn)
 
     def _unidle(self, conn: SMTPClientProtocol) -> None:
         conn.idle = False

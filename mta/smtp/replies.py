@@ -101,5 +101,32 @@ AUTH_INVALID = R(535, "5.7.8", "Authentication credentials invalid")
 AUTH_TEMP_FAILURE = R(454, "4.7.0", "Temporary authentication failure")
 AUTH_TOO_MANY_FAILURES = R(454, "4.7.0", "Too many authentication failures, try again later")
 ETRN_UNAVAILABLE = R(502, "5.5.1", "ETRN not available")
+# ETRN (RFC 1985 section 5): the reply texts are the RFC's.
+ETRN_SYNTAX = R(500, "5.5.2", "Syntax Error: ETRN domain, @domain or #queue")
+ETRN_IN_TRANSACTION = R(503, "5.5.1", "ETRN not allowed inside a mail transaction")
 ATRN_UNAVAILABLE = R(502, "5.5.1", "ATRN not available")
 NON_ASCII_ADDRESS = R(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
+
+
+def etrn_bad_argument(arg: str) -> Reply:
+    return R(501, "5.5.4", f"Syntax Error in Parameters: {arg!r} is not a domain name")
+
+
+def etrn_unable(node: str, why: str) -> Reply:
+    return R(458, "4.3.0", f"Unable to queue messages for node {node}: {why}")
+
+
+def etrn_not_allowed(node: str) -> Reply:
+    return R(459, "4.7.1", f"{node}: not allowed")
+
+
+def etrn_queuing(node: str) -> Reply:
+    return R(250, "2.0.0", f"OK, queuing for node {node} started")
+
+
+def etrn_no_messages(node: str) -> Reply:
+    return R(251, "2.0.0", f"OK, no messages waiting for node {node}")
+
+
+def etrn_pending(node: str, messages: int) -> Reply:
+    return R(253, "2.0.0", f"OK, {messages} pending messages for node {node} started")

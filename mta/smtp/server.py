@@ -33,6 +33,11 @@ offered on every connection as long as some user has a CRAM-MD5 secret.  A
 credential check holds further input like a spool write does.
 On a submission listener (port 587 semantics) MAIL needs AUTH first.
 
+ETRN (RFC 1985): offered when the factory is given an ``etrn`` callback
+(the daemon wires the queue runner's flush); who may ask for which domain
+is the policy's answer (``etrn_refusal``, a ``459``).  The callback fires
+with an :class:`EtrnStarted`; a flush is held like a spool write.
+
 No SQL and no configuration parsing in here.
 """
 from __future__ import annotations
@@ -43,7 +48,7 @@ import ipaddress
 import re
 import secrets
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from twisted.cred.credentials import CramMD5Credentials, UsernamePassword
@@ -57,6 +62,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .. import address
+from .. import domain as dom
 from ..address import AddressError, Mailbox
 from ..auth.checker import IMailUser
 from ..auth.limiter import FailureLimiter
@@ -87,6 +93,22 @@ _REFUSAL_REASONS = {r.MSG_TOO_BIG: "too_big", r.BARE_NEWLINE: "bare_newline",
                     r.TEXT_LINE_TOO_LONG: "long_line"}
 
 
+@dataclass(frozen=True)
+class EtrnStarted:
+    """What a flush asked for by ETRN made due: *messages* and *recipients*,
+    their *domains*; *already*: a flush of that node was under way (it is
+    not started twice)."""
+    messages: int
+    recipients: int
+    domains: tuple[str, ...] = ()
+    already: bool = False
+
+
+#: ``etrn(domain, subdomains, client_ip)``: start the flush of *domain* (a
+#: mta.domain key; *subdomains*: ``ETRN @domain``) asked for by *client_ip*.
+EtrnHandler = Callable[[str, bool, str], "defer.Deferred[EtrnStarted]"]
+
+
 class SMTPServerFactory(protocol.Factory):
     """Shared state of all listeners: settings, spool (a
     :class:`mta.message.MessageStore`), policy, connection counters, and
@@ -100,7 +122,8 @@ class SMTPServerFactory(protocol.Factory):
     daemon passes ``UsersFile.has_cram_md5``; None: never);
     ``on_stored(queue_id)`` is called after each 250 for a message (the
     daemon kicks the queue runner); ``metrics`` is a
-    :class:`mta.metrics.Metrics` or None."""
+    :class:`mta.metrics.Metrics` or None; ``etrn`` an :data:`EtrnHandler`
+    (None: ETRN is not offered, ``502``)."""
 
     def __init__(self, settings: ServerSettings, spool: MessageStore, policy: Any,
                  reactor: Any = None, *, tls: Any = None, portal: Any = None,
@@ -109,7 +132,7 @@ class SMTPServerFactory(protocol.Factory):
                  auth_plaintext_on_loopback: bool = False,
                  cram_md5: Callable[[], bool] | None = None,
                  on_stored: Callable[[str], Any] | None = None,
-                 metrics: Any = None):
+                 metrics: Any = None, etrn: EtrnHandler | None = None):
         if reactor is None:
             from twisted.internet import reactor as _r
             reactor = _r
@@ -129,6 +152,7 @@ class SMTPServerFactory(protocol.Factory):
         self.cram_md5 = cram_md5          # is CRAM-MD5 offered (some user has a secret)?
         self.on_stored = on_stored        # e.g. kick the queue runner
         self.metrics = metrics            # mta.metrics.Metrics, or None (no metrics)
+        self.etrn = etrn                  # start a flush (ETRN), or None: not offered
         self.sessions: set[SMTPServer] = set()
         self.shutting_down = False
 
@@ -638,6 +662,8 @@ class SMTPServer(protocol.Protocol):
         auth = self._auth_keyword()
         if auth is not None:
             lines.append(auth)
+        if self.factory.etrn is not None:
+            lines.append("ETRN")
         self._out.append(Reply(250, None, "\n".join(lines)).encode(False))
 
     def do_MAIL(self, arg: str) -> None:
@@ -1148,8 +1174,76 @@ class SMTPServer(protocol.Protocol):
         else:
             self._resume(r.AUTH_INVALID)
 
+    # -- ETRN (RFC 1985) -------------------------------------------------------------
     def do_ETRN(self, arg: str) -> None:
-        self._reply(r.ETRN_UNAVAILABLE)
+        etrn = self.factory.etrn
+        if etrn is None:
+            raise SMTPReplyError(r.ETRN_UNAVAILABLE)
+        if self.helo is None:
+            raise SMTPReplyError(r.NEED_HELO)
+        if self.has_sender:
+            raise SMTPReplyError(r.ETRN_IN_TRANSACTION)
+        if not arg:
+            raise SMTPReplyError(r.ETRN_SYNTAX)
+        if arg.startswith("#"):
+            self._etrn_done(arg, "unsupported", r.etrn_unable(arg, "named queues are not "
+                                                               "supported"))
+            return
+        subdomains = arg.startswith("@")
+        name = arg[1:] if subdomains else arg
+        try:
+            if " " in name or dom.is_literal(name):
+                raise dom.DomainError(f"{name!r} is not a domain name")
+            key = dom.to_ascii(name)
+        except dom.DomainError:
+            raise SMTPReplyError(r.etrn_bad_argument(arg)) from None
+        node = ("@" if subdomains else "") + key
+        why = self.factory.policy.etrn_refusal(self.client_ip, key, subdomains=subdomains)
+        if why is not None:
+            self._etrn_done(node, "refused", r.etrn_not_allowed(node), why=why)
+            return
+        self._busy = True            # pipelined input waits for the answer
+        try:
+            d = etrn(key, subdomains, self.client_ip)
+        except Exception:
+            d = defer.fail()
+        d.addCallbacks(self._etrn_started, self._etrn_failed, callbackArgs=(node,),
+                       errbackArgs=(node,))
+
+    def _etrn_started(self, started: EtrnStarted, node: str) -> None:
+        if started.already:
+            reply, result = r.etrn_queuing(node), "already"
+        elif started.messages:
+            reply, result = r.etrn_pending(node, started.messages), "started"
+        else:
+            reply, result = r.etrn_no_messages(node), "no_mail"
+        self._etrn_done(node, result, reply, started=started)
+
+    def _etrn_failed(self, failure: Failure, node: str) -> None:
+        log.error("etrn client={client} node={node}: flush failed: {error}",
+                  client=self.client_ip, node=node, error=failure.getErrorMessage())
+        self._etrn_done(node, "failed", r.etrn_unable(node, "try again later"), logged=True)
+
+    def _etrn_done(self, node: str, result: str, reply: Reply, *,
+                   started: EtrnStarted | None = None, why: str = "",
+                   logged: bool = False) -> None:
+        """The one log line (and count) of an ETRN, and its reply."""
+        n = started.recipients if started is not None else 0
+        if not logged:
+            log.info("etrn client={client} node={node} domains={domains} messages={messages} "
+                     "recipients={n} result={result}{why} ({reply})", client=self.client_ip,
+                     node=node, domains=",".join(started.domains) if started else "-",
+                     messages=started.messages if started else 0, n=n, result=result,
+                     why=f" ({why})" if why else "", reply=str(reply))
+        if self.factory.metrics is not None:
+            self.factory.metrics.etrn_done(result, n)
+        if self._busy:
+            if self._mode == _CLOSED:
+                self._busy = False
+                return
+            self._resume(reply)
+        else:
+            self._reply(reply)
 
     def do_ATRN(self, arg: str) -> None:
         self._reply(r.ATRN_UNAVAILABLE)

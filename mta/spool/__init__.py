@@ -29,7 +29,7 @@ from twisted.python.threadpool import ThreadPool
 from ..message import InboundMessage, QueuedRecipient
 from . import ops
 from .faults import RepeatedFailures, SpoolError, SpoolWriteError, describe
-from .interface import Claimed, QueueSummary, RecipientUpdate, SpoolInterface
+from .interface import Claimed, QueueSummary, RecipientUpdate, Release, SpoolInterface
 from .ops import MERGEABLE, insert_messages
 from .schema import SCHEMA_VERSION, meta, metadata
 
@@ -216,6 +216,10 @@ class Spool(SpoolInterface):
 
     def requeue(self, rids: Sequence[int]) -> defer.Deferred[int]:
         return self._write(ops.requeue_inflight, list(rids))
+
+    def release(self, domain: str, subdomains: bool, *, now: float, hostname: str,
+                how: str) -> defer.Deferred[Release]:
+        return self._write(ops.release_domain, domain, subdomains, now, hostname, how)
 
     def summary(self) -> defer.Deferred[QueueSummary]:
         return self._run(ops.queue_summary)

@@ -39,7 +39,7 @@ from . import SpoolError, make_engine
 from .faults import describe
 from .interface import (Changed, DSNMaker, Flushed, ListedMessage, ListedRecipient,
                         MessageChange, QueueAdmin, QueueStats, RecipientUpdate)
-from .ops import PENDING, insert_messages, record_results
+from .ops import PENDING, insert_messages, record_results, release_domain
 from .schema import SCHEMA_VERSION, contents, meta, messages, metadata, recipients
 
 __all__ = ["SpoolAdmin", "AdminError", "STATES", "open_engine"]
@@ -426,6 +426,11 @@ class SpoolAdmin(QueueAdmin):
             ids = [q for q in dict.fromkeys(queue_ids) if q in found]
             n = flush_recipients(conn, now=now, hostname=self.hostname, queue_ids=ids) if ids else 0
         return Flushed(n, tuple(q for q in dict.fromkeys(queue_ids) if q not in found))
+
+    def release_domain(self, domain: str, *, now: float, how: str) -> Flushed:
+        with transaction(self.engine, write=True) as conn:
+            rel = release_domain(conn, _domain_arg(domain), False, now, self.hostname, how)
+        return Flushed(rel.recipients)
 
     def hold(self, queue_ids: Sequence[str]) -> Changed:
         return self._changes(queue_ids, hold_messages)

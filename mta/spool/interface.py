@@ -32,7 +32,7 @@ from ..message import InboundMessage, MessageStore, QueuedMessage, QueuedRecipie
 __all__ = [
     "MessageStore", "DeliveryQueue", "SpoolInterface", "QueueAdmin", "RecipientUpdate",
     "Claimed", "QueueSummary", "ListedRecipient", "ListedMessage", "QueueStats",
-    "MessageChange", "Changed", "Flushed", "DSNMaker",
+    "MessageChange", "Changed", "Flushed", "DSNMaker", "RELEASED", "Release", "is_released",
 ]
 
 
@@ -64,6 +64,27 @@ class QueueSummary:
     by_state: Mapping[str, int]
     messages: int
     oldest_arrival: float | None
+
+
+#: The last reply of a recipient that a release (ETRN, ATRN, ``mta queue
+#: flush --domain`` of a hold domain) made due: the queue runner relays a
+#: hold domain's recipient so marked, that once, by SMTP (see
+#: :func:`is_released`); its next outcome replaces the mark.
+RELEASED = "released for delivery"
+
+
+def is_released(r: QueuedRecipient) -> bool:
+    """Was *r* made due by a release since its last attempt?"""
+    return r.last_reply is not None and r.last_reply.startswith(RELEASED)
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """What a release made due: how many messages and recipients, and
+    their domains (mta.domain keys)."""
+    messages: int
+    recipients: int
+    domains: tuple[str, ...]
 
 
 class DeliveryQueue(Protocol):
@@ -107,6 +128,14 @@ class DeliveryQueue(Protocol):
     def requeue(self, rids: Sequence[int]) -> Deferred[int]:
         """Recipients claimed but not attempted (or interrupted) are queued
         again, those still in flight only; fires with how many."""
+        ...
+
+    def release(self, domain: str, subdomains: bool, *, now: float, hostname: str,
+                how: str) -> Deferred[Release]:
+        """Make the queued and deferred recipients of *domain* (a mta.domain
+        key; with *subdomains* also of the domains below it) due now, marked
+        released (:data:`RELEASED`, "(*how*)"); *hostname* is the domain of a
+        bare ``postmaster``."""
         ...
 
 
@@ -233,6 +262,11 @@ class QueueAdmin(Protocol):
 
     def flush(self, *, now: float, queue_ids: Sequence[str] | None = None,
               domain: str | None = None) -> Flushed:
+        ...
+
+    def release_domain(self, domain: str, *, now: float, how: str) -> Flushed:
+        """``flush --domain`` of a hold domain: its queued and deferred
+        recipients due now, marked released (see DeliveryQueue.release)."""
         ...
 
     def hold(self, queue_ids: Sequence[str]) -> Changed:

@@ -14,7 +14,7 @@ from sqlalchemy.engine import Connection
 from ..address import domain_key
 from ..message import InboundMessage, QueuedMessage, QueuedRecipient
 # RecipientUpdate is the interface's record, also known as ops.RecipientUpdate.
-from .interface import Claimed, QueueSummary, RecipientUpdate
+from .interface import RELEASED, Claimed, QueueSummary, RecipientUpdate, Release
 from .schema import contents, messages, recipients
 
 PENDING = ("queued", "deferred")
@@ -260,6 +260,35 @@ def record_results_again(conn: Connection, updates: Sequence[RecipientUpdate],
         return []
     return record_results(conn, [u for u in updates if u.rid in inflight], new_messages,
                           queue_ids)
+
+
+def release_domain(conn: Connection, domain: str, subdomains: bool, now: float,
+                   hostname: str, how: str) -> Release:
+    """Make the pending (queued, deferred) recipients of *domain* -- a
+    mta.domain key; with *subdomains* also those of the domains below it --
+    due now, marked released (last reply ``RELEASED (how)``, e.g. "released
+    for delivery (ETRN from 192.0.2.7)"): the queue runner relays a hold
+    domain's once instead of holding them again (for other domains the mark
+    changes nothing; their next attempt, now, replaces it).  Recipients held
+    by an administrator (``mta queue hold``) stay held."""
+    below = "." + domain
+    ids: list[int] = []
+    qids: set[str] = set()
+    domains: set[str] = set()
+    for r in conn.execute(select(recipients.c.id, recipients.c.queue_id, recipients.c.address)
+                          .where(_pending)):
+        d = domain_key(r.address, hostname)
+        if d != domain and not (subdomains and d.endswith(below)):
+            continue
+        ids.append(r.id)
+        qids.add(r.queue_id)
+        domains.add(d)
+    due = update(recipients).where(recipients.c.id.in_(bindparam("ids", expanding=True)),
+                                   _pending)
+    for i in range(0, len(ids), _CHUNK):
+        conn.execute(due.values(next_attempt=now, last_reply=f"{RELEASED} ({how})"),
+                     {"ids": ids[i:i + _CHUNK]})
+    return Release(len(qids), len(ids), tuple(sorted(domains)))
 
 
 def _merge_record_results(calls: list[tuple]) -> tuple:
