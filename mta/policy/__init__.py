@@ -97,8 +97,8 @@ class RelayPolicy:
             return True
         if subdomains:
             below = "." + d
-            return any(n.endswith(below) for n in (*self._hold, *self._routed, *self._domains,
-                                                   *(p[1:] for p in self._parents)))
+            return (any(n.endswith(below) for n in (*self._hold, *self._routed, *self._domains))
+                    or any(p.endswith(below) for p in self._parents))
         return False
 
     def etrn_refusal(self, client_ip: str, domain: str, *, subdomains: bool = False
