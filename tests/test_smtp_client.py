@@ -953,6 +953,22 @@ class ReuseTests(PeerTestCase):
         self.assertEqual(peer.commands[-1], (1, b"QUIT"))
 
     @defer.inlineCallbacks
+    def test_opened_after_never_reuses_a_connection_cached_before(self):
+        # A flush after ETRN (RFC 1985) goes out on a new connection; the
+        # connections opened since are reused as usual.
+        from twisted.internet import reactor
+        peer = self.peer()
+        pool = self.pool()
+        yield pool.deliver([peer.hop()], message(b"one\r\n"))
+        since = reactor.seconds()
+        yield pool.deliver([peer.hop()], message(b"two\r\n"), opened_after=since)
+        yield pool.deliver([peer.hop()], message(b"three\r\n"), opened_after=since)
+        self.assertEqual(pool.connections_made, 2)
+        self.assertEqual([t.connection for t in peer.complete], [1, 2, 2])
+        self.assertEqual(pool.idle_count(peer.hop()), 1)
+        yield pool.close()
+
+    @defer.inlineCallbacks
     def test_concurrent_deliveries_use_separate_connections(self):
         peer = self.peer()
         pool = self.pool(max_idle_per_host=1)
