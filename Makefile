@@ -34,8 +34,9 @@ run: venv
 	@echo 'mta, sendmail and twistd are in $(CURDIR)/$(VENV)/bin; for this shell: export PATH="$(CURDIR)/$(VENV)/bin:$$PATH"'
 	$(VENV)/bin/twistd -n mta --config etc/mta.toml
 
-# Debian's postfix (private instances: tests/postfix.py; smtp-sink) and swaks,
-# installed without starting the system Postfix; nothing to do when present.
+# Debian's postfix (private instances: tests/postfix.py; smtp-sink), swaks,
+# dovecot and fetchmail, installed without starting their system services;
+# nothing to do when present.
 test-deps:
 	@bash tests/setup-deps
 
