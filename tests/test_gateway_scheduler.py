@@ -74,11 +74,13 @@ def gw(tmp_path):
     g = G()
     g.clock, g.spool, g.router, g.pool = clock, spool, router, pool
 
-    def make(retry=RetryConfig(first=300, max=3600, lifetime=5 * 86400, warn_after=None)):
+    def make(retry=RetryConfig(first=300, max=3600, lifetime=5 * 86400, warn_after=None),
+             metrics=None):
         smtp = SMTPCourier(router, pool, hostname=HOST)
         g.runner = QueueRunner(spool, router, {"smtp": smtp, HOLD_COURIER: HoldCourier(hostname=HOST)},
                                hostname=HOST, retry=retry, relay=RelayConfig(), reactor=clock,
-                               rand=lambda: 0.5, fresh_connections=smtp.fresh_connections)
+                               rand=lambda: 0.5, fresh_connections=smtp.fresh_connections,
+                               metrics=metrics)
         g.runner.startService()
         return g.runner
     g.make = make
@@ -236,3 +238,15 @@ def test_release_by_another_process_is_relayed(gw):
     assert delivered_to(gw) == ["bob@branch.example"]
     assert gw.pool.opened_after == [gw.clock.seconds()]
     assert runner.is_flushing(BRANCH)
+
+
+def test_held_retries_are_not_counted_as_deferrals(gw):
+    from mta.metrics import Metrics
+    m = Metrics()
+    put(gw, rcpts=("bob@branch.example",))
+    gw.make(RetryConfig(first=300, max=3600, lifetime=2 * 3600, warn_after=None), metrics=m)
+    for _ in range(3):
+        gw.clock.advance(3600)
+    text = m.scrape().decode()
+    assert 'domain="branch.example",status="deferred"' not in text
+    assert 'mta_delivery_recipients_total{domain="branch.example",status="bounced"} 1.0' in text

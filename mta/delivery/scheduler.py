@@ -690,7 +690,9 @@ class QueueRunner(service.Service):
                         action="delayed", status=dsn_status,
                         will_retry_until=m.arrival + lifetime, **dsn_common))
             updates.append(ops.RecipientUpdate(row.id, state, attempts, nxt, reply, warned))
-            if self.metrics is not None:
+            # Held mail waiting for its domain to ask is not a deferral worth an alert.
+            if self.metrics is not None and not (state == "deferred"
+                                                 and job.route.courier == HOLD_COURIER):
                 self.metrics.recipient_done(
                     _METRIC_STATUS[status_word], self._domain_of(row.address),
                     age if state != "deferred" else None)
