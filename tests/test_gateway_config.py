@@ -12,6 +12,7 @@ from mta.delivery.hold_courier import HoldCourier
 from mta.message import InboundMessage, QueuedMessage, QueuedRecipient, Recipient
 from mta.policy import RelayPolicy
 from mta.spool import admin, ops
+from mta.spool.interface import Release, is_released
 from mta.spool.schema import metadata
 
 
@@ -110,10 +111,10 @@ def test_release_domain(tmp_path):
     with engine.begin() as conn:
         ops.insert_messages(conn, msgs)
         conn.exec_driver_sql("UPDATE recipients SET state='deferred', next_attempt=999")
-        admin.hold(conn, ["Q2"])
+        admin.hold_messages(conn, ["Q2"])
         rel = ops.release_domain(conn, "branch.example", False, 200.0, "mx.example",
-                                 frozenset(["branch.example"]), "ETRN from 192.0.2.7")
-        assert rel == ops.Release(2, 2, ("branch.example",))
+                                 "ETRN from 192.0.2.7")
+        assert rel == Release(2, 2, ("branch.example",))
         rows = conn.exec_driver_sql("SELECT address, state, next_attempt, last_reply "
                                     "FROM recipients ORDER BY id").fetchall()
         assert [tuple(r) for r in rows] == [
@@ -122,9 +123,10 @@ def test_release_domain(tmp_path):
             ("c@branch.example", "deferred", 200.0, "released for delivery (ETRN from 192.0.2.7)"),
             ("d@relay.example", "deferred", 999.0, None),
             ("e@branch.example", "held", 999.0, None)]
-        rel = ops.release_domain(conn, "branch.example", True, 300.0, "mx.example",
-                                 frozenset(["branch.example"]), "ETRN")
-        assert rel == ops.Release(2, 3, ("branch.example", "x.branch.example"))
-        # a domain that is not held: due now, not marked
+        rel = ops.release_domain(conn, "branch.example", True, 300.0, "mx.example", "ETRN")
+        assert rel == Release(2, 3, ("branch.example", "x.branch.example"))
         assert conn.exec_driver_sql("SELECT next_attempt, last_reply FROM recipients "
-                                    "WHERE address = 'b@x.branch.example'").one() == (300.0, None)
+                                    "WHERE address = 'b@x.branch.example'").one() == (
+                                        300.0, "released for delivery (ETRN)")
+        assert is_released(QueuedRecipient(1, "Q0", "a@branch.example",
+                                           last_reply="released for delivery (ETRN)"))

@@ -35,27 +35,26 @@ class FreshPool(FakePool):
 
 
 class SlowSpool(SyncSpool):
-    """Holds back the writes of release_domain until the test releases them."""
+    """Holds back releases (DeliveryQueue.release) until the test lets them go."""
 
     def __init__(self, path):
         super().__init__(path)
-        self.held: list[tuple[defer.Deferred, tuple]] = []
+        self.held: list[tuple[defer.Deferred, tuple, dict]] = []
         self.hold_releases = False
         self.releases = 0
 
-    def write(self, fn, *args):
-        if fn is ops.release_domain:
-            self.releases += 1
-            if self.hold_releases:
-                d: defer.Deferred = defer.Deferred()
-                self.held.append((d, args))
-                return d
-        return super().write(fn, *args)
+    def release(self, *args, **kw):
+        self.releases += 1
+        if self.hold_releases:
+            d: defer.Deferred = defer.Deferred()
+            self.held.append((d, args, kw))
+            return d
+        return super().release(*args, **kw)
 
     def let_go(self):
         held, self.held = self.held, []
-        for d, args in held:
-            super().write(ops.release_domain, *args).chainDeferred(d)
+        for d, args, kw in held:
+            super().release(*args, **kw).chainDeferred(d)
 
 
 @pytest.fixture
@@ -187,7 +186,7 @@ def test_a_failed_flush_is_tried_again_by_the_next_etrn(gw):
     gw.spool.hold_releases = True
     errors = []
     runner.flush_domain(BRANCH).addErrback(errors.append)
-    d, _args = gw.spool.held.pop()
+    d, _args, _kw = gw.spool.held.pop()
     d.errback(OSError("database is locked"))
     assert len(errors) == 1 and not runner.flush_under_way(BRANCH)
     gw.spool.hold_releases = False
@@ -213,7 +212,7 @@ def test_subdomains_and_admin_held_recipients(gw):
     qid = put(gw, rcpts=("d@branch.example",))
     from mta.spool import admin
     with gw.spool.engine.begin() as conn:
-        admin.hold(conn, [qid])
+        admin.hold_messages(conn, [qid])
     gw.clock.advance(1)
     got = []
     runner.flush_domain(BRANCH, True).addCallback(got.append)
@@ -231,7 +230,7 @@ def test_release_by_another_process_is_relayed(gw):
     assert gw.pool.calls == []
     with gw.spool.engine.begin() as conn:
         rel = ops.release_domain(conn, BRANCH, False, gw.clock.seconds(), HOST,
-                                 frozenset([BRANCH]), "mta queue flush")
+                                 "mta queue flush")
     assert rel.recipients == 1
     assert rows(gw)[0][3] == "released for delivery (mta queue flush)"
     gw.clock.advance(1)                     # the runner's next poll

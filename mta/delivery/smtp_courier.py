@@ -45,9 +45,11 @@ class HopFinder(Protocol):
 
 class Transmitter(Protocol):
     """Hands a message to the first of *hops* that takes it
-    (mta.smtp.client.ConnectionPool)."""
+    (mta.smtp.client.ConnectionPool); with *opened_after*, on a connection
+    opened at that time or later only (only passed after a flush)."""
 
-    def deliver(self, hops: list[NextHop], msg: OutboundMessage) -> Deferred[DeliveryResult]: ...
+    def deliver(self, hops: list[NextHop], msg: OutboundMessage, *,
+                opened_after: float | None = None) -> Deferred[DeliveryResult]: ...
 
     def close(self) -> Deferred[None] | None: ...
 
