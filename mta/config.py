@@ -917,6 +917,18 @@ def _check_atrn(source: str, gateway: GatewayConfig, auth: AuthConfig, tls: TLSC
                     "set [tls] certificate and private_key")
 
 
+def _check_gateway(source: str, gateway: GatewayConfig, local: LocalConfig | None,
+                   server: ServerConfig) -> None:
+    """A hold domain is kept for another host: it cannot be delivered here."""
+    here = set(local.domains if local is not None else ()) | {dom.key(server.hostname)}
+    for name in gateway.hold_domains:
+        if name in here:
+            raise ConfigError(source, "[gateway] hold_domains",
+                              f"{name} is also a local domain ([local] domains or [server] "
+                              "hostname: a domain is either delivered here or held for "
+                              "another host)")
+
+
 def _check_tls(source: str, tls: TLSConfig, server: ServerConfig) -> None:
     """Rules that span keys: the certificate and key come as a pair, and an
     ``ssl:`` listener without its own key needs them.  (The files themselves

@@ -272,3 +272,37 @@ def test_gateway_atrn_reaches_the_odmr_listener(tmp_path: Path) -> None:
         assert not odmr.implicit_tls
     finally:
         built["factory"].spool.engine.dispose()
+
+
+def test_gateway_section_reaches_the_policy_the_router_and_the_runner(tmp_path: Path) -> None:
+    from mta.delivery.hold_courier import HoldCourier
+    from mta.delivery.types import HOLD_COURIER, Route
+
+    for gateway, etrn_client in (({"hold_domains": ["Branch.Example"]}, "10.1.2.3"),
+                                 ({"hold_domains": ["branch.example"],
+                                   "etrn_networks": ["192.0.2.0/24"]}, "192.0.2.7")):
+        config = config_from_dict({"policy": {"relay_networks": ["10.0.0.0/8"]},
+                                   "routes": {"routed.test": "127.0.0.1:2525"},
+                                   "gateway": gateway})
+        built = _build(tmp_path, config)
+        try:
+            runner, factory = built["runner"], built["factory"]
+            assert runner.router.route_for("branch.example") == Route(HOLD_COURIER,
+                                                                      "branch.example")
+            assert isinstance(runner.couriers[HOLD_COURIER], HoldCourier)
+            assert runner._fresh_connections == runner.couriers["smtp"].fresh_connections
+            policy = factory.policy
+            assert policy.is_hold_domain("branch.example")
+            # etrn_networks: as set, else [policy] relay_networks
+            assert policy.etrn_refusal(etrn_client, "branch.example") is None
+            assert policy.etrn_refusal(etrn_client, "routed.test") is None
+            assert policy.etrn_refusal("198.51.100.1", "branch.example") is not None
+            assert factory.etrn is not None
+        finally:
+            factory.spool.engine.dispose()
+    # No delivery, no flush: ETRN is not offered.
+    built = _build(tmp_path, config_from_dict({"relay": {"deliver": False}}))
+    try:
+        assert built["runner"] is None and built["factory"].etrn is None
+    finally:
+        built["factory"].spool.engine.dispose()
