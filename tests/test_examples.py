@@ -84,7 +84,8 @@ def test_outbound_mx_relay_delivers_by_mx_with_opportunistic_tls():
 
 def test_branch_gateway_keeps_the_branch_mail_for_atrn():
     c = load_config(example("branch-gateway"))
-    assert c.policy.relay_domains == ("branch.example.org",)
+    assert c.policy.relay_domains == () and c.gateway.hold_domains == ("branch.example.org",)
+    assert c.etrn_networks == ("198.51.100.7/32",)
     assert dict(c.routes) == {"branch.example.org": "198.51.100.7:25"}
     assert [p for p in c.gateway.atrn_listen] == ["tcp:366:interface=203.0.113.25"]
     assert c.gateway.atrn_domains("branch") == ("branch.example.org",)
