@@ -919,7 +919,9 @@ def _check_atrn(source: str, gateway: GatewayConfig, auth: AuthConfig, tls: TLSC
 
 def _check_gateway(source: str, gateway: GatewayConfig, local: LocalConfig | None,
                    server: ServerConfig) -> None:
-    """A hold domain is kept for another host: it cannot be delivered here."""
+    """A hold domain is kept for another host: it cannot be delivered here.
+    A domain taken by ATRN must be held: otherwise its mail would also leave
+    by MX or route before the customer asks for it."""
     here = set(local.domains if local is not None else ()) | {dom.key(server.hostname)}
     for name in gateway.hold_domains:
         if name in here:
@@ -927,6 +929,13 @@ def _check_gateway(source: str, gateway: GatewayConfig, local: LocalConfig | Non
                               f"{name} is also a local domain ([local] domains or [server] "
                               "hostname: a domain is either delivered here or held for "
                               "another host)")
+    held = set(gateway.hold_domains)
+    for user, domains in gateway.atrn:
+        for name in domains:
+            if name not in held:
+                raise ConfigError(source, f"[gateway.atrn] {user}",
+                                  f"{name} is not in [gateway] hold_domains (mail taken by "
+                                  "ATRN must be held for it, not relayed meanwhile)")
 
 
 def _check_tls(source: str, tls: TLSConfig, server: ServerConfig) -> None:

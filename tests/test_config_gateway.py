@@ -16,6 +16,7 @@ def test_default_is_off():
 def test_grants_are_domain_keys(tmp_path):
     path = tmp_path / "mta.toml"
     path.write_text('[auth]\nusers_file = "u"\n[gateway]\natrn_listen = ["tcp:366"]\n'
+                    'hold_domains = ["branch.example", "xn--strae-oqa.test", "night.example"]\n'
                     '[gateway.atrn]\n"branch" = ["Branch.Example.", "stra\u00dfe.test"]\n'
                     '"night" = ["night.example"]\n', encoding="utf-8")
     g = load_config(path).gateway
@@ -42,6 +43,8 @@ def test_grants_are_domain_keys(tmp_path):
     ({"gateway": {"atrn": {"a:b": ["x.test"]}}}, "user 'a:b': user name contains ':'"),
     ({"gateway": {"atrn": ["x.test"]}}, "expected a table of user = [domains]"),
     ({"gateway": {"atrn_turn": True}}, "<config>: [gateway] atrn_turn: unknown key"),
+    ({"gateway": {"hold_domains": ["a.test"], "atrn": {"u": ["a.test", "b.test"]}}},
+     "<config>: [gateway.atrn] u: b.test is not in [gateway] hold_domains"),
 ])
 def test_bad_gateway_values(data, message):
     with pytest.raises(ConfigError) as e:

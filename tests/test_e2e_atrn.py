@@ -97,6 +97,7 @@ allow_plaintext_on_loopback = true
 
 [gateway]
 atrn_listen = ["tcp:{atrn_port}:interface=127.0.0.1"]
+hold_domains = ["branch.test"]
 
 [gateway.atrn]
 "branch" = ["branch.test"]

@@ -261,6 +261,7 @@ def test_gateway_atrn_reaches_the_odmr_listener(tmp_path: Path) -> None:
         "auth": {"users_file": str(tmp_path / "users")},
         "relay": {"command_timeout": "42s", "data_timeout": "7m"},
         "gateway": {"atrn_listen": ["tcp:0:interface=127.0.0.1"],
+                    "hold_domains": ["branch.example"],
                     "atrn": {"branch": ["Branch.Example"]}}})
     built = _build(tmp_path, config)
     try:
