@@ -118,13 +118,7 @@ class ODMRServer(SMTPServer):
 
     # -- EHLO and the commands this port does not take ------------------------------
     def do_EHLO(self, arg: str) -> None:
-        if not arg:
-            raise SMTPReplyError(R(501, "5.5.4", "Syntax: EHLO hostname"))
-        self._reset_transaction()
-        self.helo = arg.split(" ", 1)[0]
-        self.esmtp = True
-        self.enhanced = True
-        lines = [f"{self.settings.hostname} greets {self.helo}", "ENHANCEDSTATUSCODES"]
+        lines = [self._start_ehlo(arg), "ENHANCEDSTATUSCODES"]
         auth = self._auth_keyword()
         if auth is not None:
             lines.append(auth)

@@ -639,15 +639,20 @@ class SMTPServer(protocol.Protocol):
         self.enhanced = False
         self._reply(R(250, None, self.settings.hostname))
 
-    def do_EHLO(self, arg: str) -> None:
+    def _start_ehlo(self, arg: str) -> str:
+        """The session state an EHLO sets (both listeners); its greeting line."""
         if not arg:
             raise SMTPReplyError(R(501, "5.5.4", "Syntax: EHLO hostname"))
         self._reset_transaction()
         self.helo = arg.split(" ", 1)[0]
         self.esmtp = True
         self.enhanced = True
+        return f"{self.settings.hostname} greets {self.helo}"
+
+    def do_EHLO(self, arg: str) -> None:
+        greeting = self._start_ehlo(arg)
         size = self.settings.max_message_size
-        lines = [f"{self.settings.hostname} greets {self.helo}",
+        lines = [greeting,
                  "PIPELINING",
                  f"SIZE {size}" if size else "SIZE",
                  "8BITMIME",
