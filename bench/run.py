@@ -813,7 +813,8 @@ class Run:
     nprocs: int
     p50_ms: float | None = None
     p99_ms: float | None = None
-    sink_conns: int | None = None
+    sink_conns: int | None = None  # SMTP sessions the server opened to the sink (relay runs)
+    sink_sessions0: int = 0  # the sink's session count before the run
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -923,7 +924,7 @@ def measure(args, server: Server, case: Case, count: int, rep: int, order: int,
         got = sink.messages - base
         if got != count:
             raise BenchError(f"the sink received {got} messages from {server.name}, expected {count}")
-        conns = sink.sessions - sess0
+        conns = sink.sessions - sess0  # final once cached connections are closed (settle_conns)
     else:
         stored = server.stored() - stored0
         if stored != count:
@@ -943,7 +944,14 @@ def measure(args, server: Server, case: Case, count: int, rep: int, order: int,
                client_cpu_ms_per_msg=r.client_cpu * 1000 / count,
                machine_busy_pct=100 * (busy1 - busy0) / max(tot1 - tot0, 1),
                proc_rss_mb=mem.proc_peak_kb / 1024, pss_mb=mem.pss_peak_kb / 1024,
-               nprocs=mem.nprocs, p50_ms=p50, p99_ms=p99, sink_conns=conns)
+               nprocs=mem.nprocs, p50_ms=p50, p99_ms=p99, sink_conns=conns, sink_sessions0=sess0)
+
+
+def settle_conns(run: Run, sink: Sink | None, quiet: float) -> None:
+    """Count the sessions a delivering server opened to the sink once its cached
+    connections are closed: mta's at its stop, Postfix's after its cache timeout."""
+    if sink is not None and run.sink_conns is not None:
+        run.sink_conns = sink.settle_sessions(quiet) - run.sink_sessions0
 
 
 def describe_run(r: Run) -> str:
@@ -1019,7 +1027,7 @@ def report(runs: list[Run], cases: list[Case], args) -> str:
         lines.append("")
 
     lines.append("Summary: medians over the pairs of this invocation (ratio = median of the pairs' "
-                 "mta/Postfix msg/s, range in brackets)")
+                 "mta/Postfix msg/s, its range beside it)")
     shdr = (f"{'case':<18} {'pairs':>5} | {'mta msg/s':>9} {'CPU ms/msg':>10} {'main ms':>7} {'RSS MB':>6} "
             f"{'p50/p99 ms':>13} | {'Postfix msg/s':>13} {'CPU ms/msg':>10} {'p50/p99 ms':>13} | "
             f"{'mta/Postfix':>11} {'range':>11} | {'load':>9}")
@@ -1233,8 +1241,11 @@ def main(argv: list[str] | None = None) -> int:
                         if name == "mta":
                             with MtaServer(args, case, rep, tmp) as mta:
                                 run = measure(args, mta, case, n, rep, order, sink, mta.label)
+                            settle_conns(run, sink, 0.5)  # stopped: it QUIT its cached connections
                         else:
                             run = measure(args, postfix, case, n, rep, order, sink, "postfix")
+                            if case.mode == "relay":
+                                settle_conns(run, sink, 3.0)  # its connection cache lets go after 2s
                     except (BenchError, RuntimeError) as err:
                         log(f"FAILED: {err}")
                         failures.append(f"rep {rep + 1} {what} {name}: {str(err).splitlines()[0]}")
