@@ -183,15 +183,15 @@ class ProcTree:
             main += int(t[14]) + int(t[15])
         return total / CLK_TCK, main / CLK_TCK
 
-    def threads(self) -> dict[str, float]:
-        """CPU seconds per thread kind ("main", "other") over the tree's live threads."""
-        out = {"main": 0.0, "other": 0.0}
+    def thread_cpu(self) -> dict[int, float]:
+        """CPU seconds of every live thread of the tree, by thread id (py-spy names them)."""
+        out: dict[int, float] = {}
         for pid in self.pids():
             with contextlib.suppress(OSError):
                 for tid in os.listdir(f"/proc/{pid}/task"):
                     with contextlib.suppress(OSError, ValueError, IndexError):
                         f = proc_stat(pid, int(tid))
-                        out["main" if int(tid) == pid else "other"] += (int(f[14]) + int(f[15])) / CLK_TCK
+                        out[int(tid)] = (int(f[14]) + int(f[15])) / CLK_TCK
         return out
 
     def reset_peaks(self) -> None:
@@ -815,6 +815,7 @@ class Run:
     p99_ms: float | None = None
     sink_conns: int | None = None  # SMTP sessions the server opened to the sink (relay runs)
     sink_sessions0: int = 0  # the sink's session count before the run
+    thread_cpu_ms_per_msg: dict[int, float] = field(default_factory=dict)  # mta: by thread id
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -898,6 +899,7 @@ def measure(args, server: Server, case: Case, count: int, rep: int, order: int,
     load1 = os.getloadavg()[0]
     base, sess0 = (sink.messages, sink.sessions) if sink else (0, 0)
     cpu0, main0 = tree.cpu()
+    th0 = tree.thread_cpu() if server.name == "mta" else {}
     busy0, tot0 = machine_cpu()
     t0 = time.perf_counter()
     driving = Driving(args, server.port, s, count, size)
@@ -910,6 +912,7 @@ def measure(args, server: Server, case: Case, count: int, rep: int, order: int,
             time.sleep(0.2)  # let the daemon finish closing connections
             t_end = time.perf_counter()
         cpu1, main1 = tree.cpu()
+        th1 = tree.thread_cpu() if server.name == "mta" else {}
         busy1, tot1 = machine_cpu()
     except BenchError as e:
         raise BenchError(f"{e}\n{server.tail()}") from None
@@ -944,7 +947,9 @@ def measure(args, server: Server, case: Case, count: int, rep: int, order: int,
                client_cpu_ms_per_msg=r.client_cpu * 1000 / count,
                machine_busy_pct=100 * (busy1 - busy0) / max(tot1 - tot0, 1),
                proc_rss_mb=mem.proc_peak_kb / 1024, pss_mb=mem.pss_peak_kb / 1024,
-               nprocs=mem.nprocs, p50_ms=p50, p99_ms=p99, sink_conns=conns, sink_sessions0=sess0)
+               nprocs=mem.nprocs, p50_ms=p50, p99_ms=p99, sink_conns=conns, sink_sessions0=sess0,
+               thread_cpu_ms_per_msg={t: round((c - th0.get(t, 0.0)) * 1000 / count, 3)
+                                      for t, c in th1.items() if c - th0.get(t, 0.0) > 0})
 
 
 def settle_conns(run: Run, sink: Sink | None, quiet: float) -> None:
@@ -1116,7 +1121,7 @@ def parse_args(argv: list[str] | None = None):
                    help="sample mta during each measured run with py-spy (default PATH: "
                    ".venv/bin/py-spy; all threads, raw collapsed stacks in --profile-dir; "
                    "summarise with bench/pyspy_top.py)")
-    p.add_argument("--py-spy-args", default="", help="extra py-spy record arguments, e.g. --native or --idle")
+    p.add_argument("--py-spy-args", default="", help="extra py-spy record arguments, e.g. --py-spy-args=--gil (only the thread holding the GIL) or =--idle")
     p.add_argument("--py-spy-rate", type=int, default=250, help="py-spy samples per second (250)")
     p.add_argument("--profile-dir", default="bench/profiles")
     e = p.add_mutually_exclusive_group()
