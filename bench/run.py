@@ -170,9 +170,10 @@ class ProcTree:
             todo.extend(children.get(pid, ()))
         return out
 
-    def cpu(self) -> tuple[float, float]:
-        """(CPU seconds of the whole tree incl. reaped children, of the main threads alone)."""
-        total = main = 0
+    def cpu(self) -> tuple[float, float, float]:
+        """CPU seconds of the whole tree incl. reaped children, of the main threads alone,
+        and the system (kernel) part of the first."""
+        total = main = system = 0
         for pid in self.pids():
             try:
                 f = proc_stat(pid)
@@ -180,8 +181,9 @@ class ProcTree:
             except (OSError, ValueError, IndexError):
                 continue
             total += int(f[14]) + int(f[15]) + int(f[16]) + int(f[17])
+            system += int(f[15]) + int(f[17])
             main += int(t[14]) + int(t[15])
-        return total / CLK_TCK, main / CLK_TCK
+        return total / CLK_TCK, main / CLK_TCK, system / CLK_TCK
 
     def thread_cpu(self) -> dict[int, float]:
         """CPU seconds of every live thread of the tree, by thread id (py-spy names them)."""
@@ -805,6 +807,7 @@ class Run:
     drained_seconds: float | None  # until the sink had every message and the queue was empty
     cpu_ms_per_msg: float | None
     main_thread_cpu_ms_per_msg: float | None  # main (reactor) threads alone
+    sys_cpu_ms_per_msg: float | None  # the kernel's part of cpu_ms_per_msg
     cpu_seconds_measured: float  # the interval the CPU figures cover
     client_cpu_ms_per_msg: float
     machine_busy_pct: float
@@ -898,7 +901,7 @@ def measure(args, server: Server, case: Case, count: int, rep: int, order: int,
     spy = _spy_start(args, tree.root, label) if server.name == "mta" else None
     load1 = os.getloadavg()[0]
     base, sess0 = (sink.messages, sink.sessions) if sink else (0, 0)
-    cpu0, main0 = tree.cpu()
+    cpu0, main0, sys0 = tree.cpu()
     th0 = tree.thread_cpu() if server.name == "mta" else {}
     busy0, tot0 = machine_cpu()
     t0 = time.perf_counter()
@@ -911,7 +914,7 @@ def measure(args, server: Server, case: Case, count: int, rep: int, order: int,
             r = driving.join()
             time.sleep(0.2)  # let the daemon finish closing connections
             t_end = time.perf_counter()
-        cpu1, main1 = tree.cpu()
+        cpu1, main1, sys1 = tree.cpu()
         th1 = tree.thread_cpu() if server.name == "mta" else {}
         busy1, tot1 = machine_cpu()
     except BenchError as e:
@@ -943,6 +946,7 @@ def measure(args, server: Server, case: Case, count: int, rep: int, order: int,
                drained_seconds=(t_end - t0) if server.delivers else None,
                cpu_ms_per_msg=(cpu1 - cpu0) * 1000 / count,
                main_thread_cpu_ms_per_msg=(main1 - main0) * 1000 / count if is_mta else None,
+               sys_cpu_ms_per_msg=(sys1 - sys0) * 1000 / count,
                cpu_seconds_measured=t_end - t0,
                client_cpu_ms_per_msg=r.client_cpu * 1000 / count,
                machine_busy_pct=100 * (busy1 - busy0) / max(tot1 - tot0, 1),
@@ -964,7 +968,7 @@ def describe_run(r: Run) -> str:
     if r.drained_seconds:
         parts.append(f"{r.e2e_rate:.0f} msg/s delivered (drained after {r.drained_seconds:.2f}s, "
                      f"{r.sink_conns} sessions to the sink)")
-    parts.append(f"CPU {fmt(r.cpu_ms_per_msg, '.3f')} ms/msg"
+    parts.append(f"CPU {fmt(r.cpu_ms_per_msg, '.3f')} ms/msg ({fmt(r.sys_cpu_ms_per_msg, '.3f')} kernel)"
                  + (f" (main threads {r.main_thread_cpu_ms_per_msg:.3f})"
                     if r.main_thread_cpu_ms_per_msg is not None else ""))
     parts.append(f"peak RSS {r.proc_rss_mb:.1f} MB/process, PSS {r.pss_mb:.1f} MB in {r.nprocs} processes")
