@@ -46,7 +46,13 @@ Every run records:
   (time.perf_counter, TCP_NODELAY).
 
 The report gives every pair, then per case the medians over the pairs and the median
-of the pairs' mta/Postfix ratios.  It needs root (Postfix) and stops everything it
+of the pairs' mta/Postfix ratios.  ``--json`` also keeps the kernel share of the CPU
+and mta's CPU per thread (by thread id, as py-spy names them).
+
+Profiling: ``--py-spy`` (``.venv/bin/pip install py-spy``) samples mta during each
+measured run; ``--py-spy-args=--gil`` keeps only the thread holding the GIL (where the
+Python CPU goes); summarise with ``bench/pyspy_top.py FILE [N [THREAD]]``.
+``bench/latency_probe.py`` breaks the 1-session dot -> 250 time into its steps.  It needs root (Postfix) and stops everything it
 started at the end, even on error.
 """
 
