@@ -43,8 +43,9 @@ test-deps:
 test: venv test-deps
 	$(VENV)/bin/python -m pytest -q -x -p no:cacheprovider tests
 
+# make bench BENCH_ARGS='--cases inbound,e2e -r 3'  (bench/run.py --help lists the cases)
 bench: venv
-	$(VENV)/bin/python bench/run.py
+	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info _trial_temp .hypothesis .pytest_cache twistd.pid twistd.log

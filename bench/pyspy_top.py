@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Summarise a py-spy raw (collapsed-stack) profile written by ``bench/run.py --py-spy``.
 
-    .venv/bin/python bench/pyspy_top.py bench/profiles/mta-s20-l1024-r0.pyspy.txt [N]
+    .venv/bin/python bench/pyspy_top.py bench/profiles/mta-relay-s20-l1024-r0.pyspy.txt [N [THREAD]]
 
 Prints the share of samples per thread, the top N functions by self time, and the
-top N functions of the mta package by inclusive time.  Line numbers are dropped so
-one function is one row.
+top N functions of the mta package by inclusive time -- of every thread, or of the
+threads whose name contains THREAD (e.g. MainThread, writer, PoolThread).  Line
+numbers are dropped so one function is one row.  With ``--py-spy-args=--gil`` the
+samples are those of the thread holding the GIL: where the Python CPU goes.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ _PATH = re.compile(r" \((?:.*?/site-packages/|.*?/lib/python3\.\d+/|.*/(?=mta/))
 def main() -> None:
     path = sys.argv[1]
     top = int(sys.argv[2]) if len(sys.argv) > 2 else 25
+    only = sys.argv[3] if len(sys.argv) > 3 else None
     self_c: collections.Counter[str] = collections.Counter()
     mta_incl: collections.Counter[str] = collections.Counter()
     threads: collections.Counter[str] = collections.Counter()
@@ -29,8 +32,10 @@ def main() -> None:
             if not stack:
                 continue
             n = int(n_s)
-            total += n
             frames = stack.split(";")
+            if only is not None and only not in frames[0]:
+                continue
+            total += n
             threads[frames[0]] += n
             names = [_PATH.sub(r" (\1)", fr) for fr in frames[1:]]
             if names:
