@@ -693,3 +693,32 @@ def test_a_big_message_is_claimed_one_transaction_per_free_slot(env):
         pool.answer()
     assert [len(m.recipients) for _h, m in pool.calls] == [3, 3, 3, 1]
     assert env.spool.sql("SELECT COUNT(*) FROM recipients") == [(0,)]
+
+
+def test_a_pass_reads_what_it_can_start_not_the_backlog(env):
+    """With 200 messages due and 2 free slots, a pass reads a few rows per
+    slot (not concurrency x recipient_limit); a message with more recipients
+    than that still travels in one transaction."""
+    from mta.delivery.scheduler import SCAN_PER_SLOT
+    limits: list[int] = []
+    real_due = env.spool.due
+
+    def due(now, limit):
+        limits.append(limit)
+        return real_due(now, limit)
+    env.spool.due = due
+    big = put(env, rcpts=tuple(f"r{i}@dest.test" for i in range(30)))
+    for _ in range(200):
+        put(env)
+    runner = env.make(relay=RelayConfig(concurrency=2, per_destination=2))
+    # The first pass: 2 slots, 8 rows read, then more (the big message's 30
+    # recipients fill one slot) -- never 2 x 50.
+    assert limits[0] == 2 * SCAN_PER_SLOT
+    assert max(limits) <= 2 * RelayConfig().recipient_limit
+    assert sorted(len(m.recipients) for _h, m in env.pool.calls)[-1] == 30
+    assert [m.queue_id for _h, m in env.pool.calls if len(m.recipients) == 30] == [big]
+    for _ in range(400):               # the passes that each finished delivery starts
+        env.clock.advance(0)
+    assert env.spool.sql("SELECT COUNT(*) FROM messages WHERE sender != ''") == [(0,)]
+    assert len(env.pool.calls) == 201 and max(limits) <= 2 * RelayConfig().recipient_limit
+    runner.stopService()

@@ -75,6 +75,12 @@ log = Logger(namespace="mta.delivery")
 RETRY_FIRST = 1.0
 RETRY_MAX = 30.0
 
+# A queue pass reads SCAN_PER_SLOT due recipients per free delivery slot,
+# SCAN_GROWTH times more while that leaves slots free and more is due, at
+# most [relay] recipient_limit per slot.
+SCAN_PER_SLOT = 4
+SCAN_GROWTH = 4
+
 
 def backoff(attempts: int, first: float, maximum: float, rand: float = 0.5) -> float:
     """Seconds to wait after the *attempts*-th failed attempt (1 = the first):
@@ -360,14 +366,23 @@ class QueueRunner(service.Service):
         if free <= 0:
             return
         now = self.reactor.seconds()
-        scan = free * self.relay.recipient_limit
-        try:
-            due = await self.spool.due(now, scan)
-        except Exception as e:
-            self._run_trouble.failed(describe(e))
-            return
+        # Read a few due rows per free slot -- enough when each message has a
+        # recipient or a few -- and more (up to a full transaction per slot)
+        # only when that did not fill the slots: a pass costs what it starts,
+        # not the size of the backlog.
+        most = free * self.relay.recipient_limit
+        scan = min(free * SCAN_PER_SLOT, most)
+        while True:
+            try:
+                due = await self.spool.due(now, scan)
+            except Exception as e:
+                self._run_trouble.failed(describe(e))
+                return
+            plan = self._plan(due, free)
+            if len(plan) >= free or len(due) < scan or scan >= most:
+                break
+            scan = min(scan * SCAN_GROWTH, most)
         self._track_flushes(due, complete=len(due) < scan, since=now)
-        plan = self._plan(due, free)
         if not plan:
             self._run_trouble.succeeded()
             return
@@ -420,8 +435,13 @@ class QueueRunner(service.Service):
         than *free* transactions in all and than each route's destination
         has slots free (``per_destination``)."""
         groups: dict[tuple[str, Route], list[QueuedRecipient]] = defaultdict(list)
+        routes: dict[tuple[str, bool], Route] = {}     # (domain key, released) -> Route
         for r in due:
-            groups[(r.queue_id, self._route_of_recipient(r))].append(r)
+            key = (self._domain_of(r.address), is_released(r))
+            route = routes.get(key)
+            if route is None:
+                route = routes[key] = self._route_of_recipient(r)
+            groups[(r.queue_id, route)].append(r)
         busy = Counter(job.route for job in self._jobs.values())
         step = self.relay.recipient_limit
         plan: list[tuple[Route, list[QueuedRecipient]]] = []
