@@ -451,6 +451,14 @@ def mta_factory(tmp_path: Path) -> Iterator[Callable[..., MTADaemon]]:
 
     yield make
 
+    stop_daemons(daemons)
+
+
+def stop_daemons(daemons: list, label: Callable[[Any], str] = lambda d: str(d.config_path)
+                 ) -> None:
+    """The teardown of every fixture that runs daemons: stop each, print its
+    log, and fail the test if one logged a traceback (unless it
+    ``expect_errors``) or used a non-loopback nameserver."""
     problems = []
     for daemon in daemons:
         try:
@@ -459,13 +467,14 @@ def mta_factory(tmp_path: Path) -> Iterator[Callable[..., MTADaemon]]:
             problems.append(str(e))
             status = None
         text = daemon.all_logs()
-        print(f"===== {daemon.config_path} (exit status {status}) =====")
+        print(f"===== {label(daemon)} (exit status {status}) =====")
         print(text)
-        if not daemon.expect_errors and any(m in text for m in _TRACEBACK_MARKERS):
-            problems.append(f"{daemon.config_path}: the daemon logged a traceback (see its log above)")
+        if (not getattr(daemon, "expect_errors", False)
+                and any(m in text for m in _TRACEBACK_MARKERS)):
+            problems.append(f"{label(daemon)}: the daemon logged a traceback (see its log above)")
         for m in re.finditer(r"Resolver added \('([^']*)'", text):
             if not m.group(1).startswith(("127.", "::1")):
-                problems.append(f"{daemon.config_path}: the daemon used a non-loopback "
+                problems.append(f"{label(daemon)}: the daemon used a non-loopback "
                                 f"nameserver {m.group(1)}: tests must stay on loopback")
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from conftest import (ROOT, MTADaemon, _TRACEBACK_MARKERS, free_port, wait_for)
+from conftest import ROOT, MTADaemon, free_port, stop_daemons, wait_for
 from tlsutil import self_signed
 
 from mta.config import config_from_dict, load_config
@@ -169,22 +169,7 @@ def example_daemon(tmp_path: Path) -> Iterator[Callable[..., ExampleDaemon]]:
 
     yield make
 
-    problems = []
-    for d in daemons:
-        try:
-            status = d.stop()
-        except AssertionError as e:
-            problems.append(str(e))
-            status = None
-        text = d.all_logs()
-        print(f"===== {d.name}: {d.config_path} (exit status {status}) =====\n{text}")
-        if any(m in text for m in _TRACEBACK_MARKERS):
-            problems.append(f"{d.name}: the daemon logged a traceback")
-        for m in re.finditer(r"Resolver added \('([^']*)'", text):
-            if not m.group(1).startswith(("127.", "::1")):
-                problems.append(f"{d.name}: the daemon used a non-loopback nameserver")
-    if problems:
-        pytest.fail("\n".join(problems), pytrace=False)
+    stop_daemons(daemons, label=lambda d: f"{d.name}: {d.config_path}")
 
 
 @pytest.fixture

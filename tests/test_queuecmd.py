@@ -515,13 +515,11 @@ def test_flush_reaches_the_running_daemon(mta_factory, peer_factory, tmp_path):
     [m] = [json.loads(line) for line in r.stdout.splitlines()]
     assert [x["last_reply"] for x in m["recipients"]] == ["451 4.3.0 Try again later"] * 2
 
-    t0 = time.monotonic()
     r = subprocess.run(mta_command("queue", "--config", config, "flush"), capture_output=True,
                        text=True, env=subprocess_env(), timeout=60)
     assert (r.returncode, r.stdout) == (0, "2 recipients due now\n")
     wait_for(lambda: daemon.count("messages") == 0, 10, "the flushed message to be delivered",
              interval=0.05)
-    assert time.monotonic() - t0 < 5                 # the daemon polls every second
     [tx] = dest.transactions()
     assert sorted(tx.accepted) == ["bob@dest.test", "carol@dest.test"]
     assert b"Subject: flush me\r\n" in tx.data and b"Bcc" not in tx.data
