@@ -235,21 +235,30 @@ class Router:
         self._resolver = None
 
     # -- public API ----------------------------------------------------------------
+    def _configured_hop(self, domain: str) -> tuple[str | None, tuple[str, int] | None, str]:
+        """(the domain's to_ascii key or None when it is no valid name, the
+        configured next hop -- its [routes] entry, else the smarthost -- or
+        None, and which of the two: "route" / "smarthost")."""
+        try:
+            key: str | None = dom.to_ascii(domain)
+        except dom.DomainError:
+            key = None
+        hostport = self.routes.get(key) if key is not None else None
+        if hostport is not None:
+            return key, hostport, "route"
+        return key, self.smarthost, "smarthost"
+
     def destination(self, domain: str) -> str:
         """The key under which recipients of *domain* share a transaction and
         a concurrency limit: the configured next hop for a route or the
         smarthost (so one message to several domains makes one transaction
         to it), else the domain itself."""
-        try:
-            key = dom.to_ascii(domain)
-        except dom.DomainError:
-            return dom.key(domain)
-        hostport = self.routes.get(key)
-        if hostport is not None:
-            return f"route:{hostport[0]}:{hostport[1]}:{self.route_tls.get(key, self.tls)}"
-        if self.smarthost is not None:
+        key, hostport, how = self._configured_hop(domain)
+        if hostport is None:
+            return key if key is not None else dom.key(domain)
+        if how == "smarthost":
             return "smarthost"
-        return key
+        return f"route:{hostport[0]}:{hostport[1]}:{self.route_tls.get(key, self.tls)}"
 
     def route_for(self, domain: str) -> Route:
         """The route of a recipient of *domain*: which courier takes it and
@@ -274,15 +283,7 @@ class Router:
         return Deferred.fromCoroutine(self._route(domain))
 
     async def _route(self, domain: str) -> list[NextHop]:
-        key: str | None
-        try:
-            key = dom.to_ascii(domain)
-        except dom.DomainError:
-            key = None
-        hostport = self.routes.get(key) if key is not None else None
-        how = "route"
-        if hostport is None and self.smarthost is not None:
-            hostport, how = self.smarthost, "smarthost"
+        key, hostport, how = self._configured_hop(domain)
         if hostport is not None:
             hops = await self._configured(hostport[0], hostport[1], how)
         elif key is None:
