@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
+import socket
 import sys
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -12,7 +14,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
-from .config import Config, ConfigError, implicit_tls_endpoint, load_config
+from .config import ClusterConfig, Config, ConfigError, implicit_tls_endpoint, load_config
 
 if TYPE_CHECKING:
     from .delivery.scheduler import QueueRunner
@@ -98,6 +100,13 @@ class _ListenService(internet.StreamServerEndpointService):
         _die(f"{self.where}: {self.description}: cannot listen: {text}")
 
 
+def node_name(cluster: ClusterConfig) -> str:
+    """This node's name among those sharing the spool: ``[cluster] node``, or
+    the host name with a suffix of this start (so a restart, or a second
+    daemon on the host, is another node)."""
+    return cluster.node or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
@@ -117,8 +126,8 @@ def makeService(options: Options) -> service.IService:
     url = options["spool"] or config.spool.url
     where = "--spool" if options["spool"] else f"{config.path}: [spool] url"
     try:
-        spool = Spool(url, reactor=reactor,
-                      on_commit=metrics.commit_done if metrics is not None else None)
+        spool = Spool(url, node=node_name(config.cluster), lease=config.cluster.lease,
+                      reactor=reactor, on_commit=metrics.commit_done if metrics is not None else None)
         spool.open()
     except SpoolError as e:
         _die(f"{where}: {e}")
@@ -386,7 +395,7 @@ def _check_as_user(options: Options, config: Config, url: str, where: str) -> No
 
     def spool() -> None:
         try:
-            Spool(url).open()
+            Spool(url, node=node_name(config.cluster), lease=config.cluster.lease).open()
         except Exception as e:
             raise usercheck.Problem(f"{where}: {e} (the spool file and its directory must "
                                     "be writable by this user)") from None
@@ -662,7 +671,8 @@ def _make_runner(config: Config, spool: DeliveryQueue, reactor: Any,
     couriers = {"smtp": smtp, "local": _local_courier(config, reactor, directory),
                 HOLD_COURIER: HoldCourier(hostname=config.server.hostname)}
     return QueueRunner(spool, router, couriers, hostname=config.server.hostname,
-                       retry=config.retry, relay=relay, reactor=reactor, metrics=metrics,
+                       retry=config.retry, relay=relay, reactor=reactor,
+                       lease=config.cluster.lease, metrics=metrics,
                        fresh_connections=smtp.fresh_connections)
 
 

@@ -7,6 +7,8 @@ on a free loopback port with a temporary SQLite spool.
   starts more daemons (or one configured inside the test).
 * ``twistd`` — ``twistd(*args)`` runs ``twistd ...`` to completion (startup
   errors, ``--help``) and returns the CompletedProcess.
+* ``pg_server`` (session scope) and ``pg_url``, tests/pg.py — a private
+  PostgreSQL and an empty database on it (its SQLAlchemy URL).
 * ``postfix_factory`` (module scope, tests/postfix.py) — private Postfix
   instances (``postfix -c DIR``), the reference peer for interop tests.
 
@@ -32,6 +34,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from pg import pg_server, pg_url  # noqa: F401  (fixtures: a private PostgreSQL, a database)
 from postfix import postfix_factory  # noqa: F401  (fixture: private Postfix instances)
 from waiting import wait_for  # noqa: F401  (re-exported: tests import it from here)
 

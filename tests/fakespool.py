@@ -23,8 +23,10 @@ from mta.spool.schema import metadata
 class SyncSpool:
     """The spool's interface, run synchronously on a real SQLite file."""
 
-    def __init__(self, path: Any):
+    def __init__(self, path: Any, *, node: str = "test-node", lease: float = 300.0):
         self.path = str(path)
+        self.node = node
+        self.lease = lease
         self.engine = create_engine(f"sqlite:///{path}")
         metadata.create_all(self.engine)
 
@@ -41,31 +43,36 @@ class SyncSpool:
     def store(self, msg: InboundMessage) -> Deferred[str]:
         return self._write(ops.insert_messages, [msg]).addCallback(lambda _: msg.queue_id)
 
-    def recover_inflight(self) -> Deferred[int]:
-        return self._write(ops.recover_inflight)
+    def recover_inflight(self, now: float) -> Deferred[int]:
+        return self._write(ops.recover_inflight, self.node, now)
 
     def due(self, now: float, limit: int) -> Deferred[list[QueuedRecipient]]:
-        return self._run(ops.due_recipients, now, limit)
+        return self._run(ops.due_recipients, now, limit, self.node)
 
-    def claim_and_load(self, rids: Sequence[int]) -> Deferred[Claimed]:
-        return self._write(ops.claim_and_load, list(rids))
+    def claim_and_load(self, rids: Sequence[int], now: float) -> Deferred[Claimed]:
+        return self._write(ops.claim_and_load, list(rids), self.node, now, now + self.lease)
 
-    def claim_domains(self, domains: Sequence[str], hostname: str) -> Deferred[Claimed]:
-        return self._write(ops.claim_domains, list(domains), hostname)
+    def renew(self, now: float) -> Deferred[int]:
+        return self._write(ops.renew_leases, self.node, now + self.lease)
+
+    def claim_domains(self, domains: Sequence[str], hostname: str,
+                      now: float) -> Deferred[Claimed]:
+        return self._write(ops.claim_domains, list(domains), hostname, self.node, now,
+                           now + self.lease)
 
     def record(self, updates: Sequence[RecipientUpdate], new_messages: Sequence[InboundMessage],
                finished: Sequence[str]) -> Deferred[list[str]]:
         return self._write(ops.record_results, list(updates), list(new_messages),
-                           list(finished))
+                           list(finished), self.node)
 
     def record_again(self, updates: Sequence[RecipientUpdate],
                      new_messages: Sequence[InboundMessage],
                      finished: Sequence[str]) -> Deferred[list[str]]:
         return self._write(ops.record_results_again, list(updates), list(new_messages),
-                           list(finished))
+                           list(finished), self.node)
 
     def requeue(self, rids: Sequence[int]) -> Deferred[int]:
-        return self._write(ops.requeue_inflight, list(rids))
+        return self._write(ops.requeue_inflight, list(rids), self.node)
 
     def release(self, domain: str, subdomains: bool, *, now: float, hostname: str,
                 how: str) -> Deferred[Release]:

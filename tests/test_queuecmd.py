@@ -46,7 +46,7 @@ class Site:
         self.config = directory / "mta.toml"
         self.config.write_text(toml_text({"server": {"hostname": HOSTNAME},
                                           "spool": {"url": self.url}}))
-        self.spool = Spool(self.url, reactor=Clock())
+        self.spool = Spool(self.url, node="test-node", lease=300.0, reactor=Clock())
         self.spool.open()
 
     def add(self, sender: str, rcpts: list[str], *, age: float = 0.0, notify: str | None = None,
