@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import os
-import secrets
 import signal
-import socket
 import sys
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -14,7 +12,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
-from .config import ClusterConfig, Config, ConfigError, implicit_tls_endpoint, load_config
+from .config import Config, ConfigError, implicit_tls_endpoint, load_config
 
 if TYPE_CHECKING:
     from .delivery.scheduler import QueueRunner
@@ -100,13 +98,6 @@ class _ListenService(internet.StreamServerEndpointService):
         _die(f"{self.where}: {self.description}: cannot listen: {text}")
 
 
-def node_name(cluster: ClusterConfig) -> str:
-    """This node's name among those sharing the spool: ``[cluster] node``, or
-    the host name with a suffix of this start (so a restart, or a second
-    daemon on the host, is another node)."""
-    return cluster.node or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-
-
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
@@ -126,7 +117,7 @@ def makeService(options: Options) -> service.IService:
     url = options["spool"] or config.spool.url
     where = "--spool" if options["spool"] else f"{config.path}: [spool] url"
     try:
-        spool = Spool(url, node=node_name(config.cluster), lease=config.cluster.lease,
+        spool = Spool(url, node=config.cluster.node, lease=config.cluster.lease,
                       reactor=reactor, on_commit=metrics.commit_done if metrics is not None else None)
         spool.open()
     except SpoolError as e:
@@ -395,7 +386,7 @@ def _check_as_user(options: Options, config: Config, url: str, where: str) -> No
 
     def spool() -> None:
         try:
-            Spool(url, node=node_name(config.cluster), lease=config.cluster.lease).open()
+            Spool(url, node=config.cluster.node, lease=config.cluster.lease).open()
         except Exception as e:
             raise usercheck.Problem(f"{where}: {e} (the spool file and its directory must "
                                     "be writable by this user)") from None

@@ -15,6 +15,7 @@ use them on one database, and the queue runner's renewal with task.Clock.
 """
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -429,3 +430,34 @@ def test_the_runner_stops_renewing_when_nothing_is_in_flight(url, tmp_path):
     finally:
         runner.stopService()
         spool.engine.dispose()
+
+
+# --------------------------------------------------------------------------- node names
+
+def test_a_generated_node_name_is_new_per_start_and_a_dead_one_is_known_as_ours():
+    import socket
+    import subprocess
+    import sys
+
+    from mta.spool.node import left_by_a_dead_process, node_name
+    assert node_name("mx1") == "mx1"
+    a, b = node_name(""), node_name("")
+    assert a != b and a.startswith(f"{socket.gethostname()}-{os.getpid()}-")
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE)
+    try:
+        alive = f"{socket.gethostname()}-{child.pid}-abcdef"
+        assert not left_by_a_dead_process(alive)
+    finally:
+        child.communicate(b"")
+    assert left_by_a_dead_process(alive)                   # its process is gone now
+    assert not left_by_a_dead_process(f"elsewhere.test-{child.pid}-abcdef")   # another host
+    assert not left_by_a_dead_process("mx1")               # a configured name: never
+
+
+def test_startup_recovery_takes_back_what_an_earlier_start_here_left(db):
+    old, live = put(db, "Q1", "a@dest.test", "b@dest.test")
+    claim(db, "A-earlier", [old], 400.0)
+    claim(db, "B", [live], 400.0)
+    assert tx(db, ops.recover_inflight, "A-now", 450.0, lambda o: o == "A-earlier") == 1
+    assert rows(db) == {old: ("queued", None, None), live: ("inflight", "B", 700.0)}

@@ -30,6 +30,7 @@ from ..message import InboundMessage, QueuedRecipient
 from . import ops
 from .faults import RepeatedFailures, SpoolError, SpoolWriteError, describe
 from .interface import Claimed, QueueSummary, RecipientUpdate, Release, SpoolInterface
+from .node import left_by_a_dead_process, node_name
 from .ops import MERGEABLE, insert_messages
 from .schema import SchemaTooNew, prepare
 
@@ -110,9 +111,10 @@ def make_engine(url: str) -> Engine:
 class Spool(SpoolInterface):
     """The spool at a SQLAlchemy *url*: writes through one group-commit
     writer thread (:meth:`store` and every write below), reads on a small
-    thread pool.  Recipients are claimed for this *node* (its name in the
-    ``owner`` column, unique among the nodes on one database) for *lease*
-    seconds at a time (renewed by :meth:`renew`)."""
+    thread pool.  Recipients are claimed for this node -- *node*, or when
+    that is "" a name of this process, given at :meth:`start` (after
+    twistd's daemonizing fork): see mta.spool.node -- for *lease* seconds
+    at a time (renewed by :meth:`renew`)."""
 
     def __init__(self, url: str, *, node: str, lease: float, reactor: Any = None,
                  threads: int = 4, idle_check: float = 5.0,
@@ -121,7 +123,8 @@ class Spool(SpoolInterface):
             from twisted.internet import reactor as _r
             reactor = _r
         self.url = url
-        self.node = node
+        self._configured_node = node
+        self.node = node_name(node)
         self.lease = lease
         self.reactor = reactor
         self.engine = make_engine(url)
@@ -162,6 +165,7 @@ class Spool(SpoolInterface):
 
     def start(self) -> None:
         if self._writer is None:
+            self.node = node_name(self._configured_node)   # this process's
             self._writer = threading.Thread(target=self._write_loop, name="mta-spool-writer",
                                             daemon=True)
             self._writer.start()
@@ -184,7 +188,7 @@ class Spool(SpoolInterface):
         return d
 
     def recover_inflight(self, now: float) -> defer.Deferred[int]:
-        return self._write(ops.recover_inflight, self.node, now)
+        return self._write(ops.recover_inflight, self.node, now, left_by_a_dead_process)
 
     def due(self, now: float, limit: int) -> defer.Deferred[list[QueuedRecipient]]:
         return self._run(ops.due_recipients, now, limit, self.node)

@@ -142,14 +142,24 @@ def _insert_contents_blob(conn: Connection, m: InboundMessage) -> None:
             blob.write(body[off:off + BLOB_CHUNK])
 
 
-def recover_inflight(conn: Connection, owner: str, now: float) -> int:
+def recover_inflight(conn: Connection, owner: str, now: float,
+                     former: Callable[[str], bool] | None = None) -> int:
     """At a node's start: the recipients it left in flight itself (claimed
-    under the same *owner* name) and those whose lease has run out (a
-    node that died, a version-1 spool) are queued again -- at-least-once
-    delivery.  Those another node holds under a live lease are its own."""
+    under the same *owner* name, or a name *former* says was an earlier
+    start of it) and those whose lease has run out (a node that died, a
+    version-1 spool) are queued again -- at-least-once delivery.  Those
+    another node holds under a live lease are its own."""
+    taken = [owner]
+    if former is not None:
+        live = conn.execute(select(recipients.c.owner).distinct()
+                            .where(recipients.c.state == "inflight",
+                                   recipients.c.owner.is_not(None),
+                                   recipients.c.owner != owner,
+                                   recipients.c.lease_until >= now)).scalars().all()
+        taken += [o for o in live if former(o)]
     res = conn.execute(update(recipients)
                        .where(recipients.c.state == "inflight",
-                              or_(recipients.c.owner == owner, recipients.c.owner.is_(None),
+                              or_(recipients.c.owner.in_(taken), recipients.c.owner.is_(None),
                                   recipients.c.lease_until.is_(None),
                                   recipients.c.lease_until < now))
                        .values(**_requeue))
