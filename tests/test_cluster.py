@@ -147,3 +147,70 @@ def test_two_nodes_share_the_queue_and_a_killed_ones_work_is_taken_over(
 def _hostname() -> str:
     import socket
     return socket.gethostname()
+
+
+def test_the_database_going_away_gives_451_then_everything_is_delivered(
+        mta_factory, peer_factory, pg_server, pg_url):
+    """The database stopped under load, then started again: while it is
+    away, new mail gets ``451 4.3.0`` (never a 250 for a message not
+    stored); then the node reconnects by itself, takes mail again, and
+    everything acknowledged, before and after, is delivered once."""
+    script = {"data_end_delay": 0.1}
+    [peer] = peer_factory.spawn(script, program=Path(relay.__file__))
+    peer_factory.ready()
+    node = mta_factory(url=pg_url, extra=node_config(peer.port))
+    node.expect_errors = False
+    replies: list[tuple[int, str]] = []      # (code, token) of every message tried
+    stop = threading.Event()
+    problems: list[str] = []
+
+    def send_loop() -> None:
+        import smtplib
+        n = 0
+        while not stop.is_set():
+            token = f"db{n}x{random.getrandbits(32):08x}"
+            n += 1
+            try:
+                with smtplib.SMTP("127.0.0.1", node.port, timeout=30) as s:
+                    s.ehlo("sender.db.test")
+                    code, text = s.mail(f"{token}@origin.test")
+                    if code == 250:
+                        code, text = s.rcpt(f"u.{token}@{DOMAINS[n % len(DOMAINS)]}")
+                    if code == 250:
+                        code, text = s.data(f"From: <{token}@origin.test>\r\nMessage-ID: "
+                                            f"<{token}@crash-relay.test>\r\nSubject: db\r\n\r\n"
+                                            f"{token}\r\n".encode())
+                    if code not in (250, 451):
+                        problems.append(f"{token}: {code} {text!r}")
+                    elif code == 451 and b"4.3.0" not in text:
+                        problems.append(f"{token}: {code} {text!r}")
+                    replies.append((code, token))
+            except (OSError, smtplib.SMTPException) as e:
+                problems.append(f"{token}: {e!r}")
+    t = threading.Thread(target=send_loop, daemon=True)
+    t.start()
+    try:
+        wait_for(lambda: sum(c == 250 for c, _t in replies) >= 10, 30, "mail taken")
+        pg_server.stop("fast")
+        try:
+            seen = len(replies)
+            wait_for(lambda: sum(c == 451 for c, _t in replies[seen:]) >= 3, 60,
+                     "451 while the database is away", detail=lambda: replies[seen:])
+        finally:
+            pg_server.start()
+        seen = len(replies)
+        wait_for(lambda: sum(c == 250 for c, _t in replies[seen:]) >= 10, 60,
+                 "mail taken again once the database is back",
+                 detail=lambda: (replies[seen:], node.log()[-3000:]))
+    finally:
+        stop.set()
+        t.join(30)
+    assert not problems, problems
+    wait_for(lambda: node.count("messages") == 0, 60, "the queue to drain", interval=0.1)
+    got = Counter(relay.TOKEN.search(tx.data).group(1).decode() for tx in peer.transactions())
+    acked = {tok for c, tok in replies if c == 250}
+    refused = {tok for c, tok in replies if c == 451}
+    assert acked <= set(got), f"lost after a 250: {acked - set(got)}"
+    assert not (refused & set(got)), f"delivered after a 451: {refused & set(got)}"
+    print(f"{len(acked)} acknowledged, {len(refused)} refused with 451 while the database "
+          f"was away; duplicates {[k for k, n in got.items() if n > 1]}")
