@@ -461,3 +461,24 @@ def test_startup_recovery_takes_back_what_an_earlier_start_here_left(db):
     claim(db, "B", [live], 400.0)
     assert tx(db, ops.recover_inflight, "A-now", 450.0, lambda o: o == "A-earlier") == 1
     assert rows(db) == {old: ("queued", None, None), live: ("inflight", "B", 700.0)}
+
+
+def test_pg_nodes_starting_at_once_create_the_schema_once(pg_url):
+    """Several nodes opening a new database at the same moment: each
+    prepare() waits for the one before (an advisory lock), none fails."""
+    engines = [make_engine(pg_url) for _ in range(4)]
+    barrier = threading.Barrier(len(engines))
+    results: list = []
+
+    def start(engine):
+        barrier.wait()
+        with engine.begin() as conn:
+            results.append(prepare(conn))
+    threads = [threading.Thread(target=start, args=(e,)) for e in engines]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for e in engines:
+        e.dispose()
+    assert sorted(results) == [0, SCHEMA_VERSION, SCHEMA_VERSION, SCHEMA_VERSION]
