@@ -482,3 +482,23 @@ def test_pg_nodes_starting_at_once_create_the_schema_once(pg_url):
     for e in engines:
         e.dispose()
     assert sorted(results) == [0, SCHEMA_VERSION, SCHEMA_VERSION, SCHEMA_VERSION]
+
+
+def test_mta_queue_upgrades_a_schema_1_spool_too(url):
+    engine = make_engine(url)
+    try:
+        schema_1(engine)
+        admin = SpoolAdmin.open(url, hostname="mx.test")
+        try:
+            [m] = admin.list_messages()
+            assert [(r.address, r.state) for r in m.recipients] == [
+                ("b@dest.test", "inflight"), ("c@dest.test", "queued")]
+            assert admin.hold(["OLD1"]).messages == (MessageChange("OLD1", changed=1,
+                                                                   inflight=1),)
+        finally:
+            admin.close()
+        with engine.connect() as c:
+            assert c.execute(select(meta.c.value).where(meta.c.key == "schema_version")
+                             ).scalar_one() == str(SCHEMA_VERSION)
+    finally:
+        engine.dispose()
