@@ -500,6 +500,12 @@ class Spool(SpoolInterface):
 
     def _run_batch(self, conn: Connection, batch: list) -> list:
         try:
+            if conn.dialect.name == "sqlite":
+                # The write lock before anything is read: what a write reads
+                # (which recipients this node still owns, which are final)
+                # cannot change under it -- another process on the file
+                # (``mta queue``, a second daemon) waits, as with row locks.
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
             msgs = [arg for fn, arg, _d in batch if fn is None]
             if msgs:
                 insert_messages(conn, msgs)

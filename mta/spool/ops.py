@@ -287,9 +287,13 @@ def next_due(conn: Connection) -> float | None:
 
 def lock_messages(conn: Connection, queue_ids: Iterable[str]) -> None:
     """Lock the rows of messages *queue_ids* until the end of the
-    transaction (PostgreSQL; on SQLite the write transaction holds the whole
-    database), always in queue id order, so that two transactions that each
-    take several never wait for each other in a circle."""
+    transaction, always in queue id order, so that two transactions that
+    each take several never wait for each other in a circle.  Nothing to do
+    on SQLite, which has no row locks: a write transaction there holds the
+    whole database (the spool's writer and ``mta queue`` begin theirs with
+    ``BEGIN IMMEDIATE``, before they read)."""
+    if conn.dialect.name == "sqlite":
+        return
     ids = sorted(set(queue_ids))
     for i in range(0, len(ids), _CHUNK):
         conn.execute(_lock_messages, {"ids": ids[i:i + _CHUNK]}).all()
@@ -314,9 +318,12 @@ def record_calls(conn: Connection, calls: Sequence[RecordCall]) -> list[str]:
     lock_messages(conn, qids)
     updates: list[RecipientUpdate] = []
     new: list[InboundMessage] = []
+    by_owner: dict[str | None, list[int]] = {}
+    for ups, _m, _q, owner in calls:
+        by_owner.setdefault(owner, []).extend(u.rid for u in ups)
+    ok = {owner: _writable(conn, rids, owner) for owner, rids in by_owner.items()}
     for ups, msgs, _q, owner in calls:
-        ok = _writable(conn, [u.rid for u in ups], owner)
-        mine = [u for u in ups if u.rid in ok]
+        mine = [u for u in ups if u.rid in ok[owner]]
         updates += mine
         if mine or not ups:
             new += msgs
