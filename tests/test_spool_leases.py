@@ -502,3 +502,15 @@ def test_mta_queue_upgrades_a_schema_1_spool_too(url):
                              ).scalar_one() == str(SCHEMA_VERSION)
     finally:
         engine.dispose()
+
+
+def test_an_atrn_claim_is_a_claim_with_a_lease_too(db):
+    mine, others, held, elsewhere = put(db, "Q1", "a@branch.test", "b@branch.test",
+                                        "c@branch.test", "d@other.test")
+    claim(db, "B", [others], 200.0)
+    tx(db, lambda c: c.execute(recipients.update().where(recipients.c.id == held)
+                               .values(state="held")))
+    got = tx(db, ops.claim_domains, ["branch.test"], "mx.test", "A", 300.0, 300.0 + LEASE)
+    assert [r.id for r in got.recipients] == [mine]
+    assert rows(db) == {mine: ("inflight", "A", 600.0), others: ("inflight", "B", 500.0),
+                        held: ("held", None, None), elsewhere: ("queued", None, None)}
