@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3 2>/dev
 VENV := .venv
 STAMP := $(VENV)/.stamp
 
-.PHONY: venv run test test-deps bench clean
+.PHONY: venv run test test-deps bench bench-cluster clean
 
 venv: $(STAMP)
 
@@ -46,6 +46,10 @@ test: venv test-deps
 # make bench BENCH_ARGS='--cases inbound,e2e -r 3'  (bench/run.py --help lists the cases)
 bench: venv
 	$(VENV)/bin/python bench/run.py $(BENCH_ARGS)
+
+# 1, 2 and 3 nodes on one private PostgreSQL against one node on SQLite.
+bench-cluster: venv test-deps
+	$(VENV)/bin/python bench/cluster.py
 
 clean:
 	rm -rf build dist *.egg-info _trial_temp .hypothesis .pytest_cache twistd.pid twistd.log

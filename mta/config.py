@@ -46,6 +46,7 @@ from . import domain as dom
 
 __all__ = [
     "AuthConfig",
+    "ClusterConfig",
     "Config",
     "GatewayConfig",
     "MetricsConfig",
@@ -97,6 +98,15 @@ class SpoolConfig:
     url: str = "sqlite:///spool/mta.sqlite"
     queue_minfree: int = 0            # bytes kept free on the spool's file system (and 1.5x
                                       # [server] max_message_size): below, MAIL gets 452 4.3.1
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """``[cluster]``: several nodes on one spool database (PostgreSQL)."""
+    node: str = ""                    # this node's name (owner of its claims); "" = host name
+                                      # + a per-start suffix
+    lease: float = 300.0              # how long a claimed recipient stays this node's without
+                                      # renewal (renewed every lease/3 while it is delivered)
 
 
 @dataclass(frozen=True)
@@ -224,6 +234,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
     routes: tuple[tuple[str, str], ...] = ()   # (domain, "host:port"), checked before smarthost/MX
     route_tls: tuple[tuple[str, str], ...] = ()  # (domain of routes, TLS policy)
@@ -352,6 +363,27 @@ def _duration(value: object) -> float:
     if seconds > _DURATION_MAX:
         raise _Invalid(f"must be at most 10 years ({_DURATION_MAX:.0f} seconds), got {value!r}")
     return seconds
+
+
+_LEASE_MIN = 3.0      # renewed every third: once a second at most
+
+
+def _lease(value: object) -> float:
+    seconds = _duration(value)
+    if seconds < _LEASE_MIN:
+        raise _Invalid(f"must be at least {_LEASE_MIN:g} seconds, got {value!r}")
+    return seconds
+
+
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,99}")
+
+
+def _node_name(value: object) -> str:
+    name = _str(value)
+    if name and not _NODE_NAME.fullmatch(name):
+        raise _Invalid("must be empty (host name + a per-start suffix) or up to 100 letters, "
+                       f"digits and . _ : - (starting with a letter or digit), got {name!r}")
+    return name
 
 
 def _port(value: object) -> int:
@@ -681,6 +713,13 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[object], Any]]]] = {
         {
             "url": _sqlalchemy_url,
             "queue_minfree": _int(0),
+        },
+    ),
+    "cluster": (
+        ClusterConfig,
+        {
+            "node": _node_name,
+            "lease": _lease,
         },
     ),
     "relay": (

@@ -117,8 +117,8 @@ def makeService(options: Options) -> service.IService:
     url = options["spool"] or config.spool.url
     where = "--spool" if options["spool"] else f"{config.path}: [spool] url"
     try:
-        spool = Spool(url, reactor=reactor,
-                      on_commit=metrics.commit_done if metrics is not None else None)
+        spool = Spool(url, node=config.cluster.node, lease=config.cluster.lease,
+                      reactor=reactor, on_commit=metrics.commit_done if metrics is not None else None)
         spool.open()
     except SpoolError as e:
         _die(f"{where}: {e}")
@@ -386,7 +386,7 @@ def _check_as_user(options: Options, config: Config, url: str, where: str) -> No
 
     def spool() -> None:
         try:
-            Spool(url).open()
+            Spool(url, node=config.cluster.node, lease=config.cluster.lease).open()
         except Exception as e:
             raise usercheck.Problem(f"{where}: {e} (the spool file and its directory must "
                                     "be writable by this user)") from None
@@ -662,7 +662,8 @@ def _make_runner(config: Config, spool: DeliveryQueue, reactor: Any,
     couriers = {"smtp": smtp, "local": _local_courier(config, reactor, directory),
                 HOLD_COURIER: HoldCourier(hostname=config.server.hostname)}
     return QueueRunner(spool, router, couriers, hostname=config.server.hostname,
-                       retry=config.retry, relay=relay, reactor=reactor, metrics=metrics,
+                       retry=config.retry, relay=relay, reactor=reactor,
+                       lease=config.cluster.lease, metrics=metrics,
                        fresh_connections=smtp.fresh_connections)
 
 

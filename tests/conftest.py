@@ -7,6 +7,8 @@ on a free loopback port with a temporary SQLite spool.
   starts more daemons (or one configured inside the test).
 * ``twistd`` — ``twistd(*args)`` runs ``twistd ...`` to completion (startup
   errors, ``--help``) and returns the CompletedProcess.
+* ``pg_server`` (session scope) and ``pg_url``, tests/pg.py — a private
+  PostgreSQL and an empty database on it (its SQLAlchemy URL).
 * ``postfix_factory`` (module scope, tests/postfix.py) — private Postfix
   instances (``postfix -c DIR``), the reference peer for interop tests.
 
@@ -32,6 +34,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from pg import pg_server, pg_url  # noqa: F401  (fixtures: a private PostgreSQL, a database)
 from postfix import postfix_factory  # noqa: F401  (fixture: private Postfix instances)
 from waiting import wait_for  # noqa: F401  (re-exported: tests import it from here)
 
@@ -91,11 +94,13 @@ def toml_text(sections: dict[str, dict[str, Any]]) -> str:
 
 
 class MTADaemon:
-    """One ``twistd -n mta`` process with its own config file and spool."""
+    """One ``twistd -n mta`` process with its own config file and spool (a
+    SQLite file, or *url*: a database, e.g. ``pg_url``'s, that several
+    daemons may share)."""
 
     def __init__(self, directory: Path, *, server: dict | None = None, policy: dict | None = None,
                  extra: str = "", spool: Path | None = None, hostname: str = "mx.e2e.test",
-                 host: str = "127.0.0.1"):
+                 host: str = "127.0.0.1", url: str | None = None):
         self.directory = directory
         self.host = host              # loopback address to listen on: 127.0.0.1 or ::1
         directory.mkdir(parents=True, exist_ok=True)
@@ -104,6 +109,7 @@ class MTADaemon:
         self.extra = extra
         self.hostname = hostname
         self.spool = Path(spool) if spool is not None else directory / "spool" / "mta.sqlite"
+        self.url = url
         self.config_path = directory / "mta.toml"
         self.log_path = directory / "twistd.log"
         self.port = 0
@@ -115,7 +121,7 @@ class MTADaemon:
     # -- configuration --------------------------------------------------------
     @property
     def spool_url(self) -> str:
-        return f"sqlite:///{self.spool}"
+        return self.url or f"sqlite:///{self.spool}"
 
     def write_config(self) -> None:
         if ":" in self.host:
@@ -229,8 +235,12 @@ class MTADaemon:
         parts = self._logs + [self.log()]
         return "\n----- restart -----\n".join(p for p in parts if p)
 
-    def rows(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
-        """Run a query on the spool with the stdlib sqlite3 module."""
+    def rows(self, sql: str, params: Any = ()) -> list[Any]:
+        """Run a query on the spool with the stdlib sqlite3 module (rows by
+        index and by column name), or, for a *url* spool, with SQLAlchemy
+        (``?`` placeholders all the same)."""
+        if self.url is not None:
+            return _url_rows(self.url, sql, params)
         conn = sqlite3.connect(f"file:{self.spool}?mode=ro", uri=True, timeout=30)
         try:
             conn.row_factory = sqlite3.Row
@@ -240,6 +250,9 @@ class MTADaemon:
 
     def execute(self, sql: str, params: Any = ()) -> None:
         """Change the spool behind the daemon's back (tests of failure paths)."""
+        if self.url is not None:
+            _url_rows(self.url, sql, params)
+            return
         conn = sqlite3.connect(self.spool, timeout=30)
         try:
             conn.execute(sql, params)
@@ -253,6 +266,37 @@ class MTADaemon:
 
 class _PortTaken(Exception):
     pass
+
+
+class _Row(tuple):
+    """A result row by index and by column name, as sqlite3.Row."""
+    names: tuple[str, ...] = ()
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            return tuple.__getitem__(self, self.names.index(key))
+        return tuple.__getitem__(self, key)
+
+
+def _url_rows(url: str, sql: str, params: Any = ()) -> list[Any]:
+    from sqlalchemy import create_engine
+    engine = create_engine(url)
+    try:
+        if engine.dialect.paramstyle in ("format", "pyformat"):
+            sql = sql.replace("%", "%%").replace("?", "%s")
+        with engine.begin() as conn:
+            res = conn.exec_driver_sql(sql, tuple(params))
+            if not res.returns_rows:
+                return []
+            names = tuple(res.keys())
+            out = []
+            for r in res:
+                row = _Row(r)
+                row.names = names
+                out.append(row)
+            return out
+    finally:
+        engine.dispose()
 
 
 # --------------------------------------------------------------------------- next hops and DNS

@@ -1,32 +1,35 @@
 """The tests' spool: :class:`SyncSpool` is mta.spool.interface.SpoolInterface
 run synchronously (each call one transaction, its Deferred already fired)
-on a real SQLite file, through the same mta.spool.ops as the real Spool --
+on a real SQLite file (or a PostgreSQL database, given its URL), through
+the same mta.spool.ops as the real Spool --
 for the queue runner, the gauges and the lifecycle tests, with a task.Clock
 and no threads.  tests/test_spool_interface.py checks that its methods are
 the interface's, signature for signature, as the real Spool's are."""
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import create_engine
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 
 from mta.message import InboundMessage, QueuedRecipient
-from mta.spool import ops
+from mta.spool import make_engine, ops
 from mta.spool.interface import Claimed, QueueSummary, RecipientUpdate, Release
-from mta.spool.schema import metadata
+from mta.spool.schema import prepare
 
 
 class SyncSpool:
-    """The spool's interface, run synchronously on a real SQLite file."""
+    """The spool's interface, run synchronously on a real SQLite file (a
+    path) or database (a ``postgresql+psycopg://`` URL), claiming as *node*."""
 
-    def __init__(self, path: Any):
-        self.path = str(path)
-        self.engine = create_engine(f"sqlite:///{path}")
-        metadata.create_all(self.engine)
+    def __init__(self, path: Any, *, node: str = "test-node", lease: float = 300.0):
+        self.url = str(path) if str(path).startswith("postgresql") else f"sqlite:///{path}"
+        self.node = node
+        self.lease = lease
+        self.engine = make_engine(self.url)
+        with self.engine.begin() as conn:
+            prepare(conn)
 
     # -- how each call runs (FlakySpool in test_scheduler overrides _write) ---------
     def _write(self, fn: Callable[..., Any], *args: Any) -> Deferred:
@@ -41,31 +44,36 @@ class SyncSpool:
     def store(self, msg: InboundMessage) -> Deferred[str]:
         return self._write(ops.insert_messages, [msg]).addCallback(lambda _: msg.queue_id)
 
-    def recover_inflight(self) -> Deferred[int]:
-        return self._write(ops.recover_inflight)
+    def recover_inflight(self, now: float) -> Deferred[int]:
+        return self._write(ops.recover_inflight, self.node, now)
 
     def due(self, now: float, limit: int) -> Deferred[list[QueuedRecipient]]:
-        return self._run(ops.due_recipients, now, limit)
+        return self._run(ops.due_recipients, now, limit, self.node)
 
-    def claim_and_load(self, rids: Sequence[int]) -> Deferred[Claimed]:
-        return self._write(ops.claim_and_load, list(rids))
+    def claim_and_load(self, rids: Sequence[int], now: float) -> Deferred[Claimed]:
+        return self._write(ops.claim_and_load, list(rids), self.node, now, now + self.lease)
 
-    def claim_domains(self, domains: Sequence[str], hostname: str) -> Deferred[Claimed]:
-        return self._write(ops.claim_domains, list(domains), hostname)
+    def renew(self, now: float) -> Deferred[int]:
+        return self._write(ops.renew_leases, self.node, now + self.lease)
+
+    def claim_domains(self, domains: Sequence[str], hostname: str,
+                      now: float) -> Deferred[Claimed]:
+        return self._write(ops.claim_domains, list(domains), hostname, self.node, now,
+                           now + self.lease)
 
     def record(self, updates: Sequence[RecipientUpdate], new_messages: Sequence[InboundMessage],
                finished: Sequence[str]) -> Deferred[list[str]]:
         return self._write(ops.record_results, list(updates), list(new_messages),
-                           list(finished))
+                           list(finished), self.node)
 
     def record_again(self, updates: Sequence[RecipientUpdate],
                      new_messages: Sequence[InboundMessage],
                      finished: Sequence[str]) -> Deferred[list[str]]:
         return self._write(ops.record_results_again, list(updates), list(new_messages),
-                           list(finished))
+                           list(finished), self.node)
 
     def requeue(self, rids: Sequence[int]) -> Deferred[int]:
-        return self._write(ops.requeue_inflight, list(rids))
+        return self._write(ops.requeue_inflight, list(rids), self.node)
 
     def release(self, domain: str, subdomains: bool, *, now: float, hostname: str,
                 how: str) -> Deferred[Release]:
@@ -80,5 +88,9 @@ class SyncSpool:
 
     # -- for the tests ------------------------------------------------------------------
     def sql(self, query: str, *args: Any) -> list[tuple]:
-        with sqlite3.connect(self.path) as c:
-            return c.execute(query, args).fetchall()
+        """Run *query* (``?`` placeholders) in its own transaction; its rows."""
+        if self.engine.dialect.name == "postgresql":
+            query = query.replace("%", "%%").replace("?", "%s")
+        with self.engine.begin() as c:
+            res = c.exec_driver_sql(query, tuple(args))
+            return [tuple(r) for r in res] if res.returns_rows else []

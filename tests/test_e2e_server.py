@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, subprocess_env, twistd_command, wait_for
+from mta.spool.schema import SCHEMA_VERSION
 
 SMUGGLING = [b"\n.\n", b"\r\n.\r", b"\n.\r\n", b"\r.\r", b"\r.\r\n", b"\r\n.\n", b"\n..\n"]
 
@@ -756,7 +757,8 @@ def test_restart_keeps_messages_and_clean_shutdown(mta):
     assert stored_message(mta, qid) == b"Subject: keep\r\n\r\nme\r\n"
     qid2 = send_with_smtplib(mta, "a@origin.test", ["b@dest.test"], b"Subject: two\r\n\r\n2\r\n")
     assert {r[0] for r in mta.rows("SELECT queue_id FROM messages")} == {qid, qid2}
-    assert mta.rows("SELECT value FROM meta WHERE key = 'schema_version'")[0][0] == "1"
+    assert mta.rows("SELECT value FROM meta WHERE key = 'schema_version'")[0][0] == str(
+        SCHEMA_VERSION)
 
 
 # --------------------------------------------------------------------------- startup

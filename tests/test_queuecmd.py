@@ -1,5 +1,6 @@
-"""``mta queue``: against a real SQLite spool made with mta.spool.Spool and
-filled with mta.spool.ops.insert_messages.
+"""``mta queue``: against a real spool -- a SQLite file, and a database on
+a private PostgreSQL (tests/pg.py): the ``site`` fixture is both -- made
+with mta.spool.Spool and filled with mta.spool.ops.insert_messages.
 
 The commands a script relies on (exit statuses, JSON, raw --body, missing
 ids) run as the installed ``mta`` script in a subprocess; the rest call
@@ -12,7 +13,6 @@ from __future__ import annotations
 import email
 import email.policy
 import json
-import sqlite3
 import subprocess
 import sys
 import time
@@ -39,14 +39,14 @@ def mta_command(*args: str) -> list[str]:
 class Site:
     """A configuration file and a spool with some messages in it."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, url: str | None = None):
         self.dir = directory
         self.db = directory / "spool" / "mta.sqlite"
-        self.url = f"sqlite:///{self.db}"
+        self.url = url or f"sqlite:///{self.db}"
         self.config = directory / "mta.toml"
         self.config.write_text(toml_text({"server": {"hostname": HOSTNAME},
                                           "spool": {"url": self.url}}))
-        self.spool = Spool(self.url, reactor=Clock())
+        self.spool = Spool(self.url, node="test-node", lease=300.0, reactor=Clock())
         self.spool.open()
 
     def add(self, sender: str, rcpts: list[str], *, age: float = 0.0, notify: str | None = None,
@@ -64,20 +64,15 @@ class Site:
         return qid
 
     def execute(self, sql: str, params: tuple = ()) -> None:
-        conn = sqlite3.connect(self.db, timeout=30)
-        try:
-            conn.execute(sql, params)
-            conn.commit()
-        finally:
-            conn.close()
+        self.rows(sql, params)
 
     def rows(self, sql: str, params: tuple = ()) -> list[dict]:
-        conn = sqlite3.connect(self.db, timeout=30)
-        conn.row_factory = sqlite3.Row
-        try:
-            return [dict(r) for r in conn.execute(sql, params)]
-        finally:
-            conn.close()
+        """*sql* (``?`` placeholders) in one transaction of its own."""
+        if self.spool.engine.dialect.name == "postgresql":
+            sql = sql.replace("%", "%%").replace("?", "%s")
+        with self.spool.engine.begin() as conn:
+            res = conn.exec_driver_sql(sql, tuple(params))
+            return [dict(r._mapping) for r in res] if res.returns_rows else []
 
     def rcpts(self, qid: str) -> dict[str, dict]:
         return {r["address"]: r for r in self.rows(
@@ -108,8 +103,10 @@ class Site:
                               stdin=subprocess.DEVNULL, timeout=60)
 
 
-@pytest.fixture
-def site(tmp_path: Path) -> Site:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def site(request, tmp_path: Path) -> Site:
+    if request.param == "postgresql":
+        return Site(tmp_path, request.getfixturevalue("pg_url"))
     return Site(tmp_path)
 
 

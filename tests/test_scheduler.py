@@ -348,7 +348,7 @@ def test_owed_report_waits_for_the_last_job_and_a_crash_loses_nothing(env, tmp_p
                       "dave@slow.test": "inflight"}
     assert dsns(env) == []
     # A crash now: the restart attempts bob again, and his bounce is owed then.
-    env.spool.recover_inflight()
+    env.spool.recover_inflight(env.clock.seconds())
     pool2 = FakePool()
     pool2.script = {"bob@dest.test": [(550, "5.1.1")], "dave@slow.test": [(250, "2.0.0")],
                     "alice@example.test": [(451, "4.2.0")]}

@@ -38,7 +38,8 @@ def message(body, rcpts=("u@example.test",)) -> InboundMessage:
 
 @pytest.fixture
 def spool(tmp_path):
-    s = Spool(f"sqlite:///{tmp_path / 'spool' / 'mta.sqlite'}", reactor=Clock())
+    s = Spool(f"sqlite:///{tmp_path / 'spool' / 'mta.sqlite'}", node="test-node", lease=300.0,
+              reactor=Clock())
     s.open()
     yield s
     s.engine.dispose()

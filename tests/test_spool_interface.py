@@ -102,41 +102,82 @@ def message(qid: str, now: float, *rcpts: str) -> InboundMessage:
 
 
 class RealSpoolTests(unittest.TestCase):
-    """The real Spool through its writer thread and pool, as the daemon uses it."""
+    """The real Spool through its writer thread and pool, as the daemon
+    uses it, on SQLite (this class) and PostgreSQL (the next)."""
+
+    def spool_url(self) -> str:
+        base = tempfile.mkdtemp(prefix="mta-test-")   # not trial's mktemp: the cwd
+        self.addCleanup(shutil.rmtree, base, True)
+        return f"sqlite:///{base}/mta.sqlite"
 
     @defer.inlineCallbacks
     def test_the_real_spool_answers_with_typed_records(self):
-        base = tempfile.mkdtemp(prefix="mta-test-")   # not trial's mktemp: the cwd
-        self.addCleanup(shutil.rmtree, base, True)
-        spool = Spool(f"sqlite:///{base}/mta.sqlite")
+        spool = Spool(self.spool_url(), node="node-a", lease=300.0)
         spool.open()
         spool.start()
         self.addCleanup(threads.deferToThread, spool.stop)
         assert (yield spool.store(message("QID1", 100.0, "b@dest.test", "c@dest.test"))) == "QID1"
-        assert (yield spool.recover_inflight()) == 0
+        assert (yield spool.recover_inflight(150.0)) == 0
         due = yield spool.due(200.0, 10)
         assert [type(r) for r in due] == [QueuedRecipient, QueuedRecipient]
-        claimed = yield spool.claim_and_load([r.id for r in due])
+        claimed = yield spool.claim_and_load([r.id for r in due], 200.0)
         assert isinstance(claimed, Claimed)
         rows, msgs = claimed
         assert [r.address for r in rows] == ["b@dest.test", "c@dest.test"]
         assert isinstance(msgs["QID1"], QueuedMessage) and msgs["QID1"].body == b"hi\r\n"
+        assert (yield spool.renew(250.0)) == 2
         assert (yield spool.requeue([rows[1].id])) == 1
         assert (yield spool.summary()) == QueueSummary({"inflight": 1, "queued": 1}, 1, 100.0)
         done = RecipientUpdate(rows[0].id, "delivered", 1, 200.0, "250 ok")
         assert (yield spool.record([done], [], ["QID1"])) == []
         assert (yield spool.record_again([done], [], ["QID1"])) == []   # recorded already
-        rest = (yield spool.claim_and_load([rows[1].id])).recipients
+        rest = (yield spool.claim_and_load([rows[1].id], 260.0)).recipients
         failed = RecipientUpdate(rest[0].id, "failed", 1, 200.0, "550 no")
         removed = yield spool.record([failed], [message("QID2", 200.0, "a@origin.test")],
                                      ["QID1"])
         assert removed == ["QID1"]
         assert (yield spool.summary()) == QueueSummary({"queued": 1}, 1, 200.0)
+        assert (yield spool.count_messages()) == 1
+
+    @defer.inlineCallbacks
+    def test_records_of_one_batch_are_merged_each_with_its_owner_check(self):
+        spool = Spool(self.spool_url(), node="node-a", lease=300.0)
+        spool.open()
+        spool.start()
+        self.addCleanup(threads.deferToThread, spool.stop)
+        yield defer.gatherResults([spool.store(message(f"Q{i}", 100.0, f"r{i}@dest.test"))
+                                   for i in range(3)])
+        rows = (yield spool.claim_and_load([r.id for r in (yield spool.due(200.0, 10))],
+                                           200.0)).recipients
+        assert len(rows) == 3
+        # Three records at once: one group commit; each removes its message.
+        got = yield defer.gatherResults([
+            spool.record([RecipientUpdate(r.id, "delivered", 1, 200.0, "250 ok")], [],
+                         [r.queue_id]) for r in rows])
+        assert got == [[r.queue_id] for r in rows]
+        assert (yield spool.count_messages()) == 0
 
 
-def test_the_admin_answers_with_typed_records(tmp_path):
-    admin = SpoolAdmin.open(f"sqlite:///{tmp_path / 'mta.sqlite'}", hostname="mx.test",
-                            create=True)
+class RealSpoolPostgresTests(RealSpoolTests):
+    """The same on a private PostgreSQL (tests/pg.py)."""
+
+    @pytest.fixture(autouse=True)
+    def _database(self, pg_url):
+        self._pg_url = pg_url
+
+    def spool_url(self) -> str:
+        return self._pg_url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def spool_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'mta.sqlite'}"
+    return request.getfixturevalue("pg_url")
+
+
+def test_the_admin_answers_with_typed_records(spool_url):
+    admin = SpoolAdmin.open(spool_url, hostname="mx.test", create=True)
     try:
         admin.submit([message("QID1", 100.0, "b@dest.test"), message("QID2", 100.0, "c@x.test")])
         listed = admin.list_messages(domain="dest.test")

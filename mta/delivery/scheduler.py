@@ -36,8 +36,11 @@ relays a released recipient of a hold domain, that once, by ``"smtp"``
 ``fresh_connections`` hook: the SMTP courier does not reuse one cached
 before).  A domain whose flush is under way is not flushed again.
 
-Delivery is at least once: recipients in flight when the process dies are
-attempted again after a restart (see README).  Within one process a
+Delivery is at least once: a claimed recipient is this node's for one
+lease (``[cluster] lease``), renewed every third of it while deliveries
+run; recipients in flight when the process dies are attempted again by
+whichever node finds their lease expired, or by this one at its restart
+(see README).  Within one process a
 delivery happens once: a result the spool refuses (disk full, a read-only
 file, a lock held past the busy timeout) is kept and written again until the
 spool takes it, its recipients staying in flight -- claimed by nobody --
@@ -179,6 +182,7 @@ class QueueRunner(service.Service):
     def __init__(self, spool: DeliveryQueue, router: RouteMap, couriers: Mapping[str, Courier], *,
                  hostname: str, retry: RetryConfig, relay: RelayConfig, reactor: Any = None,
                  rand: Callable[[], float] = random.random, poll_interval: float = 1.0,
+                 lease: float = 300.0,
                  dsn_builder: Callable[..., bytes] | None = None, metrics: Any = None,
                  fresh_connections: Callable[[str, float], None] | None = None):
         if reactor is None:
@@ -193,6 +197,14 @@ class QueueRunner(service.Service):
         self.reactor = reactor
         self.rand = rand
         self.poll_interval = poll_interval
+        self.renew_interval = lease / 3   # the claims' leases are renewed this often
+        self._renew_loop: task.LoopingCall | None = None
+        self._renewing = False
+        self._handovers = 0                # ATRN deliveries under way (not in _jobs)
+        self._renew_trouble = RepeatedFailures(
+            log, reactor, what="renewing the leases of the recipients in delivery",
+            consequence="tried again at the next renewal; once a lease has run out another "
+            "node may deliver its recipient too", level=LogLevel.warn)
         self._dsn_builder = dsn_builder
         self._global = defer.DeferredSemaphore(relay.concurrency)
         self._per_dest: dict[Route, defer.DeferredSemaphore] = {}
@@ -242,7 +254,7 @@ class QueueRunner(service.Service):
         self._recover_call = None
         if not self.running or self._recovered:
             return
-        d = self.spool.recover_inflight()
+        d = self.spool.recover_inflight(self.reactor.seconds())
         d.addCallbacks(self._recovered_cb, self._recover_failed)
         d.addErrback(lambda f: log.failure("starting the queue runner failed", f))
 
@@ -263,7 +275,26 @@ class QueueRunner(service.Service):
         self._loop = task.LoopingCall(self.kick)
         self._loop.clock = self.reactor
         self._loop.start(self.poll_interval, now=True)
+        self._renew_loop = task.LoopingCall(self._renew)
+        self._renew_loop.clock = self.reactor
+        self._renew_loop.start(self.renew_interval, now=False)
         self.ready.callback(None)
+
+    def _renew(self) -> None:
+        """Renew the leases of this node's claims (all of them, in one
+        write), while it has any: deliveries under way, results waiting to
+        be written."""
+        if self._renewing or not (self._jobs or self._unrecorded or self._handovers):
+            return
+        self._renewing = True
+
+        def done(result: Any) -> None:
+            self._renewing = False
+            if isinstance(result, Failure):
+                self._renew_trouble.failed(describe(result.value))
+            else:
+                self._renew_trouble.succeeded()
+        self.spool.renew(self.reactor.seconds()).addBoth(done)
 
     def stopService(self) -> defer.Deferred | None:
         """No new deliveries start; those in progress may finish within
@@ -324,7 +355,10 @@ class QueueRunner(service.Service):
         def finished(_: Any) -> Any:
             if timer is not None and timer.active():
                 timer.cancel()
-            for trouble in (self._recover_trouble, self._run_trouble, self._record_trouble):
+            if self._renew_loop is not None and self._renew_loop.running:
+                self._renew_loop.stop()     # nothing of ours is in delivery any more
+            for trouble in (self._recover_trouble, self._run_trouble, self._record_trouble,
+                            self._renew_trouble):
                 trouble.close()
             return defer.DeferredList([defer.maybeDeferred(c.close)
                                        for c in self.couriers.values()], consumeErrors=True)
@@ -388,7 +422,7 @@ class QueueRunner(service.Service):
             return
         try:
             rows, msgs = await self.spool.claim_and_load(
-                [r.id for _d, part in plan for r in part])
+                [r.id for _d, part in plan for r in part], now)
         except SpoolWriteError:
             return             # logged by the spool; tried again at the next queue run
         except Exception as e:
@@ -778,9 +812,19 @@ class QueueRunner(service.Service):
                             open_courier: Callable[[int], Awaitable[Courier]]) -> int:
         if not self.running or not self._recovered:
             raise RuntimeError("the queue runner is not running (starting or stopping)")
-        rows, msgs = await self.spool.claim_domains(domains, self.hostname)
+        rows, msgs = await self.spool.claim_domains(domains, self.hostname,
+                                                    self.reactor.seconds())
         if not rows:
             return 0
+        self._handovers += 1          # its claims are renewed meanwhile (see _renew)
+        try:
+            return await self._hand_over(domains, open_courier, rows, msgs)
+        finally:
+            self._handovers -= 1
+
+    async def _hand_over(self, domains: list[str],
+                         open_courier: Callable[[int], Awaitable[Courier]],
+                         rows: list[QueuedRecipient], msgs: Mapping[str, QueuedMessage]) -> int:
         jobs: list[Job] = []
         by_message: dict[str, list[QueuedRecipient]] = defaultdict(list)
         for row in rows:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import create_engine, event, select, text
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from twisted.internet import defer, threads
@@ -30,8 +30,9 @@ from ..message import InboundMessage, QueuedRecipient
 from . import ops
 from .faults import RepeatedFailures, SpoolError, SpoolWriteError, describe
 from .interface import Claimed, QueueSummary, RecipientUpdate, Release, SpoolInterface
+from .node import left_by_a_dead_process, node_name
 from .ops import MERGEABLE, insert_messages
-from .schema import SCHEMA_VERSION, meta, metadata
+from .schema import SchemaTooNew, prepare
 
 log = Logger()
 _STOP = object()
@@ -110,15 +111,21 @@ def make_engine(url: str) -> Engine:
 class Spool(SpoolInterface):
     """The spool at a SQLAlchemy *url*: writes through one group-commit
     writer thread (:meth:`store` and every write below), reads on a small
-    thread pool."""
+    thread pool.  Recipients are claimed for this node -- *node*, or when
+    that is "" a name of this process, given at :meth:`start` (after
+    twistd's daemonizing fork): see mta.spool.node -- for *lease* seconds
+    at a time (renewed by :meth:`renew`)."""
 
-    def __init__(self, url: str, *, reactor: Any = None, threads: int = 4,
-                 idle_check: float = 5.0,
+    def __init__(self, url: str, *, node: str, lease: float, reactor: Any = None,
+                 threads: int = 4, idle_check: float = 5.0,
                  on_commit: Callable[[float, int], None] | None = None):
         if reactor is None:
             from twisted.internet import reactor as _r
             reactor = _r
         self.url = url
+        self._configured_node = node
+        self.node = node_name(node)
+        self.lease = lease
         self.reactor = reactor
         self.engine = make_engine(url)
         self._db_path = sqlite_path(url)
@@ -145,19 +152,9 @@ class Spool(SpoolInterface):
         called once at startup, before the reactor runs."""
         try:
             with self.engine.begin() as conn:
-                metadata.create_all(conn)
-                row = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).first()
-                if row is None:
-                    conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
-                else:
-                    found = int(row[0])
-                    if found > SCHEMA_VERSION:
-                        raise SpoolError(
-                            f"{self.url}: spool schema version {found} is newer than this mta "
-                            f"supports ({SCHEMA_VERSION}); upgrade mta")
-                    # A write, so an unwritable spool is found now, not at the first 250.
-                    conn.execute(meta.update().where(meta.c.key == "schema_version")
-                                 .values(value=str(found)))
+                prepare(conn)
+        except SchemaTooNew as e:
+            raise SpoolError(f"{self.url}: {e}") from None
         except SQLAlchemyError as e:
             raise SpoolError(f"{self.url}: cannot use spool: {e.orig if getattr(e, 'orig', None) else e}") from None
         finally:
@@ -168,6 +165,7 @@ class Spool(SpoolInterface):
 
     def start(self) -> None:
         if self._writer is None:
+            self.node = node_name(self._configured_node)   # this process's
             self._writer = threading.Thread(target=self._write_loop, name="mta-spool-writer",
                                             daemon=True)
             self._writer.start()
@@ -189,33 +187,38 @@ class Spool(SpoolInterface):
         self._queue.put((None, msg, d))
         return d
 
-    def recover_inflight(self) -> defer.Deferred[int]:
-        return self._write(ops.recover_inflight)
+    def recover_inflight(self, now: float) -> defer.Deferred[int]:
+        return self._write(ops.recover_inflight, self.node, now, left_by_a_dead_process)
 
     def due(self, now: float, limit: int) -> defer.Deferred[list[QueuedRecipient]]:
-        return self._run(ops.due_recipients, now, limit)
+        return self._run(ops.due_recipients, now, limit, self.node)
 
-    def claim_and_load(self, rids: Sequence[int]) -> defer.Deferred[Claimed]:
-        return self._write(ops.claim_and_load, list(rids))
+    def claim_and_load(self, rids: Sequence[int], now: float) -> defer.Deferred[Claimed]:
+        return self._write(ops.claim_and_load, list(rids), self.node, now, now + self.lease)
 
-    def claim_domains(self, domains: Sequence[str], hostname: str) -> defer.Deferred[Claimed]:
-        return self._write(ops.claim_domains, list(domains), hostname)
+    def renew(self, now: float) -> defer.Deferred[int]:
+        return self._write(ops.renew_leases, self.node, now + self.lease)
+
+    def claim_domains(self, domains: Sequence[str], hostname: str,
+                      now: float) -> defer.Deferred[Claimed]:
+        return self._write(ops.claim_domains, list(domains), hostname, self.node, now,
+                           now + self.lease)
 
     def record(self, updates: Sequence[RecipientUpdate], new_messages: Sequence[InboundMessage],
                finished: Sequence[str]) -> defer.Deferred[list[str]]:
         # ops.record_results is MERGEABLE: the writer runs the records of one
         # batch as one call.
         return self._write(ops.record_results, list(updates), list(new_messages),
-                           list(finished))
+                           list(finished), self.node)
 
     def record_again(self, updates: Sequence[RecipientUpdate],
                      new_messages: Sequence[InboundMessage],
                      finished: Sequence[str]) -> defer.Deferred[list[str]]:
         return self._write(ops.record_results_again, list(updates), list(new_messages),
-                           list(finished))
+                           list(finished), self.node)
 
     def requeue(self, rids: Sequence[int]) -> defer.Deferred[int]:
-        return self._write(ops.requeue_inflight, list(rids))
+        return self._write(ops.requeue_inflight, list(rids), self.node)
 
     def release(self, domain: str, subdomains: bool, *, now: float, hostname: str,
                 how: str) -> defer.Deferred[Release]:
@@ -379,11 +382,7 @@ class Spool(SpoolInterface):
         try:
             if fresh:
                 with conn.begin():
-                    metadata.create_all(conn)
-                    if conn.execute(select(meta.c.value)
-                                    .where(meta.c.key == "schema_version")).first() is None:
-                        conn.execute(meta.insert().values(key="schema_version",
-                                                          value=str(SCHEMA_VERSION)))
+                    prepare(conn)
                 events.append(("warn", "spool {path} did not exist: created an empty spool "
                                "there", {"path": path}))
             if path is not None:
@@ -501,6 +500,12 @@ class Spool(SpoolInterface):
 
     def _run_batch(self, conn: Connection, batch: list) -> list:
         try:
+            if conn.dialect.name == "sqlite":
+                # The write lock before anything is read: what a write reads
+                # (which recipients this node still owns, which are final)
+                # cannot change under it -- another process on the file
+                # (``mta queue``, a second daemon) waits, as with row locks.
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
             msgs = [arg for fn, arg, _d in batch if fn is None]
             if msgs:
                 insert_messages(conn, msgs)
@@ -528,9 +533,9 @@ class Spool(SpoolInterface):
                     _fn, arg, d = batch[idx[0]]
                     out[idx[0]] = (d, step(conn, *arg), None)
                     continue
-                merge, split = MERGEABLE[step]
+                merged, split = MERGEABLE[step]
                 calls = [batch[i][1] for i in idx]
-                result = step(conn, *merge(calls))
+                result = merged(conn, calls)
                 for i, call in zip(idx, calls):
                     out[i] = (batch[i][2], split(result, call), None)
             conn.commit()

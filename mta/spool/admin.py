@@ -39,8 +39,9 @@ from . import SpoolError, make_engine
 from .faults import describe
 from .interface import (Changed, DSNMaker, Flushed, ListedMessage, ListedRecipient,
                         MessageChange, QueueAdmin, QueueStats, RecipientUpdate)
-from .ops import PENDING, insert_messages, record_results, release_domain
-from .schema import SCHEMA_VERSION, contents, meta, messages, metadata, recipients
+from .ops import PENDING, insert_messages, lock_messages, record_results, release_domain
+from .schema import (SCHEMA_VERSION, SchemaTooNew, contents, messages, meta, prepare,
+                     recipients)
 
 __all__ = ["SpoolAdmin", "AdminError", "STATES", "open_engine"]
 
@@ -87,20 +88,21 @@ def open_engine(url: str, *, create: bool = False) -> Engine:
 def _check_schema(engine: Engine, url: str, create: bool) -> None:
     with engine.connect() as conn:
         present = inspect(conn).has_table("messages")
-    if not present:
-        if not create:
-            raise AdminError(f"{url}: not an mta spool (no messages table)")
-        with engine.begin() as conn:
-            metadata.create_all(conn)
-            if conn.execute(select(meta.c.value)
-                            .where(meta.c.key == "schema_version")).first() is None:
-                conn.execute(meta.insert().values(key="schema_version",
-                                                  value=str(SCHEMA_VERSION)))
-    with engine.connect() as conn:
-        found = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).scalar()
+        found = (conn.execute(select(meta.c.value).where(meta.c.key == "schema_version"))
+                 .scalar() if present else None)
+    if not present and not create:
+        raise AdminError(f"{url}: not an mta spool (no messages table)")
     if found is not None and int(found) > SCHEMA_VERSION:
         raise AdminError(f"{url}: spool schema version {found} is newer than this mta "
                          f"supports ({SCHEMA_VERSION}); upgrade mta")
+    if present and found is not None and int(found) == SCHEMA_VERSION:
+        return                  # nothing to write: a read-only spool can still be listed
+    # Created, or upgraded in place from an earlier version, as the daemon does.
+    try:
+        with engine.begin() as conn:
+            prepare(conn)
+    except SchemaTooNew as e:
+        raise AdminError(f"{url}: {e}") from None
 
 
 @contextmanager
@@ -308,13 +310,17 @@ def _change(conn: Connection, queue_ids: Sequence[str], from_states: Sequence[st
             **values: Any) -> list[MessageChange]:
     """Set *values* on the recipients of *queue_ids* in *from_states*; for
     each message, how many were changed and how many are in flight."""
-    changed = _count_by_message(conn, queue_ids, from_states)
-    inflight = _count_by_message(conn, queue_ids, ("inflight",))
+    changed: dict[str, int] = defaultdict(int)
     for chunk in _chunks(list(queue_ids)):
-        conn.execute(update(recipients)
-                     .where(recipients.c.queue_id.in_(chunk),
-                            recipients.c.state.in_(from_states))
-                     .values(**values))
+        # State-checked (and, on PostgreSQL, re-checked after waiting for a
+        # row another transaction holds): a recipient a node claimed
+        # meanwhile is left to its delivery, never overwritten.
+        for (qid,) in conn.execute(update(recipients)
+                                   .where(recipients.c.queue_id.in_(chunk),
+                                          recipients.c.state.in_(from_states))
+                                   .values(**values).returning(recipients.c.queue_id)):
+            changed[qid] += 1
+    inflight = _count_by_message(conn, queue_ids, ("inflight",))
     return [MessageChange(q, changed=changed.get(q, 0), inflight=inflight.get(q, 0))
             for q in queue_ids]
 
@@ -339,6 +345,7 @@ def requeue_messages(conn: Connection, queue_ids: Sequence[str],
 def delete_messages(conn: Connection, queue_ids: Sequence[str]) -> list[MessageChange]:
     """Remove messages with their content and recipients; for each, how
     many recipients were in flight."""
+    lock_messages(conn, queue_ids)      # as a record does: see mta.spool.ops.record_calls
     inflight = _count_by_message(conn, queue_ids, ("inflight",))
     for chunk in _chunks(list(queue_ids)):
         conn.execute(delete(recipients).where(recipients.c.queue_id.in_(chunk)))
@@ -356,6 +363,12 @@ def bounce_messages(conn: Connection, queue_ids: Sequence[str], *, now: float, r
     found: list[tuple[str, int, int, tuple[str, ...]]] = []
     updates: list[RecipientUpdate] = []
     dsns: list[InboundMessage] = []
+    lock_messages(conn, queue_ids)      # as a record does: see mta.spool.ops.record_calls
+    for chunk in _chunks(list(queue_ids)):
+        # What is read below stays so: no node can claim these meanwhile.
+        conn.execute(select(recipients.c.id)
+                     .where(recipients.c.queue_id.in_(chunk), recipients.c.state.in_(CHANGEABLE))
+                     .order_by(recipients.c.id).with_for_update()).all()
     for qid in queue_ids:
         m = get_message(conn, qid)
         if m is None:

@@ -90,32 +90,47 @@ class Release:
 class DeliveryQueue(Protocol):
     """What the queue runner asks of the spool."""
 
-    def recover_inflight(self) -> Deferred[int]:
-        """At start: every recipient left in flight by the last process is
-        queued again; fires with how many."""
+    def recover_inflight(self, now: float) -> Deferred[int]:
+        """At start: the recipients this node left in flight (under the same
+        node name) and those whose lease ran out at *now* are queued again;
+        another node's live claims are left alone.  Fires with how many."""
         ...
 
     def due(self, now: float, limit: int) -> Deferred[list[QueuedRecipient]]:
-        """Up to *limit* pending recipients due at *now*, soonest first (a
-        read: nothing is claimed)."""
+        """Up to *limit* recipients due at *now*, soonest first: pending, or
+        in flight under another node's expired lease (a read: nothing is
+        claimed)."""
         ...
 
-    def claim_and_load(self, rids: Sequence[int]) -> Deferred[Claimed]:
-        """Mark in flight those of *rids* still pending and load their messages."""
+    def claim_and_load(self, rids: Sequence[int], now: float) -> Deferred[Claimed]:
+        """Claim for this node, for one lease from *now*, those of *rids*
+        still claimable (pending, or another node's expired claim) and load
+        their messages; what changed meanwhile (held, claimed by another
+        node) is left out, never overwritten."""
         ...
 
-    def claim_domains(self, domains: Sequence[str], hostname: str) -> Deferred[Claimed]:
-        """Mark in flight every pending recipient (queued or deferred, due
-        or not) of *domains* (mta.domain.key form; a bare ``postmaster`` is
-        *hostname*'s) and load their messages: what ATRN hands over."""
+    def renew(self, now: float) -> Deferred[int]:
+        """Extend the lease of every recipient this node has in flight to
+        one lease from *now*; fires with how many."""
+        ...
+
+    def claim_domains(self, domains: Sequence[str], hostname: str,
+                      now: float) -> Deferred[Claimed]:
+        """Claim for this node, for one lease from *now* (as
+        :meth:`claim_and_load`), every pending recipient (queued or
+        deferred, due or not) of *domains* (mta.domain.key form; a bare
+        ``postmaster`` is *hostname*'s) and load their messages: what ATRN
+        hands over."""
         ...
 
     def record(self, updates: Sequence[RecipientUpdate], new_messages: Sequence[InboundMessage],
                finished: Sequence[str]) -> Deferred[list[str]]:
-        """In one transaction: the outcomes *updates*, the messages they
-        owe (*new_messages*: DSNs), and the removal of each message of
-        *finished* whose recipients are all final; fires with the queue ids
-        removed.  Goes through the group commit (merged with other records)."""
+        """In one transaction: the outcomes *updates* (of the recipients this
+        node still holds: one whose claim another node took over after its
+        lease ran out is that node's), the messages they owe (*new_messages*:
+        DSNs), and the removal of each message of *finished* whose
+        recipients are all final; fires with the queue ids removed.  Goes
+        through the group commit (merged with other records)."""
         ...
 
     def record_again(self, updates: Sequence[RecipientUpdate],
@@ -127,7 +142,7 @@ class DeliveryQueue(Protocol):
 
     def requeue(self, rids: Sequence[int]) -> Deferred[int]:
         """Recipients claimed but not attempted (or interrupted) are queued
-        again, those still in flight only; fires with how many."""
+        again, those this node still holds in flight only; fires with how many."""
         ...
 
     def release(self, domain: str, subdomains: bool, *, now: float, hostname: str,

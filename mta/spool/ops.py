@@ -25,10 +25,6 @@ FINAL = ("delivered", "failed")
 # on every call.  Lists of ids are sent with executemany (one row each) or as
 # one expanding IN; constant state lists are spelled out as bound values so no
 # per-call post-compilation is needed.
-_upd_rcpt = (update(recipients).where(recipients.c.id == bindparam("rid"))
-             .values(state=bindparam("b_state"), attempts=bindparam("b_attempts"),
-                     next_attempt=bindparam("b_next"), last_reply=bindparam("b_reply"),
-                     warned=bindparam("b_warned")))
 _ins_messages = messages.insert()
 _ins_contents = contents.insert()
 # A large body on SQLite: the row is inserted with a zeroblob of the body's
@@ -44,20 +40,51 @@ _BLOBOPEN = hasattr(sqlite3.Connection, "blobopen")   # Python >= 3.11
 _ins_recipients = recipients.insert()
 _pending = or_(*(recipients.c.state == s for s in PENDING))
 _not_final = and_(*(recipients.c.state != s for s in FINAL))
-_sel_due = (select(recipients.c.id, recipients.c.queue_id, recipients.c.address,
-                   recipients.c.notify, recipients.c.orcpt, recipients.c.attempts,
-                   recipients.c.warned, recipients.c.last_reply)
-            .where(_pending, recipients.c.next_attempt <= bindparam("now"))
+# A claim whose lease ran out: any other node may claim the recipient
+# (its owner renews its own claims, never re-claims them: see claim_and_load).
+_expired = and_(recipients.c.state == "inflight",
+                or_(recipients.c.owner.is_(None), recipients.c.owner != bindparam("owner")),
+                or_(recipients.c.lease_until.is_(None),
+                    recipients.c.lease_until < bindparam("now")))
+_claimable = or_(_pending, _expired)
+_RCPT_COLS = (recipients.c.id, recipients.c.queue_id, recipients.c.address,
+              recipients.c.notify, recipients.c.orcpt, recipients.c.attempts,
+              recipients.c.warned, recipients.c.last_reply)
+_sel_due = (select(*_RCPT_COLS)
+            .where(or_(and_(_pending, recipients.c.next_attempt <= bindparam("now")), _expired))
             .order_by(recipients.c.next_attempt).limit(bindparam("limit")))
-_sel_claimable = (select(*_sel_due.selected_columns)
-                  .where(recipients.c.id.in_(bindparam("ids", expanding=True)), _pending))
-_sel_claimable_locked = _sel_claimable.with_for_update(skip_locked=True)
+# The claim: lock the rows still claimable (PostgreSQL: in id order,
+# skipping those another transaction holds -- a second node's claim, an
+# administrator's change; SQLite has no FOR UPDATE and needs none: a write
+# transaction holds the whole database), then the state-checked update.
+_sel_claimable = (select(recipients.c.id)
+                  .where(recipients.c.id.in_(bindparam("ids", expanding=True)), _claimable)
+                  .order_by(recipients.c.id).with_for_update(skip_locked=True))
+_upd_claim = (update(recipients)
+              .where(recipients.c.id.in_(bindparam("ids", expanding=True)), _claimable)
+              .values(state="inflight", owner=bindparam("owner"),
+                      lease_until=bindparam("until"))
+              .returning(*_RCPT_COLS))
 _CHUNK = 500      # ids per IN (...): well under every database's parameter limit
-_sel_inflight = (select(recipients.c.id)
-                 .where(recipients.c.id.in_(bindparam("ids", expanding=True)),
-                        recipients.c.state == "inflight"))
-_upd_inflight = (update(recipients).where(recipients.c.id == bindparam("rid"))
-                 .values(state="inflight"))
+# Who may record a recipient's result: its owner while it is in flight
+# (the queue runner), or, for an administrator (owner None), a recipient
+# that is not in flight and not final.
+_owned = and_(recipients.c.state == "inflight", recipients.c.owner == bindparam("owner"))
+_changeable = recipients.c.state.in_(("queued", "deferred", "held"))
+_sel_owned = (select(recipients.c.id)
+              .where(recipients.c.id.in_(bindparam("ids", expanding=True)), _owned)
+              .order_by(recipients.c.id).with_for_update())
+_sel_changeable = (select(recipients.c.id)
+                   .where(recipients.c.id.in_(bindparam("ids", expanding=True)), _changeable)
+                   .order_by(recipients.c.id).with_for_update())
+_upd_rcpt = (update(recipients).where(recipients.c.id == bindparam("rid"))
+             .values(state=bindparam("b_state"), attempts=bindparam("b_attempts"),
+                     next_attempt=bindparam("b_next"), last_reply=bindparam("b_reply"),
+                     warned=bindparam("b_warned"), owner=None, lease_until=None))
+_lock_messages = (select(messages.c.queue_id)
+                  .where(messages.c.queue_id.in_(bindparam("ids", expanding=True)))
+                  .order_by(messages.c.queue_id).with_for_update())
+_requeue = dict(state="queued", owner=None, lease_until=None)
 _sel_messages = (select(messages, contents.c.headers, contents.c.body)
                  .join(contents, contents.c.queue_id == messages.c.queue_id)
                  .where(messages.c.queue_id.in_(bindparam("ids", expanding=True))))
@@ -115,23 +142,53 @@ def _insert_contents_blob(conn: Connection, m: InboundMessage) -> None:
             blob.write(body[off:off + BLOB_CHUNK])
 
 
-def recover_inflight(conn: Connection) -> int:
-    """After a restart, recipients that were in flight when the process died
-    are attempted again (at-least-once delivery)."""
-    res = conn.execute(update(recipients).where(recipients.c.state == "inflight")
-                       .values(state="queued"))
+def recover_inflight(conn: Connection, owner: str, now: float,
+                     former: Callable[[str], bool] | None = None) -> int:
+    """At a node's start: the recipients it left in flight itself (claimed
+    under the same *owner* name, or a name *former* says was an earlier
+    start of it) and those whose lease has run out (a node that died, a
+    version-1 spool) are queued again -- at-least-once delivery.  Those
+    another node holds under a live lease are its own."""
+    taken = [owner]
+    if former is not None:
+        live = conn.execute(select(recipients.c.owner).distinct()
+                            .where(recipients.c.state == "inflight",
+                                   recipients.c.owner.is_not(None),
+                                   recipients.c.owner != owner,
+                                   recipients.c.lease_until >= now)).scalars().all()
+        taken += [o for o in live if former(o)]
+    res = conn.execute(update(recipients)
+                       .where(recipients.c.state == "inflight",
+                              or_(recipients.c.owner.in_(taken), recipients.c.owner.is_(None),
+                                  recipients.c.lease_until.is_(None),
+                                  recipients.c.lease_until < now))
+                       .values(**_requeue))
     return res.rowcount or 0
 
 
-def requeue_inflight(conn: Connection, rids: Sequence[int]) -> int:
-    """Recipients claimed for an attempt that did not happen (or was
-    interrupted by a stop) are queued again.  Only rows still in flight: a
-    result recorded meanwhile stands."""
+def requeue_inflight(conn: Connection, rids: Sequence[int], owner: str) -> int:
+    """Recipients *owner* claimed for an attempt that did not happen (or was
+    interrupted by a stop) are queued again.  Only rows it still owns: a
+    result recorded meanwhile, or a claim another node took over, stands."""
     if not rids:
         return 0
+    n = 0
+    for i in range(0, len(rids), _CHUNK):
+        res = conn.execute(update(recipients)
+                           .where(recipients.c.id.in_(list(rids[i:i + _CHUNK])),
+                                  recipients.c.state == "inflight",
+                                  recipients.c.owner == owner)
+                           .values(**_requeue))
+        n += res.rowcount or 0
+    return n
+
+
+def renew_leases(conn: Connection, owner: str, until: float) -> int:
+    """Every recipient *owner* has in flight is its own until *until*;
+    answers how many."""
     res = conn.execute(update(recipients)
-                       .where(recipients.c.id.in_(rids), recipients.c.state == "inflight")
-                       .values(state="queued"))
+                       .where(recipients.c.owner == owner, recipients.c.state == "inflight")
+                       .values(lease_until=until))
     return res.rowcount or 0
 
 
@@ -162,52 +219,60 @@ def queued_message(row: Mapping[str, Any]) -> QueuedMessage:
                          envid=row.get("envid"))
 
 
-def due_recipients(conn: Connection, now: float, limit: int) -> list[QueuedRecipient]:
-    """Up to *limit* due recipients (queued or deferred, ``next_attempt`` <=
-    *now*), soonest first -- a read: nothing is claimed (see
-    :func:`claim_and_load`)."""
+def due_recipients(conn: Connection, now: float, limit: int,
+                   owner: str = "") -> list[QueuedRecipient]:
+    """Up to *limit* due recipients, soonest first: queued or deferred with
+    ``next_attempt`` <= *now*, and those in flight whose lease (not
+    *owner*'s) ran out -- a read: nothing is claimed (see :func:`claim_and_load`)."""
     return [queued_recipient(r._mapping)
-            for r in conn.execute(_sel_due, {"now": now, "limit": limit})]
+            for r in conn.execute(_sel_due, {"now": now, "limit": limit, "owner": owner})]
 
 
-def claim_and_load(conn: Connection, rids: Sequence[int]) -> Claimed:
-    """Mark in flight those of the recipients *rids* (read by
-    :func:`due_recipients`) that are still pending -- an administrator may
-    have held, flushed or deleted some meanwhile -- and return them (fresh,
-    in the order of *rids*) with their messages (queue id -> message with
-    its headers and body), in one transaction."""
+def claim_and_load(conn: Connection, rids: Sequence[int], owner: str, now: float,
+                   until: float) -> Claimed:
+    """Claim for *owner*, until *until*, those of the recipients *rids*
+    (read by :func:`due_recipients`) that are still claimable at *now* --
+    pending, or in flight under another owner's expired lease; an
+    administrator may have held, flushed or deleted some meanwhile, another
+    node claimed them -- and return them (fresh, in the order of *rids*)
+    with their messages (queue id -> message with its headers and body), in
+    one transaction.  The update re-checks the state: what changed since
+    the read is left alone, never overwritten."""
+    return _claim(conn, rids, owner, now, until)
+
+
+def _claim(conn: Connection, rids: Sequence[int], owner: str, now: float,
+           until: float) -> Claimed:
     found: dict[int, QueuedRecipient] = {}
-    q = _sel_claimable_locked if conn.dialect.name == "postgresql" else _sel_claimable
+    args = {"owner": owner, "now": now}
     for i in range(0, len(rids), _CHUNK):
-        for r in conn.execute(q, {"ids": rids[i:i + _CHUNK]}):
+        chunk = list(rids[i:i + _CHUNK])
+        ids = [r[0] for r in conn.execute(_sel_claimable, {**args, "ids": chunk})]
+        if not ids:
+            continue
+        for r in conn.execute(_upd_claim, {**args, "ids": ids, "until": until}):
             found[r.id] = queued_recipient(r._mapping)
     rows = [found[rid] for rid in rids if rid in found]
     if not rows:
         return Claimed(rows, {})
-    conn.execute(_upd_inflight, [{"rid": r.id} for r in rows])
     loaded = load_messages(conn, {r.queue_id for r in rows})
     return Claimed(rows, {qid: queued_message(m) for qid, m in loaded.items()})
 
 
-def claim_domains(conn: Connection, domains: Iterable[str], hostname: str) -> Claimed:
-    """Mark in flight every pending recipient (queued or deferred, due or
-    not) whose domain is one of *domains* (mta.domain.key form; a bare
-    ``postmaster`` is *hostname*'s) and return them in the order they arrived,
-    with their messages -- in one transaction, as :func:`claim_and_load`
-    does: what ATRN hands over (RFC 2645).  Held recipients (``mta queue
-    hold``) stay where the administrator put them."""
+def claim_domains(conn: Connection, domains: Iterable[str], hostname: str, owner: str,
+                  now: float, until: float) -> Claimed:
+    """Claim for *owner*, until *until* (as :func:`claim_and_load` does),
+    every pending recipient (queued or deferred, due or not) whose domain
+    is one of *domains* (mta.domain.key form; a bare ``postmaster`` is
+    *hostname*'s) and return them in the order they arrived, with their
+    messages -- in one transaction: what ATRN hands over (RFC 2645).  Held
+    recipients (``mta queue hold``) stay where the administrator put them;
+    another node's claims are left to it."""
     want = set(domains)
-    q = (select(*_sel_due.selected_columns).where(_pending)
+    q = (select(recipients.c.id, recipients.c.address).where(_pending)
          .order_by(recipients.c.id))
-    if conn.dialect.name == "postgresql":
-        q = q.with_for_update(skip_locked=True)
-    rows = [queued_recipient(r._mapping) for r in conn.execute(q)
-            if domain_key(r.address, hostname) in want]
-    if not rows:
-        return Claimed(rows, {})
-    conn.execute(_upd_inflight, [{"rid": r.id} for r in rows])
-    loaded = load_messages(conn, {r.queue_id for r in rows})
-    return Claimed(rows, {qid: queued_message(m) for qid, m in loaded.items()})
+    rids = [r.id for r in conn.execute(q) if domain_key(r.address, hostname) in want]
+    return _claim(conn, rids, owner, now, until)
 
 
 def load_messages(conn: Connection, queue_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
@@ -220,19 +285,55 @@ def next_due(conn: Connection) -> float | None:
                         .where(recipients.c.state.in_(PENDING))).scalar()
 
 
-def record_results(conn: Connection, updates: Sequence[RecipientUpdate],
-                   new_messages: Sequence[InboundMessage], queue_ids: Iterable[str]) -> list[str]:
-    """Store the outcome of delivery attempts, the DSNs they owe, and remove
-    every message of *queue_ids* whose recipients are all final — in one
-    transaction, so a message goes only once its DSNs are spooled.
-    Returns the queue ids removed."""
+def lock_messages(conn: Connection, queue_ids: Iterable[str]) -> None:
+    """Lock the rows of messages *queue_ids* until the end of the
+    transaction, always in queue id order, so that two transactions that
+    each take several never wait for each other in a circle.  Nothing to do
+    on SQLite, which has no row locks: a write transaction there holds the
+    whole database (the spool's writer and ``mta queue`` begin theirs with
+    ``BEGIN IMMEDIATE``, before they read)."""
+    if conn.dialect.name == "sqlite":
+        return
+    ids = sorted(set(queue_ids))
+    for i in range(0, len(ids), _CHUNK):
+        conn.execute(_lock_messages, {"ids": ids[i:i + _CHUNK]}).all()
+
+
+#: One record: (updates, new messages, queue ids to remove when finished, owner).
+RecordCall = tuple[Sequence[RecipientUpdate], Sequence[InboundMessage], Iterable[str],
+                   str | None]
+
+
+def record_calls(conn: Connection, calls: Sequence[RecordCall]) -> list[str]:
+    """Several records in one transaction (the group commit merges them):
+    see :func:`record_results`.  Each call's updates are written for the
+    recipients its owner still holds, its new messages (DSNs, forwarded
+    copies) only if it has no update or one of them is written -- a result
+    that lost its claim to another node is that node's to make, with its
+    DSNs.  Returns the queue ids removed."""
+    qids = {q for c in calls for q in c[2]}
+    # Finishing a message: its row is locked first, so that two nodes that
+    # record its last recipients at once do it one after the other -- the
+    # second sees the first's update and removes the message.
+    lock_messages(conn, qids)
+    updates: list[RecipientUpdate] = []
+    new: list[InboundMessage] = []
+    by_owner: dict[str | None, list[int]] = {}
+    for ups, _m, _q, owner in calls:
+        by_owner.setdefault(owner, []).extend(u.rid for u in ups)
+    ok = {owner: _writable(conn, rids, owner) for owner, rids in by_owner.items()}
+    for ups, msgs, _q, owner in calls:
+        mine = [u for u in ups if u.rid in ok[owner]]
+        updates += mine
+        if mine or not ups:
+            new += msgs
     if updates:
         conn.execute(_upd_rcpt, [{"rid": u.rid, "b_state": u.state, "b_attempts": u.attempts,
                                   "b_next": u.next_attempt, "b_reply": u.last_reply,
                                   "b_warned": u.warned} for u in updates])
-    if new_messages:
-        insert_messages(conn, list(new_messages))
-    ids = list(set(queue_ids))
+    if new:
+        insert_messages(conn, new)
+    ids = sorted(qids)
     if not ids:
         return []
     open_ids = {r[0] for r in conn.execute(_sel_open, {"ids": ids})}
@@ -245,21 +346,38 @@ def record_results(conn: Connection, updates: Sequence[RecipientUpdate],
     return done
 
 
+def _writable(conn: Connection, rids: Sequence[int], owner: str | None) -> set[int]:
+    """Those of *rids* whose result may be written (locked until the end
+    of the transaction): in flight and held by *owner*, or, for an
+    administrator (*owner* None), neither in flight nor final."""
+    out: set[int] = set()
+    q = _sel_changeable if owner is None else _sel_owned
+    for i in range(0, len(rids), _CHUNK):
+        out.update(r[0] for r in conn.execute(q, {"ids": list(rids[i:i + _CHUNK]),
+                                                  "owner": owner}))
+    return out
+
+
+def record_results(conn: Connection, updates: Sequence[RecipientUpdate],
+                   new_messages: Sequence[InboundMessage], queue_ids: Iterable[str],
+                   owner: str | None = None) -> list[str]:
+    """Store the outcome of delivery attempts, the DSNs they owe, and remove
+    every message of *queue_ids* whose recipients are all final — in one
+    transaction, so a message goes only once its DSNs are spooled.  Only
+    recipients *owner* still holds in flight are updated (owner None: an
+    administrator's, of recipients neither in flight nor final); see
+    :func:`record_calls`.  Returns the queue ids removed."""
+    return record_calls(conn, [(updates, new_messages, list(queue_ids), owner)])
+
+
 def record_results_again(conn: Connection, updates: Sequence[RecipientUpdate],
                          new_messages: Sequence[InboundMessage],
-                         queue_ids: Iterable[str]) -> list[str]:
-    """record_results for a result whose earlier write failed.  Only the
-    recipients still in flight are updated: one that is not was recorded by
-    that write after all (or removed meanwhile), and then nothing is written
-    again -- above all no DSN twice."""
-    rids = [u.rid for u in updates]
-    inflight: set[int] = set()
-    for i in range(0, len(rids), _CHUNK):
-        inflight.update(r[0] for r in conn.execute(_sel_inflight, {"ids": rids[i:i + _CHUNK]}))
-    if not inflight:
-        return []
-    return record_results(conn, [u for u in updates if u.rid in inflight], new_messages,
-                          queue_ids)
+                         queue_ids: Iterable[str], owner: str | None = None) -> list[str]:
+    """record_results for a result whose earlier write failed: the same
+    check of who holds each recipient finds those that write recorded after
+    all (or that were removed meanwhile) -- and then nothing is written
+    again, above all no DSN twice."""
+    return record_calls(conn, [(updates, new_messages, list(queue_ids), owner)])
 
 
 def release_domain(conn: Connection, domain: str, subdomains: bool, now: float,
@@ -291,22 +409,22 @@ def release_domain(conn: Connection, domain: str, subdomains: bool, now: float,
     return Release(len(qids), len(ids), tuple(sorted(domains)))
 
 
-def _merge_record_results(calls: list[tuple]) -> tuple:
-    """The arguments of several record_results calls as one call: their
-    recipients are disjoint, and a message is removed once all its recipients
-    are final after every update, exactly as when run one after another."""
-    return ([u for c in calls for u in c[0]], [m for c in calls for m in c[1]],
-            [q for c in calls for q in c[2]])
-
-
 def _split_record_results(removed: list[str], call: tuple) -> list[str]:
     gone = set(removed)
     return [q for q in dict.fromkeys(call[2]) if q in gone]
 
 
+def _record_merged(conn: Connection, calls: list[tuple]) -> list[str]:
+    """The calls of record_results in one batch, as one (their recipients
+    are disjoint; each keeps its own owner check)."""
+    return record_calls(conn, [(c[0], c[1], c[2], c[3] if len(c) > 3 else None)
+                               for c in calls])
+
+
 # Writes that the group-commit writer may run as one call when several are in
-# the same batch: fn -> (merge the argument tuples, one caller's share of the result).
-MERGEABLE: dict[Callable[..., Any], tuple[Callable[[list[tuple]], tuple],
+# the same batch: fn -> (run the argument tuples of all as one, in a
+# Connection; one caller's share of the result).
+MERGEABLE: dict[Callable[..., Any], tuple[Callable[[Connection, list[tuple]], Any],
                                           Callable[[Any, tuple], Any]]] = {
-    record_results: (_merge_record_results, _split_record_results),
+    record_results: (_record_merged, _split_record_results),
 }
