@@ -27,7 +27,7 @@ from pathlib import Path
 
 import test_crash_relay as relay
 from conftest import wait_for
-from test_crash_relay import BAD, DOMAINS, Load, Sent, receipts, sender, strip_received
+from test_crash_relay import BAD, DOMAINS, Load, Sent, delivered_by_token, receipts, sender
 
 LEASE = 3            # seconds: [cluster] lease (the least allowed)
 SENDERS = 3          # per node
@@ -107,15 +107,7 @@ def test_two_nodes_share_the_queue_and_a_killed_ones_work_is_taken_over(
     everything: dict[str, Sent] = {item.token: item for load in loads for item in load.sent}
     got, bounces = receipts(peer)
     counts = Counter((qid, rcpt) for _tok, qid, rcpt, _d in got)
-    by_token: dict[str, set[str]] = {}
-    for token, qid, rcpt, data in got:
-        item = everything.get(token)
-        assert item is not None, f"the next hop got a message nobody sent: {token}"
-        assert rcpt in item.rcpts and rcpt not in BAD, (token, rcpt)
-        if item.queue_id is not None:
-            assert qid == item.queue_id, (token, qid, item.queue_id)
-        assert strip_received(data) == item.data, f"{token}: content not whole"
-        by_token.setdefault(token, set()).add(rcpt)
+    by_token = delivered_by_token(everything, got)
     for token, rcpt, _to in bounces:
         item = everything.get(token)
         assert item is not None and rcpt in BAD and rcpt in item.rcpts, (token, rcpt)

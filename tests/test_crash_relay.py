@@ -148,6 +148,23 @@ def receipts(peer: LoopbackPeer) -> tuple[list[tuple[str, str, str, bytes]],
     return delivered, bounced
 
 
+def delivered_by_token(everything: dict[str, Sent],
+                       got: list[tuple[str, str, str, bytes]]) -> dict[str, set[str]]:
+    """The recipients the next hop got for each sent message (by token),
+    checking that each delivery is of a message we sent, to one of its good
+    recipients, under its queue id, with its content whole."""
+    by_token: dict[str, set[str]] = {}
+    for token, qid, rcpt, data in got:
+        item = everything.get(token)
+        assert item is not None, f"the next hop got a message nobody sent: {token}"
+        assert rcpt in item.rcpts and rcpt not in BAD, (token, rcpt)
+        if item.queue_id is not None:
+            assert qid == item.queue_id, (token, qid, item.queue_id)
+        assert strip_received(data) == item.data, f"{token}: content not whole"
+        by_token.setdefault(token, set()).add(rcpt)
+    return by_token
+
+
 def strip_received(data: bytes) -> bytes:
     m = re.match(rb"Received: [^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*", data)
     assert m, data[:300]
@@ -206,15 +223,7 @@ def test_kill_during_delivery_loses_nothing(mta_factory, peer_factory, tmp_path)
 
         got, bounces = receipts(peer)
         counts = Counter((qid, rcpt) for _tok, qid, rcpt, _d in got)
-        by_token: dict[str, set[str]] = {}
-        for token, qid, rcpt, data in got:
-            item = everything.get(token)
-            assert item is not None, f"the next hop got a message nobody sent: {token}"
-            assert rcpt in item.rcpts and rcpt not in BAD, (token, rcpt)
-            if item.queue_id is not None:
-                assert qid == item.queue_id, (token, qid, item.queue_id)
-            assert strip_received(data) == item.data, f"{token}: content not whole"
-            by_token.setdefault(token, set()).add(rcpt)
+        by_token = delivered_by_token(everything, got)
         dsn_counts = Counter((token, rcpt) for token, rcpt, _to in bounces)
         for token, rcpt, to in bounces:
             item = everything.get(token)
