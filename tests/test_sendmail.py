@@ -371,3 +371,27 @@ def test_bp_q_bi(site, capsys):
     assert capsys.readouterr().out == "1 recipient due now\n2 recipients due now\n"
     assert due() == ["bob@dest.test", "carol@other.test"]
     conn.close()
+
+
+def test_sendmail_and_the_queue_on_a_postgresql_spool(tmp_path, pg_url, capsys):
+    """sendmail stores into a PostgreSQL spool (what another node then
+    delivers), and -bp lists it from there."""
+    from mta.spool.admin import SpoolAdmin, open_engine
+    config = tmp_path / "mta.toml"
+    config.write_text(toml_text({"server": {"hostname": HOSTNAME}, "spool": {"url": pg_url},
+                                 "sendmail": {"domain": DOMAIN}}))
+    code = sendmail_main(["--config", str(config), "-f", "alice", "bob@example.net", "root"],
+                         stdin=io.BytesIO(b"Subject: over pg\n\nHi.\n"))
+    assert code == 0, capsys.readouterr().err
+    engine = open_engine(pg_url)
+    try:
+        [m] = SpoolAdmin(engine, hostname=HOSTNAME).list_messages()
+        assert m.sender == f"alice@{DOMAIN}"
+        assert [r.address for r in m.recipients] == ["bob@example.net", f"root@{DOMAIN}"]
+        full = SpoolAdmin(engine, hostname=HOSTNAME).show(m.queue_id)
+        assert b"Subject: over pg\r\n" in full.headers and full.body == b"Hi.\r\n"
+    finally:
+        engine.dispose()
+    capsys.readouterr()
+    assert sendmail_main(["--config", str(config), "-bp"]) == 0
+    assert m.queue_id in capsys.readouterr().out
