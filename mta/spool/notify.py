@@ -31,7 +31,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, make_url
 from twisted.application import service
-from twisted.internet import threads
+from twisted.internet import defer
 from twisted.logger import Logger, LogLevel
 
 from .faults import RepeatedFailures, describe
@@ -88,6 +88,7 @@ class QueueListener(service.Service):
     *retry_first* seconds, doubling up to *retry_max*."""
 
     name = "queue-listener"
+    STOP_WAIT = 5.0
 
     def __init__(self, url: str, on_wake: Callable[[], object], *, reactor: Any = None,
                  check: float = 10.0, retry_first: float = 0.5, retry_max: float = 10.0):
@@ -101,9 +102,7 @@ class QueueListener(service.Service):
         self.retry_first = retry_first
         self.retry_max = retry_max
         self._params = _connect_args(url)
-        self._stopping = threading.Event()
-        self._pipe: tuple[int, int] | None = None
-        self._thread: threading.Thread | None = None
+        self._run: _Run | None = None
         self._trouble = RepeatedFailures(
             log, reactor, what="listening for queue notifications (PostgreSQL LISTEN "
             f"{CHANNEL})", consequence="the queue is polled meanwhile; reconnecting",
@@ -113,38 +112,27 @@ class QueueListener(service.Service):
     # -- lifecycle -------------------------------------------------------------
     def startService(self) -> None:
         super().startService()
-        if self._thread is not None:
-            return
-        self._stopping.clear()
-        self._pipe = os.pipe()
-        self._thread = threading.Thread(target=self._loop, name="mta-queue-listener",
-                                        daemon=True)
-        self._thread.start()
+        if self._run is None:
+            self._run = _Run()
+            threading.Thread(target=self._loop, args=(self._run,), name="mta-queue-listener",
+                             daemon=True).start()
 
-    def stopService(self) -> Any:
+    def stopService(self) -> defer.Deferred[None] | None:
+        """Ends the thread at once (it waits on a pipe too); fires when it
+        has closed its connection, or after STOP_WAIT seconds at most (a
+        connection attempt to an unreachable host: the thread, a daemon
+        thread, ends on its own)."""
         super().stopService()
-        thread, self._thread = self._thread, None
-        if thread is None:
+        run, self._run = self._run, None
+        if run is None:
             return None
-        self._stopping.set()
-        assert self._pipe is not None
-        try:
-            os.write(self._pipe[1], b"x")
-        except OSError:
-            pass
-
-        def join() -> None:
-            thread.join(30)
-            if self._pipe is not None:
-                for fd in self._pipe:
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass
-                self._pipe = None
-        d = threads.deferToThread(join)
-        d.addBoth(lambda r: (self._trouble.close(), r)[1])
-        return d
+        self._trouble.close()
+        done: defer.Deferred[None] = defer.Deferred()
+        timer = self.reactor.callLater(self.STOP_WAIT, lambda: done.called or done.callback(None))
+        run.ended = lambda: done.called or done.callback(None)
+        run.stop()
+        done.addBoth(lambda r: (timer.active() and timer.cancel(), r)[1])
+        return done
 
     # -- on the reactor thread ------------------------------------------------------
     def _wake(self) -> None:
@@ -156,50 +144,51 @@ class QueueListener(service.Service):
         except Exception:
             log.failure("handling a queue notification")
 
-    def _from_thread(self, fn: Callable[..., object], *args: Any) -> None:
-        if not self._stopping.is_set():
+    def _from_thread(self, run: _Run, fn: Callable[..., object], *args: Any) -> None:
+        if not run.stopping.is_set():
             self.reactor.callFromThread(fn, *args)
 
     # -- the listener's thread ---------------------------------------------------------
-    def _loop(self) -> None:
+    def _loop(self, run: _Run) -> None:
+        try:
+            self._listen_until_stopped(run)
+        finally:
+            run.close()
+            self.reactor.callFromThread(lambda: run.ended and run.ended())
+
+    def _listen_until_stopped(self, run: _Run) -> None:
         import psycopg
 
         delay = self.retry_first
-        while not self._stopping.is_set():
+        while not run.stopping.is_set():
             conn = None
             try:
                 conn = psycopg.connect(**self._params, autocommit=True)
                 conn.execute(f"LISTEN {CHANNEL}")
-                self._from_thread(self._trouble.succeeded)
+                self._from_thread(run, self._trouble.succeeded)
                 delay = self.retry_first
-                self._from_thread(self._wake)    # what was missed while not listening
-                self._listen(conn)
-            except psycopg.Error as e:
-                if self._stopping.is_set():
+                self._from_thread(run, self._wake)    # what was missed while not listening
+                self._listen(run, conn)
+            except Exception as e:   # psycopg.Error: the database went away; else a bug
+                if run.stopping.is_set():
                     break
-                self._from_thread(self._trouble.failed, describe(e))
-            except Exception as e:       # a bug: logged, one line, and tried again
-                if self._stopping.is_set():
-                    break
-                self._from_thread(self._trouble.failed, describe(e))
+                self._from_thread(run, self._trouble.failed, describe(e))
             finally:
                 if conn is not None:
                     try:
                         conn.close()
                     except Exception:
                         pass
-            if self._stopping.wait(delay):
+            if run.stopping.wait(delay):
                 break
             delay = min(delay * 2, self.retry_max)
 
-    def _listen(self, conn: Any) -> None:
+    def _listen(self, run: _Run, conn: Any) -> None:
         """Until the stop (returns) or the connection fails (raises
         psycopg.Error): one wake-up per burst of notifications."""
-        assert self._pipe is not None
-        stop_fd = self._pipe[0]
-        while not self._stopping.is_set():
-            ready, _w, _x = select.select([conn.fileno(), stop_fd], [], [], self.check)
-            if stop_fd in ready:
+        while not run.stopping.is_set():
+            ready, _w, _x = select.select([conn.fileno(), run.stop_fd], [], [], self.check)
+            if run.stop_fd in ready:
                 return
             if not ready:
                 conn.execute("SELECT 1")      # still there?  (notifications are kept)
@@ -207,7 +196,31 @@ class QueueListener(service.Service):
             if conn.closed:
                 raise _closed()
             if got:
-                self._from_thread(self._wake)
+                self._from_thread(run, self._wake)
+
+
+class _Run:
+    """One run of the listener's thread: its stop flag and the pipe that
+    wakes it from its wait; the thread closes the pipe when it ends."""
+
+    def __init__(self) -> None:
+        self.stopping = threading.Event()
+        self.stop_fd, self._write_fd = os.pipe()
+        self._lock = threading.Lock()
+        self._closed = False
+        self.ended: Callable[[], object] | None = None   # called on the reactor thread
+
+    def stop(self) -> None:
+        self.stopping.set()
+        with self._lock:
+            if not self._closed:
+                os.write(self._write_fd, b"x")
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            os.close(self.stop_fd)
+            os.close(self._write_fd)
 
 
 def _closed() -> Exception:
