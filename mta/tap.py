@@ -134,7 +134,7 @@ def makeService(options: Options) -> service.IService:
                          routed=[name for name, _ in config.routes])
     # On PostgreSQL the other nodes' (and mta queue's) changes wake the
     # runner (spool.listener below): the poll is only the fallback there.
-    poll = POLL_NOTIFIED if listens(url) else POLL
+    poll = config.cluster.poll if listens(url) else POLL
     runner = (_make_runner(config, spool, reactor, directory, metrics=metrics,
                            poll_interval=poll)
               if config.relay.deliver else None)
@@ -640,10 +640,10 @@ def _etrn_handler(runner: QueueRunner) -> EtrnHandler:
     return etrn
 
 
-#: Seconds between the queue runner's polls of the spool: on SQLite, and on
-#: PostgreSQL where LISTEN/NOTIFY wakes it and the poll is the fallback.
+#: Seconds between the queue runner's polls of a spool that cannot notify
+#: (SQLite); on PostgreSQL LISTEN/NOTIFY wakes it and ``[cluster] poll`` is
+#: the fallback.
 POLL = 1.0
-POLL_NOTIFIED = 5.0
 
 
 def _make_runner(config: Config, spool: DeliveryQueue, reactor: Any,
