@@ -171,12 +171,13 @@ class SpoolInterface(MessageStore, DeliveryQueue, Protocol):
         ...
 
     def listener(self, on_wake: Callable[[], object]) -> IService | None:
-        """A service that calls *on_wake* (on the reactor thread) when
-        another process or node made work due -- new mail, a release (ETRN,
-        ``mta queue flush --domain``), ``mta queue flush``/``release``/
-        ``requeue`` -- and after each time it (re)connects; or None when the
-        spool cannot tell (SQLite): then the runner's poll is the only path.
-        A hint, never the only path: the poll goes on either way."""
+        """A service that calls *on_wake* (on the reactor thread) when a
+        process on the spool -- another node, ``mta queue``, ``mta
+        sendmail``, this one too -- made work due: new mail, a release
+        (ETRN, ``mta queue flush --domain``), ``mta queue flush``/
+        ``release``/``requeue``; and after each time it (re)connects.  None
+        when the spool cannot tell (SQLite): then the runner's poll is the
+        only path.  A hint, never the only path: the poll goes on either way."""
         ...
 
 
