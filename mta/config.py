@@ -107,6 +107,8 @@ class ClusterConfig:
                                       # + a per-start suffix
     lease: float = 300.0              # how long a claimed recipient stays this node's without
                                       # renewal (renewed every lease/3 while it is delivered)
+    poll: float = 5.0                 # PostgreSQL: seconds between queue runs besides those
+                                      # LISTEN/NOTIFY starts (SQLite: every second)
 
 
 @dataclass(frozen=True)
@@ -720,6 +722,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[object], Any]]]] = {
         {
             "node": _node_name,
             "lease": _lease,
+            "poll": _duration,
         },
     ),
     "relay": (

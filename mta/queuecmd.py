@@ -16,7 +16,9 @@
 The configuration is ``--config PATH``, else ``$MTA_CONFIG``, else
 ``etc/mta.toml``.  Every command is one short transaction on the spool
 (:class:`mta.spool.interface.QueueAdmin`, :class:`mta.spool.admin.SpoolAdmin`);
-the running daemon sees the changes at its next poll (every second).
+the running daemon sees the changes at its next poll (every second), or,
+on PostgreSQL, at once: a flush, release or requeue notifies the daemons
+(mta.spool.notify; their poll is every ``[cluster] poll`` there).
 
 Exit status: 0 done; 1 an error, one line ``mta: ...`` on stderr (a queue id
 that is not in the queue: ``mta: queue: no such message: ID``; the other ids

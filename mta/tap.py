@@ -104,7 +104,7 @@ def makeService(options: Options) -> service.IService:
     from .auth.limiter import FailureLimiter
     from .policy import RelayPolicy
     from .smtp.server import SMTPServerFactory
-    from .spool import Spool, SpoolError
+    from .spool import Spool, SpoolError, listens
     from .spool.service import SpoolService
 
     config: Config = options.config
@@ -132,7 +132,11 @@ def makeService(options: Options) -> service.IService:
                          local=directory, hold_domains=config.gateway.hold_domains,
                          etrn_networks=config.etrn_networks,
                          routed=[name for name, _ in config.routes])
-    runner = (_make_runner(config, spool, reactor, directory, metrics=metrics)
+    # On PostgreSQL the other nodes' (and mta queue's) changes wake the
+    # runner (spool.listener below): the poll is only the fallback there.
+    poll = config.cluster.poll if listens(url) else POLL
+    runner = (_make_runner(config, spool, reactor, directory, metrics=metrics,
+                           poll_interval=poll)
               if config.relay.deliver else None)
     a = config.auth
     limiter = FailureLimiter(clock=reactor, delay=a.failure_delay, max_failures=a.max_failures,
@@ -157,6 +161,10 @@ def makeService(options: Options) -> service.IService:
     if pool is not None:
         pool.setServiceParent(top)
     SpoolService(spool).setServiceParent(top)
+    # Started after the spool, stopped before it (after the runner).
+    listener = spool.listener(runner.kick) if runner is not None else None
+    if listener is not None:
+        listener.setServiceParent(top)
     if metrics is not None:
         _metrics_services(config, metrics, spool, factory, reactor, top)
     draining = service.MultiService()      # these two stop side by side
@@ -632,9 +640,15 @@ def _etrn_handler(runner: QueueRunner) -> EtrnHandler:
     return etrn
 
 
+#: Seconds between the queue runner's polls of a spool that cannot notify
+#: (SQLite); on PostgreSQL LISTEN/NOTIFY wakes it and ``[cluster] poll`` is
+#: the fallback.
+POLL = 1.0
+
+
 def _make_runner(config: Config, spool: DeliveryQueue, reactor: Any,
                  directory: LocalDirectory | None = None,
-                 metrics: Any = None) -> QueueRunner:
+                 metrics: Any = None, poll_interval: float = POLL) -> QueueRunner:
     from .delivery.hold_courier import HoldCourier
     from .delivery.router import Router
     from .delivery.scheduler import QueueRunner
@@ -663,7 +677,7 @@ def _make_runner(config: Config, spool: DeliveryQueue, reactor: Any,
                 HOLD_COURIER: HoldCourier(hostname=config.server.hostname)}
     return QueueRunner(spool, router, couriers, hostname=config.server.hostname,
                        retry=config.retry, relay=relay, reactor=reactor,
-                       lease=config.cluster.lease, metrics=metrics,
+                       poll_interval=poll_interval, lease=config.cluster.lease, metrics=metrics,
                        fresh_connections=smtp.fresh_connections)
 
 

@@ -206,3 +206,28 @@ def test_the_database_going_away_gives_451_then_everything_is_delivered(
     assert not (refused & set(got)), f"delivered after a 451: {refused & set(got)}"
     print(f"{len(acked)} acknowledged, {len(refused)} refused with 451 while the database "
           f"was away; duplicates {[k for k, n in got.items() if n > 1]}")
+
+
+def test_mail_accepted_on_one_node_is_delivered_by_another_woken_by_notify(
+        mta_factory, peer_factory, pg_url):
+    """LISTEN/NOTIFY between nodes (mta.spool.notify): A only accepts
+    (``[relay] deliver = false``: no queue runner of its own), B delivers
+    and polls once an hour -- so only A's notification can start B's
+    queue run, and the next hop gets each message from B."""
+    import smtplib
+
+    [peer] = peer_factory.spawn({}, program=Path(relay.__file__))
+    peer_factory.ready()
+    b = mta_factory(url=pg_url, hostname="mx-b.e2e.test",
+                    extra=node_config(peer.port).replace(f"lease = \"{LEASE}s\"\n",
+                                                         f"lease = \"{LEASE}s\"\npoll = \"1h\"\n"))
+    a = mta_factory(url=pg_url, hostname="mx-a.e2e.test", extra="[cluster]\npoll = \"1h\"\n")
+    for n in range(2):      # the second one long after B's first (and only) poll
+        with smtplib.SMTP("127.0.0.1", a.port, timeout=30) as s:
+            s.sendmail("origin@origin.test", [f"user{n}@d0.test"],
+                       f"Subject: notify {n}\r\n\r\nhello\r\n")
+        wait_for(lambda: any(f"user{n}@d0.test" in tx.accepted for tx in peer.transactions()),
+                 30, f"B to deliver message {n}", interval=0.05,
+                 detail=lambda: a.rows("SELECT address, state, owner FROM recipients"))
+    assert {tx.helo for tx in peer.transactions()} == {"mx-b.e2e.test"}
+    wait_for(lambda: a.count("messages") == 0, 30, "the queue to be empty")

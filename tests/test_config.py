@@ -628,14 +628,16 @@ def test_bad_domain_keys(data, where, why):
 
 def test_cluster_keys():
     from mta.config import ClusterConfig
-    assert config_from_dict({}).cluster == ClusterConfig(node="", lease=300.0)
-    c = config_from_dict({"cluster": {"node": "mx1.example:2", "lease": "90s"}}).cluster
-    assert (c.node, c.lease) == ("mx1.example:2", 90.0)
+    assert config_from_dict({}).cluster == ClusterConfig(node="", lease=300.0, poll=5.0)
+    c = config_from_dict({"cluster": {"node": "mx1.example:2", "lease": "90s",
+                                      "poll": "1m"}}).cluster
+    assert (c.node, c.lease, c.poll) == ("mx1.example:2", 90.0, 60.0)
     for bad, why in [({"node": "mx 1"}, "[cluster] node: must be empty"),
                      ({"node": "-x"}, "[cluster] node: must be empty"),
                      ({"node": 1}, "[cluster] node: expected a string"),
                      ({"lease": "2s"}, "[cluster] lease: must be at least 3 seconds"),
                      ({"lease": "soon"}, "[cluster] lease: invalid duration"),
+                     ({"poll": "0s"}, "[cluster] poll: must be greater than zero"),
                      ({"owner": "x"}, "[cluster] owner: unknown key")]:
         with pytest.raises(ConfigError) as e:
             config_from_dict({"cluster": bad})

@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
+from twisted.application.service import IService
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -31,6 +32,7 @@ from . import ops
 from .faults import RepeatedFailures, SpoolError, SpoolWriteError, describe
 from .interface import Claimed, QueueSummary, RecipientUpdate, Release, SpoolInterface
 from .node import left_by_a_dead_process, node_name
+from .notify import QueueListener, listens
 from .ops import MERGEABLE, insert_messages
 from .schema import SchemaTooNew, prepare
 
@@ -226,6 +228,13 @@ class Spool(SpoolInterface):
 
     def summary(self) -> defer.Deferred[QueueSummary]:
         return self._run(ops.queue_summary)
+
+    def listener(self, on_wake: Callable[[], object]) -> IService | None:
+        """On PostgreSQL (psycopg), a :class:`mta.spool.notify.QueueListener`
+        on a connection of its own; None on SQLite."""
+        if not listens(self.url):
+            return None
+        return QueueListener(self.url, on_wake, reactor=self.reactor)
 
     # -- writes ------------------------------------------------------------
     def _write(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred:

@@ -39,6 +39,7 @@ from . import SpoolError, make_engine
 from .faults import describe
 from .interface import (Changed, DSNMaker, Flushed, ListedMessage, ListedRecipient,
                         MessageChange, QueueAdmin, QueueStats, RecipientUpdate)
+from .notify import notify
 from .ops import PENDING, insert_messages, lock_messages, record_results, release_domain
 from .schema import (SCHEMA_VERSION, SchemaTooNew, contents, messages, meta, prepare,
                      recipients)
@@ -291,6 +292,8 @@ def flush_recipients(conn: Connection, *, now: float, hostname: str,
         conn.execute(update(recipients)
                      .where(recipients.c.id.in_(chunk), recipients.c.state.in_(PENDING))
                      .values(next_attempt=now))
+    if ids:
+        notify(conn, "flushed")
     return len(ids)
 
 
@@ -333,13 +336,19 @@ def hold_messages(conn: Connection, queue_ids: Sequence[str]) -> list[MessageCha
 def release_messages(conn: Connection, queue_ids: Sequence[str],
                      *, now: float) -> list[MessageChange]:
     """held → queued, due now."""
-    return _change(conn, queue_ids, ("held",), state="queued", next_attempt=now)
+    done = _change(conn, queue_ids, ("held",), state="queued", next_attempt=now)
+    if any(c.changed for c in done):
+        notify(conn, "released")
+    return done
 
 
 def requeue_messages(conn: Connection, queue_ids: Sequence[str],
                      *, now: float) -> list[MessageChange]:
     """queued/deferred/held → queued with no attempts so far, due now."""
-    return _change(conn, queue_ids, CHANGEABLE, state="queued", attempts=0, next_attempt=now)
+    done = _change(conn, queue_ids, CHANGEABLE, state="queued", attempts=0, next_attempt=now)
+    if any(c.changed for c in done):
+        notify(conn, "requeued")
+    return done
 
 
 def delete_messages(conn: Connection, queue_ids: Sequence[str]) -> list[MessageChange]:

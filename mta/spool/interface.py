@@ -10,9 +10,11 @@ Three parts, by who uses them:
   mta/spool/);
 * :class:`DeliveryQueue` -- due, claim, record, requeue, for the queue
   runner (mta.delivery.scheduler);
-* :class:`SpoolInterface` -- both, plus the gauges' summary and the
-  server's free-space check: what the daemon's :class:`mta.spool.Spool`
-  is, and what the tests' fakes (tests/fakespool.py) are.
+* :class:`SpoolInterface` -- both, plus the gauges' summary, the
+  server's free-space check and the listener that hears other processes'
+  changes (the runner's wake-ups): what the daemon's
+  :class:`mta.spool.Spool` is, and what the tests' fakes
+  (tests/fakespool.py) are.
 
 All of these answer with Deferreds and run off the reactor thread.
 :class:`QueueAdmin` is ``mta queue``'s and ``mta sendmail``'s: synchronous
@@ -25,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
+from twisted.application.service import IService
 from twisted.internet.defer import Deferred
 
 from ..message import InboundMessage, MessageStore, QueuedMessage, QueuedRecipient
@@ -165,6 +168,16 @@ class SpoolInterface(MessageStore, DeliveryQueue, Protocol):
                    max_message_size: int) -> Callable[[int], bool] | None:
         """The check the SMTP server makes at MAIL (may a message of *size*
         octets be taken now), or None when the spool is not a local file."""
+        ...
+
+    def listener(self, on_wake: Callable[[], object]) -> IService | None:
+        """A service that calls *on_wake* (on the reactor thread) when a
+        process on the spool -- another node, ``mta queue``, ``mta
+        sendmail``, this one too -- made work due: new mail, a release
+        (ETRN, ``mta queue flush --domain``), ``mta queue flush``/
+        ``release``/``requeue``; and after each time it (re)connects.  None
+        when the spool cannot tell (SQLite): then the runner's poll is the
+        only path.  A hint, never the only path: the poll goes on either way."""
         ...
 
 

@@ -15,6 +15,7 @@ from ..address import domain_key
 from ..message import InboundMessage, QueuedMessage, QueuedRecipient
 # RecipientUpdate is the interface's record, also known as ops.RecipientUpdate.
 from .interface import RELEASED, Claimed, QueueSummary, RecipientUpdate, Release
+from .notify import notify
 from .schema import contents, messages, recipients
 
 PENDING = ("queued", "deferred")
@@ -97,6 +98,11 @@ _del_messages = delete(messages).where(messages.c.queue_id == bindparam("qid"))
 
 
 def insert_messages(conn: Connection, msgs: list[InboundMessage]) -> None:
+    """Spool *msgs*, every recipient queued and due at its arrival; the
+    other processes on the spool are notified at the commit
+    (mta.spool.notify)."""
+    if not msgs:
+        return
     mrows, crows, rrows = [], [], []
     big: list[InboundMessage] = []
     blobs = _BLOBOPEN and conn.dialect.name == "sqlite" and conn.dialect.driver == "pysqlite"
@@ -124,6 +130,7 @@ def insert_messages(conn: Connection, msgs: list[InboundMessage]) -> None:
         _insert_contents_blob(conn, m)
     if rrows:
         conn.execute(_ins_recipients, rrows)
+    notify(conn, "stored")
 
 
 def _insert_contents_blob(conn: Connection, m: InboundMessage) -> None:
@@ -180,6 +187,8 @@ def requeue_inflight(conn: Connection, rids: Sequence[int], owner: str) -> int:
                                   recipients.c.owner == owner)
                            .values(**_requeue))
         n += res.rowcount or 0
+    if n:
+        notify(conn, "requeued")      # another node may take them now
     return n
 
 
@@ -406,6 +415,8 @@ def release_domain(conn: Connection, domain: str, subdomains: bool, now: float,
     for i in range(0, len(ids), _CHUNK):
         conn.execute(due.values(next_attempt=now, last_reply=f"{RELEASED} ({how})"),
                      {"ids": ids[i:i + _CHUNK]})
+    if ids:
+        notify(conn, "released")
     return Release(len(qids), len(ids), tuple(sorted(domains)))
 
 
