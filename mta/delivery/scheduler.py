@@ -78,6 +78,10 @@ log = Logger(namespace="mta.delivery")
 RETRY_FIRST = 1.0
 RETRY_MAX = 30.0
 
+# An ATRN that comes while the runner recovers at its start waits this long
+# (seconds) for the recovery before it is answered 451.
+RECOVERY_WAIT = 10.0
+
 # A queue pass reads SCAN_PER_SLOT due recipients per free delivery slot,
 # SCAN_GROWTH times more while that leaves slots free and more is due, at
 # most [relay] recipient_limit per slot.
@@ -810,6 +814,12 @@ class QueueRunner(service.Service):
 
     async def _deliver_over(self, domains: list[str],
                             open_courier: Callable[[int], Awaitable[Courier]]) -> int:
+        # Just started: the recovery of the last run's claims comes first
+        # (a moment); wait for it rather than refuse the customer.
+        waited = 0.0
+        while self.running and not self._recovered and waited < RECOVERY_WAIT:
+            await task.deferLater(self.reactor, 0.05, lambda: None)
+            waited += 0.05
         if not self.running or not self._recovered:
             raise RuntimeError("the queue runner is not running (starting or stopping)")
         rows, msgs = await self.spool.claim_domains(domains, self.hostname,
