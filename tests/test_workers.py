@@ -267,3 +267,14 @@ def test_a_killed_worker_is_forked_again(mta_factory):
     send_until_each_accepted(mta, list(again.values()), "someone@example.test")
     assert mta.stop() in (0, -15), mta.log()
     assert not [p for p in again.values() if alive(p)]
+
+
+def test_sighup_reaches_every_worker(mta_factory, tmp_path):
+    users = tmp_path / "users"
+    users.write_text("")
+    mta = mta_factory(server=WORKERS, extra=f'[auth]\nusers_file = "{users}"\n')
+    two_workers(mta)
+    os.kill(mta.pid, signal.SIGHUP)
+    wait_for(lambda: mta.log().count("SIGHUP: users file") == 2, 10,
+             "both workers reloading the users file", detail=mta.log)
+    assert mta.stop() in (0, -15), mta.log()
