@@ -28,7 +28,7 @@ import select
 import signal
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from twisted.application import service
 from twisted.internet import defer, protocol, task
@@ -39,6 +39,20 @@ from zope.interface import implementer
 log = Logger(namespace="mta")
 
 _PR_SET_PDEATHSIG = 1
+
+
+class SharedListener(Protocol):
+    """A listening service whose socket the supervisor binds (mta.tap)."""
+
+    def bind_shared(self) -> None: ...
+
+
+class _Held(protocol.Factory):
+    """The supervisor's factory on a shared socket: it never accepts."""
+    noisy = False
+
+    def logPrefix(self) -> str:
+        return "shared listener"
 
 
 @implementer(IStreamServerEndpoint)
@@ -54,7 +68,7 @@ class SharedEndpoint:
     def bind(self) -> defer.Deferred:
         """Listen with a placeholder factory and stop reading at once: the
         supervisor holds the socket, the workers accept on it."""
-        d = self.endpoint.listen(protocol.Factory())
+        d = self.endpoint.listen(_Held())
         d.addCallback(self._bound)
         return d
 
@@ -128,7 +142,7 @@ class WorkerSupervisor(service.Service):
     max_restart_delay = 30.0
     young = 10.0                # a worker that lived less than this died young
 
-    def __init__(self, tree: service.IService, listeners: list[Any], count: int, *,
+    def __init__(self, tree: service.IService, listeners: list[SharedListener], count: int, *,
                  reactor: Any, lines: service.IService, node: Callable[[], str],
                  twistd: Any = None):
         self.tree = tree
