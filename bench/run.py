@@ -536,7 +536,7 @@ class Mta:
     """One twistd mta daemon on a fresh spool in its own directory."""
 
     def __init__(self, workdir: Path, port: int, max_message_size: int, extra_args: list[str],
-                 tree: Path | None, guard: str) -> None:
+                 tree: Path | None, guard: str, server_extra: str = "") -> None:
         self.dir = workdir
         self.port = port
         self.spool = workdir / "spool.sqlite"
@@ -552,7 +552,8 @@ class Mta:
             "max_recipients = 1000\n"
             "max_connections = 1000\n"
             "max_connections_per_client = 1000\n"
-            "[policy]\n"
+            + server_extra
+            + "[policy]\n"
             'relay_networks = ["127.0.0.0/8", "::1/128"]\n'
             'relay_domains = ["example.test"]\n'
             "[spool]\n"
@@ -766,7 +767,9 @@ class MtaServer:
             extra = ["--profiler=cprofile", "--savestats",
                      "--profile", str(Path(args.profile_dir) / f"{self.label}.pstats")]
         self.mta = Mta(self.workdir, free_port(), max(args.max_message_size, 2 * case.size), extra,
-                       args.tree_path, args.relay_guard if self.delivers else args.guard)
+                       args.tree_path, args.relay_guard if self.delivers else args.guard,
+                       server_extra="".join(x.strip() + "\n" for x in args.server_extra.split(";")
+                                            if x.strip()))
         self.port = self.mta.port
         self.keep = args.keep
         self._db: sqlite3.Connection | None = None
@@ -1089,7 +1092,8 @@ def report(runs: list[Run], cases: list[Case], args) -> str:
     lines.append(
         "mta: fresh daemon and empty SQLite spool per run, [dns] nameservers on a refusing loopback "
         f"port; accept cases: {args.guard_what}; inbound/e2e: [relay] smarthost = the sink"
-        + (f", [relay] {args.relay_extra.strip()}" if args.relay_extra.strip() else "") + ".  "
+        + (f", [relay] {args.relay_extra.strip()}" if args.relay_extra.strip() else "")
+        + (f", [server] {args.server_extra.strip()}" if args.server_extra.strip() else "") + ".  "
         "Postfix relays to the same sink in every case.")
     return "\n".join(lines)
 
@@ -1144,6 +1148,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--relay-extra", "--e2e-relay", dest="relay_extra", default="",
                    help="inbound/e2e: extra [relay] keys for mta, separated by ';', e.g. "
                    "'per_destination = 20; concurrency = 40' (default: none, the defaults)")
+    p.add_argument("--server-extra", default="",
+                   help="extra [server] keys for mta, separated by ';', e.g. 'workers = 2' "
+                   "(default: none, the defaults)")
     args = p.parse_args(argv)
     args.session_list = [int(x) for x in args.sessions.split(",") if x]
     args.size_list = [int(x) for x in args.sizes.split(",") if x]

@@ -34,6 +34,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +86,8 @@ class ServerConfig(ServerSettings):
     hands this section to the server as it is) plus where to listen."""
     listen: tuple[str, ...] = ("tcp:2525:interface=127.0.0.1",)
     submission: tuple[str, ...] = ()  # endpoints where AUTH is required before MAIL (port 587)
+    workers: int = 1                  # processes sharing the listeners and the spool; 0 at
+                                      # load = one per CPU core (the loaded value is the count)
 
 
 @dataclass(frozen=True)
@@ -311,6 +314,7 @@ def _one_line(text: str) -> str:
 
 
 _INT64_MAX = 2**63 - 1      # the largest integer SQLite (and most code) can hold
+_WORKERS_MAX = 256          # [server] workers: processes, not connections
 _COUNT_MAX = 1_000_000      # connections, recipients, errors: more is a typo, not a setting
 _MESSAGE_SIZE_MAX = 512 * 1024 * 1024   # one SQLite blob holds at most 1 GB (body + DSN copies)
 _DURATION_MAX = 10 * 365 * 86400.0
@@ -700,6 +704,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[object], Any]]]] = {
             "max_errors": _int(0, _COUNT_MAX),
             "bare_newlines": _choice("reject", "normalize"),
             "max_hops": _int(1, 1000),
+            "workers": _int(0, _WORKERS_MAX),
             "submission": _endpoints,
         },
     ),
@@ -919,6 +924,8 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<config>") -> Confi
         sections[name] = cls(**kwargs)
     routes = _routes(source, data.get("routes", {}))
     route_tls = _route_tls(source, data.get("route_tls", {}), routes)
+    sections["server"] = _check_workers(source, sections["server"], sections["metrics"],
+                                        sections["cluster"])
     _check_tls(source, sections["tls"], sections["server"])
     _check_relay(source, sections["relay"])
     _check_atrn(source, sections["gateway"], sections["auth"], sections["tls"])
@@ -928,6 +935,29 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<config>") -> Confi
         _check_local(source, sections["local"], routes)
     _check_gateway(source, sections["gateway"], sections["local"], sections["server"])
     return Config(path=source, routes=routes, route_tls=route_tls, **sections)
+
+
+def _check_workers(source: str, server: ServerConfig, metrics: MetricsConfig,
+                   cluster: ClusterConfig) -> ServerConfig:
+    """``[server] workers``: 0 becomes one per CPU core.  More than one worker
+    cannot be combined with ``[metrics] listen`` yet (each worker would count
+    only its own share), nor with ``[cluster] node`` (one name for several
+    processes: each needs its own, the generated one)."""
+    workers = server.workers
+    if workers == 0:
+        try:
+            workers = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            workers = os.cpu_count() or 1
+    if workers > 1 and metrics.listen:
+        raise ConfigError(source, "[server] workers",
+                          f"{workers} workers and [metrics] listen cannot be combined yet "
+                          "(set workers = 1 or [metrics] listen = \"\")")
+    if workers > 1 and cluster.node:
+        raise ConfigError(source, "[server] workers",
+                          f"{workers} workers cannot share the one [cluster] node name "
+                          f"{cluster.node!r} (leave node empty: each worker gets its own)")
+    return dataclasses.replace(server, workers=workers)
 
 
 def _check_local(source: str, local: LocalConfig, routes: tuple[tuple[str, str], ...]) -> None:

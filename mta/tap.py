@@ -88,6 +88,19 @@ class _ListenService(internet.StreamServerEndpointService):
         except OSError as e:     # unix: the lock file next to the socket
             self._cannot_listen(e)
 
+    def bind_shared(self) -> None:
+        """[server] workers > 1: the supervisor binds the shared socket
+        (mta.workers.SharedEndpoint) with the errors of a single daemon."""
+        failures: list[Any] = []
+        self.endpoint.bind().addErrback(failures.append)
+        if failures:
+            try:
+                failures[0].raiseException()
+            except CannotListenError as e:
+                self._cannot_listen(e.socketError)
+            except OSError as e:
+                self._cannot_listen(e)
+
     def _cannot_listen(self, reason: Any) -> None:
         text = getattr(reason, "strerror", None) or str(reason)
         path = getattr(self.endpoint, "_address", None)     # unix: endpoints
@@ -109,6 +122,8 @@ def makeService(options: Options) -> service.IService:
 
     config: Config = options.config
     s = config.server
+    # [server] workers > 1: the listeners bound by the supervisor, shared by the workers.
+    shared: list[_ListenService] | None = [] if s.workers > 1 else None
     # Certificate and users file first: their errors should stop startup
     # before anything else is opened.
     tls = _make_tls(config)
@@ -157,7 +172,8 @@ def makeService(options: Options) -> service.IService:
     # deliveries in progress (within [relay] shutdown_grace), side by side;
     # then the metrics; the spool last.
     top = OrderedMultiService()
-    _LogLine(stop="mta stopped").setServiceParent(top)        # stopped last
+    worker = "mta worker" if shared is not None else "mta"
+    _LogLine(stop=f"{worker} stopped").setServiceParent(top)        # stopped last
     if pool is not None:
         pool.setServiceParent(top)
     SpoolService(spool).setServiceParent(top)
@@ -177,7 +193,8 @@ def makeService(options: Options) -> service.IService:
     where = "--listen" if options["listen"] else f"{config.path}: [server] listen"
     listen = list(options["listen"] or s.listen)
     for ep in listen:
-        _listener(ep, where, factory, reactor, tls, submission=False).setServiceParent(front)
+        _listener(ep, where, factory, reactor, tls, submission=False,
+                  shared=shared).setServiceParent(front)
     if not listen and not s.submission:
         if not config.relay.deliver:
             _die(f"{config.path}: [server] listen and submission are empty and [relay] "
@@ -187,17 +204,26 @@ def makeService(options: Options) -> service.IService:
                  config=config.path)
     for ep in s.submission:
         _listener(ep, f"{config.path}: [server] submission", factory, reactor, tls,
-                  submission=True).setServiceParent(front)
+                  submission=True, shared=shared).setServiceParent(front)
     for ep in config.gateway.atrn_listen:
-        _atrn_listener(ep, config, factory, runner, reactor, tls).setServiceParent(front)
+        _atrn_listener(ep, config, factory, runner, reactor, tls,
+                       shared=shared).setServiceParent(front)
     if s.submission and portal is None:
         log.warn("{config}: [server] submission is set but [auth] users_file is not: "
                  "nobody can submit mail there", config=config.path)
     if tls is not None or users is not None:
         _ReloadOnHangup(reactor, tls, users).setServiceParent(front)
-    _LogLine(start=_start_line(config, listen, url), stop="mta stopping",
-             reactor=reactor).setServiceParent(top)           # started last, stopped first
-    return top
+    line = _start_line(config, listen, url)
+    if shared is None:
+        _LogLine(start=line, stop="mta stopping",
+                 reactor=reactor).setServiceParent(top)       # started last, stopped first
+        return top
+    from .workers import WorkerSupervisor
+    _LogLine(stop="mta worker stopping", reactor=reactor).setServiceParent(top)
+    return WorkerSupervisor(top, shared, s.workers, reactor=reactor,
+                            lines=_LogLine(start=f"{line}; {s.workers} worker processes",
+                                           stop="mta stopping", reactor=reactor),
+                            node=lambda: spool.node, twistd=getattr(options, "parent", None))
 
 
 def _start_line(config: Config, listen: list[str], url: str) -> str:
@@ -454,37 +480,53 @@ def _chown_spool(options: Options, url: str) -> None:
 
 
 def _listener(description: str, where: str, factory: Any, reactor: Any, tls: Any, *,
-              submission: bool) -> _ListenService:
+              submission: bool, shared: list[_ListenService] | None = None) -> _ListenService:
     """A listening SMTP service (see :func:`_serve`)."""
     return _serve(description, where, reactor, tls,
                   lambda implicit: factory.listener(submission=submission,
-                                                    implicit_tls=implicit))
+                                                    implicit_tls=implicit), shared=shared)
 
 
 def _serve(description: str, where: str, reactor: Any, tls: Any,
-           build: Callable[[bool], Any]) -> _ListenService:
+           build: Callable[[bool], Any],
+           shared: list[_ListenService] | None = None) -> _ListenService:
     """A listening service for the session factory ``build(implicit_tls)``.
     ``ssl:`` strings without their own privateKey= listen on the matching
     tcp: endpoint with TLS from the [tls] certificate (reloadable), wrapped
-    around the session factory."""
+    around the session factory.  With *shared* (``[server] workers`` > 1)
+    the endpoint is a mta.workers.SharedEndpoint, and the service is
+    appended to *shared* for the supervisor to bind."""
     try:
         tcp = implicit_tls_endpoint(description)
     except ValueError as e:
         _die(f"{where}: {description}: {e}")
     implicit = tcp is not None or description.startswith("ssl:")
     session_factory = build(implicit)
-    if tcp is None:
-        return _ListenService(description, where, session_factory, reactor)
-    if tls is None:
+    if tcp is not None and tls is None:
         _die(f"{where}: {description}: implicit TLS needs [tls] certificate and private_key")
-    from twisted.protocols.tls import TLSMemoryBIOFactory
-    wrapped = TLSMemoryBIOFactory(tls, False, session_factory)
-    return _ListenService(description, where, wrapped, reactor,
-                          endpoint=endpoints.serverFromString(reactor, tcp))
+    endpoint = endpoints.serverFromString(reactor, tcp or description)
+    if shared is not None:
+        if not isinstance(endpoint, (endpoints.TCP4ServerEndpoint, endpoints.TCP6ServerEndpoint,
+                                     endpoints.UNIXServerEndpoint)):
+            _die(f"{where}: {description}: [server] workers > 1 can share only tcp:, tcp6:, "
+                 "unix: and ssl: with the [tls] certificate")
+        from .workers import SharedEndpoint
+        endpoint = SharedEndpoint(reactor, endpoint)
+    if tcp is None:
+        service_ = _ListenService(description, where, session_factory, reactor,
+                                  endpoint=endpoint)
+    else:
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+        wrapped = TLSMemoryBIOFactory(tls, False, session_factory)
+        service_ = _ListenService(description, where, wrapped, reactor, endpoint=endpoint)
+    if shared is not None:
+        shared.append(service_)
+    return service_
 
 
 def _atrn_listener(description: str, config: Config, factory: Any, runner: Any,
-                   reactor: Any, tls: Any) -> _ListenService:
+                   reactor: Any, tls: Any,
+                   shared: list[_ListenService] | None = None) -> _ListenService:
     """An ODMR listener (``[gateway] atrn_listen``, RFC 2645): sessions of
     mta.smtp.odmr sharing the SMTP server factory; an ATRN hands the mail
     over through the queue runner's ``deliver_over``, with a TurnedCourier
@@ -506,7 +548,7 @@ def _atrn_listener(description: str, config: Config, factory: Any, runner: Any,
     return _serve(description, where, reactor, tls,
                   lambda implicit: ODMRFactory(factory, grants=config.gateway.atrn_domains,
                                                atrn=atrn, timeouts=config.relay.timeouts,
-                                               implicit_tls=implicit))
+                                               implicit_tls=implicit), shared=shared)
 
 
 def _make_tls(config: Config) -> Any:

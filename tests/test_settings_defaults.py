@@ -251,7 +251,8 @@ def test_the_protocol_layer_does_not_import_the_config() -> None:
 def test_server_config_adds_only_the_listeners() -> None:
     extra = {f.name for f in dataclasses.fields(ServerConfig)} - {
         f.name for f in dataclasses.fields(ServerSettings)}
-    assert extra == {"listen", "submission"}
+    # ... and the processes that run them (mta.workers), none of the server's settings.
+    assert extra == {"listen", "submission", "workers"}
 
 
 def test_gateway_atrn_reaches_the_odmr_listener(tmp_path: Path) -> None:

@@ -37,4 +37,16 @@ def left_by_a_dead_process(owner: str) -> bool:
         return True
     except OSError:
         return False              # exists (another user's), or cannot tell
-    return False
+    return _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """True when *pid* has exited but is not yet reaped (Linux /proc): an
+    orphaned [server] workers process after a kill -9 of its supervisor
+    stays one until init reaps it, and holds no lock nor connection."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in (b"Z", b"X")

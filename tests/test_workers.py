@@ -1,0 +1,280 @@
+"""``[server] workers = 2``: one twistd process supervising two workers that
+share the listening socket and the spool (mta.workers).  Real daemons
+(tests/conftest.py), a scripted next hop (tests/peers.py)."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import smtplib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import MTADaemon, wait_for
+from mta.config import ConfigError, config_from_dict
+
+WORKERS = {"workers": 2}
+STARTED = re.compile(r"mta worker (\d+) of (\d+) started: pid (\d+), node (\S+)")
+
+
+# --------------------------------------------------------------------------- config
+
+def _error(data: dict) -> str:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(data, "etc/mta.toml")
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_workers_default_is_one_process() -> None:
+    assert config_from_dict({}).server.workers == 1
+
+
+def test_workers_zero_is_one_per_core() -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert config_from_dict({"server": {"workers": 0}}).server.workers == cores
+
+
+@pytest.mark.parametrize("value, words", [(-1, "at least 0"), ("2", "expected an integer"),
+                                          (True, "expected an integer"), (100000, "at most")])
+def test_workers_bad_values(value: object, words: str) -> None:
+    message = _error({"server": {"workers": value}})
+    assert message.startswith("etc/mta.toml: [server] workers: ") and words in message, message
+
+
+def test_workers_with_metrics_refused() -> None:
+    message = _error({"server": {"workers": 2}, "metrics": {"listen": "tcp:9100"}})
+    assert "[server] workers" in message and "[metrics] listen" in message, message
+    # One worker and metrics: as before.
+    assert config_from_dict({"server": {"workers": 1}, "metrics": {"listen": "tcp:9100"}})
+
+
+def test_workers_with_a_node_name_refused() -> None:
+    message = _error({"server": {"workers": 2}, "cluster": {"node": "mx1"}})
+    assert "[cluster] node" in message, message
+
+
+def test_daemon_refuses_workers_and_metrics_with_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "mta.toml"
+    config.write_text('[server]\nworkers = 2\n[metrics]\nlisten = "tcp:0"\n')
+    from conftest import twistd_command, subprocess_env
+    proc = subprocess.run(twistd_command("-n", "--pidfile=", "mta", "--config", str(config)),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env=subprocess_env())
+    assert proc.returncode != 0
+    lines = [x for x in (proc.stdout + proc.stderr).splitlines() if x.strip()]
+    assert lines[-1].startswith("mta: ") and "[server] workers" in lines[-1], lines
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+# --------------------------------------------------------------------------- helpers
+
+def workers_of(mta: MTADaemon) -> dict[int, int]:
+    """worker number -> pid of the running workers, from the start lines of
+    the current log (the last start of each number)."""
+    found: dict[int, int] = {}
+    for m in STARTED.finditer(mta.log()):
+        found[int(m.group(1))] = int(m.group(3))
+    return {n: pid for n, pid in found.items() if alive(pid)}
+
+
+def children(pid: int) -> set[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return set()
+    return {int(x) for x in text.split()}
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def two_workers(mta: MTADaemon) -> dict[int, int]:
+    return wait_for(lambda: (lambda w: w if len(w) == 2 and set(w.values()) ==
+                             children(mta.pid) else None)(workers_of(mta)),
+                    20, "two workers started", detail=mta.log)
+
+
+def send(port: int, rcpt: str, n: int) -> str:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+        s.ehlo("client.workers.test")
+        code, text = s.mail(f"sender{n}@origin.test")
+        assert code == 250, text
+        code, text = s.rcpt(rcpt)
+        assert code == 250, text
+        code, text = s.data(f"Subject: w{n}\r\nMessage-ID: <w{n}@workers.test>\r\n\r\n"
+                            f"body {n}\r\n".encode())
+        assert code == 250, text
+        m = re.search(rb"queued as ([0-9A-Z]+)", text)
+        assert m, text
+        return m.group(1).decode()
+
+
+def owner(server_port: int, client_port: int, pids: list[int]) -> int | None:
+    """The pid among *pids* holding the server side of the connection from
+    *client_port* (/proc/net/tcp's inode, found among the processes' fds)."""
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if (int(f[1].rsplit(":", 1)[1], 16) == server_port
+                and int(f[2].rsplit(":", 1)[1], 16) == client_port):
+            inode = f[9]
+    if inode is None:
+        return None
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
+                    return pid
+            except OSError:
+                pass
+    return None
+
+
+def send_until_each_accepted(mta: MTADaemon, pids: list[int], rcpt: str,
+                             tries: int = 200) -> tuple[list[str], dict[int, int]]:
+    """Messages sent one connection after another until each of *pids* has
+    accepted at least one (the kernel hands each connection on the shared
+    socket to whichever worker accepts first).  Returns the Message-ID tokens
+    sent and how many connections each pid accepted."""
+    accepted = dict.fromkeys(pids, 0)
+    sent = []
+    for n in range(tries):
+        with smtplib.SMTP("127.0.0.1", mta.port, timeout=10) as s:
+            s.ehlo("client.workers.test")
+            who = owner(mta.port, s.sock.getsockname()[1], pids)
+            assert who in accepted, (who, pids)
+            accepted[who] += 1
+            assert s.mail(f"sender{n}@origin.test")[0] == 250
+            assert s.rcpt(rcpt)[0] == 250
+            code, text = s.data(f"Subject: w{n}\r\nMessage-ID: <w{n}@workers.test>\r\n\r\n"
+                                f"body {n}\r\n".encode())
+            assert code == 250, text
+            sent.append(f"w{n}")
+        if all(accepted.values()):
+            return sent, accepted
+    raise AssertionError(f"after {tries} connections not every worker accepted one: {accepted}")
+
+
+def delivering(mta_factory, peer_factory, **kw):
+    [peer] = peer_factory.spawn({})
+    peer_factory.ready()
+    mta = mta_factory(server=WORKERS,
+                      extra='[relay]\n[retry]\nfirst = "1s"\nmax = "1s"\n[routes]\n'
+                            f'"dest.test" = "{peer.address}"\n', **kw)
+    return mta, peer
+
+
+def received(peer) -> list[str]:
+    out = []
+    for tx in peer.transactions():
+        m = re.search(rb"Message-ID: <(w\d+)@workers\.test>", tx.data)
+        assert m, tx.data[:300]
+        out.extend(m.group(1).decode() for _ in tx.accepted)
+    return out
+
+
+# --------------------------------------------------------------------------- daemons
+
+def test_both_workers_accept_on_the_one_port_and_deliver_once(mta_factory, peer_factory):
+    mta, peer = delivering(mta_factory, peer_factory)
+    workers = two_workers(mta)
+    log = mta.log()
+    assert re.search(r"mta \S+ started: .*; 2 worker processes", log), log
+    nodes = {m.group(4) for m in STARTED.finditer(log)}
+    assert len(nodes) == 2, log                      # a spool node of its own each
+    pids = list(workers.values())
+    sent, accepted = send_until_each_accepted(mta, pids, "u@dest.test")
+    print(f"connections accepted per worker pid: {accepted}")
+    wait_for(lambda: mta.count("messages") == 0, 30, "the spool to drain", detail=mta.log)
+    assert sorted(received(peer)) == sorted(sent)    # each once
+    assert mta.stop() in (0, -15), mta.log()
+    assert not [p for p in pids if alive(p)]
+    assert "[mta#info] mta stopped" in mta.log()
+
+
+def test_sigterm_stops_every_worker_and_loses_nothing(mta_factory, peer_factory):
+    [peer] = peer_factory.spawn({"actions": {"DATA_END": "stall"}})
+    peer_factory.ready()
+    mta = mta_factory(server=WORKERS,
+                      extra='[relay]\nshutdown_grace = "0.3s"\n[routes]\n'
+                            f'"dest.test" = "{peer.address}"\n')
+    pids = list(two_workers(mta).values())
+    queued = [send(mta.port, "u@dest.test", i) for i in range(4)]
+    wait_for(lambda: peer.transactions(), 20, "a delivery in flight", detail=mta.log)
+    status = mta.stop()
+    assert status in (0, -15), mta.log()
+    assert not [p for p in pids if alive(p)], mta.log()
+    log = mta.log()
+    for n in (1, 2):
+        assert re.search(rf"mta worker {n} \(pid \d+\) stopped", log), log
+    assert "[mta#info] mta stopped" in log
+    # Nothing lost: every acknowledged message is still in the spool (the next
+    # hop never answered), none of its recipients left in flight.
+    left = {r[0] for r in mta.rows("SELECT queue_id FROM messages")}
+    assert set(queued) <= left
+    assert mta.rows("SELECT COUNT(*) FROM recipients WHERE state = 'inflight'")[0][0] == 0
+
+
+def test_kill_9_of_the_supervisor_takes_the_workers_and_restart_delivers(mta_factory,
+                                                                        peer_factory):
+    [peer] = peer_factory.spawn({"actions": {"DATA_END": "stall"}})
+    peer_factory.ready()
+    extra = ('[relay]\n[retry]\nfirst = "1s"\nmax = "1s"\n[routes]\n'
+             f'"dest.test" = "{peer.address}"\n')
+    mta = mta_factory(server=WORKERS, extra=extra)
+    pids = list(two_workers(mta).values())
+    for i in range(5):
+        send(mta.port, "u@dest.test", i)
+    wait_for(lambda: peer.transactions(), 20, "a delivery in flight", detail=mta.log)
+    mta.kill()
+    wait_for(lambda: not [p for p in pids if alive(p)], 10, "the workers to die with it")
+    # The same spool, now with a next hop that answers.
+    peer.stop()
+    [peer2] = peer_factory.spawn({})
+    peer_factory.ready()
+    mta.extra = extra.replace(peer.address, peer2.address)
+    mta.start()
+    two_workers(mta)
+    wait_for(lambda: mta.count("messages") == 0, 30, "the spool to drain after restart",
+             detail=lambda: [tuple(r) for r in mta.rows("SELECT * FROM recipients")])
+    assert sorted(set(received(peer2))) == [f"w{i}" for i in range(5)]
+
+
+def test_a_killed_worker_is_forked_again(mta_factory):
+    mta = mta_factory(server=WORKERS)
+    workers = two_workers(mta)
+    os.kill(workers[1], signal.SIGKILL)
+    wait_for(lambda: re.search(r"mta worker 1 \(pid \d+\) died \(killed by SIGKILL\)",
+                               mta.log()), 10, "the death logged", detail=mta.log)
+    again = wait_for(lambda: (lambda w: w if len(w) == 2 and w[1] != workers[1] else None)(
+        workers_of(mta)), 20, "worker 1 forked again", detail=mta.log)
+    assert again[2] == workers[2]
+    # The new worker 1 accepts on the shared port (and so does worker 2).
+    send_until_each_accepted(mta, list(again.values()), "someone@example.test")
+    assert mta.stop() in (0, -15), mta.log()
+    assert not [p for p in again.values() if alive(p)]
+
+
+def test_sighup_reaches_every_worker(mta_factory, tmp_path):
+    users = tmp_path / "users"
+    users.write_text("")
+    mta = mta_factory(server=WORKERS, extra=f'[auth]\nusers_file = "{users}"\n')
+    two_workers(mta)
+    os.kill(mta.pid, signal.SIGHUP)
+    wait_for(lambda: mta.log().count("SIGHUP: users file") == 2, 10,
+             "both workers reloading the users file", detail=mta.log)
+    assert mta.stop() in (0, -15), mta.log()
