@@ -10,8 +10,8 @@ mta.spool.schema.prepare), on SQLite and on a real PostgreSQL (tests/pg.py):
 * a schema-2 spool made before Alembic is stamped, not altered;
 * a spool of a newer revision is refused, not touched;
 * ``mta queue`` on a current spool only reads (a read-only database);
-* nodes starting at once on one PostgreSQL database create or upgrade its
-  schema once, one after the other.
+* nodes starting at once on one spool (PostgreSQL, or a SQLite file)
+  create or upgrade its schema once, one after the other.
 """
 from __future__ import annotations
 
@@ -256,30 +256,22 @@ def _at_once(url: str, n: int) -> list[int]:
     return results
 
 
-def test_pg_nodes_starting_at_once_create_the_schema_once(pg_url):
-    """Several nodes opening a new database at the same moment: each
-    prepare() waits for the one before (an advisory lock), none fails."""
-    results = _at_once(pg_url, 4)
+def test_nodes_starting_at_once_create_the_schema_once(url, engine):
+    """Several nodes (or a daemon and ``mta queue``) opening a new spool at
+    the same moment: each prepare() waits for the one before (PostgreSQL:
+    an advisory lock; SQLite: the write lock), none fails."""
+    results = _at_once(url, 4)
     assert sorted(results) == [0, SCHEMA_VERSION, SCHEMA_VERSION, SCHEMA_VERSION], results
-    engine = make_engine(pg_url)
-    try:
-        assert recorded(engine) == ([HEAD], str(SCHEMA_VERSION))
-    finally:
-        engine.dispose()
+    assert recorded(engine) == ([HEAD], str(SCHEMA_VERSION))
 
 
-def test_pg_nodes_starting_at_once_on_a_schema_1_database_upgrade_it_once(pg_url):
-    engine = make_engine(pg_url)
-    try:
-        schema_1(engine)
-        results = _at_once(pg_url, 4)
-        assert sorted(results) == [1, SCHEMA_VERSION, SCHEMA_VERSION, SCHEMA_VERSION], results
-        assert recorded(engine) == ([HEAD], str(SCHEMA_VERSION))
-        assert differences(engine) == []
-        assert sorted(rows(engine).values()) == [("inflight", None, 0.0),
-                                                 ("queued", None, None)]
-    finally:
-        engine.dispose()
+def test_nodes_starting_at_once_on_a_schema_1_spool_upgrade_it_once(url, engine):
+    schema_1(engine)
+    results = _at_once(url, 4)
+    assert sorted(results) == [1, SCHEMA_VERSION, SCHEMA_VERSION, SCHEMA_VERSION], results
+    assert recorded(engine) == ([HEAD], str(SCHEMA_VERSION))
+    assert differences(engine) == []
+    assert sorted(rows(engine).values()) == [("inflight", None, 0.0), ("queued", None, None)]
 
 
 def test_a_version_is_read_without_writing(engine):

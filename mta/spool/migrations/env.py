@@ -1,17 +1,10 @@
-"""Alembic's environment for the spool, run by mta.spool.schema.prepare: the
-migrations run on its connection, in its transaction (which it commits),
-never offline."""
+"""Alembic's environment for the spool: Alembic runs this file (by its
+path) for mta.spool.schema.prepare; the work is
+:func:`mta.spool.migrations.run_env`.  Imported as a module (mta.usercheck
+checks that the daemon's user can), it does nothing."""
 from __future__ import annotations
 
-from alembic import context
+if __name__ != "mta.spool.migrations.env":
+    from mta.spool.migrations import run_env
 
-from mta.spool.schema import metadata
-
-if context.is_offline_mode():
-    raise RuntimeError("the spool's migrations run only on a connection "
-                       "(mta.spool.schema.prepare)")
-
-context.configure(connection=context.config.attributes["connection"],
-                  target_metadata=metadata, render_as_batch=True)
-with context.begin_transaction():     # the caller's transaction: no commit here
-    context.run_migrations()
+    run_env()
