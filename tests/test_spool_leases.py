@@ -10,8 +10,9 @@ use them on one database, and the queue runner's renewal with task.Clock.
 * ``mta queue hold`` and a claim never overwrite each other -- also when
   they run at the same moment (PostgreSQL: one waits for the other's row
   lock, then re-checks the state);
-* two nodes recording the last recipients of one message at once remove it;
-* a spool of schema 1 upgrades in place, its old in-flight rows claimable.
+* two nodes recording the last recipients of one message at once remove it.
+
+(A spool of schema 1 upgrading in place: tests/test_spool_migrations.py.)
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import os
 import threading
 
 import pytest
-from sqlalchemy import Column, Index, MetaData, Table, select, text
+from sqlalchemy import select, text
 from twisted.internet import defer, task
 
 from fakespool import SyncSpool
@@ -29,10 +30,10 @@ from waiting import wait_for
 from mta.config import RelayConfig, RetryConfig
 from mta.delivery.scheduler import QueueRunner
 from mta.message import InboundMessage, Recipient
-from mta.spool import Spool, make_engine, ops
+from mta.spool import make_engine, ops
 from mta.spool.admin import SpoolAdmin
 from mta.spool.interface import MessageChange, RecipientUpdate
-from mta.spool.schema import SCHEMA_VERSION, meta, metadata, prepare, recipients
+from mta.spool.schema import prepare, recipients
 
 LEASE = 300.0
 
@@ -277,53 +278,6 @@ def test_pg_two_nodes_recording_the_last_recipients_at_once_remove_the_message(p
     assert messages_left(pg) == 0
 
 
-# --------------------------------------------------------------------------- schema 1
-
-def schema_1(engine) -> None:
-    """The tables as version 1 made them: no owner, no lease."""
-    old = MetaData()
-    for t in metadata.sorted_tables:
-        cols = [c._copy() for c in t.columns if c.name not in ("owner", "lease_until")]
-        Table(t.name, old, *cols)
-    Index("recipients_queue_id", old.tables["recipients"].c.queue_id)
-    Index("recipients_due", old.tables["recipients"].c.state,
-          old.tables["recipients"].c.next_attempt)
-    with engine.begin() as conn:
-        old.create_all(conn)
-        conn.execute(meta.insert().values(key="schema_version", value="1"))
-        conn.execute(old.tables["messages"].insert().values(
-            queue_id="OLD1", sender="a@origin.test", smtputf8=False, client_address="127.0.0.1",
-            helo="client.test", protocol="ESMTP", arrival=100.0, size=20))
-        conn.execute(old.tables["contents"].insert().values(
-            queue_id="OLD1", headers=b"Subject: t\r\n\r\n", body=b"hi\r\n"))
-        for address, state in (("b@dest.test", "inflight"), ("c@dest.test", "queued")):
-            conn.execute(old.tables["recipients"].insert().values(
-                queue_id="OLD1", address=address, state=state, attempts=0, next_attempt=100.0,
-                warned=False))
-
-
-def test_a_schema_1_spool_is_upgraded_in_place(url):
-    engine = make_engine(url)
-    try:
-        schema_1(engine)
-        spool = Spool(url, node="A", lease=LEASE)
-        spool.open()                        # as the daemon at its start
-        spool.open()                        # and again: nothing more to do
-        with engine.connect() as c:
-            assert c.execute(select(meta.c.value).where(meta.c.key == "schema_version")
-                             ).scalar_one() == str(SCHEMA_VERSION)
-        # The row a version-1 process left in flight has no owner and an
-        # expired lease: any node may take it; both are delivered as before.
-        due = tx(engine, ops.due_recipients, 200.0, 10, "B")
-        assert sorted(r.address for r in due) == ["b@dest.test", "c@dest.test"]
-        got = claim(engine, "B", [r.id for r in due], 200.0)
-        assert len(got.recipients) == 2 and got.messages["OLD1"].body == b"hi\r\n"
-        assert tx(engine, ops.record_results, [delivered(r.id, 210.0) for r in got.recipients],
-                  [], ["OLD1"], "B") == ["OLD1"]
-    finally:
-        engine.dispose()
-
-
 # --------------------------------------------------------------------------- the runner
 
 @pytest.fixture
@@ -461,47 +415,6 @@ def test_startup_recovery_takes_back_what_an_earlier_start_here_left(db):
     claim(db, "B", [live], 400.0)
     assert tx(db, ops.recover_inflight, "A-now", 450.0, lambda o: o == "A-earlier") == 1
     assert rows(db) == {old: ("queued", None, None), live: ("inflight", "B", 700.0)}
-
-
-def test_pg_nodes_starting_at_once_create_the_schema_once(pg_url):
-    """Several nodes opening a new database at the same moment: each
-    prepare() waits for the one before (an advisory lock), none fails."""
-    engines = [make_engine(pg_url) for _ in range(4)]
-    barrier = threading.Barrier(len(engines))
-    results: list = []
-
-    def start(engine):
-        barrier.wait()
-        with engine.begin() as conn:
-            results.append(prepare(conn))
-    threads = [threading.Thread(target=start, args=(e,)) for e in engines]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    for e in engines:
-        e.dispose()
-    assert sorted(results) == [0, SCHEMA_VERSION, SCHEMA_VERSION, SCHEMA_VERSION]
-
-
-def test_mta_queue_upgrades_a_schema_1_spool_too(url):
-    engine = make_engine(url)
-    try:
-        schema_1(engine)
-        admin = SpoolAdmin.open(url, hostname="mx.test")
-        try:
-            [m] = admin.list_messages()
-            assert [(r.address, r.state) for r in m.recipients] == [
-                ("b@dest.test", "inflight"), ("c@dest.test", "queued")]
-            assert admin.hold(["OLD1"]).messages == (MessageChange("OLD1", changed=1,
-                                                                   inflight=1),)
-        finally:
-            admin.close()
-        with engine.connect() as c:
-            assert c.execute(select(meta.c.value).where(meta.c.key == "schema_version")
-                             ).scalar_one() == str(SCHEMA_VERSION)
-    finally:
-        engine.dispose()
 
 
 def test_an_atrn_claim_is_a_claim_with_a_lease_too(db):

@@ -41,8 +41,8 @@ from .interface import (Changed, DSNMaker, Flushed, ListedMessage, ListedRecipie
                         MessageChange, QueueAdmin, QueueStats, RecipientUpdate)
 from .notify import notify
 from .ops import PENDING, insert_messages, lock_messages, record_results, release_domain
-from .schema import (SCHEMA_VERSION, SchemaTooNew, contents, messages, meta, prepare,
-                     recipients)
+from .schema import (SCHEMA_VERSION, SchemaTooNew, contents, messages, prepare, recipients,
+                     version)
 
 __all__ = ["SpoolAdmin", "AdminError", "STATES", "open_engine"]
 
@@ -87,17 +87,18 @@ def open_engine(url: str, *, create: bool = False) -> Engine:
 
 
 def _check_schema(engine: Engine, url: str, create: bool) -> None:
-    with engine.connect() as conn:
-        present = inspect(conn).has_table("messages")
-        found = (conn.execute(select(meta.c.value).where(meta.c.key == "schema_version"))
-                 .scalar() if present else None)
+    try:
+        with engine.connect() as conn:
+            present = inspect(conn).has_table("messages")
+            found = version(conn)
+    except SchemaTooNew as e:
+        raise AdminError(f"{url}: {e}") from None
     if not present and not create:
         raise AdminError(f"{url}: not an mta spool (no messages table)")
-    if found is not None and int(found) > SCHEMA_VERSION:
-        raise AdminError(f"{url}: spool schema version {found} is newer than this mta "
-                         f"supports ({SCHEMA_VERSION}); upgrade mta")
-    if present and found is not None and int(found) == SCHEMA_VERSION:
-        return                  # nothing to write: a read-only spool can still be listed
+    if present and found == SCHEMA_VERSION:
+        # Nothing to write: a read-only spool can still be listed.  (One the
+        # mta before Alembic made is stamped by the daemon's next start.)
+        return
     # Created, or upgraded in place from an earlier version, as the daemon does.
     try:
         with engine.begin() as conn:

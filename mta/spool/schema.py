@@ -8,15 +8,26 @@
                    ``lease_until`` (Unix time: past it, any node may claim it).
 
 The same tables on SQLite and PostgreSQL.  :func:`prepare` creates them, or
-upgrades a spool of an earlier ``SCHEMA_VERSION`` in place (``meta``
-records the version): version 1 had no owner and no lease.
+upgrades a spool of an earlier ``SCHEMA_VERSION`` in place with the
+Alembic revisions of mta.spool.migrations (revision ``0001`` is version 1,
+which had no owner and no lease; ``0002`` is version 2).  Alembic's
+``alembic_version`` table records the revision; ``meta`` keeps recording
+the version number too (``schema_version``), as the mta before Alembic
+read it.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
 from sqlalchemy import (BigInteger, Boolean, Column, Float, ForeignKey, Index,
                         Integer, LargeBinary, MetaData, String, Table, Text, inspect, select,
                         text)
 from sqlalchemy.engine import Connection
+
+from . import migrations
 
 SCHEMA_VERSION = 2
 
@@ -83,40 +94,69 @@ class SchemaTooNew(Exception):
 _SCHEMA_LOCK = 0x6D74_6100
 
 
+def _too_new(found: object) -> SchemaTooNew:
+    return SchemaTooNew(f"spool schema version {found} is newer than this mta supports "
+                        f"({SCHEMA_VERSION}); upgrade mta")
+
+
+def _found(conn: Connection) -> tuple[int, bool]:
+    """The schema version of the spool on *conn* (0: none yet) and whether
+    Alembic's version table records it; only reads."""
+    heads = MigrationContext.configure(conn).get_current_heads()
+    tables = inspect(conn)
+    recorded = (conn.execute(select(meta.c.value).where(meta.c.key == "schema_version"))
+                .scalar() if tables.has_table("meta") else None)
+    if recorded is not None and (not recorded.isdigit() or int(recorded) > SCHEMA_VERSION):
+        raise _too_new(recorded)
+    if heads:
+        if len(heads) > 1 or not heads[0].isdigit():
+            raise _too_new(f"{', '.join(heads)} (Alembic revision)")
+        if int(heads[0]) > SCHEMA_VERSION:
+            raise _too_new(int(heads[0]))
+        return int(heads[0]), True
+    if recorded is not None:
+        return int(recorded), False
+    # Before ``meta`` recorded it: version 1.
+    return (1 if tables.has_table("recipients") else 0), False
+
+
+def version(conn: Connection) -> int:
+    """The schema version of the spool on *conn* (0: no spool yet), without
+    writing anything.  Raises SchemaTooNew for a newer one."""
+    return _found(conn)[0]
+
+
 def prepare(conn: Connection) -> int:
-    """In *conn*'s transaction: create the tables that are missing, upgrade
-    those of an earlier version in place, record the version; answers the
-    version found (0: a new spool).  Raises SchemaTooNew for a newer one."""
+    """In *conn*'s transaction: create the schema of a new spool, or upgrade
+    that of an earlier version in place (Alembic), and record the version;
+    answers the version found (0: a new spool).  Raises SchemaTooNew for a
+    newer one.  Nodes doing it at once do it one after the other: on
+    PostgreSQL under an advisory lock, on SQLite under the write lock
+    (``BEGIN IMMEDIATE``, unless *conn* is in a transaction already)."""
     if conn.dialect.name == "postgresql":
         conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_LOCK})
-    existed = inspect(conn).has_table("recipients")
-    metadata.create_all(conn)
-    row = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).first()
-    found = int(row[0]) if row is not None else (1 if existed else 0)
-    if found > SCHEMA_VERSION:
-        raise SchemaTooNew(f"spool schema version {found} is newer than this mta supports "
-                           f"({SCHEMA_VERSION}); upgrade mta")
-    if existed and found < 2:
-        _upgrade_1_to_2(conn)
-    if row is None:
-        conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+    elif conn.dialect.name == "sqlite" and not conn.connection.dbapi_connection.in_transaction:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    found, stamped = _found(conn)
+    if found == 0:
+        metadata.create_all(conn)      # a new spool: straight to the head
+        _alembic(conn, command.stamp, "head")
     else:
-        # Also a write when nothing changed: an unwritable spool is found now.
-        conn.execute(meta.update().where(meta.c.key == "schema_version")
-                     .values(value=str(SCHEMA_VERSION)))
+        if not stamped:                # as the mta before Alembic left it
+            _alembic(conn, command.stamp, migrations.revision(found))
+        if found < SCHEMA_VERSION:
+            _alembic(conn, command.upgrade, "head")
+    # Also a write when nothing changed: an unwritable spool is found now.
+    if conn.execute(meta.update().where(meta.c.key == "schema_version")
+                    .values(value=str(SCHEMA_VERSION))).rowcount == 0:
+        conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
     return found
 
 
-def _upgrade_1_to_2(conn: Connection) -> None:
-    """Owners and leases.  A recipient a version-1 process left in flight
-    has no owner and an expired lease: any node takes it back."""
-    have = {c["name"] for c in inspect(conn).get_columns("recipients")}
-    for name in ("owner", "lease_until"):
-        if name not in have:
-            col = recipients.c[name]
-            conn.execute(text(f"ALTER TABLE recipients ADD COLUMN {name} "
-                              f"{col.type.compile(conn.dialect)}"))
-    if "recipients_owner" not in {i["name"] for i in inspect(conn).get_indexes("recipients")}:
-        conn.execute(text("CREATE INDEX recipients_owner ON recipients (owner)"))
-    conn.execute(recipients.update().where(recipients.c.state == "inflight")
-                 .values(owner=None, lease_until=0.0))
+def _alembic(conn: Connection, cmd: Callable[[Config, str], None], revision: str) -> None:
+    """Run Alembic's *cmd* (``command.stamp``, ``command.upgrade``) to
+    *revision* on *conn*, in its transaction (see migrations/env.py)."""
+    config = Config()
+    config.set_main_option("script_location", migrations.LOCATION.replace("%", "%%"))
+    config.attributes["connection"] = conn
+    cmd(config, revision)

@@ -1,0 +1,1 @@
+"""The spool's schema revisions (see mta.spool.migrations)."""
