@@ -159,4 +159,5 @@ def _alembic(conn: Connection, cmd: Callable[[Config, str], None], revision: str
     config = Config()
     config.set_main_option("script_location", migrations.LOCATION.replace("%", "%%"))
     config.attributes["connection"] = conn
+    config.attributes["metadata"] = metadata
     cmd(config, revision)

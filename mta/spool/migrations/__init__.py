@@ -32,12 +32,11 @@ def run_env() -> None:
     offline."""
     from alembic import context
 
-    from ..schema import metadata
-
     if context.is_offline_mode():
         raise RuntimeError("the spool's migrations run only on a connection "
                            "(mta.spool.schema.prepare)")
-    context.configure(connection=context.config.attributes["connection"],
-                      target_metadata=metadata, render_as_batch=True)
+    attributes = context.config.attributes     # given by prepare (no import back up)
+    context.configure(connection=attributes["connection"],
+                      target_metadata=attributes["metadata"], render_as_batch=True)
     with context.begin_transaction():     # the caller's transaction: no commit here
         context.run_migrations()
