@@ -28,7 +28,7 @@ from test_spool_leases import LEASE, claim, delivered, message, rows, tx
 from mta.spool import Spool, SpoolError, make_engine, ops
 from mta.spool.admin import AdminError, SpoolAdmin
 from mta.spool.interface import MessageChange
-from mta.spool.migrations import LOCATION, revision
+from mta.spool.migrations import LOCATION, VERSION_TABLE, revision
 from mta.spool.schema import SCHEMA_VERSION, metadata, prepare, version
 
 HEAD = revision(SCHEMA_VERSION)
@@ -100,7 +100,7 @@ def engine(url):
 def recorded(engine) -> tuple[list[str], str | None]:
     """(Alembic's revisions, meta's schema_version) of the spool."""
     with engine.connect() as c:
-        heads = list(MigrationContext.configure(c).get_current_heads())
+        heads = list(MigrationContext.configure(c, opts={"version_table": VERSION_TABLE}).get_current_heads())
         has_meta = inspect(c).has_table("meta")
         v = (c.execute(text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar()
              if has_meta else None)
@@ -111,7 +111,7 @@ def differences(engine) -> list:
     """How the spool's tables differ from mta.spool.schema's (Alembic's
     autogenerate comparison: tables, columns, types, indexes, keys)."""
     with engine.connect() as c:
-        return compare_metadata(MigrationContext.configure(c), metadata)
+        return compare_metadata(MigrationContext.configure(c, opts={"version_table": VERSION_TABLE}), metadata)
 
 
 def test_the_last_revision_is_this_schema_version():
@@ -205,7 +205,7 @@ def _message():
 def test_a_spool_of_a_newer_revision_is_refused_and_left_alone(url, engine):
     with engine.begin() as c:
         prepare(c)
-        c.execute(text("UPDATE alembic_version SET version_num = :v"),
+        c.execute(text("UPDATE mta_alembic_version SET version_num = :v"),
                   {"v": revision(SCHEMA_VERSION + 1)})
     with pytest.raises(SpoolError, match=f"schema version {SCHEMA_VERSION + 1} is newer than "
                                          f"this mta supports \\({SCHEMA_VERSION}\\)"):
@@ -277,4 +277,4 @@ def test_nodes_starting_at_once_on_a_schema_1_spool_upgrade_it_once(url, engine)
 def test_a_version_is_read_without_writing(engine):
     with engine.connect() as c:
         assert version(c) == 0
-        assert not inspect(c).has_table("alembic_version")
+        assert not inspect(c).has_table("mta_alembic_version")

@@ -11,7 +11,7 @@ The same tables on SQLite and PostgreSQL.  :func:`prepare` creates them, or
 upgrades a spool of an earlier ``SCHEMA_VERSION`` in place with the
 Alembic revisions of mta.spool.migrations (revision ``0001`` is version 1,
 which had no owner and no lease; ``0002`` is version 2).  Alembic's
-``alembic_version`` table records the revision; ``meta`` keeps recording
+``mta_alembic_version`` table records the revision; ``meta`` keeps recording
 the version number too (``schema_version``), as the mta before Alembic
 read it.
 """
@@ -102,7 +102,8 @@ def _too_new(found: object) -> SchemaTooNew:
 def _found(conn: Connection) -> tuple[int, bool]:
     """The schema version of the spool on *conn* (0: none yet) and whether
     Alembic's version table records it; only reads."""
-    heads = MigrationContext.configure(conn).get_current_heads()
+    heads = MigrationContext.configure(
+        conn, opts={"version_table": migrations.VERSION_TABLE}).get_current_heads()
     tables = inspect(conn)
     recorded = (conn.execute(select(meta.c.value).where(meta.c.key == "schema_version"))
                 .scalar() if tables.has_table("meta") else None)

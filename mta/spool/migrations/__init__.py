@@ -18,6 +18,10 @@ import os
 
 #: Alembic's ``script_location``: this package's directory (works installed).
 LOCATION = os.path.dirname(os.path.abspath(__file__))
+#: Alembic's version table, named for mta (not ``alembic_version``): a
+#: PostgreSQL database shared with another application that uses Alembic
+#: keeps both.
+VERSION_TABLE = "mta_alembic_version"
 
 
 def revision(version: int) -> str:
@@ -37,6 +41,7 @@ def run_env() -> None:
                            "(mta.spool.schema.prepare)")
     attributes = context.config.attributes     # given by prepare (no import back up)
     context.configure(connection=attributes["connection"],
-                      target_metadata=attributes["metadata"], render_as_batch=True)
+                      target_metadata=attributes["metadata"], render_as_batch=True,
+                      version_table=VERSION_TABLE)
     with context.begin_transaction():     # the caller's transaction: no commit here
         context.run_migrations()
