@@ -90,11 +90,8 @@ class QueueListener(service.Service):
     name = "queue-listener"
     STOP_WAIT = 5.0
 
-    def __init__(self, url: str, on_wake: Callable[[], object], *, reactor: Any = None,
+    def __init__(self, url: str, on_wake: Callable[[], object], *, reactor: Any,
                  check: float = 10.0, retry_first: float = 0.5, retry_max: float = 10.0):
-        if reactor is None:
-            from twisted.internet import reactor as _r
-            reactor = _r
         self.url = url
         self.on_wake = on_wake
         self.reactor = reactor
