@@ -162,3 +162,12 @@ def pg_url(pg_server: PostgresServer) -> Iterator[str]:
             pg_server.drop_database(url)
         except Exception:
             pass
+
+
+@pytest.fixture(params=["sqlite", "postgresql"], name="url")
+def spool_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """``url``: a spool URL, once a new SQLite file and once a new PostgreSQL
+    database (the tests of the spool run on both)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'mta.sqlite'}"
+    return request.getfixturevalue("pg_url")

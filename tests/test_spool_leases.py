@@ -38,11 +38,7 @@ from mta.spool.schema import prepare, recipients
 LEASE = 300.0
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'mta.sqlite'}"
-    return request.getfixturevalue("pg_url")
+from pg import spool_url  # noqa: E402,F401  (fixture "url": SQLite and PostgreSQL)
 
 
 @pytest.fixture

@@ -83,11 +83,7 @@ def schema_1(engine) -> None:
                 "warned) VALUES ('OLD1', :a, :s, 0, 100.0, false)"), {"a": address, "s": state})
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'mta.sqlite'}"
-    return request.getfixturevalue("pg_url")
+from pg import spool_url  # noqa: E402,F401  (fixture "url": SQLite and PostgreSQL)
 
 
 @pytest.fixture
