@@ -39,7 +39,8 @@ from twisted.trial import unittest
 from conftest import wait_for
 from peers import ScriptedPeer
 from test_e2e_server import Raw, assert_spool_empty, queue_id_of, recipients, stored_message
-from test_smtp_server import Client, FakeSpool, code, codes, stored_content
+from smtpwire import Client, FakeSpool, code, codes
+from test_smtp_server import stored_content
 
 from mta.message import InboundMessage
 from mta.policy import RelayPolicy

@@ -21,7 +21,6 @@ from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
 
 from mta.auth.checker import make_portal
-from mta.auth.limiter import FailureLimiter
 from mta.auth.passwords import hash_password
 from mta.auth.users import UsersFile
 from mta.config import RelayConfig, RetryConfig
@@ -34,10 +33,8 @@ from mta.smtp.settings import Timeouts
 
 from fakespool import SyncSpool
 from test_scheduler import logged  # noqa: F401  (fixture)
-from test_smtp_auth import FakeTLS, TLSTransport, plain
-from test_smtp_server import HOST, code, make_factory, parse_replies
+from smtpwire import HOST, PASSWORD, FakeTLS, TLSTransport, Wire, code, inline, make_factory, plain
 
-PASSWORD = "correct horse"
 GRANTS = {"branch": ("branch.test", "second.test"), "other": ("other.test",)}
 
 
@@ -47,10 +44,6 @@ def users(tmp_path):
     path.write_text("".join(f"{u}:{hash_password(PASSWORD, n=16)}\n"
                             for u in ("branch", "other", "nobody")), encoding="utf-8")
     return UsersFile(str(path))
-
-
-def inline(f, *args):
-    return defer.maybeDeferred(f, *args)
 
 
 class FakeHandler:
@@ -68,45 +61,25 @@ class FakeHandler:
 def odmr_factory(users, handler, *, tls=None, metrics=None, main=None, plaintext=True,
                  cram_md5=None):
     if main is None:
-        main = make_factory(auth_plaintext_on_loopback=plaintext)
-        main.cram_md5 = cram_md5
-        main.portal = make_portal(users, inline)
-        main.limiter = FailureLimiter(clock=main.reactor, delay=0.0, max_failures=0)
-        main.tls = tls
-        main.metrics = metrics
+        main = make_factory(auth_plaintext_on_loopback=plaintext, cram_md5=cram_md5,
+                            portal=make_portal(users, inline), tls=tls, metrics=metrics)
     return ODMRFactory(main, grants=lambda user: GRANTS.get(user, ()), atrn=handler,
                        timeouts=Timeouts())
 
 
-class Session:
+class Session(Wire):
     """One ODMR session from 127.0.0.1 on a TLS-capable StringTransport."""
 
     def __init__(self, factory: ODMRFactory, port: int = 40001):
         self.factory = factory
-        self.clock = factory.main.reactor
         peer = IPv4Address("TCP", "127.0.0.1", port)
-        self.proto = factory.buildProtocol(peer)
-        self.tr = TLSTransport(peerAddress=peer, hostAddress=IPv4Address("TCP", "127.0.0.1", 366))
-        self.proto.makeConnection(self.tr)
-        self.greeting = self.take()
-
-    def take(self) -> list[str]:
-        data = self.tr.value()
-        self.tr.clear()
-        return parse_replies(data)
-
-    def send(self, data: str | bytes) -> list[str]:
-        self.proto.dataReceived(data.encode() if isinstance(data, str) else data)
-        return self.take()
-
-    def cmd(self, line: str) -> str:
-        rs = self.send(line + "\r\n")
-        assert len(rs) == 1, rs
-        return rs[0]
+        super().__init__(factory.buildProtocol(peer),
+                         TLSTransport(peerAddress=peer,
+                                      hostAddress=IPv4Address("TCP", "127.0.0.1", 366)),
+                         factory.main.reactor)
 
     def ehlo(self) -> list[str]:
-        [rep] = self.send("EHLO branch-gw.branch.test\r\n")
-        return [line[4:] for line in rep.split("\n")[1:]]
+        return self.ehlo_keywords("branch-gw.branch.test")
 
     def login(self, user: str = "branch") -> None:
         self.ehlo()

@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 
 from conftest import wait_for
-from mta.auth.limiter import FailureLimiter
 from mta.auth.md5 import IV, compress, hmac_md5_finish, hmac_md5_states, md5_from
 from mta.auth.passwords import (cram_md5_secret, hash_password, verify_cram_md5,
                                 verify_password)
@@ -30,8 +29,8 @@ from mta.auth.users import Entry, UsersFile, edit_users_file, parse_lines, read_
 from postfix import SWAKS
 from test_cli_passwd import mta
 from test_e2e_tls_auth import mta_command, send, toml_str
-from test_smtp_auth import FakeTLS, Session, b64, plain, tls_session
-from test_smtp_server import HOST, code, codes
+from smtpwire import HOST, FakeTLS, b64, code, codes, plain
+from test_smtp_auth import Session, tls_session
 
 TIM, TIM_PASSWORD = "tim", "tanstaaftanstaaf"           # RFC 2195's example user
 RFC2195_CHALLENGE = b"<1896.697170952@postoffice.reston.mci.net>"
@@ -334,8 +333,8 @@ def test_cram_md5_in_plaintext_then_tls(cram_users):
 
 
 def test_cram_md5_failures_are_delayed_then_refused(cram_users):
-    limiter = FailureLimiter(clock=None, delay=1.0, max_failures=3, lockout=600)
-    s = Session(cram_users, limiter=limiter, tls=FakeTLS())
+    limits = dict(delay=1.0, max_failures=3, lockout=600)
+    s = Session(cram_users, limits=limits, tls=FakeTLS())
     s.ehlo()
     # 1st failure: 535 after 1 s; pipelined input waits behind it.
     challenge = s.cmd("AUTH CRAM-MD5")

@@ -11,7 +11,7 @@ from mta.metrics import Metrics
 from mta.policy import RelayPolicy
 from mta.smtp.server import EtrnStarted, ServerSettings, SMTPServerFactory
 
-from test_smtp_server import HOST, INSIDE, OUTSIDE, Client, FakeSpool, code
+from smtpwire import HOST, INSIDE, OUTSIDE, Client, FakeSpool, code
 
 
 class FakeFlush:

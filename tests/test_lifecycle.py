@@ -35,7 +35,7 @@ from conftest import wait_for
 from daemonutil import python_for_user, use_twistd_args
 from fakespool import SyncSpool
 from test_scheduler import FakeRouter, put, smtp
-from test_smtp_server import Client, codes, make_factory
+from smtpwire import Client, codes, make_factory
 
 from mta.config import RelayConfig, RetryConfig
 from mta.delivery.scheduler import QueueRunner

@@ -7,63 +7,21 @@ a runner whose Deferreds the test fires; the clock is a MemoryReactorClock.
 """
 from __future__ import annotations
 
-import base64
-
 import pytest
 from twisted.internet import defer
-from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.interfaces import ITLSTransport
+from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from mta.auth.checker import make_portal
-from mta.auth.limiter import FailureLimiter
 from mta.auth.passwords import hash_password
 from mta.auth.users import UsersFile
 from mta.smtp.server import SMTPServer
 
-from test_smtp_server import (HOST, INSIDE, OUTSIDE, FakeSpool, RecordingTransport, code, codes,
-                              make_factory, parse_replies)
+from smtpwire import (HOST, INSIDE, OUTSIDE, PASSWORD, FakeSpool, FakeTLS, RecordingTransport,
+                      TLSTransport, Wire, address, b64, code, codes, inline, make_factory, plain,
+                      parse_replies)
 
-PASSWORD = "correct horse"
 BJORN = "bj\u00f6rn@example.test"
-
-
-def b64(data: str | bytes) -> str:
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    return base64.b64encode(data).decode("ascii")
-
-
-def plain(user: str, password: str = PASSWORD, authzid: str = "") -> str:
-    return b64(f"{authzid}\0{user}\0{password}")
-
-
-@implementer(ITLSTransport)
-class TLSTransport(RecordingTransport):
-    """Records startTLS; ``tls_at`` is how much output had been written then."""
-
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.tls_context = None
-        self.tls_at: int | None = None
-
-    def startTLS(self, ctx, normal=True):
-        assert self.tls_context is None, "startTLS twice"
-        self.tls_context = ctx
-        self.tls_at = len(self.value())
-
-
-class FakeTLS:
-    """Stands in for mta.tls.ServerTLS."""
-
-    def __init__(self, broken: bool = False):
-        self.broken = broken
-
-    def getContext(self):
-        if self.broken:
-            raise RuntimeError("certificate vanished")
-        return object()
 
 
 class ControlledRunner:
@@ -88,10 +46,6 @@ class ControlledRunner:
                 d.callback(result)
 
 
-def inline(f, *args):
-    return defer.maybeDeferred(f, *args)
-
-
 @pytest.fixture
 def users(tmp_path):
     path = tmp_path / "users"
@@ -101,62 +55,31 @@ def users(tmp_path):
     return UsersFile(str(path))
 
 
-class Session:
-    """One server protocol on a TLS-capable StringTransport."""
+class Session(Wire):
+    """One server protocol on a TLS-capable StringTransport; *limits* are
+    the AUTH failure limiter's settings (smtpwire.make_factory)."""
 
     def __init__(self, users: UsersFile | None = None, *, ip: str = OUTSIDE,
                  host: str = "192.0.2.25", tls: object | None = None, submission: bool = False,
-                 implicit_tls: bool = False, runner=inline, limiter: FailureLimiter | None = None,
-                 factory=None, **settings):
+                 implicit_tls: bool = False, runner=inline,
+                 limits: dict[str, float] | None = None, factory=None, **settings):
         if factory is None:
-            factory = make_factory(**settings)
-            factory.tls = tls
-            if users is not None:
-                factory.portal = make_portal(users, runner)
-                factory.cram_md5 = users.has_cram_md5     # as the daemon wires it
-            if limiter is not None:
-                limiter.clock = factory.reactor
-                factory.limiter = limiter
-            else:
-                factory.limiter = FailureLimiter(clock=factory.reactor, delay=0.0,
-                                                 max_failures=0)
+            # as the daemon wires it (mta.tap)
+            factory = make_factory(
+                tls=tls, limits=limits,
+                portal=make_portal(users, runner) if users is not None else None,
+                cram_md5=users.has_cram_md5 if users is not None else None, **settings)
         self.factory = factory
-        self.clock = factory.reactor
         self.spool = factory.spool
-        peer = IPv6Address("TCP", ip, 1234) if ":" in ip else IPv4Address("TCP", ip, 1234)
-        if isinstance(host, UNIXAddress):
-            hostaddr = host
-        else:
-            hostaddr = (IPv6Address("TCP", host, 25) if ":" in host
-                        else IPv4Address("TCP", host, 25))
-        self.proto: SMTPServer = factory.listener(
+        peer = address(ip, 1234)
+        hostaddr = host if isinstance(host, UNIXAddress) else address(host, 25)
+        proto: SMTPServer = factory.listener(
             submission=submission, implicit_tls=implicit_tls).buildProtocol(peer)
-        self.tr = TLSTransport(peerAddress=peer, hostAddress=hostaddr)
-        self.proto.makeConnection(self.tr)
-        self.greeting = self.take()
-
-    def take(self) -> list[str]:
-        data = self.tr.value()
-        self.tr.clear()
-        if self.tr.tls_at is not None:
-            self.tr.tls_at = 0
-        return parse_replies(data)
-
-    def send(self, data: str | bytes) -> list[str]:
-        if isinstance(data, str):
-            data = data.encode("utf-8")
-        self.proto.dataReceived(data)
-        return self.take()
-
-    def cmd(self, line: str) -> str:
-        rs = self.send(line + "\r\n")
-        assert len(rs) == 1, rs
-        return rs[0]
+        super().__init__(proto, TLSTransport(peerAddress=peer, hostAddress=hostaddr),
+                         factory.reactor)
 
     def ehlo(self) -> list[str]:
-        [rep] = self.send("EHLO client.example.org\r\n")
-        assert rep.startswith("250-")
-        return [line[4:] for line in rep.split("\n")[1:]]
+        return self.ehlo_keywords()
 
     def starttls(self) -> None:
         assert self.cmd("STARTTLS") == "220 2.0.0 Ready to start TLS"
@@ -179,8 +102,7 @@ def test_nothing_configured_offers_neither():
 
 
 def test_starttls_not_offered_on_a_transport_without_starttls():
-    f = make_factory()
-    f.tls = FakeTLS()
+    f = make_factory(tls=FakeTLS())
     c_proto = f.buildProtocol(IPv4Address("TCP", OUTSIDE, 1))
     tr = RecordingTransport(peerAddress=IPv4Address("TCP", OUTSIDE, 1))
     c_proto.makeConnection(tr)
@@ -588,8 +510,8 @@ def test_checker_error_is_454(users):
 # -- slowing down and refusing guessers ------------------------------------------------------
 
 def test_failures_are_delayed_then_refused(users):
-    limiter = FailureLimiter(clock=None, delay=1.0, max_failures=3, lockout=600)
-    s = tls_session(users, limiter=limiter)
+    limits = dict(delay=1.0, max_failures=3, lockout=600)
+    s = tls_session(users, limits=limits)
     # 1st failure: 1 s; pipelined input waits behind it.
     assert s.send(f"AUTH PLAIN {plain('alice', 'x')}\r\nNOOP\r\n") == []
     s.clock.advance(0.99)
@@ -628,8 +550,8 @@ def test_failures_are_delayed_then_refused(users):
 
 
 def test_connection_lost_during_delay(users):
-    limiter = FailureLimiter(clock=None, delay=5.0, max_failures=0, lockout=600)
-    s = tls_session(users, limiter=limiter)
+    limits = dict(delay=5.0, max_failures=0, lockout=600)
+    s = tls_session(users, limits=limits)
     s.send(f"AUTH PLAIN {plain('alice', 'x')}\r\n")
     assert s.clock.getDelayedCalls()
     s.proto.connectionLost(Failure(ConnectionError("gone")))
@@ -648,8 +570,8 @@ def test_failures_count_towards_max_errors(users):
 
 
 def test_timeout_while_reply_is_held_back(users):
-    limiter = FailureLimiter(clock=None, delay=8.0, max_failures=0, lockout=600)
-    s = tls_session(users, limiter=limiter, command_timeout=5.0)
+    limits = dict(delay=8.0, max_failures=0, lockout=600)
+    s = tls_session(users, limits=limits, command_timeout=5.0)
     s.send(f"AUTH PLAIN {plain('alice', 'x')}\r\n")
     s.clock.advance(5)      # the timeout fires while we are busy: it waits for us
     assert s.take() == []
@@ -671,8 +593,8 @@ def test_ehlo_keywords_order_and_help_unchanged(users):
 
 def test_parallel_attempts_cannot_outrun_the_limit(users):
     runner = ControlledRunner()
-    limiter = FailureLimiter(clock=None, delay=0.0, max_failures=2, lockout=600)
-    first = tls_session(users, runner=runner, limiter=limiter)
+    limits = dict(delay=0.0, max_failures=2, lockout=600)
+    first = tls_session(users, runner=runner, limits=limits)
     sessions = [first] + [Session(factory=first.factory) for _ in range(2)]
     for s in sessions[1:]:
         s.ehlo()

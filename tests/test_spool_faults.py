@@ -414,7 +414,7 @@ def test_server_refuses_mail_with_452_when_storage_says_no():
 
     from mta.policy import RelayPolicy
     from mta.smtp.server import ServerSettings, SMTPServerFactory
-    from test_smtp_server import Client, FakeSpool
+    from smtpwire import Client, FakeSpool
 
     asked: list[int] = []
     room = [True]

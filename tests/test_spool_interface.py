@@ -16,7 +16,7 @@ from twisted.trial import unittest
 
 from fakespool import SyncSpool
 from test_fuzz_server import ControlledSpool
-from test_smtp_server import FakeSpool, RaisingSpool
+from smtpwire import FakeSpool, RaisingSpool
 
 from mta.message import InboundMessage, MessageStore, QueuedMessage, QueuedRecipient, Recipient
 from mta.spool import Spool
