@@ -213,10 +213,7 @@ class QueueGauges(service.Service):
     name = "metrics-queue"
 
     def __init__(self, metrics: Metrics, spool: SpoolInterface, interval: float,
-                 reactor: Any = None):
-        if reactor is None:
-            from twisted.internet import reactor as _r
-            reactor = _r
+                 reactor: Any):
         self.metrics = metrics
         self.spool = spool
         self.interval = interval

@@ -415,12 +415,15 @@ def _check_as_user(options: Options, config: Config, url: str, where: str) -> No
     if target is None:
         return
     uid, gid, euid = target
+    from twisted.internet import reactor
+
     from . import usercheck
     from .spool import Spool
 
     def spool() -> None:
         try:
-            Spool(url, node=config.cluster.node, lease=config.cluster.lease).open()
+            Spool(url, node=config.cluster.node, lease=config.cluster.lease,
+                  reactor=reactor).open()
         except Exception as e:
             raise usercheck.Problem(f"{where}: {e} (the spool file and its directory must "
                                     "be writable by this user)") from None

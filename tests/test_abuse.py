@@ -31,7 +31,7 @@ import time
 import tracemalloc
 
 import pytest
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
@@ -890,7 +890,7 @@ class OutboundTests(unittest.TestCase):
         return p
 
     def pool(self) -> ConnectionPool:
-        pool = ConnectionPool(helo_name="client.example.test")
+        pool = ConnectionPool(helo_name="client.example.test", reactor=reactor)
         self.addCleanup(pool.close)
         return pool
 

@@ -74,6 +74,7 @@ class TLSAuthTestCase(unittest.TestCase):
 
     def pool(self, **kw) -> ConnectionPool:
         kw.setdefault("helo_name", "client.example.test")
+        kw.setdefault("reactor", reactor)
         pool = ConnectionPool(**kw)
         self.addCleanup(pool.close)
         return pool
@@ -427,7 +428,7 @@ class RouterPolicyTests(unittest.TestCase):
     def test_policies_and_credentials_on_hops(self):
         r = Router(routes={"a.test": "127.0.0.1:2626", "b.test": "[::1]:2627"},
                    route_tls={"A.test": "verify"}, tls="encrypt",
-                   smarthost="127.0.0.1:2525", smarthost_auth=CRED)
+                   smarthost="127.0.0.1:2525", smarthost_auth=CRED, reactor=reactor)
         [a] = yield r.route("a.test")
         [b] = yield r.route("b.test")
         [c] = yield r.route("c.test")
@@ -439,7 +440,7 @@ class RouterPolicyTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_defaults_unchanged(self):
-        r = Router(routes={"a.test": "127.0.0.1:2626"})
+        r = Router(routes={"a.test": "127.0.0.1:2626"}, reactor=reactor)
         [a] = yield r.route("a.test")
         self.assertEqual(a, NextHop("127.0.0.1", "127.0.0.1", 2626))
         self.assertEqual((a.tls, a.auth), ("may", None))
@@ -554,13 +555,15 @@ class QueueRunnerTests(TLSAuthTestCase):
         engine = spool.engine
         self.addCleanup(engine.dispose)
 
-        router = Router(routes={"d.test": f"127.0.0.1:{peer.port}"}, route_tls={"d.test": "encrypt"})
-        pool = ConnectionPool(helo_name="me.test")
+        router = Router(routes={"d.test": f"127.0.0.1:{peer.port}"}, route_tls={"d.test": "encrypt"},
+                        reactor=reactor)
+        pool = ConnectionPool(helo_name="me.test", reactor=reactor)
         from mta.delivery.smtp_courier import SMTPCourier
         runner = QueueRunner(spool, router,
                              {"smtp": SMTPCourier(router, pool, hostname="me.test")},
                              hostname="me.test",
-                             retry=RetryConfig(), relay=RelayConfig(), poll_interval=3600)
+                             retry=RetryConfig(), relay=RelayConfig(), poll_interval=3600,
+                             reactor=reactor)
         now = time.time()
         msg = InboundMessage(
             queue_id=new_queue_id(now), sender="a@example.test",

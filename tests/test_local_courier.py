@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from twisted.internet import defer
+from twisted.internet.testing import MemoryReactorClock
 
 from mta.address import Mailbox
 from mta.config import ConfigError, config_from_dict
@@ -116,7 +117,8 @@ def test_policy_replies_for_local_recipients(tmp_path):
 
 def test_router_sends_local_domains_to_the_local_courier(tmp_path):
     d = directory(tmp_path)
-    router = Router(is_local=d.is_local, routes={"remote.test": "127.0.0.1:2525"})
+    router = Router(is_local=d.is_local, routes={"remote.test": "127.0.0.1:2525"},
+                    reactor=MemoryReactorClock())
     assert router.route_for("example.org") == Route("local", "local")
     assert router.route_for(HOST) == Route("local", "local")
     assert router.route_for("remote.test").courier == "smtp"

@@ -197,6 +197,7 @@ class PeerTestCase(unittest.TestCase):
 
     def pool(self, **kw) -> ConnectionPool:
         kw.setdefault("helo_name", "client.example.test")
+        kw.setdefault("reactor", reactor)
         pool = ConnectionPool(**kw)
         self.addCleanup(pool.close)
         return pool

@@ -11,7 +11,7 @@ import tempfile
 from typing import Protocol
 
 import pytest
-from twisted.internet import defer, threads
+from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 
 from fakespool import SyncSpool
@@ -112,7 +112,7 @@ class RealSpoolTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_the_real_spool_answers_with_typed_records(self):
-        spool = Spool(self.spool_url(), node="node-a", lease=300.0)
+        spool = Spool(self.spool_url(), node="node-a", lease=300.0, reactor=reactor)
         spool.open()
         spool.start()
         self.addCleanup(threads.deferToThread, spool.stop)
@@ -141,7 +141,7 @@ class RealSpoolTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_records_of_one_batch_are_merged_each_with_its_owner_check(self):
-        spool = Spool(self.spool_url(), node="node-a", lease=300.0)
+        spool = Spool(self.spool_url(), node="node-a", lease=300.0, reactor=reactor)
         spool.open()
         spool.start()
         self.addCleanup(threads.deferToThread, spool.stop)

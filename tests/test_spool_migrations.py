@@ -22,6 +22,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
+from twisted.internet.testing import MemoryReactorClock
 
 from test_spool_leases import LEASE, claim, delivered, message, rows, tx
 
@@ -130,7 +131,7 @@ def test_a_new_spool_is_at_the_head_with_the_tables_of_the_schema(engine):
 def test_a_schema_1_spool_is_upgraded_in_place_its_mail_intact_and_deliverable(url, engine):
     schema_1(engine)
     assert recorded(engine) == ([], "1")
-    spool = Spool(url, node="A", lease=LEASE)
+    spool = Spool(url, node="A", lease=LEASE, reactor=MemoryReactorClock())
     spool.open()                                     # as the daemon at its start
     assert recorded(engine) == ([HEAD], str(SCHEMA_VERSION))
     assert differences(engine) == []                 # as a new spool's
@@ -205,7 +206,7 @@ def test_a_spool_of_a_newer_revision_is_refused_and_left_alone(url, engine):
                   {"v": revision(SCHEMA_VERSION + 1)})
     with pytest.raises(SpoolError, match=f"schema version {SCHEMA_VERSION + 1} is newer than "
                                          f"this mta supports \\({SCHEMA_VERSION}\\)"):
-        Spool(url, node="A", lease=LEASE).open()
+        Spool(url, node="A", lease=LEASE, reactor=MemoryReactorClock()).open()
     with pytest.raises(AdminError, match=f"version {SCHEMA_VERSION + 1} is newer"):
         SpoolAdmin.open(url, hostname="mx.test")
     assert recorded(engine) == ([revision(SCHEMA_VERSION + 1)], str(SCHEMA_VERSION))

@@ -165,7 +165,7 @@ class Router:
         smarthost: str = "",
         routes: Mapping[str, str] | Iterable[tuple[str, str]] = {},
         nameservers: Sequence[str] = (),
-        reactor: Any = None,
+        reactor: Any,
         port: int = 25,
         timeout: Sequence[float] = (1, 3, 5),
         random: _random.Random | None = None,
@@ -175,10 +175,6 @@ class Router:
         is_local: Callable[[str], bool] | None = None,
         hold_domains: Iterable[str] = (),
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
         self._reactor = reactor
         self.port = port
         self.timeout = tuple(timeout)

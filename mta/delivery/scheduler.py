@@ -184,14 +184,11 @@ class QueueRunner(service.Service):
     connections opened at *since* or later (ETRN: a new connection)."""
 
     def __init__(self, spool: DeliveryQueue, router: RouteMap, couriers: Mapping[str, Courier], *,
-                 hostname: str, retry: RetryConfig, relay: RelayConfig, reactor: Any = None,
+                 hostname: str, retry: RetryConfig, relay: RelayConfig, reactor: Any,
                  rand: Callable[[], float] = random.random, poll_interval: float = 1.0,
                  lease: float = 300.0,
                  dsn_builder: Callable[..., bytes] | None = None, metrics: Any = None,
                  fresh_connections: Callable[[str, float], None] | None = None):
-        if reactor is None:
-            from twisted.internet import reactor as _r
-            reactor = _r
         self.spool = spool
         self.router = router
         self.couriers: dict[str, Courier] = dict(couriers)

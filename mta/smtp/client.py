@@ -1530,13 +1530,10 @@ class ConnectionPool:
     which a rejected login is not tried again (0: no hold).
     """
 
-    def __init__(self, *, helo_name: str, reactor: Any = None, timeouts: Timeouts = Timeouts(),
+    def __init__(self, *, helo_name: str, reactor: Any, timeouts: Timeouts = Timeouts(),
                  max_idle_per_host: int = 4, starttls: bool = True,
                  tls_options: Any = None, trust_root: Any = None,
                  auth_failure_hold: float = 300.0):
-        if reactor is None:
-            from twisted.internet import reactor as _r
-            reactor = _r
         self.helo_name = helo_name
         self.reactor = reactor
         self.timeouts = timeouts

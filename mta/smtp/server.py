@@ -126,16 +126,13 @@ class SMTPServerFactory(protocol.Factory):
     (None: ETRN is not offered, ``502``)."""
 
     def __init__(self, settings: ServerSettings, spool: MessageStore, policy: Any,
-                 reactor: Any = None, *, tls: Any = None, portal: Any = None,
+                 reactor: Any, *, tls: Any = None, portal: Any = None,
                  limiter: FailureLimiter | None = None,
                  storage: Callable[[int], bool] | None = None,
                  auth_plaintext_on_loopback: bool = False,
                  cram_md5: Callable[[], bool] | None = None,
                  on_stored: Callable[[str], Any] | None = None,
                  metrics: Any = None, etrn: EtrnHandler | None = None):
-        if reactor is None:
-            from twisted.internet import reactor as _r
-            reactor = _r
         self.settings = settings
         self.spool = spool
         self.policy = policy

@@ -120,12 +120,9 @@ class Spool(SpoolInterface):
     twistd's daemonizing fork): see mta.spool.node -- for *lease* seconds
     at a time (renewed by :meth:`renew`)."""
 
-    def __init__(self, url: str, *, node: str, lease: float, reactor: Any = None,
+    def __init__(self, url: str, *, node: str, lease: float, reactor: Any,
                  threads: int = 4, idle_check: float = 5.0,
                  on_commit: Callable[[float, int], None] | None = None):
-        if reactor is None:
-            from twisted.internet import reactor as _r
-            reactor = _r
         self.url = url
         self._configured_node = node
         self.node = node_name(node)
