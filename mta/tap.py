@@ -166,6 +166,10 @@ def makeService(options: Options) -> service.IService:
                                 on_stored=runner.kick if runner is not None else None,
                                 metrics=metrics,
                                 etrn=_etrn_handler(runner) if runner is not None else None)
+    # [server] workers > 1 in a daemon that accepts and delivers: one worker
+    # delivers, the others accept (mta.workers); these are each role's parts.
+    delivering: list[service.IService] = []
+    accepting: list[service.IService] = []
     # Started in this order and stopped in the reverse one, each part after
     # the one before it has finished stopping (README "Stopping and
     # restarting"): the listeners; then the open sessions (421) and the
@@ -181,20 +185,23 @@ def makeService(options: Options) -> service.IService:
     listener = spool.listener(runner.kick) if runner is not None else None
     if listener is not None:
         listener.setServiceParent(top)
+        delivering.append(listener)
     if metrics is not None:
         _metrics_services(config, metrics, spool, factory, reactor, top)
     draining = service.MultiService()      # these two stop side by side
     draining.setServiceParent(top)
     if runner is not None:
         runner.setServiceParent(draining)
+        delivering.append(runner)
     SessionDrain(factory, config.relay.shutdown_grace, reactor).setServiceParent(draining)
     front = service.MultiService()
     front.setServiceParent(top)
     where = "--listen" if options["listen"] else f"{config.path}: [server] listen"
     listen = list(options["listen"] or s.listen)
     for ep in listen:
-        _listener(ep, where, factory, reactor, tls, submission=False,
-                  shared=shared).setServiceParent(front)
+        part = _listener(ep, where, factory, reactor, tls, submission=False, shared=shared)
+        part.setServiceParent(front)
+        accepting.append(part)
     if not listen and not s.submission:
         if not config.relay.deliver:
             _die(f"{config.path}: [server] listen and submission are empty and [relay] "
@@ -203,11 +210,14 @@ def makeService(options: Options) -> service.IService:
                  "over SMTP, only delivering the queue (what sendmail puts there)",
                  config=config.path)
     for ep in s.submission:
-        _listener(ep, f"{config.path}: [server] submission", factory, reactor, tls,
-                  submission=True, shared=shared).setServiceParent(front)
+        part = _listener(ep, f"{config.path}: [server] submission", factory, reactor, tls,
+                         submission=True, shared=shared)
+        part.setServiceParent(front)
+        accepting.append(part)
     for ep in config.gateway.atrn_listen:
-        _atrn_listener(ep, config, factory, runner, reactor, tls,
-                       shared=shared).setServiceParent(front)
+        part = _atrn_listener(ep, config, factory, runner, reactor, tls, shared=shared)
+        part.setServiceParent(front)
+        delivering.append(part)
     if s.submission and portal is None:
         log.warn("{config}: [server] submission is set but [auth] users_file is not: "
                  "nobody can submit mail there", config=config.path)
@@ -218,10 +228,15 @@ def makeService(options: Options) -> service.IService:
         _LogLine(start=line, stop="mta stopping",
                  reactor=reactor).setServiceParent(top)       # started last, stopped first
         return top
-    from .workers import WorkerSupervisor
+    from .workers import Roles, WorkerSupervisor
     _LogLine(stop="mta worker stopping", reactor=reactor).setServiceParent(top)
-    return WorkerSupervisor(top, shared, s.workers, reactor=reactor,
-                            lines=_LogLine(start=f"{line}; {s.workers} worker processes",
+    roles = Roles(deliver=tuple(delivering), accept=tuple(accepting)) \
+        if runner is not None and accepting else None
+    workers = f"{s.workers} worker processes"
+    if roles is not None:
+        workers += f" (1 delivering, {s.workers - 1} accepting)"
+    return WorkerSupervisor(top, shared, s.workers, reactor=reactor, roles=roles,
+                            lines=_LogLine(start=f"{line}; {workers}",
                                            stop="mta stopping", reactor=reactor),
                             node=lambda: spool.node, twistd=getattr(options, "parent", None))
 
@@ -447,7 +462,7 @@ def _check_as_user(options: Options, config: Config, url: str, where: str) -> No
 def _chown_spool(options: Options, url: str) -> None:
     """When twistd is to drop privileges (``--uid``/``--gid``, run as root), the
     spool must belong to that user: the database and its -wal/-shm/-journal
-    files, and the directory they are in (SQLite creates those files there)
+    files, its -lock and -wake (mta.spool), and the directory they are in (SQLite creates those files there)
     when it holds nothing else.  makeService runs as root, before the switch."""
     target = _target_user(options)
     if target is None:
@@ -463,7 +478,8 @@ def _chown_spool(options: Options, url: str) -> None:
     owner = -1 if uid is None else uid
     group = -1 if gid is None else gid
     try:
-        for suffix in ("", "-wal", "-shm", "-journal"):
+        # SQLite's files, and mta.spool's write lock and wake-up directory.
+        for suffix in ("", "-wal", "-shm", "-journal", "-lock", "-wake"):
             if os.path.exists(db + suffix):
                 os.chown(db + suffix, owner, group)
         entries = os.listdir(directory)

@@ -17,6 +17,18 @@ as Step 8's nodes do.  The supervisor's own tree only supervises:
 * a worker dies with its supervisor (PR_SET_PDEATHSIG), so a kill -9 of
   the supervisor leaves no worker holding the port or the spool.
 
+With *roles* (a daemon that both accepts and delivers), the work is split:
+worker 1 delivers (the queue runner, its wake-ups, the ATRN listeners) and
+the others accept (the SMTP and submission listeners); each drops the
+other role's services from its tree before it starts.  A message an
+accepting worker stores rings the delivering one (mta.spool.doorbell on
+SQLite, NOTIFY on PostgreSQL).  Why split rather than N workers that each
+do everything: on one SQLite file the N group-commit writers take turns at
+the one write lock, and a session's ``250`` waits behind deliveries on the
+same reactor thread; split, the accepting workers' commits are the
+messages alone and their reactors do nothing but SMTP (README
+"Benchmarks").
+
 A worker forked again later is forked from a running reactor: the child
 gets a reactor state of its own (:func:`_own_reactor`) before it starts.
 """
@@ -28,6 +40,7 @@ import select
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from twisted.application import service
@@ -45,6 +58,14 @@ class SharedListener(Protocol):
     """A listening service whose socket the supervisor binds (mta.tap)."""
 
     def bind_shared(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Roles:
+    """The services only the delivering worker runs (*deliver*) and those
+    only the accepting workers run (*accept*): see the module docstring."""
+    deliver: tuple[service.IService, ...]
+    accept: tuple[service.IService, ...]
 
 
 class _Held(protocol.Factory):
@@ -144,8 +165,9 @@ class WorkerSupervisor(service.Service):
 
     def __init__(self, tree: service.IService, listeners: list[SharedListener], count: int, *,
                  reactor: Any, lines: service.IService, node: Callable[[], str],
-                 twistd: Any = None):
+                 twistd: Any = None, roles: Roles | None = None):
         self.tree = tree
+        self.roles = roles
         self.listeners = listeners
         self.count = count
         self.reactor = reactor
@@ -200,6 +222,10 @@ class WorkerSupervisor(service.Service):
         if self.twistd is not None:             # twistd's job, the supervisor's
             self.twistd["pidfile"] = ""
             self.twistd["statusPipe"] = None
+        if self.roles is not None:
+            drop = self.roles.accept if self.delivers else self.roles.deliver
+            for part in drop:
+                part.disownServiceParent()
         self.tree.privilegedStartService()
         if running:                             # forked again: start now
             self._start_worker()
@@ -216,10 +242,17 @@ class WorkerSupervisor(service.Service):
         self._reap.start(self.poll, now=False)
         self.lines.startService()
 
+    @property
+    def delivers(self) -> bool:
+        """In a worker with *roles*: whether it is the delivering one."""
+        return self.worker == 1
+
     def _start_worker(self) -> None:
         self.tree.startService()
-        log.info("mta worker {n} of {count} started: pid {pid}, node {node}", n=self.worker,
-                 count=self.count, pid=os.getpid(), node=self.node())
+        role = "" if self.roles is None else \
+            (" (delivering)" if self.delivers else " (accepting)")
+        log.info("mta worker {n} of {count}{role} started: pid {pid}, node {node}",
+                 n=self.worker, count=self.count, role=role, pid=os.getpid(), node=self.node())
 
     # -- supervision ----------------------------------------------------------
     def _on_hangup(self, signum: int, frame: Any) -> None:

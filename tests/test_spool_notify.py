@@ -203,7 +203,12 @@ def test_the_listener_survives_a_database_restart(listening, pg_url, pg_server):
         globalLogPublisher.removeObserver(observe)
 
 
-def test_on_sqlite_there_is_no_listener(tmp_path):
+def test_on_sqlite_the_listener_is_the_doorbell(tmp_path):
+    """SQLite has no NOTIFY: its wake-ups are mta.spool.doorbell's sockets
+    (tests/test_spool_doorbell.py)."""
+    from mta.spool.doorbell import DoorbellListener
     spool = Spool(f"sqlite:///{tmp_path / 'mta.sqlite'}", node="A", lease=300.0,
                   reactor=task.Clock())
-    assert spool.listener(lambda: None) is None
+    listener = spool.listener(lambda: None)
+    assert isinstance(listener, DoorbellListener)
+    assert listener.directory == f"{tmp_path / 'mta.sqlite'}-wake"

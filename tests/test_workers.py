@@ -1,6 +1,7 @@
-"""``[server] workers = 2``: one twistd process supervising two workers that
-share the listening socket and the spool (mta.workers).  Real daemons
-(tests/conftest.py), a scripted next hop (tests/peers.py)."""
+"""``[server] workers = N``: one twistd process supervising N workers that
+share the listening sockets and the spool (mta.workers): in a daemon that
+accepts and delivers, worker 1 delivers and the others accept.  Real
+daemons (tests/conftest.py), a scripted next hop (tests/peers.py)."""
 from __future__ import annotations
 
 import os
@@ -17,7 +18,7 @@ from conftest import MTADaemon, wait_for
 from mta.config import ConfigError, config_from_dict
 
 WORKERS = {"workers": 2}
-STARTED = re.compile(r"mta worker (\d+) of (\d+) started: pid (\d+), node (\S+)")
+STARTED = re.compile(r"mta worker (\d+) of (\d+)(?: \((\w+)\))? started: pid (\d+), node (\S+)")
 
 
 # --------------------------------------------------------------------------- config
@@ -78,7 +79,7 @@ def workers_of(mta: MTADaemon) -> dict[int, int]:
     the current log (the last start of each number)."""
     found: dict[int, int] = {}
     for m in STARTED.finditer(mta.log()):
-        found[int(m.group(1))] = int(m.group(3))
+        found[int(m.group(1))] = int(m.group(4))
     return {n: pid for n, pid in found.items() if alive(pid)}
 
 
@@ -98,10 +99,10 @@ def alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def two_workers(mta: MTADaemon) -> dict[int, int]:
-    return wait_for(lambda: (lambda w: w if len(w) == 2 and set(w.values()) ==
+def two_workers(mta: MTADaemon, n: int = 2) -> dict[int, int]:
+    return wait_for(lambda: (lambda w: w if len(w) == n and set(w.values()) ==
                              children(mta.pid) else None)(workers_of(mta)),
-                    20, "two workers started", detail=mta.log)
+                    20, f"{n} workers started", detail=mta.log)
 
 
 def send(port: int, rcpt: str, n: int) -> str:
@@ -169,10 +170,10 @@ def send_until_each_accepted(mta: MTADaemon, pids: list[int], rcpt: str,
     raise AssertionError(f"after {tries} connections not every worker accepted one: {accepted}")
 
 
-def delivering(mta_factory, peer_factory, **kw):
+def delivering(mta_factory, peer_factory, server=WORKERS, **kw):
     [peer] = peer_factory.spawn({})
     peer_factory.ready()
-    mta = mta_factory(server=WORKERS,
+    mta = mta_factory(server=server,
                       extra='[relay]\n[retry]\nfirst = "1s"\nmax = "1s"\n[routes]\n'
                             f'"dest.test" = "{peer.address}"\n', **kw)
     return mta, peer
@@ -189,21 +190,32 @@ def received(peer) -> list[str]:
 
 # --------------------------------------------------------------------------- daemons
 
-def test_both_workers_accept_on_the_one_port_and_deliver_once(mta_factory, peer_factory):
-    mta, peer = delivering(mta_factory, peer_factory)
-    workers = two_workers(mta)
+def test_accepting_workers_share_the_port_and_the_delivering_one_delivers_once(
+        mta_factory, peer_factory):
+    mta, peer = delivering(mta_factory, peer_factory, server={"workers": 3})
+    workers = two_workers(mta, 3)
     log = mta.log()
-    assert re.search(r"mta \S+ started: .*; 2 worker processes", log), log
-    nodes = {m.group(4) for m in STARTED.finditer(log)}
-    assert len(nodes) == 2, log                      # a spool node of its own each
-    pids = list(workers.values())
-    sent, accepted = send_until_each_accepted(mta, pids, "u@dest.test")
-    print(f"connections accepted per worker pid: {accepted}")
+    assert re.search(r"mta \S+ started: .*; 3 worker processes \(1 delivering, 2 accepting\)",
+                     log), log
+    roles = {int(m.group(1)): m.group(3) for m in STARTED.finditer(log)}
+    assert roles == {1: "delivering", 2: "accepting", 3: "accepting"}, log
+    nodes = {m.group(5) for m in STARTED.finditer(log)}
+    assert len(nodes) == 3, log                      # a spool node of its own each
+    sent, accepted = send_until_each_accepted(mta, [workers[2], workers[3]], "u@dest.test")
+    print(f"connections accepted per accepting worker pid: {accepted}")
     wait_for(lambda: mta.count("messages") == 0, 30, "the spool to drain", detail=mta.log)
     assert sorted(received(peer)) == sorted(sent)    # each once
     assert mta.stop() in (0, -15), mta.log()
-    assert not [p for p in pids if alive(p)]
+    assert not [p for p in workers.values() if alive(p)]
     assert "[mta#info] mta stopped" in mta.log()
+
+
+def test_without_delivery_every_worker_accepts(mta_factory):
+    mta = mta_factory(server=WORKERS, extra="[relay]\ndeliver = false\n")
+    workers = two_workers(mta)
+    assert not re.search(r"accepting\)|delivering\)", mta.log()), mta.log()
+    send_until_each_accepted(mta, list(workers.values()), "someone@example.test")
+    assert mta.stop() in (0, -15), mta.log()
 
 
 def test_sigterm_stops_every_worker_and_loses_nothing(mta_factory, peer_factory):
@@ -254,17 +266,23 @@ def test_kill_9_of_the_supervisor_takes_the_workers_and_restart_delivers(mta_fac
     assert sorted(set(received(peer2))) == [f"w{i}" for i in range(5)]
 
 
-def test_a_killed_worker_is_forked_again(mta_factory):
-    mta = mta_factory(server=WORKERS)
+@pytest.mark.parametrize("number", [1, 2])
+def test_a_killed_worker_is_forked_again(mta_factory, peer_factory, number):
+    """The delivering worker (1) or an accepting one (2), forked again in
+    its role: mail accepted afterwards is delivered."""
+    mta, peer = delivering(mta_factory, peer_factory)
     workers = two_workers(mta)
-    os.kill(workers[1], signal.SIGKILL)
-    wait_for(lambda: re.search(r"mta worker 1 \(pid \d+\) died \(killed by SIGKILL\)",
+    os.kill(workers[number], signal.SIGKILL)
+    wait_for(lambda: re.search(rf"mta worker {number} \(pid \d+\) died \(killed by SIGKILL\)",
                                mta.log()), 10, "the death logged", detail=mta.log)
-    again = wait_for(lambda: (lambda w: w if len(w) == 2 and w[1] != workers[1] else None)(
-        workers_of(mta)), 20, "worker 1 forked again", detail=mta.log)
-    assert again[2] == workers[2]
-    # The new worker 1 accepts on the shared port (and so does worker 2).
-    send_until_each_accepted(mta, list(again.values()), "someone@example.test")
+    again = wait_for(lambda: (lambda w: w if len(w) == 2 and w[number] != workers[number]
+                              else None)(workers_of(mta)),
+                     20, f"worker {number} forked again", detail=mta.log)
+    other = 3 - number
+    assert again[other] == workers[other]
+    sent, accepted = send_until_each_accepted(mta, [again[2]], "u@dest.test")
+    wait_for(lambda: mta.count("messages") == 0, 30, "the spool to drain", detail=mta.log)
+    assert sorted(received(peer)) == sorted(sent)
     assert mta.stop() in (0, -15), mta.log()
     assert not [p for p in again.values() if alive(p)]
 

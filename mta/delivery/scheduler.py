@@ -524,6 +524,12 @@ class QueueRunner(service.Service):
         recipients, domains).  While a flush of the same argument is under
         way (until its recipients are claimed), it is not started again: a
         flood of ETRNs costs one flush per domain, and each gets its answer."""
+        if not self.running:
+            # A process that only accepts ([server] workers > 1): the release
+            # rings the delivering process, which flushes it (as it does
+            # what ``mta queue flush --domain`` released).
+            return self.spool.release(dom.key(domain), subdomains, now=self.reactor.seconds(),
+                                      hostname=self.hostname, how=how)
         key = (dom.key(domain), subdomains)
         f = self._flushes.get(key)
         if f is None:

@@ -10,6 +10,7 @@ returned, so the server says ``250`` only for durable messages.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import queue
 import sqlite3
@@ -28,7 +29,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from ..message import InboundMessage, QueuedRecipient
-from . import ops
+from . import doorbell, ops
 from .faults import RepeatedFailures, SpoolError, SpoolWriteError, describe
 from .interface import Claimed, QueueSummary, RecipientUpdate, Release, SpoolInterface
 from .node import left_by_a_dead_process, node_name
@@ -137,6 +138,7 @@ class Spool(SpoolInterface):
         self._conn: Connection | None = None
         self._ident: tuple[int, int] | None = None
         self._suspect = False
+        self._lock_fd: int | None = None   # see _lock_file
         self._saved: str | None = None   # where the removed spool was saved (see _recover)
         self.idle_check = idle_check   # seconds: how often an idle writer checks its file
         self._faults = RepeatedFailures(log, reactor, what="spool write")
@@ -178,6 +180,9 @@ class Spool(SpoolInterface):
             self._queue.put(_STOP)
             self._writer.join()
             self._writer = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
         self._pool.stop()
         self.engine.dispose()
 
@@ -229,11 +234,16 @@ class Spool(SpoolInterface):
         return self._run(ops.queue_summary)
 
     def listener(self, on_wake: Callable[[], object]) -> IService | None:
-        """On PostgreSQL (psycopg), a :class:`mta.spool.notify.QueueListener`
-        on a connection of its own; None on SQLite."""
-        if not listens(self.url):
-            return None
-        return QueueListener(self.url, on_wake, reactor=self.reactor)
+        """What wakes this process's runner when another process makes work
+        due: on PostgreSQL (psycopg) a :class:`mta.spool.notify.QueueListener`
+        on a connection of its own, on a SQLite file a
+        :class:`mta.spool.doorbell.DoorbellListener`; else None (it polls)."""
+        if listens(self.url):
+            return QueueListener(self.url, on_wake, reactor=self.reactor)
+        if self._db_path:
+            return doorbell.DoorbellListener(doorbell.wake_directory(self._db_path), on_wake,
+                                             reactor=self.reactor)
+        return None
 
     # -- writes ------------------------------------------------------------
     def _write(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred:
@@ -507,6 +517,34 @@ class Spool(SpoolInterface):
         self._open_writer(events)
 
     def _run_batch(self, conn: Connection, batch: list) -> list:
+        lock = self._lock_file()
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return self._run_batch_locked(conn, batch)
+        finally:
+            if lock is not None:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _lock_file(self) -> int | None:
+        """SQLite: the file ``<spool>-lock`` whose flock(2) the writers of
+        every process on the spool take around a write transaction.  SQLite's
+        own lock is what keeps the file consistent; but a writer that finds it
+        taken sleeps and retries (1, 2, 5, 10 ... ms: its busy handler),
+        while one waiting in flock is woken the moment the other commits --
+        with ``[server] workers`` > 1 that wait is in every ``250``.  None
+        (SQLite's lock alone) when the file cannot be opened."""
+        if self._db_path is None:
+            return None
+        if self._lock_fd is None:
+            try:
+                self._lock_fd = os.open(self._db_path + "-lock",
+                                        os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError:
+                return None
+        return self._lock_fd
+
+    def _run_batch_locked(self, conn: Connection, batch: list) -> list:
         try:
             if conn.dialect.name == "sqlite":
                 # The write lock before anything is read: what a write reads
@@ -548,8 +586,10 @@ class Spool(SpoolInterface):
                     out[i] = (batch[i][2], split(result, call), None)
             conn.commit()
         except BaseException:
+            doorbell.discard(conn)
             conn.rollback()
             raise
+        doorbell.after_commit(conn)
         self.stored += len(msgs)
         return out
 

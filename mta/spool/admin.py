@@ -35,7 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from .. import domain as dom
 from ..address import domain_key
 from ..message import InboundMessage, QueuedRecipient
-from . import SpoolError, make_engine
+from . import SpoolError, doorbell, make_engine
 from .faults import describe
 from .interface import (Changed, DSNMaker, Flushed, ListedMessage, ListedRecipient,
                         MessageChange, QueueAdmin, QueueStats, RecipientUpdate)
@@ -118,10 +118,12 @@ def transaction(engine: Engine, *, write: bool) -> Iterator[Connection]:
             try:
                 yield conn
             except BaseException:
+                doorbell.discard(conn)
                 conn.rollback()
                 raise
             if write:
                 conn.commit()
+                doorbell.after_commit(conn)
             else:
                 conn.rollback()
     except SQLAlchemyError as e:

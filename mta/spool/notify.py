@@ -6,7 +6,8 @@
   transaction commits.  The spool's writes that make work due call it: new
   messages (:func:`mta.spool.ops.insert_messages`: the server's store, a
   DSN, ``mta sendmail``), a release (ETRN, ``mta queue flush --domain``),
-  ``mta queue flush``/``release``/``requeue``.  Nothing on SQLite.
+  ``mta queue flush``/``release``/``requeue``.  On SQLite the same writes
+  ring the runners' sockets instead, after their commit (mta.spool.doorbell).
 * :class:`QueueListener` -- a Twisted service with a thread of its own, on
   a psycopg connection of its own, that ``LISTEN``\\ s and calls its
   *on_wake* on the reactor thread (once per burst of notifications, and
@@ -34,6 +35,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger, LogLevel
 
+from . import doorbell
 from .faults import RepeatedFailures, describe
 
 __all__ = ["CHANNEL", "notify", "listens", "QueueListener"]
@@ -50,9 +52,12 @@ def notify(conn: Connection, what: str) -> None:
     """In *conn*'s transaction: tell the listeners, once it commits, that
     the queue has work due now (*what*: ``stored``, ``released``,
     ``flushed``, ``requeued`` -- for whoever watches the channel; the
-    listeners do not read it).  Nothing on SQLite."""
+    listeners do not read it).  On SQLite the connection is marked, and
+    its committer rings the runners (mta.spool.doorbell)."""
     if conn.dialect.name == "postgresql":
         conn.execute(_notify, {"channel": CHANNEL, "what": what})
+    elif conn.dialect.name == "sqlite":
+        doorbell.mark(conn)
 
 
 def listens(url: str) -> bool:
