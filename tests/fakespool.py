@@ -48,8 +48,9 @@ class SyncSpool:
     def recover_inflight(self, now: float) -> Deferred[int]:
         return self._write(ops.recover_inflight, self.node, now)
 
-    def due(self, now: float, limit: int) -> Deferred[list[QueuedRecipient]]:
-        return self._run(ops.due_recipients, now, limit, self.node)
+    def due(self, now: float, limit: int,
+            skip_domains: Sequence[str] = ()) -> Deferred[list[QueuedRecipient]]:
+        return self._run(ops.due_recipients, now, limit, self.node, list(skip_domains))
 
     def claim_and_load(self, rids: Sequence[int], now: float) -> Deferred[Claimed]:
         return self._write(ops.claim_and_load, list(rids), self.node, now, now + self.lease)

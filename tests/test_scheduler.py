@@ -695,6 +695,52 @@ def test_a_big_message_is_claimed_one_transaction_per_free_slot(env):
     assert env.spool.sql("SELECT COUNT(*) FROM recipients") == [(0,)]
 
 
+def test_a_busy_destination_is_left_out_of_the_read_and_others_still_start(env):
+    """per_destination deliveries to one domain under way, a backlog behind
+    them, and one message to another domain at its end: the passes leave
+    the busy domain out of the read (in SQL, whatever its case), so they
+    read a few rows, not the backlog, and the other message starts at once."""
+    pool = HoldingPool()
+    reads: list[tuple[int, list[str], int]] = []
+    real_due = env.spool.due
+
+    def due(now, limit, skip_domains=()):
+        d = real_due(now, limit, skip_domains)
+        d.addCallback(lambda rows: reads.append((limit, list(skip_domains), len(rows))) or rows)
+        return d
+    env.spool.due = due
+    for i in range(100):
+        put(env, rcpts=(f"r{i}@{'Busy' if i % 2 else 'busy'}.test",))
+    other = put(env, rcpts=("x@other_1.test",))
+    make_runner(env, pool, relay=RelayConfig(concurrency=5, per_destination=2))
+    started = [m.queue_id for _d, _h, m in pool.pending]
+    assert len(started) == 3 and other in started
+    # Once busy.test was full, the reads left it out and found only other_1.test's row.
+    assert ["busy.test"] in [skip for _l, skip, _n in reads], reads
+    assert all(n <= 1 for _l, skip, n in reads if skip), reads
+    pool.answer()                      # a slot of busy.test is free: it is read again
+    assert len(pool.pending) == 3
+    while pool.pending:
+        pool.answer()
+    assert env.spool.sql("SELECT COUNT(*) FROM recipients") == [(0,)]
+    assert len(pool.calls) == 101
+
+
+def test_the_due_read_leaves_out_domains_exactly(tmp_path):
+    """skip_domains is matched on the address's end, ASCII case-insensitive,
+    with LIKE's wildcards escaped (``a_b.test`` leaves out no ``axb.test``)."""
+    spool = SyncSpool(tmp_path / "spool.sqlite")
+    addrs = ["u@a_b.test", "u@axb.test", "u@A_B.TEST", "u@sub.a_b.test", "a_b.test@c.test"]
+    for a in addrs:
+        spool.store(InboundMessage(
+            queue_id=new_queue_id(1.0), sender="s@x.test", recipients=[Recipient(a)],
+            headers=b"", body=b"", arrival=1.0, client_address="127.0.0.1", helo="h",
+            protocol="ESMTP", size=0))
+    rows = spool.due(2.0, 100, ["a_b.test"])
+    got = sorted(r.address for r in (rows.result if hasattr(rows, "result") else rows))
+    assert got == ["a_b.test@c.test", "u@axb.test", "u@sub.a_b.test"]
+
+
 def test_a_pass_reads_what_it_can_start_not_the_backlog(env):
     """With 200 messages due and 2 free slots, a pass reads a few rows per
     slot (not concurrency x recipient_limit); a message with more recipients
@@ -703,9 +749,9 @@ def test_a_pass_reads_what_it_can_start_not_the_backlog(env):
     limits: list[int] = []
     real_due = env.spool.due
 
-    def due(now, limit):
+    def due(now, limit, skip_domains=()):
         limits.append(limit)
-        return real_due(now, limit)
+        return real_due(now, limit, skip_domains)
     env.spool.due = due
     big = put(env, rcpts=tuple(f"r{i}@dest.test" for i in range(30)))
     for _ in range(200):

@@ -407,17 +407,27 @@ class QueueRunner(service.Service):
         # not the size of the backlog.
         most = free * self.relay.recipient_limit
         scan = min(free * SCAN_PER_SLOT, most)
+        # The domains of destinations with no slot free are left out of the
+        # read (in SQL): under a backlog to one destination (a smarthost)
+        # the pass would otherwise read and drop those rows every time.
+        skip = self._saturated_domains()
+        read: dict[int, QueuedRecipient] = {}      # every row read in this pass
         while True:
             try:
-                due = await self.spool.due(now, scan)
+                rows = await self.spool.due(now, scan, sorted(skip))
             except Exception as e:
                 self._run_trouble.failed(describe(e))
                 return
+            for r in rows:
+                read.setdefault(r.id, r)
+            due = list(read.values())
             plan = self._plan(due, free)
-            if len(plan) >= free or len(due) < scan or scan >= most:
+            if len(plan) >= free or len(rows) < scan or scan >= most:
                 break
+            # Read further, leaving out the domains this plan fills.
+            skip |= self._saturated_domains(due, plan)
             scan = min(scan * SCAN_GROWTH, most)
-        self._track_flushes(due, complete=len(due) < scan, since=now)
+        self._track_flushes(due, complete=len(rows) < scan, since=now, unseen=skip)
         if not plan:
             self._run_trouble.succeeded()
             return
@@ -435,7 +445,7 @@ class QueueRunner(service.Service):
         if not self.running:   # stopped meanwhile: give them back
             await self.spool.requeue([r.id for r in rows])
             return
-        if len(due) >= scan:   # there may be more due work beyond what was read
+        if len(rows) >= scan:  # there may be more due work beyond what was read
             self._again = True
         claimed = {r.id: r for r in rows}
         orphans = []
@@ -489,6 +499,26 @@ class QueueRunner(service.Service):
                 busy[route] += 1
                 plan.append((route, rcpts[i:i + step]))
         return plan
+
+    def _saturated_domains(self, due: Sequence[QueuedRecipient] = (),
+                           plan: Sequence[tuple[Route, list[QueuedRecipient]]] = ()) -> set[str]:
+        """The domains (of the jobs in progress, and of *due*) whose route
+        has ``per_destination`` deliveries under way (or in *plan*)."""
+        busy = Counter(job.route for job in self._jobs.values())
+        busy.update(route for route, _rcpts in plan)
+        # (Not the hold courier's: a released recipient of a hold domain goes
+        # to another route, and must not be hidden by its domain's others.)
+        full = {route for route, n in busy.items()
+                if n >= self.relay.per_destination and route.courier != HOLD_COURIER}
+        if not full:
+            return set()
+        domains = {self._domain_of(r.address) for job in self._jobs.values()
+                   if job.route in full for r in job.rcpts}
+        for r in due:
+            d = self._domain_of(r.address)
+            if d not in domains and self._route_of_recipient(r) in full:
+                domains.add(d)
+        return domains
 
     def _route_of(self, address: str) -> Route:
         """The recipient's Route (RouteMap.route_for of its domain)."""
@@ -572,13 +602,14 @@ class QueueRunner(service.Service):
             self._fresh_connections(domain, since)
 
     def _track_flushes(self, due: Sequence[QueuedRecipient], *, complete: bool,
-                       since: float) -> None:
+                       since: float, unseen: set[str] = frozenset()) -> None:
         """Per queue pass: a hold domain released by another process
         (``mta queue flush --domain``) starts being flushed here; with a
-        *complete* view of the due work, a domain none of whose recipients
-        is due any more (all claimed) is no longer being flushed, and
-        flushes all of whose domains are over end."""
-        due_domains: set[str] = set()
+        *complete* view of the due work (but for the *unseen* domains, left
+        out of the read), a domain none of whose recipients is due any more
+        (all claimed) is no longer being flushed, and flushes all of whose
+        domains are over end."""
+        due_domains: set[str] = set(unseen)
         for r in due:
             d = self._domain_of(r.address)
             due_domains.add(d)

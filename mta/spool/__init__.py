@@ -196,8 +196,9 @@ class Spool(SpoolInterface):
     def recover_inflight(self, now: float) -> defer.Deferred[int]:
         return self._write(ops.recover_inflight, self.node, now, left_by_a_dead_process)
 
-    def due(self, now: float, limit: int) -> defer.Deferred[list[QueuedRecipient]]:
-        return self._run(ops.due_recipients, now, limit, self.node)
+    def due(self, now: float, limit: int,
+            skip_domains: Sequence[str] = ()) -> defer.Deferred[list[QueuedRecipient]]:
+        return self._run(ops.due_recipients, now, limit, self.node, list(skip_domains))
 
     def claim_and_load(self, rids: Sequence[int], now: float) -> defer.Deferred[Claimed]:
         return self._write(ops.claim_and_load, list(rids), self.node, now, now + self.lease)

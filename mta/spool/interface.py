@@ -99,10 +99,12 @@ class DeliveryQueue(Protocol):
         another node's live claims are left alone.  Fires with how many."""
         ...
 
-    def due(self, now: float, limit: int) -> Deferred[list[QueuedRecipient]]:
+    def due(self, now: float, limit: int,
+            skip_domains: Sequence[str] = ()) -> Deferred[list[QueuedRecipient]]:
         """Up to *limit* recipients due at *now*, soonest first: pending, or
         in flight under another node's expired lease (a read: nothing is
-        claimed)."""
+        claimed).  Recipients at *skip_domains* (mta.domain key form; a
+        hint, at most mta.spool.ops.MAX_SKIP honoured) are left out."""
         ...
 
     def claim_and_load(self, rids: Sequence[int], now: float) -> Deferred[Claimed]:

@@ -228,13 +228,39 @@ def queued_message(row: Mapping[str, Any]) -> QueuedMessage:
                          envid=row.get("envid"))
 
 
-def due_recipients(conn: Connection, now: float, limit: int,
-                   owner: str = "") -> list[QueuedRecipient]:
+def due_recipients(conn: Connection, now: float, limit: int, owner: str = "",
+                   skip_domains: Sequence[str] = ()) -> list[QueuedRecipient]:
     """Up to *limit* due recipients, soonest first: queued or deferred with
     ``next_attempt`` <= *now*, and those in flight whose lease (not
-    *owner*'s) ran out -- a read: nothing is claimed (see :func:`claim_and_load`)."""
-    return [queued_recipient(r._mapping)
-            for r in conn.execute(_sel_due, {"now": now, "limit": limit, "owner": owner})]
+    *owner*'s) ran out -- a read: nothing is claimed (see :func:`claim_and_load`).
+    Addresses ending in ``@`` one of *skip_domains* (ASCII case-insensitive;
+    at most :data:`MAX_SKIP`) are left out, in SQL: the queue runner's
+    destinations that have no slot free, whose backlog would otherwise be
+    read, row by row, on every pass."""
+    skip = list(skip_domains)[:MAX_SKIP]
+    params: dict[str, Any] = {"now": now, "limit": limit, "owner": owner}
+    for i, d in enumerate(skip):
+        params[f"skip{i}"] = "%@" + _like_escape(d)
+    return [queued_recipient(r._mapping) for r in conn.execute(_due_skipping(len(skip)), params)]
+
+
+#: At most this many domains are left out of one due read.
+MAX_SKIP = 32
+_due_statements: dict[int, Any] = {0: _sel_due}
+
+
+def _due_skipping(n: int) -> Any:
+    """The due read leaving out *n* domains (built once per *n*)."""
+    stmt = _due_statements.get(n)
+    if stmt is None:
+        stmt = _due_statements[n] = _sel_due.where(
+            *(recipients.c.address.not_ilike(bindparam(f"skip{i}"), escape="\\")
+              for i in range(n)))
+    return stmt
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def claim_and_load(conn: Connection, rids: Sequence[int], owner: str, now: float,
