@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import delete, func, inspect, select, update
+from sqlalchemy import func, inspect, select, update
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -40,7 +40,7 @@ from .faults import describe
 from .interface import (Changed, DSNMaker, Flushed, ListedMessage, ListedRecipient,
                         MessageChange, QueueAdmin, QueueStats, RecipientUpdate)
 from .notify import notify
-from .ops import PENDING, insert_messages, lock_messages, record_results, release_domain
+from .ops import PENDING, delete_messages_rows, insert_messages, lock_messages, record_results, release_domain
 from .schema import (SCHEMA_VERSION, SchemaTooNew, contents, messages, prepare, recipients,
                      version)
 
@@ -359,10 +359,7 @@ def delete_messages(conn: Connection, queue_ids: Sequence[str]) -> list[MessageC
     many recipients were in flight."""
     lock_messages(conn, queue_ids)      # as a record does: see mta.spool.ops.record_calls
     inflight = _count_by_message(conn, queue_ids, ("inflight",))
-    for chunk in _chunks(list(queue_ids)):
-        conn.execute(delete(recipients).where(recipients.c.queue_id.in_(chunk)))
-        conn.execute(delete(contents).where(contents.c.queue_id.in_(chunk)))
-        conn.execute(delete(messages).where(messages.c.queue_id.in_(chunk)))
+    delete_messages_rows(conn, queue_ids)
     return [MessageChange(q, inflight=inflight.get(q, 0)) for q in queue_ids]
 
 

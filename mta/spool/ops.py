@@ -92,8 +92,6 @@ _sel_messages = (select(messages, contents.c.headers, contents.c.body)
 _sel_open = (select(recipients.c.queue_id)
              .where(recipients.c.queue_id.in_(bindparam("ids", expanding=True)), _not_final)
              .distinct())
-_del_recipients = delete(recipients).where(recipients.c.queue_id == bindparam("qid"))
-_del_contents = delete(contents).where(contents.c.queue_id == bindparam("qid"))
 _del_messages = delete(messages).where(messages.c.queue_id == bindparam("qid"))
 
 
@@ -280,9 +278,13 @@ def _claim(conn: Connection, rids: Sequence[int], owner: str, now: float,
            until: float) -> Claimed:
     found: dict[int, QueuedRecipient] = {}
     args = {"owner": owner, "now": now}
+    # SQLite: the write transaction holds the whole file, and the update
+    # checks the state itself -- no rows to lock first.
+    lock = conn.dialect.name != "sqlite"
     for i in range(0, len(rids), _CHUNK):
         chunk = list(rids[i:i + _CHUNK])
-        ids = [r[0] for r in conn.execute(_sel_claimable, {**args, "ids": chunk})]
+        ids = [r[0] for r in conn.execute(_sel_claimable, {**args, "ids": chunk})] \
+            if lock else chunk
         if not ids:
             continue
         for r in conn.execute(_upd_claim, {**args, "ids": ids, "until": until}):
@@ -374,11 +376,15 @@ def record_calls(conn: Connection, calls: Sequence[RecordCall]) -> list[str]:
     open_ids = {r[0] for r in conn.execute(_sel_open, {"ids": ids})}
     done = [q for q in ids if q not in open_ids]
     if done:
-        params = [{"qid": q} for q in done]
-        conn.execute(_del_recipients, params)
-        conn.execute(_del_contents, params)
-        conn.execute(_del_messages, params)
+        delete_messages_rows(conn, done)
     return done
+
+
+def delete_messages_rows(conn: Connection, queue_ids: Sequence[str]) -> None:
+    """Remove messages *queue_ids* with their contents and recipients: the
+    message rows, the others by ``ON DELETE CASCADE`` (every spool schema
+    has it; SQLite's connections turn foreign keys on, mta.spool.make_engine)."""
+    conn.execute(_del_messages, [{"qid": q} for q in queue_ids])
 
 
 def _writable(conn: Connection, rids: Sequence[int], owner: str | None) -> set[int]:
