@@ -77,8 +77,10 @@ class Wire:
         return False
 
 
-@pytest.fixture
-def gateway(mta_factory, tmp_path):
+@pytest.fixture(params=[1, 2], ids=["1-process", "2-workers"])
+def gateway(mta_factory, tmp_path, request):
+    """The gateway daemon; with ``[server] workers = 2`` the ATRN listener
+    is the delivering worker's, SMTP the accepting one's."""
     users = tmp_path / "users"
     # With a CRAM-MD5 secret (mta passwd add --cram-md5): fetchmail needs it.
     users.write_text(f"branch:{hash_password(PASSWORD, n=16)}:{cram_md5_secret(PASSWORD)}\n")
@@ -102,7 +104,10 @@ hold_domains = ["branch.test"]
 [gateway.atrn]
 "branch" = ["branch.test"]
 """
-    daemon = mta_factory(extra=extra)
+    daemon = mta_factory(server={"workers": request.param}, extra=extra)
+    if request.param > 1:
+        wait_for(lambda: "(1 delivering, 1 accepting)" in daemon.log()
+                 and daemon.log().count(" started: pid ") == 2, 20, "the workers")
     daemon.atrn_port = atrn_port
     return daemon
 

@@ -157,3 +157,27 @@ def test_queue_flush_domain_releases_a_hold_domain(mta_factory, peer_factory):
     wait_spool_empty(mta)
     [tx] = peer.transactions()
     assert split_received(tx.data)[1] == data
+
+
+def test_etrn_to_an_accepting_worker_is_flushed_by_the_delivering_one(tmp_path, mta_factory,
+                                                                      peer_factory):
+    """``[server] workers = 2``: fetchmail's ETRN reaches the accepting
+    worker, which releases the domain in the spool and rings the delivering
+    worker; that one relays the held mail."""
+    fetchmail()
+    peer = peer_factory()
+    mta = mta_factory(server={"workers": 2}, extra=gateway_config(peer))
+    wait_for(lambda: "(1 delivering, 1 accepting)" in mta.log(), DELIVERY, "the workers")
+    data = message("for the branch")
+    qid = send(mta, SENDER, ["bob@branch.example"], data)
+    wait_for(lambda: held(mta), DELIVERY, "the branch mail to be held")
+    assert qid in queue_list(mta) and peer.transactions() == []
+    out = run_fetchmail(tmp_path, mta, BRANCH)
+    assert out.returncode == 0, (out.stdout, out.stderr)
+    assert "253" in out.stderr + out.stdout
+    wait_spool_empty(mta)
+    [tx] = peer.transactions()
+    assert tx.accepted == ["bob@branch.example"]
+    assert split_received(tx.data)[1] == data
+    assert re.search(r"etrn client=127\.0\.0\.1 node=branch\.example domains=branch\.example "
+                     r"messages=1 recipients=1 result=started", mta.log())
