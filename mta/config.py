@@ -924,8 +924,7 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<config>") -> Confi
         sections[name] = cls(**kwargs)
     routes = _routes(source, data.get("routes", {}))
     route_tls = _route_tls(source, data.get("route_tls", {}), routes)
-    sections["server"] = _check_workers(source, sections["server"], sections["metrics"],
-                                        sections["cluster"])
+    sections["server"] = _check_workers(source, sections["server"], sections["cluster"])
     _check_tls(source, sections["tls"], sections["server"])
     _check_relay(source, sections["relay"])
     _check_atrn(source, sections["gateway"], sections["auth"], sections["tls"])
@@ -937,11 +936,9 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<config>") -> Confi
     return Config(path=source, routes=routes, route_tls=route_tls, **sections)
 
 
-def _check_workers(source: str, server: ServerConfig, metrics: MetricsConfig,
-                   cluster: ClusterConfig) -> ServerConfig:
+def _check_workers(source: str, server: ServerConfig, cluster: ClusterConfig) -> ServerConfig:
     """``[server] workers``: 0 becomes one per CPU core.  More than one worker
-    cannot be combined with ``[metrics] listen`` yet (each worker would count
-    only its own share), nor with ``[cluster] node`` (one name for several
+    cannot be combined with ``[cluster] node`` (one name for several
     processes: each needs its own, the generated one)."""
     workers = server.workers
     if workers == 0:
@@ -949,10 +946,6 @@ def _check_workers(source: str, server: ServerConfig, metrics: MetricsConfig,
             workers = len(os.sched_getaffinity(0))
         except (AttributeError, OSError):
             workers = os.cpu_count() or 1
-    if workers > 1 and metrics.listen:
-        raise ConfigError(source, "[server] workers",
-                          f"{workers} workers and [metrics] listen cannot be combined yet "
-                          "(set workers = 1 or [metrics] listen = \"\")")
     if workers > 1 and cluster.node:
         raise ConfigError(source, "[server] workers",
                           f"{workers} workers cannot share the one [cluster] node name "

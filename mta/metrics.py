@@ -4,11 +4,19 @@ that serves them (``[metrics] listen``).
 
 Everything lives in one :class:`Metrics` object with its own
 ``CollectorRegistry`` (never the global one), handed to the server factory,
-the queue runner and the spool; tests run several in one process.  With
+the queue runner and the spool; tests run several in one process.
+
+With ``[server] workers`` > 1 the Metrics object is made *shared*
+(prometheus_client's multiprocess mode, in a private directory the
+supervisor creates and removes): each worker's values live in its own
+mmap'ed files there, and the page, served by whichever worker holds the
+listener, sums them -- counters and histograms over every worker that
+ever ran (a dead worker's counts stay), the open connections over the
+live ones, the queue gauges the most recent reading of a live one.  With
 ``[metrics] listen = ""`` no Metrics object exists and the hot paths test
 one attribute for None.  On the hot paths the cost is a counter increment:
-label children are looked up once and kept, the open-connections gauge is
-read from the server factory's own counter at scrape time, and the queue
+label children are looked up once and kept, the open-connections gauge moves
+with each connection, and the queue
 gauges come from a periodic ``GROUP BY`` on the spool's thread pool, never
 from the request paths.
 
@@ -34,11 +42,13 @@ Metric names (all prefixed ``mta_``)::
 from __future__ import annotations
 
 import ipaddress
+import os
+import shutil
 import threading
 from typing import TYPE_CHECKING, Any, Callable
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
-                               Histogram, generate_latest)
+                               Histogram, generate_latest, multiprocess, values)
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -70,10 +80,25 @@ _COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, float("inf"))
 
 
+def _share_values(directory: str) -> None:
+    """Multiprocess mode for the metrics created from now on in this process
+    and in the processes it forks (prometheus_client reads the directory
+    from the environment when a value's file is first opened)."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        values.ValueClass = values.MultiProcessValue()
+
+
 class Metrics:
+    """*shared*: a directory for prometheus_client's multiprocess mode
+    (``[server] workers`` > 1; see the module docstring), or None."""
+
     def __init__(self, registry: CollectorRegistry | None = None, *,
                  max_domains: int = MetricsConfig.max_domains,
-                 clock: Callable[[], float] | None = None):
+                 clock: Callable[[], float] | None = None, shared: str | None = None):
+        self.shared = shared
+        if shared is not None:
+            _share_values(shared)
         if registry is None:
             registry = CollectorRegistry()
         if clock is None:
@@ -86,7 +111,8 @@ class Metrics:
         self.connections = Counter("mta_smtp_connections", "Inbound SMTP connections accepted",
                                    registry=r)
         self.connections_current = Gauge("mta_smtp_connections_current",
-                                         "Inbound SMTP connections open now", registry=r)
+                                         "Inbound SMTP connections open now", registry=r,
+                                         multiprocess_mode="livesum")
         self.accepted = Counter("mta_messages_accepted",
                                 "Messages accepted (250 after the final dot or BDAT LAST)",
                                 registry=r)
@@ -103,11 +129,15 @@ class Metrics:
                                           "Time from arrival to the final outcome (delivered "
                                           "or bounced) of a recipient", buckets=_LATENCY_BUCKETS,
                                           registry=r)
+        latest = "livemostrecent"       # workers: the last reading of a live one
         self.queue = Gauge("mta_queue_recipients", "Recipients in the spool by state",
-                           ["state"], registry=r)
-        self.queue_messages = Gauge("mta_queue_messages", "Messages in the spool", registry=r)
+                           ["state"], registry=r, multiprocess_mode=latest)
+        self.queue_messages = Gauge("mta_queue_messages", "Messages in the spool", registry=r,
+                                    multiprocess_mode=latest)
         self.oldest = Gauge("mta_queue_oldest_message_age_seconds",
-                            "Age of the oldest message in the spool (0 when empty)", registry=r)
+                            "Age of the oldest message in the spool (0 when empty; with "
+                            "workers, as of the last queue reading)", registry=r,
+                            multiprocess_mode=latest)
         self.spool_commit = Histogram("mta_spool_commit_seconds",
                                       "Duration of one group commit of the spool writer",
                                       buckets=_COMMIT_BUCKETS, registry=r)
@@ -132,12 +162,20 @@ class Metrics:
         for state in QUEUE_STATES:
             self.queue.labels(state).set(0)
         self._oldest_arrival: float | None = None
-        self.oldest.set_function(self._oldest_age)
+        if shared is None:              # a function's value is not written to the files
+            self.oldest.set_function(self._oldest_age)
         self._domains: dict[tuple[str, str], Any] = {}
         self._domain_names: set[str] = set()
         self._lock = threading.Lock()
 
     # -- called on the hot paths -----------------------------------------------------
+    def connection_opened(self) -> None:
+        self.connections.inc()
+        self.connections_current.inc()
+
+    def connection_closed(self) -> None:
+        self.connections_current.dec()
+
     def message_rejected(self, reason: str) -> None:
         child = self._rejected.get(reason)
         if child is None:
@@ -193,17 +231,30 @@ class Metrics:
             self.queue.labels(state).set(by_state.get(state, 0))
         self.queue_messages.set(messages)
         self._oldest_arrival = oldest_arrival
+        if self.shared is not None:
+            self.oldest.set(self._oldest_age())
 
     def _oldest_age(self) -> float:
         arrival = self._oldest_arrival
         return 0.0 if arrival is None else max(0.0, self.clock() - arrival)
 
-    def watch_connections(self, factory: Any) -> None:
-        """Read the open-connections gauge from the server factory at scrape time."""
-        self.connections_current.set_function(lambda: factory.connections)
-
     def scrape(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.shared is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=self.shared)
+        return generate_latest(registry)
+
+    # -- shared (workers): called by the supervisor --------------------------------------
+    def process_gone(self, pid: int) -> None:
+        """A worker exited: its open connections and queue readings no longer count."""
+        if self.shared is not None:
+            multiprocess.mark_process_dead(pid, self.shared)
+
+    def remove_shared(self) -> None:
+        """The daemon stopped: remove the shared directory."""
+        if self.shared is not None:
+            shutil.rmtree(self.shared, ignore_errors=True)
 
 
 class QueueGauges(service.Service):

@@ -128,7 +128,7 @@ def makeService(options: Options) -> service.IService:
     # before anything else is opened.
     tls = _make_tls(config)
     portal, users, pool = _make_auth(config, reactor)
-    metrics = _make_metrics(config, reactor)
+    metrics = _make_metrics(config, options, reactor)
     url = options["spool"] or config.spool.url
     where = "--spool" if options["spool"] else f"{config.path}: [spool] url"
     try:
@@ -186,8 +186,8 @@ def makeService(options: Options) -> service.IService:
     if listener is not None:
         listener.setServiceParent(top)
         delivering.append(listener)
-    if metrics is not None:
-        _metrics_services(config, metrics, spool, factory, reactor, top)
+    if metrics is not None:     # with workers: served by the delivering one
+        delivering += _metrics_services(config, metrics, spool, reactor, top, shared)
     draining = service.MultiService()      # these two stop side by side
     draining.setServiceParent(top)
     if runner is not None:
@@ -238,7 +238,9 @@ def makeService(options: Options) -> service.IService:
     return WorkerSupervisor(top, shared, s.workers, reactor=reactor, roles=roles,
                             lines=_LogLine(start=f"{line}; {workers}",
                                            stop="mta stopping", reactor=reactor),
-                            node=lambda: spool.node, twistd=getattr(options, "parent", None))
+                            node=lambda: spool.node, twistd=getattr(options, "parent", None),
+                            on_exit=metrics.process_gone if metrics is not None else None,
+                            on_stopped=metrics.remove_shared if metrics is not None else None)
 
 
 def _start_line(config: Config, listen: list[str], url: str) -> str:
@@ -375,31 +377,49 @@ class SessionDrain(service.Service):
         return done
 
 
-def _make_metrics(config: Config, reactor: Any) -> Any:
-    """The Prometheus metrics, when [metrics] listen is set (else None)."""
+def _make_metrics(config: Config, options: Options, reactor: Any) -> Any:
+    """The Prometheus metrics, when [metrics] listen is set (else None);
+    with ``[server] workers`` > 1 shared by the workers through a private
+    directory (given to the ``--uid`` user), removed when the daemon stops."""
     m = config.metrics
     if not m.listen:
         return None
+    import tempfile
+
     from prometheus_client import disable_created_metrics
 
     from .metrics import Metrics
     disable_created_metrics()     # no *_created series: they only double the page
-    return Metrics(max_domains=m.max_domains, clock=reactor.seconds)
+    shared = None
+    if config.server.workers > 1:
+        shared = tempfile.mkdtemp(prefix="mta-metrics-")
+        target = _target_user(options)
+        if target is not None:
+            uid, gid, _euid = target
+            os.chown(shared, -1 if uid is None else uid, -1 if gid is None else gid)
+    return Metrics(max_domains=m.max_domains, clock=reactor.seconds, shared=shared)
 
 
-def _metrics_services(config: Config, metrics: Any, spool: SpoolInterface, factory: Any,
-                      reactor: Any,
-                      parent: service.MultiService) -> None:
-    """The metrics' queue gauges and their web page."""
+def _metrics_services(config: Config, metrics: Any, spool: SpoolInterface, reactor: Any,
+                      parent: service.MultiService,
+                      shared: list[_ListenService] | None) -> list[service.IService]:
+    """The metrics' queue gauges and their web page (a listener shared by
+    the workers when *shared* is a list); returns both."""
     from .metrics import MetricsSite, QueueGauges, is_loopback_endpoint
     m = config.metrics
-    metrics.watch_connections(factory)
-    QueueGauges(metrics, spool, m.queue_interval, reactor).setServiceParent(parent)
+    gauges = QueueGauges(metrics, spool, m.queue_interval, reactor)
+    gauges.setServiceParent(parent)
     where = f"{config.path}: [metrics] listen"
     if not is_loopback_endpoint(m.listen):
         log.warn("{where}: {endpoint} is not a loopback address: anyone who can reach it "
                  "can read the metrics", where=where, endpoint=m.listen)
-    _ListenService(m.listen, where, MetricsSite(metrics), reactor).setServiceParent(parent)
+    if shared is None:
+        page = _ListenService(m.listen, where, MetricsSite(metrics), reactor)
+    else:
+        page = _serve(m.listen, where, reactor, None, lambda _implicit: MetricsSite(metrics),
+                      shared=shared)
+    page.setServiceParent(parent)
+    return [gauges, page]
 
 
 def _target_user(options: Options) -> tuple[int | None, int | None, bool] | None:

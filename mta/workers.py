@@ -155,7 +155,9 @@ class WorkerSupervisor(service.Service):
     shared sockets (see the module docstring).  In a worker this service
     stands for *tree*; in the supervisor it owns the workers.  *lines* logs
     the supervisor's start and "stopping" lines; *twistd* is twistd's
-    options (a worker must not remove the pid file nor report startup)."""
+    options (a worker must not remove the pid file nor report startup);
+    *on_exit* is called in the supervisor with the pid of each worker that
+    exited, *on_stopped* once all of them have (the shared metrics)."""
 
     name = "workers"
     poll = 0.1                  # seconds between checks for exited workers
@@ -165,7 +167,9 @@ class WorkerSupervisor(service.Service):
 
     def __init__(self, tree: service.IService, listeners: list[SharedListener], count: int, *,
                  reactor: Any, lines: service.IService, node: Callable[[], str],
-                 twistd: Any = None, roles: Roles | None = None):
+                 twistd: Any = None, roles: Roles | None = None,
+                 on_exit: Callable[[int], None] | None = None,
+                 on_stopped: Callable[[], None] | None = None):
         self.tree = tree
         self.roles = roles
         self.listeners = listeners
@@ -174,6 +178,8 @@ class WorkerSupervisor(service.Service):
         self.lines = lines
         self.node = node
         self.twistd = twistd
+        self.on_exit = on_exit
+        self.on_stopped = on_stopped
         self.worker: int | None = None          # in a worker: its number (1..count)
         self._supervisor = os.getpid()
         self._pids: dict[int, int] = {}          # pid -> worker number
@@ -271,10 +277,14 @@ class WorkerSupervisor(service.Service):
             if done == 0:
                 continue
             del self._pids[pid]
+            if self.on_exit is not None:
+                self.on_exit(pid)
             self._exited(pid, number, status)
         if self._stopping and not self._pids and self._all_gone is not None:
             d, self._all_gone = self._all_gone, None
             self._reap.stop()
+            if self.on_stopped is not None:
+                self.on_stopped()
             d.callback(None)
 
     def _exited(self, pid: int, number: int, status: int) -> None:
@@ -318,6 +328,8 @@ class WorkerSupervisor(service.Service):
                 pass
         d: defer.Deferred = defer.Deferred()
         if not self._pids:
+            if self.on_stopped is not None:
+                self.on_stopped()
             d.callback(None)
         else:
             self._all_gone = d

@@ -71,7 +71,6 @@ def test_registries_are_separate():
 def test_server_counts_connections_acceptances_and_refusals():
     m = Metrics()
     factory = make_factory(max_message_size=1000, metrics=m)
-    m.watch_connections(factory)
     c = Client(factory)
     c.start(rcpts=("<u@example.test>",))
     assert codes(c.send("RCPT TO:<x@elsewhere.test>\r\n")) == ["554 5.7.1"]   # from outside

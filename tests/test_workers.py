@@ -47,29 +47,9 @@ def test_workers_bad_values(value: object, words: str) -> None:
     assert message.startswith("etc/mta.toml: [server] workers: ") and words in message, message
 
 
-def test_workers_with_metrics_refused() -> None:
-    message = _error({"server": {"workers": 2}, "metrics": {"listen": "tcp:9100"}})
-    assert "[server] workers" in message and "[metrics] listen" in message, message
-    # One worker and metrics: as before.
-    assert config_from_dict({"server": {"workers": 1}, "metrics": {"listen": "tcp:9100"}})
-
-
 def test_workers_with_a_node_name_refused() -> None:
     message = _error({"server": {"workers": 2}, "cluster": {"node": "mx1"}})
     assert "[cluster] node" in message, message
-
-
-def test_daemon_refuses_workers_and_metrics_with_one_line(tmp_path: Path) -> None:
-    config = tmp_path / "mta.toml"
-    config.write_text('[server]\nworkers = 2\n[metrics]\nlisten = "tcp:0"\n')
-    from conftest import twistd_command, subprocess_env
-    proc = subprocess.run(twistd_command("-n", "--pidfile=", "mta", "--config", str(config)),
-                          cwd=tmp_path, capture_output=True, text=True, timeout=60,
-                          env=subprocess_env())
-    assert proc.returncode != 0
-    lines = [x for x in (proc.stdout + proc.stderr).splitlines() if x.strip()]
-    assert lines[-1].startswith("mta: ") and "[server] workers" in lines[-1], lines
-    assert "Traceback" not in proc.stdout + proc.stderr
 
 
 # --------------------------------------------------------------------------- helpers
@@ -296,3 +276,50 @@ def test_sighup_reaches_every_worker(mta_factory, tmp_path):
     wait_for(lambda: mta.log().count("SIGHUP: users file") == 2, 10,
              "both workers reloading the users file", detail=mta.log)
     assert mta.stop() in (0, -15), mta.log()
+
+
+def test_metrics_are_summed_across_workers(mta_factory, peer_factory):
+    """[metrics] listen with workers: the page (served by the delivering
+    worker) counts what the accepting worker accepted and what the delivering
+    one delivered, and keeps a killed worker's counts; the shared directory
+    is gone once the daemon has stopped."""
+    from conftest import free_port
+    from test_observability import scrape, value
+    mport = free_port()
+    [peer] = peer_factory.spawn({})
+    peer_factory.ready()
+    mta = mta_factory(server={"workers": 3},
+                      extra=f'[metrics]\nlisten = "tcp:{mport}:interface=127.0.0.1"\n'
+                            'queue_interval = "0.2s"\n[relay]\n[routes]\n'
+                            f'"dest.test" = "{peer.address}"\n')
+    workers = two_workers(mta, 3)
+    probes = value(scrape(mport), "mta_smtp_connections_total")   # the harness's start probe
+    sent, accepted = send_until_each_accepted(mta, [workers[2], workers[3]], "u@dest.test")
+    n = len(sent)
+    wait_for(lambda: mta.count("messages") == 0, 30, "the spool to drain", detail=mta.log)
+    text = wait_for(lambda: (lambda t: t if value(
+        t, "mta_delivery_recipients_total", status="delivered", domain="dest.test") == n
+        else None)(scrape(mport)), 20, f"{n} deliveries counted", detail=lambda: scrape(mport))
+    assert value(text, "mta_messages_accepted_total") == n, text
+    assert value(text, "mta_smtp_connections_total") == probes + n, text
+    assert value(text, "mta_smtp_connections_current") == 0, text
+    assert value(text, "mta_delivery_latency_seconds_count") == n, text
+    wait_for(lambda: value(scrape(mport), "mta_queue_messages") == 0, 10, "the queue gauge")
+    # An open session counts once, in whichever worker holds it.
+    with smtplib.SMTP("127.0.0.1", mta.port, timeout=10) as s:
+        s.ehlo("client.workers.test")
+        assert value(scrape(mport), "mta_smtp_connections_current") == 1
+    wait_for(lambda: value(scrape(mport), "mta_smtp_connections_current") == 0, 10,
+             "the session closed")
+    # A killed accepting worker's counts stay; its forked successor adds to them.
+    os.kill(workers[2], signal.SIGKILL)
+    again = wait_for(lambda: (lambda w: w if len(w) == 3 and w[2] != workers[2]
+                              else None)(workers_of(mta)),
+                     20, "worker 2 forked again", detail=mta.log)
+    more, _ = send_until_each_accepted(mta, [again[2], again[3]], "u@dest.test")
+    wait_for(lambda: value(scrape(mport), "mta_messages_accepted_total") == n + len(more), 20, "the new acceptances counted", detail=lambda: scrape(mport))
+    shared = [d for d in os.listdir("/tmp") if d.startswith("mta-metrics-")]
+    mine = [d for d in shared if os.path.exists(f"/tmp/{d}/counter_{workers[1]}.db")]
+    assert len(mine) == 1, shared
+    assert mta.stop() in (0, -15), mta.log()
+    assert not os.path.exists(f"/tmp/{mine[0]}")

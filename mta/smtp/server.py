@@ -295,7 +295,7 @@ class SMTPServer(protocol.Protocol):
         self._counted = True
         f.sessions.add(self)
         if f.metrics is not None:
-            f.metrics.connections.inc()
+            f.metrics.connection_opened()
         if f.shutting_down:
             self._close_with(r.SHUTTING_DOWN, enhanced=True)
             return
@@ -357,6 +357,8 @@ class SMTPServer(protocol.Protocol):
             self._counted = False
             f = self.factory
             f.connections -= 1
+            if f.metrics is not None:
+                f.metrics.connection_closed()
             f.per_client[self.client_ip] -= 1
             if f.per_client[self.client_ip] <= 0:
                 del f.per_client[self.client_ip]
