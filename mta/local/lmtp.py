@@ -167,7 +167,10 @@ class LMTPClient:
                         step = "sending DATA"
                         data_r = (await conn.command(b"DATA\r\n", [(t.data_init, step)]))[0]
             if not mail_r.ok:
-                await self._quit(conn)
+                if data_r is not None and data_r.code == 354:
+                    conn.abort()    # it wants content for a refused transaction
+                else:
+                    await self._quit(conn)
                 return fill(self._theirs(mail_r))
             accepted = []
             for i, r in zip(todo, rcpt_rs):
