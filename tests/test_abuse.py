@@ -813,6 +813,34 @@ def test_output_filling_up_midway_through_a_burst():
     assert codes(first + rest) == ["250 2.0.0"] * 2000 + ["250 2.1.0"]
 
 
+def test_output_filling_up_with_the_last_buffered_reply_resumes_reading_when_drained():
+    """Reading was paused; the output fills again just as the replies to
+    everything buffered go out: when it drains, there is nothing left to
+    answer, and reading must resume (else the session hangs for good)."""
+    c, tr = pushback_client()
+    c.ehlo()
+    tr.full()
+    c.send(b"NOOP\r\n" * 60000)
+    assert tr.producerState == "paused"
+    real_write = tr.write
+
+    def write(data):
+        real_write(data)
+        tr.full()                                    # every write fills it again
+    tr.write = write
+    for _ in range(60000):
+        if not c.proto._buf:
+            break
+        tr.drained()                                 # a share answered, then full again
+    assert not c.proto._buf                          # everything answered
+    assert tr.producerState == "paused"
+    tr.write = real_write
+    tr.drained()
+    assert tr.producerState == "producing"           # reading again
+    assert codes(c.take()) == ["250 2.0.0"] * 60000
+    assert codes(c.send(b"NOOP\r\n")) == ["250 2.0.0"]
+
+
 def test_close_with_unread_output_is_aborted_after_a_grace_period():
     c, tr = pushback_client(command_timeout=10)
     c.ehlo()

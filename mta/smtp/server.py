@@ -443,8 +443,15 @@ class SMTPServer(protocol.Protocol):
 
     def resumeProducing(self) -> None:
         self._out_full = False
-        if self._mode != _CLOSED and not self._busy and self._buf:
+        if self._mode == _CLOSED or self._busy:
+            return
+        if self._buf:
             self._process()
+        elif self._input_full:
+            # The output filled up as the last buffered command was answered:
+            # nothing is left to process, so reading must resume here.
+            self._input_full = False
+            self._set_reading()
 
     def stopProducing(self) -> None:
         self._registered = False   # the connection is going away
