@@ -283,8 +283,6 @@ class WorkerSupervisor(service.Service):
         if self._stopping and not self._pids and self._all_gone is not None:
             d, self._all_gone = self._all_gone, None
             self._reap.stop()
-            if self.on_stopped is not None:
-                self.on_stopped()
             d.callback(None)
 
     def _exited(self, pid: int, number: int, status: int) -> None:
@@ -328,9 +326,9 @@ class WorkerSupervisor(service.Service):
                 pass
         d: defer.Deferred = defer.Deferred()
         if not self._pids:
-            if self.on_stopped is not None:
-                self.on_stopped()
             d.callback(None)
         else:
             self._all_gone = d
+        if self.on_stopped is not None:
+            d.addCallback(lambda _: self.on_stopped())
         return d.addCallback(lambda _: log.info("mta stopped"))

@@ -10,6 +10,7 @@ import signal
 import smtplib
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -318,8 +319,9 @@ def test_metrics_are_summed_across_workers(mta_factory, peer_factory):
                      20, "worker 2 forked again", detail=mta.log)
     more, _ = send_until_each_accepted(mta, [again[2], again[3]], "u@dest.test")
     wait_for(lambda: value(scrape(mport), "mta_messages_accepted_total") == n + len(more), 20, "the new acceptances counted", detail=lambda: scrape(mport))
-    shared = [d for d in os.listdir("/tmp") if d.startswith("mta-metrics-")]
-    mine = [d for d in shared if os.path.exists(f"/tmp/{d}/counter_{workers[1]}.db")]
+    tmp = tempfile.gettempdir()          # where the daemon (same environment) made it
+    shared = [d for d in os.listdir(tmp) if d.startswith("mta-metrics-")]
+    mine = [d for d in shared if os.path.exists(os.path.join(tmp, d, f"counter_{workers[1]}.db"))]
     assert len(mine) == 1, shared
     assert mta.stop() in (0, -15), mta.log()
-    assert not os.path.exists(f"/tmp/{mine[0]}")
+    assert not os.path.exists(os.path.join(tmp, mine[0]))

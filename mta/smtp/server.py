@@ -447,14 +447,20 @@ class SMTPServer(protocol.Protocol):
             return
         if self._buf:
             self._process()
-        elif self._input_full:
+        else:
             # The output filled up as the last buffered command was answered:
             # nothing is left to process, so reading must resume here.
-            self._input_full = False
-            self._set_reading()
+            self._read_again_if_room()
 
     def stopProducing(self) -> None:
         self._registered = False   # the connection is going away
+
+    def _read_again_if_room(self) -> None:
+        """Reading was paused for buffered input: resume it once that input
+        can be taken (no operation outstanding, room for the replies)."""
+        if self._input_full and not self._busy and not self._out_full:
+            self._input_full = False
+            self._set_reading()
 
     def _set_reading(self) -> None:
         pause = self._input_full
@@ -503,9 +509,7 @@ class SMTPServer(protocol.Protocol):
             self._close_with(r.SHUTTING_DOWN, enhanced=True)
             return
         self._flush()
-        if self._input_full and not self._busy and not self._out_full:
-            self._input_full = False
-            self._set_reading()
+        self._read_again_if_room()
 
     def _process_loop(self) -> int:
         """Work through the buffered input; return how many command lines
@@ -952,9 +956,7 @@ class SMTPServer(protocol.Protocol):
         if self._timer is not None and self._mode == _CMD:
             self._timer.reset(self.settings.command_timeout)  # the client's turn now
         self._reply(reply)
-        if self._input_full and not self._out_full:
-            self._input_full = False
-            self._set_reading()
+        self._read_again_if_room()
         if self._processing:
             return  # the running loop goes on with what is buffered
         self._process()
