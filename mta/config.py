@@ -101,6 +101,8 @@ class SpoolConfig:
     url: str = "sqlite:///spool/mta.sqlite"
     queue_minfree: int = 0            # bytes kept free on the spool's file system (and 1.5x
                                       # [server] max_message_size): below, MAIL gets 452 4.3.1
+    lock_timeout: float = 30.0        # SQLite: seconds a write waits for a lock another
+                                      # process holds before it fails (and is retried)
 
 
 @dataclass(frozen=True)
@@ -368,6 +370,16 @@ def _duration(value: object) -> float:
         raise _Invalid(f"must be greater than zero, got {value!r}")
     if seconds > _DURATION_MAX:
         raise _Invalid(f"must be at most 10 years ({_DURATION_MAX:.0f} seconds), got {value!r}")
+    return seconds
+
+
+_LOCK_TIMEOUT_MAX = 3600.0
+
+
+def _lock_timeout(value: object) -> float:
+    seconds = _duration(value)
+    if seconds > _LOCK_TIMEOUT_MAX:
+        raise _Invalid(f"must be at most 1 hour, got {value!r}")
     return seconds
 
 
@@ -720,6 +732,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Callable[[object], Any]]]] = {
         {
             "url": _sqlalchemy_url,
             "queue_minfree": _int(0),
+            "lock_timeout": _lock_timeout,
         },
     ),
     "cluster": (

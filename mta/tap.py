@@ -133,7 +133,8 @@ def makeService(options: Options) -> service.IService:
     where = "--spool" if options["spool"] else f"{config.path}: [spool] url"
     try:
         spool = Spool(url, node=config.cluster.node, lease=config.cluster.lease,
-                      reactor=reactor, on_commit=metrics.commit_done if metrics is not None else None)
+                      reactor=reactor, lock_timeout=config.spool.lock_timeout,
+                      on_commit=metrics.commit_done if metrics is not None else None)
         spool.open()
     except SpoolError as e:
         _die(f"{where}: {e}")

@@ -3,7 +3,8 @@ on a free loopback port with a temporary SQLite spool.
 
 * ``mta`` — a started daemon with the default test configuration; a test can
   change it with ``@pytest.mark.mta_config(server={...}, policy={...}, extra="...")``.
-* ``mta_factory`` — ``mta_factory(server=..., policy=..., extra=..., spool=...)``
+* ``mta_factory`` — ``mta_factory(server=..., policy=..., extra=..., spool=...,
+  spool_options=...)``
   starts more daemons (or one configured inside the test).
 * ``twistd`` — ``twistd(*args)`` runs ``twistd ...`` to completion (startup
   errors, ``--help``) and returns the CompletedProcess.
@@ -100,12 +101,14 @@ class MTADaemon:
 
     def __init__(self, directory: Path, *, server: dict | None = None, policy: dict | None = None,
                  extra: str = "", spool: Path | None = None, hostname: str = "mx.e2e.test",
-                 host: str = "127.0.0.1", url: str | None = None):
+                 host: str = "127.0.0.1", url: str | None = None,
+                 spool_options: dict | None = None):
         self.directory = directory
         self.host = host              # loopback address to listen on: 127.0.0.1 or ::1
         directory.mkdir(parents=True, exist_ok=True)
         self.server_options = dict(server or {})
         self.policy_options = dict(policy or {})
+        self.spool_options = dict(spool_options or {})   # [spool] keys besides url
         self.extra = extra
         self.hostname = hostname
         self.spool = Path(spool) if spool is not None else directory / "spool" / "mta.sqlite"
@@ -133,7 +136,7 @@ class MTADaemon:
         sections: dict[str, dict[str, Any]] = {"server": server}
         if self.policy_options:
             sections["policy"] = self.policy_options
-        sections["spool"] = {"url": self.spool_url}
+        sections["spool"] = {"url": self.spool_url, **self.spool_options}
         # Tests never reach outside loopback: no delivery unless a test asks
         # for it, and never the system resolver.
         if "[relay]" not in self.extra:

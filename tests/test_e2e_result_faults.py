@@ -5,7 +5,7 @@ every transaction it is given.
 
 While deliveries are under way (their final replies held by the next hop),
 the spool stops taking writes: another process holds ``BEGIN EXCLUSIVE``
-past the daemon's busy timeout, or the database and its WAL are made
+past the daemon's ``[spool] lock_timeout``, or the database and its WAL are made
 immutable (``chattr +i``).  Once the spool takes writes again, every result
 must be recorded in the same process: every recipient delivered exactly
 once, none left in flight, nothing sent again after a restart.  And a queue
@@ -88,14 +88,14 @@ def check_after_recovery(mta, dest, rcpts: list[str]) -> None:
     assert "in flight at the last stop" not in mta.log()
 
 
-def test_lock_held_past_the_busy_timeout_while_deliveries_finish(mta_factory, peer_factory):
-    mta, dest, rcpts = start(mta_factory, peer_factory)
+def test_lock_held_past_the_lock_timeout_while_deliveries_finish(mta_factory, peer_factory):
+    mta, dest, rcpts = start(mta_factory, peer_factory, spool_options={"lock_timeout": "2s"})
     lock = sqlite3.connect(mta.spool, timeout=30, isolation_level=None)
     try:
         lock.execute("BEGIN EXCLUSIVE")
         assert sent_lines(mta) < len(rcpts), \
             "every result was recorded before the lock was taken: the test proves nothing"
-        # Held until a result failed to record (the busy timeout, 30 s, has passed).
+        # Held until a result failed to record ([spool] lock_timeout, 2 s, has passed).
         wait_for(lambda: record_failed(mta), 90, "a result that failed to record", interval=0.1)
         assert mta.rows("SELECT COUNT(*) FROM recipients WHERE state = 'inflight'")[0][0] > 0
     finally:

@@ -508,3 +508,21 @@ def test_queue_minfree_config_key():
     text = example.read_text()
     assert "# queue_minfree = 0" in text
     assert load_config(example).spool.queue_minfree == 0
+
+
+def test_lock_timeout_config_key():
+    from mta.config import ConfigError, config_from_dict
+    assert config_from_dict({}).spool.lock_timeout == 30.0
+    assert config_from_dict({"spool": {"lock_timeout": "2s"}}).spool.lock_timeout == 2.0
+    for bad in (0, -1, "2h", "soon", True):
+        with pytest.raises(ConfigError) as e:
+            config_from_dict({"spool": {"lock_timeout": bad}}, "x.toml")
+        assert str(e.value).startswith("x.toml: [spool] lock_timeout: "), str(e.value)
+
+
+def test_lock_timeout_is_the_sqlite_busy_timeout(tmp_path):
+    from mta.spool import make_engine
+    engine = make_engine(f"sqlite:///{tmp_path / 'mta.sqlite'}", 2.5)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 2500
+    engine.dispose()

@@ -83,18 +83,25 @@ def sqlite_path(url: str) -> str | None:
     return os.path.abspath(u.database)
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    # The timeout first: switching a new file to WAL takes a lock too, and
-    # another process may be creating the same spool at that moment.
-    cur.execute("PRAGMA busy_timeout=30000")
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.close()
+LOCK_TIMEOUT = 30.0   # seconds, the default of [spool] lock_timeout
 
 
-def make_engine(url: str) -> Engine:
+def _sqlite_pragmas(lock_timeout: float) -> Callable[[Any, Any], None]:
+    def on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        # The timeout first: switching a new file to WAL takes a lock too, and
+        # another process may be creating the same spool at that moment.
+        cur.execute(f"PRAGMA busy_timeout={max(1, round(lock_timeout * 1000))}")
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+    return on_connect
+
+
+def make_engine(url: str, lock_timeout: float = LOCK_TIMEOUT) -> Engine:
+    """The engine of the spool at *url*; on SQLite a write waits up to
+    *lock_timeout* seconds for a lock another process holds."""
     u = make_url(url)
     if u.get_backend_name() == "sqlite":
         db = u.database
@@ -108,7 +115,7 @@ def make_engine(url: str) -> Engine:
         except OSError as e:
             raise SpoolError(f"{url}: cannot create spool directory {parent}: {e.strerror}") from None
         engine = create_engine(u, connect_args={"check_same_thread": False})
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_pragmas(lock_timeout))
         return engine
     return create_engine(u, pool_pre_ping=True)
 
@@ -122,14 +129,14 @@ class Spool(SpoolInterface):
     at a time (renewed by :meth:`renew`)."""
 
     def __init__(self, url: str, *, node: str, lease: float, reactor: Any,
-                 threads: int = 4, idle_check: float = 5.0,
+                 threads: int = 4, idle_check: float = 5.0, lock_timeout: float = LOCK_TIMEOUT,
                  on_commit: Callable[[float, int], None] | None = None):
         self.url = url
         self._configured_node = node
         self.node = node_name(node)
         self.lease = lease
         self.reactor = reactor
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, lock_timeout)
         self._db_path = sqlite_path(url)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
