@@ -29,8 +29,8 @@ def main() -> None:
     with open(path) as f:
         for line in f:
             stack, _, n_s = line.rstrip().rpartition(" ")
-            if not stack:
-                continue
+            if not stack or not n_s.isdigit():
+                continue    # a frame name with a line break in it: the rest of a line
             n = int(n_s)
             frames = stack.split(";")
             if only is not None and only not in frames[0]:

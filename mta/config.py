@@ -121,8 +121,8 @@ class RelayConfig:
     smarthost: str = ""               # "host:port": send everything there; "" = route by MX
     port: int = 25                    # TCP port for MX deliveries (and routes without a port)
     deliver: bool = True              # false: accept and queue only, attempt no delivery
-    concurrency: int = 20             # simultaneous deliveries in total
-    per_destination: int = 10         # simultaneous deliveries to one domain
+    concurrency: int = 40             # simultaneous deliveries in total
+    per_destination: int = 20         # simultaneous deliveries to one domain (Postfix's default)
     recipient_limit: int = 50         # recipients per outbound transaction
     connect_timeout: float = Timeouts.connect
     command_timeout: float = Timeouts.greeting  # greeting, EHLO, MAIL, RCPT (RFC 5321 4.5.3.2)

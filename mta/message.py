@@ -116,6 +116,7 @@ class QueuedRecipient:
     attempts: int = 0
     warned: bool = False         # a delay DSN was sent
     last_reply: str | None = None
+    message_size: int = 0        # its message's octets, as the due read saw them (0: not read)
 
 
 class MessageStore(Protocol):

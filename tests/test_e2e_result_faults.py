@@ -9,7 +9,7 @@ past the daemon's ``[spool] lock_timeout``, or the database and its WAL are made
 immutable (``chattr +i``).  Once the spool takes writes again, every result
 must be recorded in the same process: every recipient delivered exactly
 once, none left in flight, nothing sent again after a restart.  And a queue
-pass claims only what it can start: the rest stays queued.
+pass claims only what its slots can start: the rest stays queued.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from test_e2e_relay import SENDER, message, relay_config, wait_spool_empty
 
 SLOW_PEER = Path(__file__).with_name("test_crash_relay.py")   # peers.py, final replies held
 HOLD = {"data_end_delay_min": 6, "data_end_delay": 7}          # seconds a final reply is held
-MESSAGES = 10                # two recipients each; per_destination (10) lets all go at once
+MESSAGES = 10                # two recipients each; per_destination (20) lets all go at once
 RECORD_FAILED = "recording delivery results failed: "    # the queue runner's line
 SPOOL_FAILED = "spool write failed (record_results)"      # the spool's own
 CHATTR = shutil.which("chattr") or "/usr/bin/chattr"   # e2fsprogs: on every Debian
@@ -152,9 +152,10 @@ def test_disk_full_while_deliveries_finish(small_fs, mta_factory, peer_factory):
     check_after_recovery(mta, dest, rcpts)
 
 
-def test_a_pass_claims_only_what_can_start(mta_factory, peer_factory):
+def test_a_pass_claims_only_what_its_slots_can_start(mta_factory, peer_factory):
     # Not a fault, the same setting: 30 messages waiting for 3 delivery slots
-    # stay queued (visible, flushable) instead of all in flight at once.
+    # stay queued (visible, flushable) instead of all in flight at once: in
+    # flight are the 3 in delivery and one waiting for each (scheduler.AHEAD).
     [dest] = peer_factory.spawn({"data_end_delay_min": 0.3, "data_end_delay": 0.5},
                                 program=SLOW_PEER)
     mta = mta_factory(extra=relay_config(routes={"dest.test": dest.address},
@@ -171,7 +172,7 @@ def test_a_pass_claims_only_what_can_start(mta_factory, peer_factory):
             "SELECT state, COUNT(*) FROM recipients GROUP BY state")})
         return not seen[-1] and mta.count("messages") == 0
     wait_for(drained, 60, "the spool to drain", interval=0.02)
-    assert max(s.get("inflight", 0) for s in seen) <= 3, seen
+    assert max(s.get("inflight", 0) for s in seen) <= 6, seen
     assert max(s.get("queued", 0) for s in seen) >= 20, seen
     assert delivered(dest) == Counter({r: 1 for r in rcpts})
 

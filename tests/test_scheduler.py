@@ -97,11 +97,10 @@ def env(tmp_path):
 
 
 def put(env, sender="alice@example.test", rcpts=("bob@dest.test",), notify=None, ret=None,
-        envid=None):
+        envid=None, body=b"hello\r\n"):
     now = env.clock.seconds()
     qid = new_queue_id(now)
     headers = b"Received: by us\r\nSubject: test\r\nMessage-ID: <t@example.test>\r\n\r\n"
-    body = b"hello\r\n"
     env.spool.store(InboundMessage(
         queue_id=qid, sender=sender, recipients=[Recipient(a, notify) for a in rcpts],
         headers=headers, body=body, arrival=now, client_address="127.0.0.1", helo="client",
@@ -652,20 +651,40 @@ def test_stop_during_failed_recovery_ends_the_retries(flaky):
 
 # --------------------------------------------------------------------------- what a pass claims
 
-def test_a_pass_claims_only_what_can_start(env):
+def test_a_pass_claims_what_its_slots_can_start_one_transaction_ahead(env):
     pool = HoldingPool()
     for i in range(30):
         put(env, rcpts=(f"r{i}@dest{i % 3}.test",))
     make_runner(env, pool, relay=RelayConfig(concurrency=5, per_destination=10))
+    assert len(pool.pending) == 5                 # 5 in delivery, 5 claimed waiting for them
+    assert state_counts(env) == {"inflight": 10, "queued": 20}
+    pool.answer(2)                                # the two waiting start at once, two more claimed
     assert len(pool.pending) == 5
-    assert state_counts(env) == {"inflight": 5, "queued": 25}
-    pool.answer(2)                                # two slots free: two more start at once
-    assert len(pool.pending) == 5
-    assert state_counts(env) == {"inflight": 5, "queued": 23}
+    assert state_counts(env) == {"inflight": 10, "queued": 18}
     while pool.pending:
         pool.answer()
     assert env.spool.sql("SELECT COUNT(*) FROM recipients") == [(0,)]
     assert len(pool.calls) == 30
+
+
+def test_a_big_message_waits_queued_for_a_slot_not_claimed_ahead(env):
+    from mta.delivery.scheduler import AHEAD_SIZE
+    pool = HoldingPool()
+    big = b"x" * AHEAD_SIZE + b"\r\n"
+    first, second = put(env, body=big), put(env, body=big)
+    small = put(env, rcpts=("carol@dest.test",))
+    env.spool.sql("UPDATE recipients SET next_attempt = next_attempt - 100 + id")  # in order
+    make_runner(env, pool, relay=RelayConfig(concurrency=1))
+    # The slot delivers the first; only a small message is claimed to wait for it.
+    assert [m.queue_id for _d, _h, m in pool.pending] == [first]
+    assert state_counts(env) == {"inflight": 2, "queued": 1}
+    assert env.spool.sql("SELECT queue_id FROM recipients WHERE state = 'queued'") == [(second,)]
+    pool.answer()
+    assert [m.queue_id for _d, _h, m in pool.pending] == [small]
+    while pool.pending:
+        pool.answer()
+    assert [m.queue_id for _h, m in pool.calls] == [first, small, second]
+    assert env.spool.sql("SELECT COUNT(*) FROM recipients") == [(0,)]
 
 
 def test_a_pass_claims_within_each_destinations_limit(env):
@@ -676,9 +695,9 @@ def test_a_pass_claims_within_each_destinations_limit(env):
     env.spool.sql("UPDATE recipients SET next_attempt = next_attempt - 100 + id")  # in order
     env.spool.sql("UPDATE recipients SET state = 'deferred', attempts = 1 "
                   "WHERE address LIKE '%@busy.test' AND address > 'r3'")
-    make_runner(env, pool, relay=RelayConfig(concurrency=20, per_destination=2))
+    make_runner(env, pool, relay=RelayConfig(concurrency=20, per_destination=1))
     started = sorted(r.address for _d, _h, m in pool.pending for r in m.recipients)
-    assert started == ["other@quiet.test", "r0@busy.test", "r1@busy.test"]
+    assert started == ["other@quiet.test", "r0@busy.test"]     # r1 claimed, waiting for r0
     # The rest keeps its state (deferred ones too), where `mta queue` sees it.
     assert state_counts(env) == {"inflight": 3, "queued": 1, "deferred": 3}
 
@@ -686,8 +705,8 @@ def test_a_pass_claims_within_each_destinations_limit(env):
 def test_a_big_message_is_claimed_one_transaction_per_free_slot(env):
     pool = HoldingPool()
     put(env, rcpts=tuple(f"r{i:02d}@dest.test" for i in range(10)))
-    make_runner(env, pool, relay=RelayConfig(concurrency=2, recipient_limit=3))
-    assert [len(m.recipients) for _d, _h, m in pool.pending] == [3, 3]
+    make_runner(env, pool, relay=RelayConfig(concurrency=1, recipient_limit=3))
+    assert [len(m.recipients) for _d, _h, m in pool.pending] == [3]    # and 3 waiting for it
     assert state_counts(env) == {"inflight": 6, "queued": 4}
     while pool.pending:
         pool.answer()
@@ -745,7 +764,7 @@ def test_a_pass_reads_what_it_can_start_not_the_backlog(env):
     """With 200 messages due and 2 free slots, a pass reads a few rows per
     slot (not concurrency x recipient_limit); a message with more recipients
     than that still travels in one transaction."""
-    from mta.delivery.scheduler import SCAN_PER_SLOT
+    from mta.delivery.scheduler import AHEAD, SCAN_PER_SLOT
     limits: list[int] = []
     real_due = env.spool.due
 
@@ -757,14 +776,15 @@ def test_a_pass_reads_what_it_can_start_not_the_backlog(env):
     for _ in range(200):
         put(env)
     runner = env.make(relay=RelayConfig(concurrency=2, per_destination=2))
-    # The first pass: 2 slots, 8 rows read, then more (the big message's 30
-    # recipients fill one slot) -- never 2 x 50.
-    assert limits[0] == 2 * SCAN_PER_SLOT
-    assert max(limits) <= 2 * RelayConfig().recipient_limit
+    # The first pass: 2 slots, each with AHEAD transactions waiting: 16 rows
+    # read, then more (the big message's 30 recipients fill one) -- never 4 x 50.
+    slots = 2 * (1 + AHEAD)
+    assert limits[0] == slots * SCAN_PER_SLOT
+    assert max(limits) <= slots * RelayConfig().recipient_limit
     assert sorted(len(m.recipients) for _h, m in env.pool.calls)[-1] == 30
     assert [m.queue_id for _h, m in env.pool.calls if len(m.recipients) == 30] == [big]
     for _ in range(400):               # the passes that each finished delivery starts
         env.clock.advance(0)
     assert env.spool.sql("SELECT COUNT(*) FROM messages WHERE sender != ''") == [(0,)]
-    assert len(env.pool.calls) == 201 and max(limits) <= 2 * RelayConfig().recipient_limit
+    assert len(env.pool.calls) == 201 and max(limits) <= slots * RelayConfig().recipient_limit
     runner.stopService()

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -87,6 +87,15 @@ RECOVERY_WAIT = 10.0
 # most [relay] recipient_limit per slot.
 SCAN_PER_SLOT = 4
 SCAN_GROWTH = 4
+# Transactions claimed per delivery slot: the one in delivery and AHEAD more
+# waiting for it (claimed and loaded), so that a connection goes on with the
+# next message the moment it has an answer, without waiting for a queue
+# pass (a read, a claim) in between.  Only messages of AHEAD_SIZE octets at
+# most wait so (in memory): a bigger one is claimed when a slot is free.
+# In flight at most: [relay] concurrency x (1 + AHEAD) transactions,
+# per_destination x (1 + AHEAD) to one destination.
+AHEAD = 1
+AHEAD_SIZE = 256 * 1024
 
 
 def backoff(attempts: int, first: float, maximum: float, rand: float = 0.5) -> float:
@@ -397,7 +406,7 @@ class QueueRunner(service.Service):
         destination's own limit -- and start them.  The rest is not touched:
         it stays queued or deferred (visible to ``mta queue``) for the next
         pass, which the end of every delivery starts."""
-        free = self.relay.concurrency - len(self._jobs)
+        free = self.relay.concurrency * (1 + AHEAD) - len(self._jobs)
         if free <= 0:
             return
         now = self.reactor.seconds()
@@ -421,11 +430,11 @@ class QueueRunner(service.Service):
             for r in rows:
                 read.setdefault(r.id, r)
             due = list(read.values())
-            plan = self._plan(due, free)
+            plan, full = self._plan(due, free)
             if len(plan) >= free or len(rows) < scan or scan >= most:
                 break
             # Read further, leaving out the domains this plan fills.
-            skip |= self._saturated_domains(due, plan)
+            skip |= self._saturated_domains(due, full)
             scan = min(scan * SCAN_GROWTH, most)
         self._track_flushes(due, complete=len(rows) < scan, since=now, unseen=skip)
         if not plan:
@@ -473,12 +482,14 @@ class QueueRunner(service.Service):
                 for r in orphans], [], [])
 
     def _plan(self, due: Sequence[QueuedRecipient], free: int
-              ) -> list[tuple[Route, list[QueuedRecipient]]]:
-        """The transactions (route, recipients) to start now among the
+              ) -> tuple[list[tuple[Route, list[QueuedRecipient]]], set[Route]]:
+        """The transactions (route, recipients) to claim now among the
         *due* recipients (soonest first): those of one message with one
         route travel together, ``recipient_limit`` at most, and no more
         than *free* transactions in all and than each route's destination
-        has slots free (``per_destination``)."""
+        may have (``per_destination`` slots; and AHEAD waiting for each, of
+        messages of AHEAD_SIZE at most).  And the routes that can take no
+        more of the due work."""
         groups: dict[tuple[str, Route], list[QueuedRecipient]] = defaultdict(list)
         routes: dict[tuple[str, bool], Route] = {}     # (domain key, released) -> Route
         for r in due:
@@ -488,28 +499,34 @@ class QueueRunner(service.Service):
                 route = routes[key] = self._route_of_recipient(r)
             groups[(r.queue_id, route)].append(r)
         busy = Counter(job.route for job in self._jobs.values())
+        slots = self.relay.concurrency - len(self._jobs)   # free ones; the rest would wait
         step = self.relay.recipient_limit
         plan: list[tuple[Route, list[QueuedRecipient]]] = []
+        full: set[Route] = set()
         for (_qid, route), rcpts in groups.items():
             for i in range(0, len(rcpts), step):
                 if len(plan) >= free:
-                    return plan
-                if busy[route] >= self.relay.per_destination:
+                    return plan, full
+                waits = busy[route] >= self.relay.per_destination or len(plan) >= slots
+                if busy[route] >= self._route_jobs or (
+                        waits and rcpts[0].message_size > AHEAD_SIZE):
+                    full.add(route)
                     break
                 busy[route] += 1
                 plan.append((route, rcpts[i:i + step]))
-        return plan
+        return plan, full
 
     def _saturated_domains(self, due: Sequence[QueuedRecipient] = (),
-                           plan: Sequence[tuple[Route, list[QueuedRecipient]]] = ()) -> set[str]:
+                           planned_full: Collection[Route] = ()) -> set[str]:
         """The domains (of the jobs in progress, and of *due*) whose route
-        has ``per_destination`` deliveries under way (or in *plan*)."""
+        has all the transactions it may have (``per_destination`` x (1 +
+        AHEAD)) under way, or that a plan found full (*planned_full*)."""
         busy = Counter(job.route for job in self._jobs.values())
-        busy.update(route for route, _rcpts in plan)
         # (Not the hold courier's: a released recipient of a hold domain goes
         # to another route, and must not be hidden by its domain's others.)
-        full = {route for route, n in busy.items()
-                if n >= self.relay.per_destination and route.courier != HOLD_COURIER}
+        full = {route for route in set(busy) | set(planned_full)
+                if (route in planned_full or busy[route] >= self._route_jobs)
+                and route.courier != HOLD_COURIER}
         if not full:
             return set()
         domains = {self._domain_of(r.address) for job in self._jobs.values()
@@ -519,6 +536,11 @@ class QueueRunner(service.Service):
             if d not in domains and self._route_of_recipient(r) in full:
                 domains.add(d)
         return domains
+
+    @property
+    def _route_jobs(self) -> int:
+        """The most transactions of one route claimed at a time."""
+        return self.relay.per_destination * (1 + AHEAD)
 
     def _route_of(self, address: str) -> Route:
         """The recipient's Route (RouteMap.route_for of its domain)."""
@@ -691,16 +713,21 @@ class QueueRunner(service.Service):
                 if not self.running:      # stopping: no new attempt
                     raise defer.CancelledError()
                 job.attempting = True
-                await self._attempt(job)
+                outcomes = await self._attempt(job)
             finally:
                 self._global.release()
         finally:
+            # The slot is free once the courier has answered: the next
+            # transaction waiting for it starts while this one's results
+            # are written.
             sem.release()
             if not sem.waiting and sem.tokens == sem.limit:
                 self._per_dest.pop(job.route, None)
+        await self._record(job, outcomes)
 
     # -- one attempt ------------------------------------------------------------------
-    async def _attempt(self, job: Job) -> None:
+    async def _attempt(self, job: Job) -> list[Outcome]:
+        """The courier's outcome of each of *job*'s recipients."""
         courier = self.couriers.get(job.route.courier)
         if courier is None:     # a route to a courier not configured: a bug, not a bounce
             log.error("{queue_id}: no courier {name!r} for {domain}", queue_id=job.queue_id,
@@ -712,7 +739,7 @@ class QueueRunner(service.Service):
             if len(outcomes) != len(job.rcpts):
                 raise RuntimeError(f"courier {job.route.courier!r} returned {len(outcomes)} "
                                    f"outcomes for {len(job.rcpts)} recipients")
-        await self._record(job, outcomes)
+        return list(outcomes)
 
     async def _record(self, job: Job, outcomes: Sequence[Outcome]) -> None:
         from ..dsn import DSNRecipient

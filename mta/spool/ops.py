@@ -51,7 +51,8 @@ _claimable = or_(_pending, _expired)
 _RCPT_COLS = (recipients.c.id, recipients.c.queue_id, recipients.c.address,
               recipients.c.notify, recipients.c.orcpt, recipients.c.attempts,
               recipients.c.warned, recipients.c.last_reply)
-_sel_due = (select(*_RCPT_COLS)
+_sel_due = (select(*_RCPT_COLS, messages.c.size.label("message_size"))
+            .join(messages, messages.c.queue_id == recipients.c.queue_id)
             .where(or_(and_(_pending, recipients.c.next_attempt <= bindparam("now")), _expired))
             .order_by(recipients.c.next_attempt).limit(bindparam("limit")))
 # The claim: lock the rows still claimable (PostgreSQL: in id order,
@@ -214,7 +215,8 @@ def queued_recipient(row: Mapping[str, Any]) -> QueuedRecipient:
     return QueuedRecipient(id=row["id"], queue_id=row["queue_id"], address=row["address"],
                            notify=row["notify"], orcpt=row["orcpt"],
                            attempts=row["attempts"], warned=bool(row["warned"]),
-                           last_reply=row.get("last_reply"))
+                           last_reply=row.get("last_reply"),
+                           message_size=row.get("message_size") or 0)
 
 
 def queued_message(row: Mapping[str, Any]) -> QueuedMessage:
