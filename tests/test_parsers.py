@@ -452,6 +452,23 @@ def test_long_line_detection(lines):
     assert has_long_line(content) == any(len(l) > 998 for l in lines)
 
 
+@fast
+@given(st.lists(st.binary(max_size=1100).map(
+    lambda b: b.replace(b"\r", b"").replace(b"\n", b"")), min_size=1, max_size=4))
+def test_long_line_detection_with_an_unterminated_last_line(lines):
+    content = b"\r\n".join(lines)           # as sendmail may be given it
+    assert has_long_line(content) == any(len(l) > 998 for l in lines)
+
+
+def test_long_line_limits():
+    for size in (997, 998, 999, 1000):
+        line = b"x" * size
+        for content in (line + b"\r\n", line, b"a\r\n" + line + b"\r\n", b"a\r\n" + line,
+                        (b"y" * 998 + b"\r\n") * 3 + line + b"\r\nz\r\n"):
+            assert has_long_line(content) == (size > 998), (size, content[:8])
+            assert has_long_line(bytearray(content)) == (size > 998)
+
+
 def test_unstuff_examples():
     assert unstuff(b"\r\n") == b""
     assert unstuff(b"\r\n..\r\n") == b".\r\n"
