@@ -745,6 +745,33 @@ def test_a_busy_destination_is_left_out_of_the_read_and_others_still_start(env):
     assert len(pool.calls) == 101
 
 
+def test_a_pass_after_one_delivery_reads_a_few_rows_not_a_read_per_free_slot(env):
+    """One busy destination frees one slot at a time while 60 others are
+    free: each pass begins with a small read (SCAN_FIRST_SLOTS), not
+    SCAN_PER_SLOT rows for each of the 60."""
+    from mta.delivery.scheduler import SCAN_FIRST_SLOTS, SCAN_PER_SLOT
+    pool = HoldingPool()
+    reads: list[int] = []          # rows each read returned
+    real_due = env.spool.due
+
+    def due(now, limit, skip_domains=()):
+        return real_due(now, limit, skip_domains).addCallback(
+            lambda rows: reads.append(len(rows)) or rows)
+    env.spool.due = due
+    for i in range(100):
+        put(env, rcpts=(f"r{i}@busy.test",))
+    make_runner(env, pool, relay=RelayConfig(concurrency=40, per_destination=2))
+    assert len(pool.pending) == 2
+    del reads[:]
+    pool.answer()
+    assert len(pool.pending) == 2
+    assert SCAN_FIRST_SLOTS * SCAN_PER_SLOT <= 16      # (the backlog is 96 rows)
+    assert reads and sum(reads) <= SCAN_FIRST_SLOTS * SCAN_PER_SLOT, reads
+    while pool.pending:
+        pool.answer()
+    assert env.spool.sql("SELECT COUNT(*) FROM recipients") == [(0,)]
+
+
 def test_the_due_read_leaves_out_domains_exactly(tmp_path):
     """skip_domains is matched on the address's end, ASCII case-insensitive,
     with LIKE's wildcards escaped (``a_b.test`` leaves out no ``axb.test``)."""

@@ -82,11 +82,12 @@ RETRY_MAX = 30.0
 # (seconds) for the recovery before it is answered 451.
 RECOVERY_WAIT = 10.0
 
-# A queue pass reads SCAN_PER_SLOT due recipients per free delivery slot,
-# SCAN_GROWTH times more while that leaves slots free and more is due, at
-# most [relay] recipient_limit per slot.
+# A queue pass reads SCAN_PER_SLOT due recipients per free delivery slot
+# (of SCAN_FIRST_SLOTS at most at first), SCAN_GROWTH times more while that
+# leaves slots free and more is due, at most [relay] recipient_limit per slot.
 SCAN_PER_SLOT = 4
 SCAN_GROWTH = 4
+SCAN_FIRST_SLOTS = 4
 # Transactions claimed per delivery slot: the one in delivery and AHEAD more
 # waiting for it (claimed and loaded), so that a connection goes on with the
 # next message the moment it has an answer, without waiting for a queue
@@ -410,12 +411,14 @@ class QueueRunner(service.Service):
         if free <= 0:
             return
         now = self.reactor.seconds()
-        # Read a few due rows per free slot -- enough when each message has a
-        # recipient or a few -- and more (up to a full transaction per slot)
-        # only when that did not fill the slots: a pass costs what it starts,
-        # not the size of the backlog.
+        # Read a few due rows per free slot (of SCAN_FIRST_SLOTS at first) --
+        # enough when each message has a recipient or a few -- and more (up
+        # to a full transaction per slot) only when that did not fill the
+        # slots: a pass costs what it starts, not the size of the backlog
+        # (nor, when one busy destination frees one slot at a time, the
+        # number of slots the others have free).
         most = free * self.relay.recipient_limit
-        scan = min(free * SCAN_PER_SLOT, most)
+        scan = min(min(free, SCAN_FIRST_SLOTS) * SCAN_PER_SLOT, most)
         # The domains of destinations with no slot free are left out of the
         # read (in SQL): under a backlog to one destination (a smarthost)
         # the pass would otherwise read and drop those rows every time.
