@@ -87,13 +87,21 @@ def env(tmp_path):
                              retry=retry,
                              relay=relay, reactor=clock, rand=lambda: 0.5)
         runner.startService()
+        e.runners.append(runner)
         return runner
 
     class Env:
         pass
     e = Env()
     e.clock, e.spool, e.router, e.pool, e.make = clock, spool, router, pool, make
-    return e
+    e.runners = []
+    yield e
+    # Stopped, not left to the garbage collector: a job coroutine closed
+    # there would hand its delivery slot to a waiting one closed before it.
+    for runner in e.runners:
+        if runner.running:
+            runner.stopService()
+    clock.advance(3600)           # past every shutdown grace
 
 
 def put(env, sender="alice@example.test", rcpts=("bob@dest.test",), notify=None, ret=None,
@@ -496,6 +504,7 @@ def make_runner(env, pool=None, relay=None, retry=None):
                          retry=retry or RetryConfig(first=300, max=3600, lifetime=5 * 86400),
                          relay=relay or RelayConfig(), reactor=env.clock, rand=lambda: 0.5)
     runner.startService()
+    env.runners.append(runner)
     return runner
 
 
