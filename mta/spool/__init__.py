@@ -92,7 +92,18 @@ def _sqlite_pragmas(lock_timeout: float) -> Callable[[Any, Any], None]:
         # The timeout first: switching a new file to WAL takes a lock too, and
         # another process may be creating the same spool at that moment.
         cur.execute(f"PRAGMA busy_timeout={max(1, round(lock_timeout * 1000))}")
-        cur.execute("PRAGMA journal_mode=WAL")
+        # Switching a new file to WAL while another connection does the same
+        # may fail at once ("database is locked": SQLite's busy handler is
+        # not called there): tried again, within the same timeout.
+        deadline = time.monotonic() + lock_timeout
+        while True:
+            try:
+                cur.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.005)
         cur.execute("PRAGMA synchronous=FULL")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
