@@ -49,7 +49,7 @@ import time
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import pytest
 
@@ -125,10 +125,21 @@ def require_tools() -> None:
         pytest.fail("a private Postfix instance (postfix -c DIR) needs root", pytrace=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(names: Iterable[str]) -> dict[str, int]:
+    """A free loopback port for each name, all different (every socket is
+    held until all are picked)."""
+    socks: list[socket.socket] = []
+    try:
+        ports = {}
+        for name in names:
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.1", 0))
+            ports[name] = s.getsockname()[1]
+        return ports
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _cf_value(value: Any) -> str:
@@ -289,7 +300,7 @@ class PostfixInstance:
         self.mailbox_base.mkdir(exist_ok=True)
         os.chown(self.mailbox_base, box.pw_uid, box.pw_gid)
         os.chmod(self.mailbox_base, 0o755)
-        self.ports = {name: _free_port() for name in self.listeners}
+        self.ports = _free_ports(self.listeners)
         (self.config_directory / "main.cf").write_text(self._main_cf())
         (self.config_directory / "master.cf").write_text(self._master_cf())
 
