@@ -729,7 +729,7 @@ class QueueRunner(service.Service):
         await self._record(job, outcomes)
 
     # -- one attempt ------------------------------------------------------------------
-    async def _attempt(self, job: Job) -> list[Outcome]:
+    async def _attempt(self, job: Job) -> Sequence[Outcome]:
         """The courier's outcome of each of *job*'s recipients."""
         courier = self.couriers.get(job.route.courier)
         if courier is None:     # a route to a courier not configured: a bug, not a bounce
@@ -742,7 +742,7 @@ class QueueRunner(service.Service):
             if len(outcomes) != len(job.rcpts):
                 raise RuntimeError(f"courier {job.route.courier!r} returned {len(outcomes)} "
                                    f"outcomes for {len(job.rcpts)} recipients")
-        return list(outcomes)
+        return outcomes
 
     async def _record(self, job: Job, outcomes: Sequence[Outcome]) -> None:
         from ..dsn import DSNRecipient
