@@ -14,6 +14,7 @@ from sqlalchemy.engine import Connection
 from ..address import domain_key
 from ..message import InboundMessage, QueuedMessage, QueuedRecipient
 # RecipientUpdate is the interface's record, also known as ops.RecipientUpdate.
+from . import fast
 from .interface import RELEASED, Claimed, QueueSummary, RecipientUpdate, Release
 from .notify import notify
 from .schema import contents, messages, recipients
@@ -122,13 +123,13 @@ def insert_messages(conn: Connection, msgs: list[InboundMessage]) -> None:
                 "orcpt": r.orcpt, "state": "queued", "attempts": 0,
                 "next_attempt": m.arrival, "last_reply": None, "warned": False,
             })
-    conn.execute(_ins_messages, mrows)
+    fast.run(conn, _ins_messages, mrows)
     if crows:
-        conn.execute(_ins_contents, crows)
+        fast.run(conn, _ins_contents, crows)
     for m in big:
         _insert_contents_blob(conn, m)
     if rrows:
-        conn.execute(_ins_recipients, rrows)
+        fast.run(conn, _ins_recipients, rrows)
     notify(conn, "stored")
 
 
@@ -241,7 +242,7 @@ def due_recipients(conn: Connection, now: float, limit: int, owner: str = "",
     params: dict[str, Any] = {"now": now, "limit": limit, "owner": owner}
     for i, d in enumerate(skip):
         params[f"skip{i}"] = "%@" + _like_escape(d)
-    return [queued_recipient(r._mapping) for r in conn.execute(_due_skipping(len(skip)), params)]
+    return [queued_recipient(r) for r in fast.run(conn, _due_skipping(len(skip)), params).mappings()]
 
 
 #: At most this many domains are left out of one due read.
@@ -289,8 +290,8 @@ def _claim(conn: Connection, rids: Sequence[int], owner: str, now: float,
             if lock else chunk
         if not ids:
             continue
-        for r in conn.execute(_upd_claim, {**args, "ids": ids, "until": until}):
-            found[r.id] = queued_recipient(r._mapping)
+        for r in fast.run(conn, _upd_claim, {**args, "ids": ids, "until": until}).mappings():
+            found[r["id"]] = queued_recipient(r)
     rows = [found[rid] for rid in rids if rid in found]
     if not rows:
         return Claimed(rows, {})
@@ -316,7 +317,7 @@ def claim_domains(conn: Connection, domains: Iterable[str], hostname: str, owner
 
 def load_messages(conn: Connection, queue_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
     ids = list(queue_ids)
-    return {r.queue_id: dict(r._mapping) for r in conn.execute(_sel_messages, {"ids": ids})}
+    return {r["queue_id"]: r for r in fast.run(conn, _sel_messages, {"ids": ids}).mappings()}
 
 
 def next_due(conn: Connection) -> float | None:
@@ -367,7 +368,7 @@ def record_calls(conn: Connection, calls: Sequence[RecordCall]) -> list[str]:
         if mine or not ups:
             new += msgs
     if updates:
-        conn.execute(_upd_rcpt, [{"rid": u.rid, "b_state": u.state, "b_attempts": u.attempts,
+        fast.run(conn, _upd_rcpt, [{"rid": u.rid, "b_state": u.state, "b_attempts": u.attempts,
                                   "b_next": u.next_attempt, "b_reply": u.last_reply,
                                   "b_warned": u.warned} for u in updates])
     if new:
@@ -375,7 +376,7 @@ def record_calls(conn: Connection, calls: Sequence[RecordCall]) -> list[str]:
     ids = sorted(qids)
     if not ids:
         return []
-    open_ids = {r[0] for r in conn.execute(_sel_open, {"ids": ids})}
+    open_ids = set(fast.run(conn, _sel_open, {"ids": ids}).scalars())
     done = [q for q in ids if q not in open_ids]
     if done:
         delete_messages_rows(conn, done)
@@ -386,7 +387,7 @@ def delete_messages_rows(conn: Connection, queue_ids: Sequence[str]) -> None:
     """Remove messages *queue_ids* with their contents and recipients: the
     message rows, the others by ``ON DELETE CASCADE`` (every spool schema
     has it; SQLite's connections turn foreign keys on, mta.spool.make_engine)."""
-    conn.execute(_del_messages, [{"qid": q} for q in queue_ids])
+    fast.run(conn, _del_messages, [{"qid": q} for q in queue_ids])
 
 
 def _writable(conn: Connection, rids: Sequence[int], owner: str | None) -> set[int]:
@@ -396,8 +397,8 @@ def _writable(conn: Connection, rids: Sequence[int], owner: str | None) -> set[i
     out: set[int] = set()
     q = _sel_changeable if owner is None else _sel_owned
     for i in range(0, len(rids), _CHUNK):
-        out.update(r[0] for r in conn.execute(q, {"ids": list(rids[i:i + _CHUNK]),
-                                                  "owner": owner}))
+        out.update(fast.run(conn, q, {"ids": list(rids[i:i + _CHUNK]),
+                                      "owner": owner}).scalars())
     return out
 
 

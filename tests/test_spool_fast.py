@@ -1,0 +1,115 @@
+"""mta.spool.fast: the hot statements of mta.spool.ops run on pysqlite's own
+cursor give what conn.execute gives (rows, row counts, SQLAlchemy's error
+types), and the writer fsyncs a commit only when it stores a message."""
+from __future__ import annotations
+
+import time
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from mta.message import InboundMessage, Recipient, new_queue_id
+from mta.spool import Spool, fast, ops
+from mta.spool.interface import RecipientUpdate
+from mta.spool.schema import recipients
+
+
+def message(*rcpts: str, body: bytes = b"hello\r\n") -> InboundMessage:
+    now = time.time()
+    qid = new_queue_id(now)
+    headers = b"Subject: t\r\n\r\n"
+    return InboundMessage(qid, "a@origin.test", [Recipient(r) for r in rcpts], headers,
+                          memoryview(bytearray(body)), now, "127.0.0.1", "client.test",
+                          "ESMTP", len(headers) + len(body), smtputf8=True)
+
+
+@pytest.fixture
+def spool(tmp_path):
+    s = Spool(f"sqlite:///{tmp_path / 'mta.sqlite'}", node="n1", lease=300.0, reactor=Clock())
+    s.open()
+    yield s
+    s.engine.dispose()
+
+
+def test_claim_and_load_reads_what_was_stored(spool):
+    m1, m2 = message("x@a.test", "y@b.test", body=b"one\r\n"), message("z@c.test")
+    with spool.engine.begin() as conn:
+        ops.insert_messages(conn, [m1, m2])
+    now = time.time() + 1
+    with spool.engine.begin() as conn:
+        due = ops.due_recipients(conn, now, 10)
+        assert sorted(r.address for r in due) == ["x@a.test", "y@b.test", "z@c.test"]
+        assert {r.message_size for r in due} == {m1.size, m2.size}
+        claimed = ops.claim_and_load(conn, [r.id for r in due], "n1", now, now + 300)
+    assert [r.id for r in claimed.recipients] == [r.id for r in due]
+    assert all(r.warned is False for r in claimed.recipients)
+    q1 = claimed.messages[m1.queue_id]
+    assert (q1.sender, q1.headers, q1.body, q1.smtputf8) == \
+        ("a@origin.test", m1.headers, b"one\r\n", True)
+    # Claimed: a second claim gets none of them.
+    with spool.engine.begin() as conn:
+        assert ops.claim_and_load(conn, [r.id for r in due], "n2", now, now + 300).recipients == []
+        states = conn.execute(select(recipients.c.state, recipients.c.owner)).all()
+    assert set(states) == {("inflight", "n1")}
+
+
+def test_recording_the_last_recipient_removes_the_message(spool):
+    m = message("x@a.test", "y@b.test")
+    with spool.engine.begin() as conn:
+        ops.insert_messages(conn, [m])
+    now = time.time() + 1
+    with spool.engine.begin() as conn:
+        rids = [r.id for r in ops.due_recipients(conn, now, 10)]
+        ops.claim_and_load(conn, rids, "n1", now, now + 300)
+    done = [RecipientUpdate(rids[0], "delivered", 1, now, "250 ok", False)]
+    with spool.engine.begin() as conn:
+        assert ops.record_results(conn, done, [], [m.queue_id], "n1") == []
+        # Another owner's result is not written.
+        other = [RecipientUpdate(rids[1], "delivered", 1, now, "250 ok", False)]
+        assert ops.record_results(conn, other, [], [m.queue_id], "n2") == []
+    with spool.engine.begin() as conn:
+        last = [RecipientUpdate(rids[1], "failed", 1, now, "550 no", False)]
+        assert ops.record_results(conn, last, [], [m.queue_id], "n1") == [m.queue_id]
+        assert conn.exec_driver_sql("SELECT count(*) FROM recipients").scalar() == 0
+        assert conn.exec_driver_sql("SELECT count(*) FROM contents").scalar() == 0
+
+
+def test_rows_and_errors_are_those_of_conn_execute(spool):
+    with spool.engine.begin() as conn:
+        ops.insert_messages(conn, [message("x@a.test")])
+        stmt = select(recipients.c.id, recipients.c.address, recipients.c.warned)
+        fast_rows = fast.run(conn, stmt)
+        assert fast_rows.rows == [(r.id, r.address, 0) for r in conn.execute(stmt)]
+        assert fast_rows.mappings()[0]["address"] == "x@a.test"
+    with pytest.raises(IntegrityError) as e:        # recipients.address is NOT NULL
+        with spool.engine.begin() as conn:
+            ops.insert_messages(conn, [message(None)])  # type: ignore[arg-type]
+    assert "NOT NULL" in str(e.value.orig)
+    with spool.engine.begin() as conn:
+        with pytest.raises(KeyError):
+            fast.run(conn, ops._sel_owned, {"ids": [1]})     # no owner given
+
+
+def _synchronous(spool) -> int:
+    return spool._conn.exec_driver_sql("PRAGMA synchronous").scalar()
+
+
+def test_only_a_commit_that_stores_a_message_is_fsynced(spool):
+    """PRAGMA synchronous: 2 FULL (the WAL fsynced at the commit), 1 NORMAL."""
+    m = message("x@a.test")
+    conn = spool._writer_connection([])
+    spool._commit_batch(conn, [(None, m, defer.Deferred())])
+    assert _synchronous(spool) == 2
+    now = time.time() + 1
+    with spool.engine.begin() as c:
+        rids = [r.id for r in ops.due_recipients(c, now, 10)]
+    spool._commit_batch(conn, [(ops.claim_and_load, (rids, "n1", now, now + 300),
+                                defer.Deferred())])
+    assert _synchronous(spool) == 1
+    spool._commit_batch(conn, [(None, message("y@b.test"), defer.Deferred()),
+                               (ops.renew_leases, ("n1", now + 600), defer.Deferred())])
+    assert _synchronous(spool) == 2
+    conn.close()
