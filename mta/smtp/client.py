@@ -753,10 +753,18 @@ class SMTPClientProtocol(protocol.Protocol):
 
     # -- timers ---------------------------------------------------------------
     def _start_timer(self) -> None:
-        self._cancel_timer()
         b = self._batch
-        if b is not None and len(b.replies) < len(b.steps):
-            self._timer = self.reactor.callLater(b.steps[len(b.replies)][0], self._timed_out)
+        if b is None or len(b.replies) >= len(b.steps):
+            self._cancel_timer()
+            return
+        seconds = b.steps[len(b.replies)][0]
+        # One timer per connection, moved on from reply to reply: reset()
+        # to a later time is an assignment, where a new callLater and a
+        # cancel per command are a heap push and a cancelled call each.
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(seconds)
+        else:
+            self._timer = self.reactor.callLater(seconds, self._timed_out)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
