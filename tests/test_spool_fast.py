@@ -113,3 +113,36 @@ def test_only_a_commit_that_stores_a_message_is_fsynced(spool):
                                (ops.renew_leases, ("n1", now + 600), defer.Deferred())])
     assert _synchronous(spool) == 2
     conn.close()
+
+
+def test_the_due_read_merges_the_states_soonest_first_without_sorting_the_queue(spool):
+    """Queued, deferred and expired in-flight recipients come soonest first,
+    *limit* of them; the read walks the recipients_due index (no sort of
+    every due row: that was 3 ms per pass at 3000 queued messages)."""
+    msgs = [message(f"r{i}@a.test") for i in range(9)]
+    with spool.engine.begin() as conn:
+        ops.insert_messages(conn, msgs)
+        rows = conn.execute(select(recipients.c.id).order_by(recipients.c.id)).scalars().all()
+        # (state, next_attempt, owner, lease_until) per recipient
+        base = time.time() - 1000
+        setup = [("queued", 5), ("deferred", 1), ("inflight", 3), ("deferred", 8),
+                 ("queued", 2), ("inflight", 7), ("held", 0), ("delivered", 0),
+                 ("deferred", 2000)]
+        for rid, (state, t) in zip(rows, setup):
+            expired = state == "inflight" and t == 3
+            conn.execute(recipients.update().where(recipients.c.id == rid).values(
+                state=state, next_attempt=base + t,
+                owner="other" if state == "inflight" else None,
+                lease_until=(base if expired else base + 5000) if state == "inflight" else None))
+    with spool.engine.begin() as conn:
+        due = ops.due_recipients(conn, base + 100, 10, "n1")
+        assert [r.address for r in due] == ["r1@a.test", "r4@a.test", "r2@a.test",
+                                            "r0@a.test", "r3@a.test"]
+        assert [r.address for r in ops.due_recipients(conn, base + 100, 2, "n1")] == \
+            ["r1@a.test", "r4@a.test"]
+        assert [r.address for r in ops.due_recipients(conn, base + 100, 10, "n1", ["A.test"])] == []
+        c = ops._due_skipping(0).compile(dialect=conn.dialect)
+        args = ["queued", base, "deferred", base, "inflight", "n1", base, 10, 0]
+        plan = " | ".join(r[3] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + c.string,
+                                                            tuple(args)))
+    assert "TEMP B-TREE" not in plan and "recipients_due" in plan, plan

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from sqlalchemy import Integer, and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import Integer, and_, bindparam, delete, func, or_, select, union_all, update
 from sqlalchemy.engine import Connection
 
 from ..address import domain_key
@@ -52,10 +52,28 @@ _claimable = or_(_pending, _expired)
 _RCPT_COLS = (recipients.c.id, recipients.c.queue_id, recipients.c.address,
               recipients.c.notify, recipients.c.orcpt, recipients.c.attempts,
               recipients.c.warned, recipients.c.last_reply)
-_sel_due = (select(*_RCPT_COLS, messages.c.size.label("message_size"))
-            .join(messages, messages.c.queue_id == recipients.c.queue_id)
-            .where(or_(and_(_pending, recipients.c.next_attempt <= bindparam("now")), _expired))
-            .order_by(recipients.c.next_attempt).limit(bindparam("limit")))
+
+
+def _due_read(*extra: Any) -> Any:
+    """The due read (see :func:`due_recipients`), with *extra* conditions.
+    One ``SELECT`` per state, each in the order of the ``recipients_due``
+    index (state, next_attempt), merged: the database reads the first
+    *limit* rows of each and stops (SQLite: MERGE (UNION ALL); PostgreSQL:
+    Merge Append).  One ``WHERE`` with the three states ORed instead reads
+    and sorts every due row, on every pass -- 3 ms at 3000 queued
+    messages, 18 ms at 20000."""
+    def arm(*where: Any) -> Any:
+        return (select(*_RCPT_COLS, messages.c.size.label("message_size"),
+                       recipients.c.next_attempt.label("due_at"))
+                .join(messages, messages.c.queue_id == recipients.c.queue_id)
+                .where(*where, *extra))
+    due_now = recipients.c.next_attempt <= bindparam("now")
+    each = union_all(*(arm(recipients.c.state == s, due_now) for s in PENDING),
+                     arm(_expired)).subquery("due")
+    return select(each).order_by(each.c.due_at).limit(bindparam("limit"))
+
+
+_sel_due = _due_read()
 # The claim: lock the rows still claimable (PostgreSQL: in id order,
 # skipping those another transaction holds -- a second node's claim, an
 # administrator's change; SQLite has no FOR UPDATE and needs none: a write
@@ -254,7 +272,7 @@ def _due_skipping(n: int) -> Any:
     """The due read leaving out *n* domains (built once per *n*)."""
     stmt = _due_statements.get(n)
     if stmt is None:
-        stmt = _due_statements[n] = _sel_due.where(
+        stmt = _due_statements[n] = _due_read(
             *(recipients.c.address.not_ilike(bindparam(f"skip{i}"), escape="\\")
               for i in range(n)))
     return stmt
