@@ -7,16 +7,16 @@ result processing -- which, per message, on the writer thread and the queue
 runner's, is more than SQLite takes to run it.  :func:`run` executes such a
 statement in the connection's transaction and returns :class:`Rows`: on
 SQLite through pysqlite it compiles the statement once (an INSERT once per
-set of column names), and runs its SQL text on the DBAPI cursor (the lists of expanding
-``IN`` parameters are written out as that many ``?``); on any other
+set of column names) and runs its SQL text on the DBAPI cursor (the lists of
+expanding ``IN`` parameters written out as that many ``?``); on any other
 database it is ``conn.execute``.
 
-A DBAPI error is raised as conn.execute raises it (sqlalchemy.exc.*
-with the original as ``.orig``).  What the fast path leaves out is SQLAlchemy's type processing, which for
-the spool's column types on SQLite changes nothing a caller looks at but
-this: booleans are read back as 0 and 1 (callers read them with ``bool``).
-A parameter the statement needs and the call does not give raises KeyError
-(no column defaults are filled in).
+A DBAPI error is raised as conn.execute raises it (sqlalchemy.exc.* with the
+original as ``.orig``).  What the fast path leaves out is SQLAlchemy's type
+processing, which for the spool's column types on SQLite changes nothing a
+caller looks at but this: booleans are read back as 0 and 1 (callers read
+them with ``bool``).  A parameter the statement needs and the call does not
+give raises KeyError (no column defaults are filled in).
 """
 from __future__ import annotations
 
