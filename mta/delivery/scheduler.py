@@ -818,10 +818,14 @@ class QueueRunner(service.Service):
                 self.metrics.recipient_done(
                     _METRIC_STATUS[status_word], self._domain_of(row.address),
                     age if state != "deferred" else None)
-            log.info("{queue_id}: to=<{rcpt}> relay={relay} tls={tls} delay={delay:.1f} "
-                     "attempts={attempts} dsn={dsn} status={status} ({reply})",
-                     queue_id=job.queue_id, rcpt=row.address, relay=res.relay,
-                     tls=str(res.tls) if res.tls is not None else "none",
+            tls = str(res.tls) if res.tls is not None else "none"
+            # Formatted here, the fields kept for the JSON log: Twisted's own
+            # formatting of a template (string.Formatter, in Python) costs
+            # ~10 µs a field, on every delivery (see mta.logging).
+            log.info("{line}", line=f"{job.queue_id}: to=<{row.address}> relay={res.relay} "
+                     f"tls={tls} delay={age:.1f} attempts={attempts} dsn={dsn_status} "
+                     f"status={status_word} ({said})",
+                     queue_id=job.queue_id, rcpt=row.address, relay=res.relay, tls=tls,
                      delay=age, attempts=attempts, dsn=dsn_status, status=status_word,
                      reply=said)
         # One report per message and pass (see _Reports): the rows that owe

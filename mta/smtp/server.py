@@ -918,15 +918,17 @@ class SMTPServer(protocol.Protocol):
         d.addCallbacks(self._stored, self._store_failed, callbackArgs=(msg,), errbackArgs=(msg,))
 
     def _stored(self, qid: str, msg: InboundMessage) -> None:
+        # Formatted here, the fields kept for the JSON log: Twisted's own
+        # formatting of a template costs ~10 µs a field, on every message.
+        line = (f"{qid}: client={msg.client_address} helo={msg.helo} from=<{msg.sender}> "
+                f"size={msg.size} nrcpt={len(msg.recipients)} proto={msg.protocol}")
         if self.authenticated is not None:
-            log.info("{queue_id}: client={client} helo={helo} from=<{sender}> size={size} "
-                     "nrcpt={nrcpt} proto={proto} sasl_username={user}", queue_id=qid,
+            log.info("{line}", line=f"{line} sasl_username={self.authenticated}", queue_id=qid,
                      client=msg.client_address, helo=msg.helo, sender=msg.sender,
                      size=msg.size, nrcpt=len(msg.recipients), proto=msg.protocol,
                      user=self.authenticated)
         else:
-            log.info("{queue_id}: client={client} helo={helo} from=<{sender}> size={size} "
-                     "nrcpt={nrcpt} proto={proto}", queue_id=qid, client=msg.client_address,
+            log.info("{line}", line=line, queue_id=qid, client=msg.client_address,
                      helo=msg.helo, sender=msg.sender, size=msg.size,
                      nrcpt=len(msg.recipients), proto=msg.protocol)
         if self.factory.metrics is not None:
