@@ -25,7 +25,7 @@ from conftest import wait_for
 from test_e2e_relay import SENDER, message, relay_config, wait_spool_empty
 
 SLOW_PEER = Path(__file__).with_name("test_crash_relay.py")   # peers.py, final replies held
-HOLD = {"data_end_delay_min": 6, "data_end_delay": 7}          # seconds a final reply is held
+HOLD = {"data_end_delay_min": 3, "data_end_delay": 3.5}        # seconds a final reply is held
 MESSAGES = 10                # two recipients each; per_destination (20) lets all go at once
 RECORD_FAILED = "recording delivery results failed: "    # the queue runner's line
 SPOOL_FAILED = "spool write failed (record_results)"      # the spool's own
