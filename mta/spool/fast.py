@@ -97,11 +97,9 @@ def _args(c: _Compiled, params: Mapping[str, Any]) -> tuple[str, list[Any]]:
             if not values:
                 raise ValueError(f"fast.run: empty list for {name!r}")
             out.extend(values)
+            sql = sql.replace(f"__[POSTCOMPILE_{name}]", ", ".join("?" * len(values)))
         else:
             out.append(value)
-    for name in c.expanding:
-        value = params[name] if name in params else defaults[name]
-        sql = sql.replace(f"__[POSTCOMPILE_{name}]", ", ".join("?" * len(value)))
     return sql, out
 
 
@@ -117,9 +115,9 @@ def run(conn: Connection, stmt: ClauseElement,
         if res.returns_rows:
             return Rows(tuple(res.keys()), [tuple(r) for r in res], res.rowcount)
         return Rows((), [], res.rowcount)
-    first = params[0] if many and params else params
     if many and not params:
         return Rows((), [], 0)
+    first = params[0] if many else params
     c = _compile(conn, stmt, tuple(first))  # type: ignore[arg-type]
     if many and c.expanding:
         raise TypeError("fast.run: no executemany with expanding parameters")

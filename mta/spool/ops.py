@@ -72,8 +72,6 @@ def _due_read(*extra: Any) -> Any:
                      arm(_expired)).subquery("due")
     return select(each).order_by(each.c.due_at).limit(bindparam("limit"))
 
-
-_sel_due = _due_read()
 # The claim: lock the rows still claimable (PostgreSQL: in id order,
 # skipping those another transaction holds -- a second node's claim, an
 # administrator's change; SQLite has no FOR UPDATE and needs none: a write
@@ -265,7 +263,7 @@ def due_recipients(conn: Connection, now: float, limit: int, owner: str = "",
 
 #: At most this many domains are left out of one due read.
 MAX_SKIP = 32
-_due_statements: dict[int, Any] = {0: _sel_due}
+_due_statements: dict[int, Any] = {}
 
 
 def _due_skipping(n: int) -> Any:
