@@ -135,6 +135,19 @@ def split_path(arg: str) -> tuple[str, str]:
         if not addr:
             raise AddressError("missing path")
         return f"<{addr}>", rest
+    # The first ">" outside a quoted local part ends the path; without a
+    # quote (nearly always) that is simply the first ">".
+    end = s.find(">") if '"' not in s else _closing_bracket(s)
+    if end < 0:
+        raise AddressError("unterminated path")
+    rest = s[end + 1:]
+    if rest and not rest.startswith(" "):
+        raise AddressError("garbage after path")
+    return s[: end + 1], rest.lstrip(" ")
+
+
+def _closing_bracket(s: str) -> int:
+    """Where the ">" that closes the path *s* (which may quote) is; -1: nowhere."""
     in_quote = escaped = False
     for i, ch in enumerate(s):
         if escaped:
@@ -144,8 +157,5 @@ def split_path(arg: str) -> tuple[str, str]:
         elif ch == '"':
             in_quote = not in_quote
         elif ch == ">" and not in_quote:
-            rest = s[i + 1:]
-            if rest and not rest.startswith(" "):
-                raise AddressError("garbage after path")
-            return s[: i + 1], rest.lstrip(" ")
-    raise AddressError("unterminated path")
+            return i
+    return -1

@@ -55,6 +55,7 @@ Not done (yet): discarding MX records that point at this MTA itself (RFC
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import random as _random
 import socket
@@ -106,6 +107,7 @@ class RouteError(Exception):
 # --------------------------------------------------------------------------- names
 
 
+@functools.lru_cache(maxsize=256)   # asked of the configured hosts, per delivery
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
