@@ -81,6 +81,7 @@ def test_server_counts_connections_acceptances_and_refusals():
     c.send("Subject: a\r\n\r\nfine\r\n.\r\n")
     c.spool.fire()
     assert codes(c.take()) == ["250 2.0.0"]
+    c.after_reply()
     assert codes(c.send("MAIL FROM:<a@example.org> SIZE=5000\r\n")) == ["552 5.3.4"]
     c.start(rcpts=("<u@example.test>",), esmtp=True)
     c.send("DATA\r\n")

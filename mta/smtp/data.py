@@ -29,6 +29,7 @@ def unstuff(stuffed: bytes | bytearray) -> bytearray:
 
 # Every octet but CR and LF: what has_bare_newline deletes to count those two.
 _NOT_CR_LF = bytes(b for b in range(256) if b not in (0x0D, 0x0A))
+_PIECE = 1 << 20     # has_bare_newline's transient copies stay this small
 
 
 def has_bare_newline(data: bytes | bytearray) -> bool:
@@ -36,11 +37,19 @@ def has_bare_newline(data: bytes | bytearray) -> bool:
 
     Each CRLF pair holds one CR and one LF, and no octet is in two pairs, so
     the text is CRLF-only exactly when its CRs and LFs number twice its
-    pairs: two passes in C (the CRs and LFs kept by ``translate``, the pairs
-    counted), a third less than counting CR, LF and CRLF apart -- this runs
-    on every message received and on every one sent.
+    pairs: two passes in C (``translate`` keeps the CRs and LFs, ``count``
+    counts the pairs), a third less than counting CR, LF and CRLF apart --
+    this runs on every message received and on every one sent.  Big content
+    is translated a megabyte at a time (translate's result is as long as its
+    input until it is cut down: the content is never held twice).
     """
-    return len(data.translate(None, _NOT_CR_LF)) != 2 * data.count(b"\r\n")
+    if len(data) <= _PIECE:
+        kept = len(data.translate(None, _NOT_CR_LF))
+    else:
+        view = memoryview(data)
+        kept = sum(len(bytes(view[i:i + _PIECE]).translate(None, _NOT_CR_LF))
+                   for i in range(0, len(data), _PIECE))
+    return kept != 2 * data.count(b"\r\n")
 
 
 def normalize_newlines(data: bytes | bytearray) -> bytearray:

@@ -918,6 +918,15 @@ class SMTPServer(protocol.Protocol):
         d.addCallbacks(self._stored, self._store_failed, callbackArgs=(msg,), errbackArgs=(msg,))
 
     def _stored(self, qid: str, msg: InboundMessage) -> None:
+        self._done(R(250, "2.0.0", f"Ok: queued as {qid}"))
+        # The log line, the metric and on_stored wait until the 250 is on
+        # its way (a later turn of the reactor: the one now ends with the
+        # write): a log write can block on the file's pages while a commit's
+        # fsync flushes them, ~0.2 ms of every single client's dot -> 250.
+        self.reactor.callLater(0, self.reactor.callLater, 0, self._log_stored, qid, msg,
+                               self.authenticated)
+
+    def _log_stored(self, qid: str, msg: InboundMessage, user: str | None) -> None:
         # Formatted here, the fields kept for the JSON log: Twisted's own
         # formatting of a template costs ~10 µs a field, on every message.
         line = (f"{qid}: client={msg.client_address} helo={msg.helo} from=<{msg.sender}> "
@@ -925,13 +934,12 @@ class SMTPServer(protocol.Protocol):
         fields = dict(queue_id=qid, client=msg.client_address, helo=msg.helo,
                       sender=msg.sender, size=msg.size, nrcpt=len(msg.recipients),
                       proto=msg.protocol)
-        if self.authenticated is not None:
-            line += f" sasl_username={self.authenticated}"
-            fields["user"] = self.authenticated
+        if user is not None:
+            line += f" sasl_username={user}"
+            fields["user"] = user
         log.info("{line}", line=line, **fields)
         if self.factory.metrics is not None:
             self.factory.metrics.accepted.inc()
-        self._done(R(250, "2.0.0", f"Ok: queued as {qid}"))
         if self.factory.on_stored is not None:
             self.factory.on_stored(qid)
 

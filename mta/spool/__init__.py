@@ -177,6 +177,9 @@ class Spool(SpoolInterface):
         self._ident: tuple[int, int] | None = None
         self._suspect = False
         self._lock_fd: int | None = None   # see _lock_file
+        # The wake-up directory to ring once the writer has answered (a
+        # commit made work due; see mta.spool.doorbell.pending).
+        self._ring: str | None = None
         self._saved: str | None = None   # where the removed spool was saved (see _recover)
         self.idle_check = idle_check   # seconds: how often an idle writer checks its file
         self._faults = RepeatedFailures(log, reactor, what="spool write")
@@ -339,6 +342,10 @@ class Spool(SpoolInterface):
                 results = [(d, None, f) for _fn, _a, d in batch]
                 self._suspect = True
             self.reactor.callFromThread(self._answer, results, events)
+            if self._ring is not None:
+                # After the answer: the sessions' 250s do not wait for it.
+                directory, self._ring = self._ring, None
+                doorbell.ring(directory)
         events = []
         try:
             self._check_file(events)      # removed since the last write: carry it over
@@ -629,7 +636,7 @@ class Spool(SpoolInterface):
             doorbell.discard(conn)
             conn.rollback()
             raise
-        doorbell.after_commit(conn)
+        self._ring = doorbell.pending(conn) or self._ring
         self.stored += len(msgs)
         return out
 

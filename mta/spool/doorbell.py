@@ -7,8 +7,9 @@ directory next to the file, ``<spool file>-wake/``.
   calls *on_wake* (on the reactor thread) once per burst of datagrams.
 * :func:`mark` / :func:`after_commit` -- a write that makes work due marks
   its connection (mta.spool.notify.notify does, on SQLite); whoever
-  commits it (the spool's writer, mta.spool.admin's transactions) calls
-  :func:`after_commit`, which rings every socket in the directory but the
+  commits it calls :func:`after_commit` (mta.spool.admin's transactions)
+  or :func:`pending` and later :func:`ring` (the spool's writer, once the
+  sessions waiting for the commit are answered), which rings every socket in the directory but the
   ringer's own (its own runner is woken in-process) -- only after the
   commit, so the woken runner finds the rows.
 
@@ -30,7 +31,7 @@ from twisted.application import service
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-__all__ = ["wake_directory", "mark", "after_commit", "discard", "ring", "DoorbellListener"]
+__all__ = ["wake_directory", "mark", "after_commit", "pending", "discard", "ring", "DoorbellListener"]
 
 log = Logger()
 
@@ -56,10 +57,21 @@ def discard(conn: Connection) -> None:
 
 def after_commit(conn: Connection) -> None:
     """After *conn* committed: ring if the transaction was :func:`mark`\\ ed."""
+    directory = pending(conn)
+    if directory is not None:
+        ring(directory)
+
+
+def pending(conn: Connection) -> str | None:
+    """After *conn* committed: the directory to :func:`ring` if the
+    transaction was :func:`mark`\\ ed, else None (and the mark is taken
+    off).  For a committer that rings a little later: the spool's writer
+    answers the waiting sessions first."""
     if conn.info.pop(_MARK, False) and conn.dialect.name == "sqlite":
         path = conn.engine.url.database
         if path and path != ":memory:":
-            ring(wake_directory(path))
+            return wake_directory(path)
+    return None
 
 
 def ring(directory: str) -> int:
