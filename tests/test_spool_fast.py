@@ -146,3 +146,31 @@ def test_the_due_read_merges_the_states_soonest_first_without_sorting_the_queue(
         plan = " | ".join(r[3] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + c.string,
                                                             tuple(args)))
     assert "TEMP B-TREE" not in plan and "recipients_due" in plan, plan
+
+
+def test_plain_begins_the_transaction_that_commit_commits_and_raises_as_sqlalchemy(spool, tmp_path):
+    """fast.plain("BEGIN IMMEDIATE") takes the write lock in the Connection's
+    own transaction: what follows is committed by conn.commit(); a lock held
+    by another connection is sqlalchemy's OperationalError, as with
+    exec_driver_sql."""
+    import sqlite3
+    from sqlalchemy.exc import OperationalError
+    with spool.engine.connect() as conn:
+        fast.plain(conn, "BEGIN IMMEDIATE")
+        assert conn.in_transaction() and conn.connection.dbapi_connection.in_transaction
+        ops.insert_messages(conn, [message("x@a.test")])
+        conn.commit()
+        assert not conn.connection.dbapi_connection.in_transaction
+    with spool.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT COUNT(*) FROM messages").scalar_one() == 1
+    other = sqlite3.connect(str(tmp_path / "mta.sqlite"), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with spool.engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA busy_timeout=50")
+            with pytest.raises(OperationalError, match="locked"):
+                fast.plain(conn, "BEGIN IMMEDIATE")
+            conn.rollback()
+    finally:
+        other.rollback()
+        other.close()

