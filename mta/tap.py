@@ -397,7 +397,7 @@ def _make_metrics(config: Config, options: Options, reactor: Any) -> Any:
         target = _target_user(options)
         if target is not None:
             uid, gid, _euid = target
-            os.chown(shared, -1 if uid is None else uid, -1 if gid is None else gid)
+            os.chown(shared, *_chown_ids(uid, gid))
     return Metrics(max_domains=m.max_domains, clock=reactor.seconds, shared=shared)
 
 
@@ -440,6 +440,11 @@ def _target_user(options: Options) -> tuple[int | None, int | None, bool] | None
         except KeyError:
             gid = None
     return uid, gid, bool(parent.get("euid"))
+
+
+def _chown_ids(uid: int | None, gid: int | None) -> tuple[int, int]:
+    """*uid* and *gid* for os.chown: -1 (leave it) for None."""
+    return (-1 if uid is None else uid), (-1 if gid is None else gid)
 
 
 def _check_as_user(options: Options, config: Config, url: str, where: str) -> None:
@@ -496,8 +501,7 @@ def _chown_spool(options: Options, url: str) -> None:
     db = os.path.abspath(u.database)
     directory = os.path.dirname(db)
     base = os.path.basename(db)
-    owner = -1 if uid is None else uid
-    group = -1 if gid is None else gid
+    owner, group = _chown_ids(uid, gid)
     try:
         # SQLite's files, and mta.spool's write lock and wake-up directory.
         for suffix in ("", "-wal", "-shm", "-journal", "-lock", "-wake"):
