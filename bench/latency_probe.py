@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where the time between the final dot and the ``250`` goes, for one sequential client.
 
-    .venv/bin/python bench/latency_probe.py [--deliver] [-m 1000] [--size 1024]
+    .venv/bin/python bench/latency_probe.py [--deliver] [--workers N] [-m 1000] [--size 1024]
 
 Starts smtp-sink and an mta daemon whose methods are wrapped (from outside: mta/ is
 not changed) to note, per message, on one clock (CLOCK_MONOTONIC, shared by every
@@ -137,7 +137,9 @@ def wrap(out: str, argv: list[str]) -> None:
     abstract.FileDescriptor.doWrite = doWrite
 
     def dump():
-        Path(out).write_text(json.dumps({"messages": msgs, "batches": batches}))
+        # One file per process: with [server] workers > 1 every forked
+        # worker has these wrappers and its own marks.
+        Path(f"{out}.{os.getpid()}").write_text(json.dumps({"messages": msgs, "batches": batches}))
     reactor.addSystemEventTrigger("after", "shutdown", dump)
 
     from twisted.scripts.twistd import run
@@ -200,6 +202,9 @@ def main() -> int:
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--json", help="write the raw marks here")
+    p.add_argument("--workers", type=int, default=None,
+                   help="[server] workers (default: the daemon's, 1); 0 = one per core, "
+                        "split into accepting and delivering processes")
     args = p.parse_args()
     sys.path.insert(0, str(HERE))
     import run as bench
@@ -212,7 +217,8 @@ def main() -> int:
     guard = (bench._relay_dns(sink.port, dead_port) if sink else
              bench._relay_dns(dead_port, dead_port, "deliver = false\n"))
     marks_file = tmp / "marks.json"
-    mta = bench.Mta(tmp, bench.free_port(), 10 << 20, [], None, guard)
+    server_extra = f"workers = {args.workers}\n" if args.workers is not None else ""
+    mta = bench.Mta(tmp, bench.free_port(), 10 << 20, [], None, guard, server_extra)
     # Run twistd through this file's wrapper.
     orig_start = bench.Mta.start
 
@@ -238,7 +244,15 @@ def main() -> int:
         if sink:
             sink.stop()
         bench.Mta.start = orig_start
-    data = json.loads(marks_file.read_text())
+    data: dict = {"messages": {}, "batches": []}
+    for part in sorted(tmp.glob(marks_file.name + ".*")):     # one per process
+        got = json.loads(part.read_text())
+        base = len(data["batches"])
+        for m in got["messages"].values():
+            if "bi" in m:
+                m["bi"] += base
+        data["messages"].update(got["messages"])
+        data["batches"].extend(got["batches"])
     if args.json:
         Path(args.json).write_text(json.dumps({"client": seen, **data}))
     msgs, batches = data["messages"], data["batches"]
