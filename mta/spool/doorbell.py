@@ -9,9 +9,9 @@ directory next to the file, ``<spool file>-wake/``.
   its connection (mta.spool.notify.notify does, on SQLite); whoever
   commits it calls :func:`after_commit` (mta.spool.admin's transactions)
   or :func:`pending` and later :func:`ring` (the spool's writer, once the
-  sessions waiting for the commit are answered), which rings every socket in the directory but the
-  ringer's own (its own runner is woken in-process) -- only after the
-  commit, so the woken runner finds the rows.
+  sessions waiting for the commit are answered): every socket in the
+  directory but the ringer's own is rung (its own runner is woken
+  in-process) -- only after the commit, so the woken runner finds the rows.
 
 As on PostgreSQL, a ring is a hint: the runner still polls, so a ring lost
 (a full socket buffer, a directory it cannot write) waits for the next
