@@ -17,11 +17,6 @@ read it.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
 from sqlalchemy import (BigInteger, Boolean, Column, Float, ForeignKey, Index,
                         Integer, LargeBinary, MetaData, String, Table, Text, inspect, select,
                         text)
@@ -102,9 +97,13 @@ def _too_new(found: object) -> SchemaTooNew:
 def _found(conn: Connection) -> tuple[int, bool]:
     """The schema version of the spool on *conn* (0: none yet) and whether
     Alembic's version table records it; only reads."""
-    heads = MigrationContext.configure(
-        conn, opts={"version_table": migrations.VERSION_TABLE}).get_current_heads()
+    # Alembic's version table read directly (what its MigrationContext's
+    # get_current_heads does): Alembic itself, ~0.25 s to import, is loaded
+    # only to change the schema, not by every ``mta queue`` that opens it.
     tables = inspect(conn)
+    heads = ([r[0] for r in conn.execute(text(
+        f"SELECT version_num FROM {migrations.VERSION_TABLE}"))]
+        if tables.has_table(migrations.VERSION_TABLE) else [])
     recorded = (conn.execute(select(meta.c.value).where(meta.c.key == "schema_version"))
                 .scalar() if tables.has_table("meta") else None)
     if recorded is not None and (not recorded.isdigit() or int(recorded) > SCHEMA_VERSION):
@@ -141,12 +140,12 @@ def prepare(conn: Connection) -> int:
     found, stamped = _found(conn)
     if found == 0:
         metadata.create_all(conn)      # a new spool: straight to the head
-        _alembic(conn, command.stamp, "head")
+        _alembic(conn, "stamp", "head")
     else:
         if not stamped:                # as the mta before Alembic left it
-            _alembic(conn, command.stamp, migrations.revision(found))
+            _alembic(conn, "stamp", migrations.revision(found))
         if found < SCHEMA_VERSION:
-            _alembic(conn, command.upgrade, "head")
+            _alembic(conn, "upgrade", "head")
     # Also a write when nothing changed: an unwritable spool is found now.
     if conn.execute(meta.update().where(meta.c.key == "schema_version")
                     .values(value=str(SCHEMA_VERSION))).rowcount == 0:
@@ -154,11 +153,13 @@ def prepare(conn: Connection) -> int:
     return found
 
 
-def _alembic(conn: Connection, cmd: Callable[[Config, str], None], revision: str) -> None:
-    """Run Alembic's *cmd* (``command.stamp``, ``command.upgrade``) to
+def _alembic(conn: Connection, cmd: str, revision: str) -> None:
+    """Run Alembic's command *cmd* (``"stamp"``, ``"upgrade"``) to
     *revision* on *conn*, in its transaction (see migrations/env.py)."""
+    from alembic import command
+    from alembic.config import Config
     config = Config()
     config.set_main_option("script_location", migrations.LOCATION.replace("%", "%%"))
     config.attributes["connection"] = conn
     config.attributes["metadata"] = metadata
-    cmd(config, revision)
+    getattr(command, cmd)(config, revision)
