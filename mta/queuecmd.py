@@ -128,8 +128,9 @@ class _Queue:
         from .spool.admin import AdminError, SpoolAdmin
         self.config = load_config(getattr(args, "config", None))
         try:
-            self.spool: QueueAdmin = SpoolAdmin.open(self.config.spool.url,
-                                                     hostname=self.config.server.hostname)
+            self.spool: QueueAdmin = SpoolAdmin.open(
+                self.config.spool.url, hostname=self.config.server.hostname,
+                lock_timeout=self.config.spool.lock_timeout)
         except AdminError as e:
             raise CommandError(f"queue: {e}") from None
 

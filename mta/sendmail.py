@@ -560,7 +560,7 @@ def main(argv: list[str] | None = None, *, prog: str = "sendmail",
         size=size, body_type="8BITMIME" if eight_bit else None,
         smtputf8=not all(a.isascii() for a in [sender, *rcpts]))
     try:
-        store(config.spool.url, msg, hostname=hostname)
+        store(config.spool.url, msg, hostname=hostname, lock_timeout=config.spool.lock_timeout)
     except Exception as e:
         err(f"cannot queue the message: {' '.join(str(e).split())}")
         return EX_TEMPFAIL
@@ -587,10 +587,10 @@ def _from_field(full_name: str | None, address: str) -> str:
     return email.utils.formataddr((full_name, "x@x"), charset="utf-8")[:-5] + f"<{address}>"
 
 
-def store(url: str, msg: InboundMessage, *, hostname: str) -> None:
+def store(url: str, msg: InboundMessage, *, hostname: str, lock_timeout: float) -> None:
     from .spool.admin import SpoolAdmin
 
-    spool = SpoolAdmin.open(url, hostname=hostname, create=True)
+    spool = SpoolAdmin.open(url, hostname=hostname, create=True, lock_timeout=lock_timeout)
     try:
         spool.submit([msg])
     finally:

@@ -20,11 +20,13 @@ from twisted.application import service
 from mta import tap
 from mta.auth.limiter import FailureLimiter
 from mta.config import (AuthConfig, Config, ConfigError, MetricsConfig, RelayConfig,
-                        ServerConfig, TLSConfig, config_from_dict, load_config)
+                        ServerConfig, SpoolConfig, TLSConfig, config_from_dict, load_config)
 from mta.delivery.router import Router
 from mta.metrics import Metrics
 from mta.smtp.server import ServerSettings, SMTPServerFactory
 from mta.smtp.settings import Timeouts
+from mta.spool import Spool, make_engine
+from mta.spool.admin import SpoolAdmin
 from mta.tls import ServerTLS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,6 +70,10 @@ def test_component_defaults_are_the_config_defaults() -> None:
     assert (router["port"], router["tls"]) == (RelayConfig().port, RelayConfig().tls)
     assert _defaults(SMTPServerFactory.__init__)["auth_plaintext_on_loopback"] == \
         AuthConfig().allow_plaintext_on_loopback
+    lock = SpoolConfig().lock_timeout       # the daemon, mta queue and sendmail pass it
+    assert _defaults(Spool.__init__)["lock_timeout"] == lock
+    assert _defaults(make_engine)["lock_timeout"] == lock
+    assert _defaults(SpoolAdmin.open)["lock_timeout"] == lock
 
 
 _COMMENTED = re.compile(r"^# ?([a-z_]+) = (.+)$")

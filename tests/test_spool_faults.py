@@ -526,3 +526,30 @@ def test_lock_timeout_is_the_sqlite_busy_timeout(tmp_path):
     with engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 2500
     engine.dispose()
+
+
+def test_mta_queue_and_sendmail_wait_the_configured_lock_timeout(tmp_path, monkeypatch):
+    """[spool] lock_timeout is what ``mta queue`` and sendmail wait for the
+    write lock too, not only the daemon."""
+    import argparse
+    import io
+    from mta import queuecmd
+    from mta.sendmail import main as sendmail_main
+    from mta.spool import admin
+    opened = []
+    real = admin.open_engine
+
+    def spy(url, **kw):
+        engine = real(url, **kw)
+        with engine.connect() as conn:
+            opened.append(conn.exec_driver_sql("PRAGMA busy_timeout").scalar())
+        return engine
+    monkeypatch.setattr(admin, "open_engine", spy)
+    config = tmp_path / "mta.toml"
+    spool = tmp_path / "mta.sqlite"
+    config.write_text('[server]\nhostname = "mx.example.test"\n'
+                      f'[spool]\nurl = "sqlite:///{spool}"\nlock_timeout = "7s"\n')
+    assert sendmail_main(["--config", str(config), "b@example.test"],
+                         stdin=io.BytesIO(b"Subject: x\n\nHi.\n")) == 0
+    queuecmd._Queue(argparse.Namespace(config=str(config)))
+    assert opened == [7000, 7000]

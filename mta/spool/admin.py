@@ -35,7 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from .. import domain as dom
 from ..address import domain_key
 from ..message import InboundMessage, QueuedRecipient
-from . import SpoolError, doorbell, make_engine
+from . import LOCK_TIMEOUT, SpoolError, doorbell, make_engine
 from .faults import describe
 from .interface import (Changed, DSNMaker, Flushed, ListedMessage, ListedRecipient,
                         MessageChange, QueueAdmin, QueueStats, RecipientUpdate)
@@ -58,10 +58,13 @@ class AdminError(Exception):
 
 # --------------------------------------------------------------------------- engine
 
-def open_engine(url: str, *, create: bool = False) -> Engine:
+def open_engine(url: str, *, create: bool = False,
+                lock_timeout: float = LOCK_TIMEOUT) -> Engine:
     """An engine on the spool at *url*.  Without *create*, a SQLite spool
     that does not exist yet is an error (rather than an empty new one); with
-    it, the file and the schema are created as the daemon would."""
+    it, the file and the schema are created as the daemon would.  A write
+    waits up to *lock_timeout* seconds (``[spool] lock_timeout``) for a lock
+    another process holds."""
     try:
         u = make_url(url)
     except Exception as e:
@@ -72,7 +75,7 @@ def open_engine(url: str, *, create: bool = False) -> Engine:
             raise AdminError(f"{url}: no spool at {os.path.abspath(db)} "
                              "(the daemon creates it when it first starts)")
     try:
-        engine = make_engine(url)
+        engine = make_engine(url, lock_timeout)
     except SpoolError as e:
         raise AdminError(str(e)) from None
     try:
@@ -412,8 +415,10 @@ class SpoolAdmin(QueueAdmin):
         self.hostname = hostname
 
     @classmethod
-    def open(cls, url: str, *, hostname: str, create: bool = False) -> SpoolAdmin:
-        return cls(open_engine(url, create=create), hostname=hostname)
+    def open(cls, url: str, *, hostname: str, create: bool = False,
+             lock_timeout: float = LOCK_TIMEOUT) -> SpoolAdmin:
+        return cls(open_engine(url, create=create, lock_timeout=lock_timeout),
+                   hostname=hostname)
 
     def _changes(self, queue_ids: Sequence[str],
                  change: Callable[[Connection, list[str]], list[MessageChange]]) -> Changed:
