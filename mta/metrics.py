@@ -8,7 +8,9 @@ the queue runner and the spool; tests run several in one process.
 
 With ``[server] workers`` > 1 the Metrics object is made *shared*
 (prometheus_client's multiprocess mode, in a private directory the
-supervisor creates and removes): each worker's values live in its own
+supervisor creates and removes, :func:`shared_directory`; one that a
+supervisor killed with ``-9``, or whose start failed, left behind is removed
+by the next start): each worker's values live in its own
 mmap'ed files there, and the page, served by whichever worker holds the
 listener, sums them -- counters and histograms over every worker that
 ever ran (a dead worker's counts stay), the open connections over the
@@ -43,7 +45,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import shutil
+import tempfile
 import threading
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -78,6 +82,33 @@ _LATENCY_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400,
 _COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
                    5, 10, float("inf"))
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, float("inf"))
+
+
+_SHARED_PREFIX = "mta-metrics-"
+_SHARED_NAME = re.compile(re.escape(_SHARED_PREFIX) + r"(?P<pid>[0-9]{1,10})-[^/]+")
+
+
+def shared_directory(parent: str | None = None) -> str:
+    """A new private directory for the workers' shared metrics, in *parent*
+    (the system's temporary directory by default), named after this
+    process; the directories there of supervisors whose process is gone
+    are removed first."""
+    parent = parent or tempfile.gettempdir()
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        names = []
+    for name in names:
+        m = _SHARED_NAME.fullmatch(name)
+        if m is None or int(m.group("pid")) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group("pid")), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        except OSError:
+            pass                  # exists (another user's), or cannot tell
+    return tempfile.mkdtemp(prefix=f"{_SHARED_PREFIX}{os.getpid()}-", dir=parent)
 
 
 def _share_values(directory: str) -> None:

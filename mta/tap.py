@@ -385,15 +385,13 @@ def _make_metrics(config: Config, options: Options, reactor: Any) -> Any:
     m = config.metrics
     if not m.listen:
         return None
-    import tempfile
-
     from prometheus_client import disable_created_metrics
 
-    from .metrics import Metrics
+    from .metrics import Metrics, shared_directory
     disable_created_metrics()     # no *_created series: they only double the page
     shared = None
     if config.server.workers > 1:
-        shared = tempfile.mkdtemp(prefix="mta-metrics-")
+        shared = shared_directory()
         target = _target_user(options)
         if target is not None:
             uid, gid, _euid = target

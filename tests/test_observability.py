@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import smtplib
 import socket
@@ -29,7 +30,7 @@ from fakespool import SyncSpool
 from test_scheduler import put
 from smtpwire import Client, codes, make_factory
 
-from mta.metrics import Metrics, QueueGauges, is_loopback_endpoint
+from mta.metrics import Metrics, QueueGauges, is_loopback_endpoint, shared_directory
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -59,6 +60,27 @@ def test_domain_labels_are_capped():
     assert value(text, "mta_delivery_recipients_total", status="delivered", domain="other") == 2
     assert value(text, "mta_delivery_recipients_total", status="deferred", domain="other") == 1
     assert value(text, "mta_delivery_latency_seconds_count") == 5
+
+
+def test_shared_directory_sweeps_those_of_dead_supervisors(tmp_path):
+    """What a kill -9 of a supervisor (or its failed start) left in the
+    temporary directory goes at the next start; a live process's stays."""
+    import subprocess
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = tmp_path / f"mta-metrics-{dead.pid}-abc123"
+    (left / "sub").mkdir(parents=True)
+    (left / "counter_1.db").write_bytes(b"x")
+    alive = tmp_path / "mta-metrics-1-def456"           # init: never ours to remove
+    alive.mkdir()
+    other = tmp_path / f"other-{dead.pid}"
+    other.mkdir()
+    made = shared_directory(str(tmp_path))
+    assert os.path.basename(made).startswith(f"mta-metrics-{os.getpid()}-")
+    assert os.path.isdir(made)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [alive.name, other.name, os.path.basename(made)])
+    assert shared_directory(str(tmp_path)) != made and os.path.isdir(made)   # ours stays
 
 
 def test_registries_are_separate():
