@@ -937,7 +937,7 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<config>") -> Confi
         sections[name] = cls(**kwargs)
     routes = _routes(source, data.get("routes", {}))
     route_tls = _route_tls(source, data.get("route_tls", {}), routes)
-    sections["server"] = _check_workers(source, sections["server"], sections["cluster"])
+    sections["server"] = _check_workers(sections["server"])
     _check_tls(source, sections["tls"], sections["server"])
     _check_relay(source, sections["relay"])
     _check_atrn(source, sections["gateway"], sections["auth"], sections["tls"])
@@ -949,20 +949,16 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<config>") -> Confi
     return Config(path=source, routes=routes, route_tls=route_tls, **sections)
 
 
-def _check_workers(source: str, server: ServerConfig, cluster: ClusterConfig) -> ServerConfig:
-    """``[server] workers``: 0 becomes one per CPU core.  More than one worker
-    cannot be combined with ``[cluster] node`` (one name for several
-    processes: each needs its own, the generated one)."""
+def _check_workers(server: ServerConfig) -> ServerConfig:
+    """``[server] workers``: 0 becomes one per CPU core.  (A ``[cluster]
+    node`` name with several workers is checked by mta.tap, which knows
+    whether more than one of them would deliver.)"""
     workers = server.workers
     if workers == 0:
         try:
             workers = len(os.sched_getaffinity(0))
         except (AttributeError, OSError):
             workers = os.cpu_count() or 1
-    if workers > 1 and cluster.node:
-        raise ConfigError(source, "[server] workers",
-                          f"{workers} workers cannot share the one [cluster] node name "
-                          f"{cluster.node!r} (leave node empty: each worker gets its own)")
     return dataclasses.replace(server, workers=workers)
 
 

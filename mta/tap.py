@@ -233,6 +233,12 @@ def makeService(options: Options) -> service.IService:
     _LogLine(stop="mta worker stopping", reactor=reactor).setServiceParent(top)
     roles = Roles(deliver=tuple(delivering), accept=tuple(accepting)) \
         if runner is not None and accepting else None
+    if runner is not None and roles is None and config.cluster.node:
+        # Every worker would deliver, so each claims under its own name
+        # (the generated one); with roles only worker 1 claims anything.
+        _die(f"{config.path}: [cluster] node: {s.workers} workers that all deliver (no [server] "
+             f"listen or submission) cannot share the one node name {config.cluster.node!r} "
+             "(leave node empty: each worker gets its own)")
     workers = f"{s.workers} worker processes"
     if roles is not None:
         workers += f" (1 delivering, {s.workers - 1} accepting)"

@@ -6,8 +6,10 @@ runs) it binds every listener (:class:`SharedEndpoint`), then forks the
 workers.  Each worker continues through twistd's normal startup with the
 daemon's service tree (built by mta.tap, never started in the supervisor):
 its listeners adopt the bound sockets instead of binding, its spool gets
-its own node name at start (mta.spool.node), so the workers share the spool
-as Step 8's nodes do.  The supervisor's own tree only supervises:
+its own node name at start (mta.spool.node: the configured ``[cluster]
+node``, else one generated per process), so the workers share the spool as
+Step 8's nodes do -- with *roles* only the delivering worker claims, so a
+configured name stays one node.  The supervisor's own tree only supervises:
 
 * SIGTERM/SIGINT: each worker gets SIGTERM and stops as a single daemon
   does; the supervisor exits once all of them have exited;

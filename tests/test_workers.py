@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MTADaemon, wait_for
+from conftest import MTADaemon, toml_text, wait_for
 from mta.config import ConfigError, config_from_dict
 
 WORKERS = {"workers": 2}
@@ -48,9 +48,25 @@ def test_workers_bad_values(value: object, words: str) -> None:
     assert message.startswith("etc/mta.toml: [server] workers: ") and words in message, message
 
 
-def test_workers_with_a_node_name_refused() -> None:
-    message = _error({"server": {"workers": 2}, "cluster": {"node": "mx1"}})
-    assert "[cluster] node" in message, message
+def test_workers_with_a_node_name_are_a_configuration() -> None:
+    """Only the delivering worker claims: it is the node of that name."""
+    config = config_from_dict({"server": {"workers": 2}, "cluster": {"node": "mx1"}})
+    assert (config.server.workers, config.cluster.node) == (2, "mx1")
+
+
+def test_workers_that_all_deliver_cannot_share_a_node_name(twistd, tmp_path) -> None:
+    """No listener: every worker would run the queue, each needs its own name."""
+    config = tmp_path / "mta.toml"
+    config.write_text(toml_text({
+        "server": {"listen": [], "workers": 2},
+        "spool": {"url": f"sqlite:///{tmp_path}/spool/mta.sqlite"},
+        "dns": {"nameservers": ["127.0.0.1:9"]}, "cluster": {"node": "mx1"}}))
+    done = twistd("-n", "--pidfile=", "mta", "--config", str(config))
+    assert done.returncode == 1
+    err = done.stderr.decode()
+    assert re.fullmatch(r"mta: \S*mta\.toml: \[cluster\] node: 2 workers that all deliver "
+                        r"\(no \[server\] listen or submission\) cannot share the one node name "
+                        r"'mx1' \(leave node empty: each worker gets its own\)\n", err), err
 
 
 # --------------------------------------------------------------------------- helpers
@@ -245,6 +261,33 @@ def test_kill_9_of_the_supervisor_takes_the_workers_and_restart_delivers(mta_fac
     wait_for(lambda: mta.count("messages") == 0, 30, "the spool to drain after restart",
              detail=lambda: [tuple(r) for r in mta.rows("SELECT * FROM recipients")])
     assert sorted(set(received(peer2))) == [f"w{i}" for i in range(5)]
+
+
+def test_a_named_node_s_delivering_worker_takes_its_claims_back_at_once(mta_factory,
+                                                                       peer_factory):
+    """[cluster] node with workers: the delivering worker claims under that
+    name, and the one forked after it was killed is the same node, so it
+    queues what was in flight again at once -- not a lease (1 h) later."""
+    [peer] = peer_factory.spawn({"actions": {"DATA_END": "stall"}})
+    peer_factory.ready()
+    mta = mta_factory(server=WORKERS,
+                      extra='[cluster]\nnode = "mx1"\nlease = "1h"\n[relay]\n[routes]\n'
+                            f'"dest.test" = "{peer.address}"\n')
+    workers = two_workers(mta)
+    assert re.findall(r"mta worker \d of 2 \((\w+)\) started: pid \d+, node (\S+)",
+                      mta.log()) in ([("delivering", "mx1"), ("accepting", "mx1")],
+                                     [("accepting", "mx1"), ("delivering", "mx1")]), mta.log()
+    for i in range(3):
+        send(mta.port, "u@dest.test", i)
+    inflight = "SELECT owner FROM recipients WHERE state = 'inflight'"
+    wait_for(lambda: [tuple(r) for r in mta.rows(inflight)] == [("mx1",)] * 3, 20,
+             "three deliveries in flight", detail=mta.log)
+    os.kill(workers[1], signal.SIGKILL)
+    wait_for(lambda: re.search(r"requeued 3 recipients that were in flight at the last stop",
+                               mta.log()), 20, "the claims taken back", detail=mta.log)
+    wait_for(lambda: [tuple(r) for r in mta.rows(inflight)] == [("mx1",)] * 3, 20,
+             "the three in flight again", detail=mta.log)
+    assert mta.count("messages") == 3
 
 
 @pytest.mark.parametrize("number", [1, 2])
