@@ -35,6 +35,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from ports import free_port  # noqa: F401 (tests import it from here)
+
 from pg import pg_server, pg_url  # noqa: F401  (fixtures: a private PostgreSQL, a database)
 from postfix import postfix_factory  # noqa: F401  (fixture: private Postfix instances)
 from waiting import wait_for  # noqa: F401  (re-exported: tests import it from here)
@@ -64,11 +66,6 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 

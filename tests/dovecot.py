@@ -26,15 +26,13 @@ from typing import Any
 
 import pytest
 
+from ports import free_port
+
 DOVECOT = "/usr/sbin/dovecot"
 LMTP = "/usr/lib/dovecot/lmtp"
 NOBODY = 65534
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class DovecotLMTP:

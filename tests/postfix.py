@@ -49,10 +49,11 @@ import time
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import pytest
 
+from ports import free_ports
 from waiting import wait_for as _wait
 
 POSTFIX = "/usr/sbin/postfix"
@@ -123,23 +124,6 @@ def require_tools() -> None:
                     "(make test does)", pytrace=False)
     if os.geteuid() != 0:
         pytest.fail("a private Postfix instance (postfix -c DIR) needs root", pytrace=False)
-
-
-def _free_ports(names: Iterable[str]) -> dict[str, int]:
-    """A free loopback port for each name, all different (every socket is
-    held until all are picked)."""
-    socks: list[socket.socket] = []
-    try:
-        ports = {}
-        for name in names:
-            s = socket.socket()
-            socks.append(s)
-            s.bind(("127.0.0.1", 0))
-            ports[name] = s.getsockname()[1]
-        return ports
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _cf_value(value: Any) -> str:
@@ -300,7 +284,7 @@ class PostfixInstance:
         self.mailbox_base.mkdir(exist_ok=True)
         os.chown(self.mailbox_base, box.pw_uid, box.pw_gid)
         os.chmod(self.mailbox_base, 0o755)
-        self.ports = _free_ports(self.listeners)
+        self.ports = free_ports(self.listeners)
         (self.config_directory / "main.cf").write_text(self._main_cf())
         (self.config_directory / "master.cf").write_text(self._master_cf())
 
