@@ -14,7 +14,8 @@ process of the machine):
   commit    that commit returned
   answer    the reactor ran the writer's answer (Spool._answer, via callFromThread)
   flush     the server handed the 250 to the transport (SMTPServer._flush)
-  wire      the reactor wrote it to the socket (FileDescriptor.doWrite)
+  wire      it was written to the socket (at once, mta.smtp.eager; else by the
+            reactor's FileDescriptor.doWrite)
   got       the client had the whole 250
 
 and prints percentiles of every step, the composition of the commits that held a
@@ -123,7 +124,13 @@ def wrap(out: str, argv: list[str]) -> None:
             msgs[qid]["flush"] = now()
             self._probe_qid = None
             self.transport._probe_wire = qid
-        return orig_flush(self)
+        r = orig_flush(self)
+        t = self.transport
+        if qid is not None and getattr(t, "_probe_wire", None) == qid and not getattr(
+                t, "_tempDataLen", 1) and not getattr(t, "dataBuffer", b"x"):
+            msgs[qid]["wire"] = now()      # sent at once (mta.smtp.eager), no doWrite
+            t._probe_wire = None
+        return r
     SMTPServer._flush = _flush
 
     orig_dowrite = abstract.FileDescriptor.doWrite
@@ -262,7 +269,7 @@ def main() -> int:
              ("batch", "commit", "its group commit (SQL + fsync)"),
              ("commit", "answer", "writer -> reactor hand-off (callFromThread; reactor busy?)"),
              ("answer", "flush", "Deferred chain, log line, metrics, 250 into the buffer"),
-             ("flush", "wire", "transport buffer -> socket (next reactor iteration)"),
+             ("flush", "wire", "-> socket (at once, or the next reactor iteration)"),
              ("wire", "got", "loopback -> client has the 250"),
              ("sent", "got", "total: final dot -> 250, client side")]
     rows = []

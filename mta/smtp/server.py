@@ -69,6 +69,7 @@ from ..auth.limiter import FailureLimiter
 from ..tls import connection_info
 from ..message import (InboundMessage, MessageStore, Recipient, new_queue_id,
                        received_header, split_header_block)
+from . import eager
 from . import replies as r
 from .data import DataReader, has_bare_newline, has_long_line, normalize_newlines
 from .params import MailParams, parse_mail_params, parse_rcpt_params
@@ -312,7 +313,8 @@ class SMTPServer(protocol.Protocol):
         if register is not None:
             register(self, True)     # pauseProducing() when our replies pile up
             self._registered = True
-        self.transport.write(f"220 {self.settings.hostname} ESMTP mta\r\n".encode())
+        eager.connected(self.transport)
+        eager.write(self.transport, f"220 {self.settings.hostname} ESMTP mta\r\n".encode())
 
     def handshakeCompleted(self) -> None:
         """IHandshakeListener: the TLS handshake (STARTTLS or implicit) is done."""
@@ -602,7 +604,7 @@ class SMTPServer(protocol.Protocol):
             data = b"".join(self._out)
             self._out.clear()
             if self.transport is not None:
-                self.transport.write(data)
+                eager.write(self.transport, data)
 
     def _reply(self, reply: Reply, *, counts: bool = True) -> None:
         """Queue *reply*; a 5xx counts towards ``max_errors`` unless *counts*
