@@ -10,7 +10,7 @@ With ``[server] workers`` > 1 the Metrics object is made *shared*
 (prometheus_client's multiprocess mode, in a private directory the
 supervisor creates and removes, :func:`shared_directory`; one that a
 supervisor killed with ``-9``, or whose start failed, left behind is removed
-by the next start): each worker's values live in its own
+by the next start, as its lock is free): each worker's values live in its own
 mmap'ed files there, and the page, served by whichever worker holds the
 listener, sums them -- counters and histograms over every worker that
 ever ran (a dead worker's counts stay), the open connections over the
@@ -43,10 +43,11 @@ Metric names (all prefixed ``mta_``)::
 """
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import os
-import re
 import shutil
+import stat
 import tempfile
 import threading
 from typing import TYPE_CHECKING, Any, Callable
@@ -85,30 +86,73 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, float("inf"))
 
 
 _SHARED_PREFIX = "mta-metrics-"
-_SHARED_NAME = re.compile(re.escape(_SHARED_PREFIX) + r"(?P<pid>[0-9]{1,10})-[^/]+")
+_SHARED_LOCK = "daemon.lock"
+# The lock of each shared directory this process made: held (open, flock'ed)
+# for the life of the daemon -- by twistd's daemonized child and the forked
+# workers too, which inherit the descriptor -- and released by the kernel
+# when the last of them is gone, whatever killed it.
+_held: list[int] = []
 
 
 def shared_directory(parent: str | None = None) -> str:
     """A new private directory for the workers' shared metrics, in *parent*
-    (the system's temporary directory by default), named after this
-    process; the directories there of supervisors whose process is gone
-    are removed first."""
+    (the system's temporary directory by default), holding the lock that
+    says a daemon uses it (see ``_held``).  First the directories there
+    whose daemon is gone -- ours (same owner), their lock free -- are
+    removed: what a ``kill -9`` of the supervisor or a failed start left."""
     parent = parent or tempfile.gettempdir()
     try:
         names = os.listdir(parent)
     except OSError:
         names = []
     for name in names:
-        m = _SHARED_NAME.fullmatch(name)
-        if m is None or int(m.group("pid")) == os.getpid():
-            continue
+        if name.startswith(_SHARED_PREFIX):
+            _remove_if_abandoned(os.path.join(parent, name))
+    path = tempfile.mkdtemp(prefix=_SHARED_PREFIX, dir=parent)
+    fd = os.open(os.path.join(path, _SHARED_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    _held.append(fd)
+    return path
+
+
+def _remove_if_abandoned(path: str) -> None:
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            return
+        fd = os.open(os.path.join(path, _SHARED_LOCK), os.O_RDWR | os.O_NOFOLLOW)
+    except OSError:
+        return                    # not ours, or no lock: never removed
+    try:
         try:
-            os.kill(int(m.group("pid")), 0)
-        except ProcessLookupError:
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            pass                  # exists (another user's), or cannot tell
-    return tempfile.mkdtemp(prefix=f"{_SHARED_PREFIX}{os.getpid()}-", dir=parent)
+            return                # a daemon holds it
+        shutil.rmtree(path, ignore_errors=True)
+    finally:
+        os.close(fd)
+
+
+class _SharedCollector:
+    """prometheus_client's multiprocess collector, over the value files
+    that are ready: a worker creates its file and only then gives it its
+    size, and a scrape in between must not fail on the empty file (its
+    values are all 0 then anyway)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def collect(self) -> Any:
+        files = []
+        for name in os.listdir(self.path):
+            if name.endswith(".db"):
+                f = os.path.join(self.path, name)
+                try:
+                    if os.path.getsize(f) >= 8:      # its header: the used length
+                        files.append(f)
+                except OSError:
+                    pass                             # gone meanwhile (a dead worker's gauge)
+        return multiprocess.MultiProcessCollector.merge(files, accumulate=True)
 
 
 def _share_values(directory: str) -> None:
@@ -273,7 +317,7 @@ class Metrics:
         if self.shared is None:
             return generate_latest(self.registry)
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=self.shared)
+        registry.register(_SharedCollector(self.shared))
         return generate_latest(registry)
 
     # -- shared (workers): called by the supervisor --------------------------------------

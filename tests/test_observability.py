@@ -62,25 +62,54 @@ def test_domain_labels_are_capped():
     assert value(text, "mta_delivery_latency_seconds_count") == 5
 
 
-def test_shared_directory_sweeps_those_of_dead_supervisors(tmp_path):
+def test_shared_directory_sweeps_those_no_daemon_holds(tmp_path):
     """What a kill -9 of a supervisor (or its failed start) left in the
-    temporary directory goes at the next start; a live process's stays."""
-    import subprocess
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    left = tmp_path / f"mta-metrics-{dead.pid}-abc123"
+    temporary directory goes at the next start: a directory whose lock
+    nobody holds.  One whose lock is held (a running daemon, whatever its
+    pid now), one without a lock and anything else stay."""
+    import fcntl
+    left = tmp_path / "mta-metrics-abandoned"
     (left / "sub").mkdir(parents=True)
+    (left / "daemon.lock").write_bytes(b"")
     (left / "counter_1.db").write_bytes(b"x")
-    alive = tmp_path / "mta-metrics-1-def456"           # init: never ours to remove
-    alive.mkdir()
-    other = tmp_path / f"other-{dead.pid}"
+    running = tmp_path / "mta-metrics-running"
+    running.mkdir()
+    (running / "daemon.lock").write_bytes(b"")
+    holder = os.open(running / "daemon.lock", os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)                 # as a running daemon does
+    unknown = tmp_path / "mta-metrics-unknown"         # no lock: not known to be ours
+    unknown.mkdir()
+    other = tmp_path / "other"
     other.mkdir()
-    made = shared_directory(str(tmp_path))
-    assert os.path.basename(made).startswith(f"mta-metrics-{os.getpid()}-")
-    assert os.path.isdir(made)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [alive.name, other.name, os.path.basename(made)])
-    assert shared_directory(str(tmp_path)) != made and os.path.isdir(made)   # ours stays
+    try:
+        made = shared_directory(str(tmp_path))
+        assert os.path.basename(made).startswith("mta-metrics-")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [running.name, unknown.name, other.name, os.path.basename(made)])
+        again = shared_directory(str(tmp_path))       # ours is held: it stays
+        assert again != made and os.path.isdir(made)
+        assert os.listdir(made) == ["daemon.lock"]
+    finally:
+        os.close(holder)
+    shared_directory(str(tmp_path))
+    assert not running.exists()                        # released: now swept
+
+
+def test_a_scrape_skips_a_worker_file_not_yet_sized(tmp_path):
+    """A worker creates its value file, then sizes it: a scrape in between
+    (of the workers' summed page) sees an empty file and must not fail."""
+    from prometheus_client.values import MultiProcessValue
+    from mta.metrics import _SharedCollector
+    (tmp_path / "counter_999.db").write_bytes(b"")                 # just created
+    value_class = MultiProcessValue(process_identifier=lambda: 1000)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path)
+    try:
+        v = value_class("counter", "mta_x_total", "mta_x_total", (), (), "help")
+        v.inc(3)
+    finally:
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    [family] = list(_SharedCollector(str(tmp_path)).collect())
+    assert [(s.name, s.value) for s in family.samples] == [("mta_x_total", 3.0)]
 
 
 def test_registries_are_separate():

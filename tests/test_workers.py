@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import smtplib
 import subprocess
@@ -366,5 +367,12 @@ def test_metrics_are_summed_across_workers(mta_factory, peer_factory):
     shared = [d for d in os.listdir(tmp) if d.startswith("mta-metrics-")]
     mine = [d for d in shared if os.path.exists(os.path.join(tmp, d, f"counter_{workers[1]}.db"))]
     assert len(mine) == 1, shared
+    # Another start on this machine sweeps only directories no daemon holds.
+    from mta.metrics import shared_directory
+    other = shared_directory()
+    try:
+        assert os.path.isdir(os.path.join(tmp, mine[0]))
+    finally:
+        shutil.rmtree(other)
     assert mta.stop() in (0, -15), mta.log()
     assert not os.path.exists(os.path.join(tmp, mine[0]))

@@ -44,7 +44,7 @@ def write(transport: Any, data: bytes) -> None:
     """*data* to *transport*: sent now where it can be, else buffered."""
     if (isinstance(transport, tcp.Connection) and not transport.TLS
             and transport.connected and not transport.disconnecting
-            and not transport._writeDisconnected
+            and not transport._writeDisconnected and not transport._aborting
             and (transport.producer is None or transport.streamingProducer)
             and not transport._tempDataLen and transport.offset == len(transport.dataBuffer)):
         sent = transport.writeSomeData(data)
