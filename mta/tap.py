@@ -744,7 +744,7 @@ def _make_runner(config: Config, spool: DeliveryQueue, reactor: Any,
     from .delivery.scheduler import QueueRunner
     from .delivery.smtp_courier import SMTPCourier
     from .delivery.types import HOLD_COURIER
-    from .smtp.client import ConnectionPool
+    from .smtp.pool import ConnectionPool
 
     relay = config.relay
     if directory is None:

@@ -8,7 +8,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 
 from mta.smtp.client import (ClientSession, OutboundMessage, OutboundRecipient,
-                             SMTPClientProtocol, Timeouts, TLSPolicy, _prepare)
+                             SMTPClientProtocol, Timeouts, TLSPolicy, prepare_content)
 from mta.smtp.types import NextHop
 
 HOP = NextHop("branch.example.test", "192.0.2.9", 25)
@@ -47,7 +47,7 @@ class SessionOverAnyTransportTests(unittest.SynchronousTestCase):
         self.start()
         msg = self.message("x@branch.test", "y@branch.test")
         d = defer.Deferred.fromCoroutine(
-            self.session.send(self.proto, HOP, msg, _prepare(msg), False, False))
+            self.session.send(self.proto, HOP, msg, prepare_content(msg), False, False))
         self.assertEqual(self.take(), b"MAIL FROM:<a@example.test>\r\n"
                                       b"RCPT TO:<x@branch.test>\r\nRCPT TO:<y@branch.test>\r\n"
                                       b"DATA\r\n")
@@ -65,7 +65,7 @@ class SessionOverAnyTransportTests(unittest.SynchronousTestCase):
         self.start()
         msg = self.message("x@branch.test", "y@branch.test")
         d = defer.Deferred.fromCoroutine(
-            self.session.send(self.proto, HOP, msg, _prepare(msg), False, False))
+            self.session.send(self.proto, HOP, msg, prepare_content(msg), False, False))
         self.take()
         # The limit of one recipient, then the peer closes after the data.
         self.proto.dataReceived(b"250 ok\r\n250 ok\r\n452 4.5.3 too many recipients\r\n"

@@ -22,12 +22,8 @@ from tlsutil import TestCA, self_signed  # noqa: E402
 
 from mta.config import ConfigError, RelayConfig, RetryConfig, config_from_dict  # noqa: E402
 from mta.delivery.router import Credentials, NextHop, Router  # noqa: E402
-from mta.smtp.client import (  # noqa: E402
-    ConnectionPool,
-    OutboundMessage,
-    OutboundRecipient,
-    load_trust_root,
-)
+from mta.smtp.client import OutboundMessage, OutboundRecipient, load_trust_root  # noqa: E402
+from mta.smtp.pool import ConnectionPool  # noqa: E402
 
 HEADERS = b"From: <a@example.test>\r\nTo: <b@example.test>\r\nSubject: tls\r\n\r\n"
 BODY = b"Hello over TLS.\r\n"

@@ -30,7 +30,6 @@ from peers import ScriptedPeer, unstuff  # noqa: E402
 
 from mta.smtp import client as client_module  # noqa: E402
 from mta.smtp.client import (  # noqa: E402
-    ConnectionPool,
     DeliveryResult,
     DotStuffer,
     NextHop,
@@ -40,6 +39,7 @@ from mta.smtp.client import (  # noqa: E402
     Timeouts,
     dot_stuff,
 )
+from mta.smtp.pool import ConnectionPool  # noqa: E402
 
 HEADERS = (b"From: <a@example.test>\r\nTo: <b@example.test>\r\n"
            b"Subject: test\r\nMessage-ID: <1@example.test>\r\n\r\n")

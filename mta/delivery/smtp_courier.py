@@ -45,7 +45,7 @@ class HopFinder(Protocol):
 
 class Transmitter(Protocol):
     """Hands a message to the first of *hops* that takes it
-    (mta.smtp.client.ConnectionPool); with *opened_after*, on a connection
+    (mta.smtp.pool.ConnectionPool); with *opened_after*, on a connection
     opened at that time or later only (only passed after a flush)."""
 
     def deliver(self, hops: list[NextHop], msg: OutboundMessage, *,
@@ -56,7 +56,7 @@ class Transmitter(Protocol):
 
 class TurnedTransmitter(Protocol):
     """Delivers over one connection, to whoever is at its other end
-    (mta.smtp.client.TurnedConnection: a connection turned around by ATRN)."""
+    (mta.smtp.pool.TurnedConnection: a connection turned around by ATRN)."""
 
     def deliver(self, msg: OutboundMessage) -> Deferred[DeliveryResult]: ...
 

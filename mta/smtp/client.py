@@ -1,12 +1,12 @@
-"""The outbound ESMTP client (RFC 5321) as a Twisted protocol, and a pool of
-cached connections that the queue runner hands messages to.
+"""The outbound ESMTP client (RFC 5321): the Twisted protocol, the
+conversation over one connection, and the types the rest of mta sees.
 
-``ConnectionPool.deliver(hops, msg)`` tries the next hops in order and
-returns one result per recipient.  The protocol only reads replies and
-writes commands.  Three parts drive it:
+``ConnectionPool.deliver(hops, msg)`` (mta.smtp.pool) tries the next hops
+in order and returns one result per recipient.  The protocol only reads
+replies and writes commands.  Three parts drive it:
 
-* :class:`ConnectionPool`: connects (``connectTCP``), caches idle
-  connections, falls back across hops, holds rejected logins;
+* :class:`mta.smtp.pool.ConnectionPool`: connects (``connectTCP``), caches
+  idle connections, falls back across hops, holds rejected logins;
 * :class:`ClientSession`: the conversation over one connected
   SMTPClientProtocol, whoever connected it (greeting, EHLO, STARTTLS, AUTH,
   the transactions) -- so a session can also run over a connection the
@@ -152,7 +152,6 @@ CHUNK = 64 * 1024          # content is written in pieces of this size
 MAX_REPLY_LINE = 4096      # longer reply lines are a protocol error (RFC: 512)
 MAX_REPLY_LINES = 200
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _PARAM_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+")  # esmtp-value (+ UTF-8)
 _REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])(?:([ -])(.*))?")
 _STATUS = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})(?: +|$)")
@@ -277,7 +276,7 @@ class _ProtocolError(StepError):
     pass
 
 
-class _HopFailure(Exception):
+class HopFailure(Exception):
     """This next hop did not take the message; try the next one.
 
     Made by one of two constructors: :meth:`from_reply` (the hop's own reply:
@@ -303,13 +302,13 @@ class _HopFailure(Exception):
         self.tls: TLSInfo | None = None  # the TLS session of the conversation, if any
 
     @classmethod
-    def from_reply(cls, hop: NextHop, reply: Reply, *, permanent_ok: bool) -> "_HopFailure":
+    def from_reply(cls, hop: NextHop, reply: Reply, *, permanent_ok: bool) -> "HopFailure":
         return cls(hop, reply.code, reply.status, reply.text, remote=hop, reached=True,
                    permanent=permanent_ok and reply_kind(reply.code) == "permanent")
 
     @classmethod
     def ours(cls, hop: NextHop, status: str, text: str, *, reached: bool = True,
-             final: bool = False, login_rejected: bool = False) -> "_HopFailure":
+             final: bool = False, login_rejected: bool = False) -> "HopFailure":
         """Our own temporary failure with *hop*: "451 *status* *text*"."""
         return cls(hop, 451, status, f"451 {status} {text}", remote=None, reached=reached,
                    final=final, login_rejected=login_rejected)
@@ -319,13 +318,13 @@ class _HopFailure(Exception):
         return RecipientResult(address, self.code, self.status, self.text, self.remote)
 
 
-class _TLSFailed(Exception):
+class TLSFailed(Exception):
     def __init__(self, reason: str = ""):
         super().__init__(reason)
         self.reason = reason
 
 
-class _DeadConnection(Exception):
+class DeadConnection(Exception):
     """A cached connection was found dead before it said anything."""
 
 
@@ -339,7 +338,7 @@ def connect_failure_text(e: BaseException) -> str:
     return str(e) or e.__class__.__name__
 
 
-def _hopname(hop: NextHop) -> str:
+def hop_name(hop: NextHop) -> str:
     return f"{hop.host}[{hop.address}]:{hop.port}"
 
 
@@ -356,9 +355,9 @@ def step_failure_text(peer: str, e: StepError) -> tuple[str, str]:
     return "4.4.2", f"lost connection with {peer} while {e.step}{why}"
 
 
-def _step_failure(hop: NextHop, e: StepError) -> _HopFailure:
-    status, text = step_failure_text(_hopname(hop), e)
-    return _HopFailure.ours(hop, status, text)
+def _step_failure(hop: NextHop, e: StepError) -> HopFailure:
+    status, text = step_failure_text(hop_name(hop), e)
+    return HopFailure.ours(hop, status, text)
 
 
 def _is_limit_reply(r: Reply) -> bool:
@@ -423,15 +422,15 @@ def dot_stuff(data: bytes) -> bytes:
 
 
 @dataclass
-class _Content:
+class Content:
     parts: list[bytes]
     size: int
     eightbit: bool                  # holds an 8-bit octet (not only declared BODY=8BITMIME)
     binary: bool
     declared_8bit: bool = False     # stored with BODY=8BITMIME
-    _seven: "_Content | DowngradeError | None" = field(default=None, repr=False)
+    _seven: "Content | DowngradeError | None" = field(default=None, repr=False)
 
-    def seven_bit(self) -> "_Content":
+    def seven_bit(self) -> "Content":
         """This content converted for a next hop without 8BITMIME (computed
         once); raises DowngradeError when it cannot be."""
         if self._seven is None:
@@ -440,7 +439,7 @@ class _Content:
             except DowngradeError as e:
                 self._seven = e
             else:
-                self._seven = _Content([data] if data else [], len(data), False, False)
+                self._seven = Content([data] if data else [], len(data), False, False)
         if isinstance(self._seven, DowngradeError):
             raise self._seven
         return self._seven
@@ -452,7 +451,7 @@ def _as_bytes(data: Any) -> bytes:
     return bytes(data)
 
 
-def _prepare(msg: OutboundMessage) -> _Content:
+def prepare_content(msg: OutboundMessage) -> Content:
     headers = _as_bytes(msg.headers)
     body = _as_bytes(msg.body)
     body_type = (msg.body_type or "").upper()
@@ -468,7 +467,7 @@ def _prepare(msg: OutboundMessage) -> _Content:
     parts = [p for p in (headers, body) if p]
     if parts and not binary and not parts[-1].endswith(b"\r\n"):
         parts.append(b"\r\n")  # the final dot must follow a CRLF of the content's own
-    return _Content(parts, sum(len(p) for p in parts), eightbit, binary,
+    return Content(parts, sum(len(p) for p in parts), eightbit, binary,
                     declared_8bit=body_type == "8BITMIME")
 
 
@@ -826,7 +825,7 @@ class SMTPClientProtocol(protocol.Protocol):
                 # A cached connection spoke unasked (a 421 at the server's
                 # idle timeout, typically): it is of no further use.
                 log.debug("{hop}: unsolicited reply on a cached connection: {reply}",
-                          hop=_hopname(self.hop), reply=reply.text)
+                          hop=hop_name(self.hop), reply=reply.text)
                 self.abort()
                 return
             self._early.append(reply)
@@ -928,7 +927,7 @@ def parse_ehlo(reply: Reply) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------
-# The pool
+# The session (driven by mta.smtp.pool)
 # ---------------------------------------------------------------------------
 
 #: How a session gets a new started connection to a hop (ConnectionPool._open).
@@ -1007,7 +1006,7 @@ class ClientSession:
                     use_tls: bool) -> SMTPClientProtocol:
         """Greeting, EHLO/HELO, STARTTLS (as the TLS policy says for *hop*;
         not when *use_tls* is false) and AUTH (``hop.auth``) on the freshly
-        connected *conn*.  Raises _HopFailure (or _TLSFailed: a failed
+        connected *conn*.  Raises HopFailure (or TLSFailed: a failed
         handshake under policy ``may``, to be tried again without TLS)."""
         t = self.timeouts
         try:
@@ -1015,7 +1014,7 @@ class ClientSession:
                 None, [(t.greeting, "receiving the initial server greeting")]))[0]
             if greeting.code != 220:
                 self.quit(conn)
-                raise _HopFailure.from_reply(hop, greeting, permanent_ok=True)
+                raise HopFailure.from_reply(hop, greeting, permanent_ok=True)
             await self._hello(conn, hop)
             policy = self.tls.policy(hop)
             required = policy in ("encrypt", "verify")
@@ -1036,7 +1035,7 @@ class ClientSession:
                                 raise self._tls_policy_failure(
                                     hop, policy, f"TLS handshake failed"
                                                  f"{f' ({why})' if why else ''}") from None
-                            raise _TLSFailed(why) from None
+                            raise TLSFailed(why) from None
                         raise
                 elif required:
                     self.quit(conn)
@@ -1055,7 +1054,7 @@ class ClientSession:
                                                    "not sending the password without TLS")
                 try:
                     await self._authenticate(conn, hop)
-                except _HopFailure as e:
+                except HopFailure as e:
                     e.tls = conn.tls_info
                     raise
         except StepError as e:
@@ -1074,22 +1073,22 @@ class ClientSession:
             return
         if reply_kind(r.code) != "permanent":
             self.quit(conn)
-            raise _HopFailure.from_reply(hop, r, permanent_ok=False)
+            raise HopFailure.from_reply(hop, r, permanent_ok=False)
         r = (await conn.command(b"HELO " + name + b"\r\n", [(t.helo, "sending HELO")]))[0]
         if not r.ok:
             self.quit(conn)
-            raise _HopFailure.from_reply(hop, r, permanent_ok=True)
+            raise HopFailure.from_reply(hop, r, permanent_ok=True)
         conn.esmtp = False
         conn.extensions = {}
 
-    def _tls_policy_failure(self, hop: NextHop, policy: str, why: str) -> _HopFailure:
-        text = f"TLS is required (policy {policy}) with {_hopname(hop)}: {why}"
-        log.warn("{hop}: TLS policy {policy} not met: {why}", hop=_hopname(hop),
+    def _tls_policy_failure(self, hop: NextHop, policy: str, why: str) -> HopFailure:
+        text = f"TLS is required (policy {policy}) with {hop_name(hop)}: {why}"
+        log.warn("{hop}: TLS policy {policy} not met: {why}", hop=hop_name(hop),
                  policy=policy, why=why)
-        return _HopFailure.ours(hop, "4.7.5", text)
+        return HopFailure.ours(hop, "4.7.5", text)
 
     async def _authenticate(self, conn: SMTPClientProtocol, hop: NextHop) -> None:
-        """AUTH PLAIN (or LOGIN) with ``hop.auth``; raises _HopFailure unless accepted."""
+        """AUTH PLAIN (or LOGIN) with ``hop.auth``; raises HopFailure unless accepted."""
         t = self.timeouts
         cred = hop.auth
         assert cred is not None
@@ -1110,10 +1109,10 @@ class ClientSession:
         else:
             self.quit(conn)
             offered = " ".join(mechanisms) or "no AUTH"
-            raise _HopFailure.ours(hop, "4.7.0", f"{_hopname(hop)} offers no AUTH mechanism we "
+            raise HopFailure.ours(hop, "4.7.0", f"{hop_name(hop)} offers no AUTH mechanism we "
                                    f"use (PLAIN, LOGIN): {offered}")
         if r.ok:
-            log.debug("{hop}: authenticated as {user} ({mech})", hop=_hopname(hop),
+            log.debug("{hop}: authenticated as {user} ({mech})", hop=hop_name(hop),
                       user=cred.user, mech=mech)
             return
         if r.code == 334:
@@ -1124,29 +1123,29 @@ class ClientSession:
                 conn.abort()
             else:
                 self.quit(conn)
-            raise _HopFailure.ours(hop, "4.7.0", f"unexpected AUTH {mech} dialogue with "
-                                   f"{_hopname(hop)}: {r.text}")
+            raise HopFailure.ours(hop, "4.7.0", f"unexpected AUTH {mech} dialogue with "
+                                   f"{hop_name(hop)}: {r.text}")
         self.quit(conn)
         if reply_kind(r.code) != "permanent":
-            raise _HopFailure.from_reply(hop, r, permanent_ok=False)
+            raise HopFailure.from_reply(hop, r, permanent_ok=False)
         status = "4.7.8" if r.code == 535 else "4" + r.status[1:]
-        why = f"login as {cred.user} to {_hopname(hop)} (AUTH {mech}) rejected: {r.text}"
+        why = f"login as {cred.user} to {hop_name(hop)} (AUTH {mech}) rejected: {r.text}"
         log.error("SMARTHOST LOGIN REJECTED: {hop} refused user {user} (AUTH {mech}): {reply}; "
                   "mail for it is deferred, not bounced; check the credentials in the "
-                  "configuration", hop=_hopname(hop), user=cred.user, mech=mech, reply=r.text)
-        raise _HopFailure.ours(hop, status, why, final=True, login_rejected=True)
+                  "configuration", hop=hop_name(hop), user=cred.user, mech=mech, reply=r.text)
+        raise HopFailure.ours(hop, status, why, final=True, login_rejected=True)
 
     def _local_check(self, conn: SMTPClientProtocol, msg: OutboundMessage,
-                     content: _Content) -> tuple[int, str, str] | _Content:
+                     content: Content) -> tuple[int, str, str] | Content:
         """The content to send to this hop (converted to 7 bits when it
         needs that), or our refusal (code, status, text)."""
         ext = conn.extensions
         if self._needs_utf8(msg) and "SMTPUTF8" not in ext:
             return (553, "5.6.7", f"SMTPUTF8 is required, but was not offered by host "
-                                  f"{_hopname(conn.hop)}")
+                                  f"{hop_name(conn.hop)}")
         if content.binary and not ("BINARYMIME" in ext and "CHUNKING" in ext):
             return (554, "5.6.3", f"message has binary content (BINARYMIME) the next hop "
-                                  f"{_hopname(conn.hop)} does not accept (CHUNKING and "
+                                  f"{hop_name(conn.hop)} does not accept (CHUNKING and "
                                   f"BINARYMIME) and it could not be converted: binary content "
                                   f"is never converted")
         if content.eightbit and "8BITMIME" not in ext:
@@ -1156,7 +1155,7 @@ class ClientSession:
                 return (554, "5.6.3", f"message has 8-bit content the next hop does not accept "
                                       f"(8BITMIME) and it could not be converted: {e}")
             log.info("{queue_id}: {hop} does not offer 8BITMIME: 8-bit content converted to "
-                     "7 bits", queue_id=msg.queue_id, hop=_hopname(conn.hop))
+                     "7 bits", queue_id=msg.queue_id, hop=hop_name(conn.hop))
         limit = ext.get("SIZE", "").strip()
         if "SIZE" in ext and limit.isdigit() and 0 < int(limit) < content.size:
             return (552, "5.3.4", "Message too big for next hop")
@@ -1168,7 +1167,7 @@ class ClientSession:
             r.address.isascii() for r in msg.recipients)
 
     def _mail_line(self, conn: SMTPClientProtocol, msg: OutboundMessage,
-                   content: _Content) -> bytes:
+                   content: Content) -> bytes:
         ext = conn.extensions
         params: list[str] = []
         if "SIZE" in ext:
@@ -1206,7 +1205,7 @@ class ClientSession:
         return line.encode("utf-8")
 
     async def send(self, conn: SMTPClientProtocol, hop: NextHop, msg: OutboundMessage,
-                   content: _Content, reused: bool, use_tls: bool,
+                   content: Content, reused: bool, use_tls: bool,
                    reopen: Reopen | None = None) -> DeliveryResult:
         """Every recipient of *msg* to *hop* over *conn*, in as many
         transactions as the next hop's recipient limit needs (RFC 5321
@@ -1217,7 +1216,7 @@ class ClientSession:
         dsn = "DSN" in conn.extensions
         tls = conn.tls_info
         local = self._local_check(conn, msg, content)
-        if isinstance(local, _Content):
+        if isinstance(local, Content):
             content = local
         else:
             self.release(conn)
@@ -1234,7 +1233,7 @@ class ClientSession:
             try:
                 got, over, clean = await self._transaction(conn, hop, part, content,
                                                            reused and first)
-            except _HopFailure as e:
+            except HopFailure as e:
                 if first:
                     raise
                 # Earlier transactions of this delivery have their results:
@@ -1252,7 +1251,7 @@ class ClientSession:
                     conn.rcpt_limit = took
                     log.info("{queue_id}: {hop} takes {n} recipients per transaction; sending "
                              "the other {left} in further transactions", queue_id=msg.queue_id,
-                             hop=_hopname(hop), n=took, left=len(pending) - took)
+                             hop=hop_name(hop), n=took, left=len(pending) - took)
             pending = [batch[j] for j in over] + pending[len(batch):]
             if pending and _refused_at_once(got):
                 # Not a recipient of this transaction was taken: the next hop
@@ -1262,7 +1261,7 @@ class ClientSession:
                 for i in pending:
                     results[i] = RecipientResult(
                         msg.recipients[i].address, 452, got[0].status,
-                        f"452 {got[0].status} not sent: {_hopname(hop)} took no more "
+                        f"452 {got[0].status} not sent: {hop_name(hop)} took no more "
                         f"recipients ({got[0].text})")
                 pending = []
             if clean and conn._early:
@@ -1276,16 +1275,16 @@ class ClientSession:
                 continue
             # The connection is gone: one new connection to the same hop for the rest.
             limit = conn.rcpt_limit
-            failure: _HopFailure | None = None
+            failure: HopFailure | None = None
             try:
                 if reopen is None:
-                    raise _HopFailure.ours(hop, "4.4.2", f"connection with {_hopname(hop)} "
+                    raise HopFailure.ours(hop, "4.4.2", f"connection with {hop_name(hop)} "
                                            "closed before every recipient was sent")
                 conn = await reopen(hop, use_tls)
-            except _HopFailure as e:
+            except HopFailure as e:
                 failure = e
-            except _TLSFailed as e:
-                failure = _HopFailure.ours(hop, "4.4.2", f"TLS handshake with {_hopname(hop)} "
+            except TLSFailed as e:
+                failure = HopFailure.ours(hop, "4.4.2", f"TLS handshake with {hop_name(hop)} "
                                            f"failed ({e.reason or 'no reason given'})")
             if failure is not None:
                 for i in pending:
@@ -1293,7 +1292,7 @@ class ClientSession:
                 break
             conn.rcpt_limit = limit
             local = self._local_check(conn, msg, content)
-            if isinstance(local, _Content):
+            if isinstance(local, Content):
                 content = local
             else:
                 self.release(conn)
@@ -1313,11 +1312,11 @@ class ClientSession:
                 for r in rcpts]
 
     async def _transaction(self, conn: SMTPClientProtocol, hop: NextHop, msg: OutboundMessage,
-                           content: _Content, reused: bool
+                           content: Content, reused: bool
                            ) -> tuple[list[RecipientResult], list[int], bool]:
         """One transaction: (a result per recipient, the positions of the
         recipients refused for the recipient limit, whether the connection
-        is ready for another MAIL).  Raises _HopFailure when the hop did not
+        is ready for another MAIL).  Raises HopFailure when the hop did not
         take the message (MAIL refused, connection lost or timed out)."""
         t = self.timeouts
         pipelining = "PIPELINING" in conn.extensions
@@ -1341,11 +1340,11 @@ class ClientSession:
                     replies = await conn.command(data, steps)
                 except _StepLost as e:
                     if reused and e.got == 0:
-                        raise _DeadConnection() from None
+                        raise DeadConnection() from None
                     raise
                 mail_reply = replies[0]
                 if reused and mail_reply.code == 421:
-                    raise _DeadConnection()
+                    raise DeadConnection()
                 rcpt_replies = replies[1:1 + n]
                 if not use_bdat:
                     data_reply = replies[-1]
@@ -1353,19 +1352,19 @@ class ClientSession:
                     if data_reply is not None and data_reply.code == 354:
                         conn.write(b".\r\n")   # a broken server wants a message: give it nothing
                     self.quit(conn)
-                    raise _HopFailure.from_reply(hop, mail_reply, permanent_ok=True)
+                    raise HopFailure.from_reply(hop, mail_reply, permanent_ok=True)
             else:
                 try:
                     mail_reply = (await conn.command(mail, [mail_step]))[0]
                 except _StepLost:
                     if reused:
-                        raise _DeadConnection() from None
+                        raise DeadConnection() from None
                     raise
                 if reused and mail_reply.code == 421:
-                    raise _DeadConnection()
+                    raise DeadConnection()
                 if not mail_reply.ok:
                     self.quit(conn)
-                    raise _HopFailure.from_reply(hop, mail_reply, permanent_ok=True)
+                    raise HopFailure.from_reply(hop, mail_reply, permanent_ok=True)
                 rcpt_replies = []
                 for line in rcpts:
                     rep = (await conn.command(line, [rcpt_step]))[0]
@@ -1380,7 +1379,7 @@ class ClientSession:
             for r in msg.recipients[len(results):]:     # not sent (the limit was reached)
                 results.append(RecipientResult(
                     r.address, 452, "4.5.3", f"452 4.5.3 not sent: the recipient limit of "
-                    f"{_hopname(hop)} was reached"))
+                    f"{hop_name(hop)} was reached"))
             accepted = [i for i, rep in enumerate(rcpt_replies) if rep.ok]
             if not accepted:
                 if data_reply is not None and data_reply.code == 354:
@@ -1425,372 +1424,3 @@ class ClientSession:
             return conn.usable
         self.quit(conn)
         return False
-
-
-async def _without_control_characters(
-        msg: OutboundMessage,
-        send: Callable[[OutboundMessage], Awaitable[DeliveryResult]]) -> DeliveryResult:
-    """``send(msg)``, but never with a control character in an address:
-    nothing stored should hold one, but a CR or LF here would be command
-    injection.  Such a sender fails the message (553 5.1.7), such a
-    recipient itself (553 5.1.3); the others are sent."""
-    if _CONTROL.search(msg.sender):
-        text = "553 5.1.7 sender address contains control characters"
-        return DeliveryResult([RecipientResult(r.address, 553, "5.1.7", text)
-                               for r in msg.recipients], None, False)
-    bad = [i for i, r in enumerate(msg.recipients) if _CONTROL.search(r.address)]
-    if not bad:
-        return await send(msg)
-    good = [r for i, r in enumerate(msg.recipients) if i not in bad]
-    sub = (await send(replace(msg, recipients=good)) if good
-           else DeliveryResult([], None, False))
-    it = iter(sub.results)
-    text = "553 5.1.3 recipient address contains control characters"
-    return DeliveryResult(
-        [RecipientResult(r.address, 553, "5.1.3", text) if i in bad
-         else next(it) for i, r in enumerate(msg.recipients)],
-        sub.remote, sub.dsn_offered, sub.tls)
-
-
-class TurnedConnection:
-    """Deliveries over one connection this client did not open: one the
-    peer opened to us and turned around (ATRN, RFC 2645).  The same
-    :class:`ClientSession` as the pool's runs over it -- greeting, EHLO (the
-    extensions as offered: PIPELINING, 8BITMIME, DSN, SIZE...), the
-    transactions -- with no STARTTLS (the connection is whatever it already
-    is: TLS from before the turn, or plain text) and no login.
-
-    *conn* is an SMTPClientProtocol already attached to the transport
-    (``makeConnection``); *hop* names the peer in replies and logs.
-    ``start()`` waits for the peer's 220 greeting and says EHLO; raises
-    :class:`TurnFailed` when the peer does not take mail.  ``deliver(msg)``
-    fires with a :class:`DeliveryResult` like ``ConnectionPool.deliver``:
-    a recipient refused is the peer's reply; a connection lost or timed out
-    before the end of data gives every recipient of that message 451 4.4.2
-    (nothing else is tried: there is no other hop).  After a loss every
-    further ``deliver`` fails that way at once.  ``close()``: QUIT; fires
-    when the connection is closed."""
-
-    def __init__(self, conn: SMTPClientProtocol, hop: NextHop, *, helo_name: str,
-                 timeouts: Timeouts) -> None:
-        self.conn = conn
-        self.hop = hop
-        self.timeouts = timeouts
-        self._quitting: defer.Deferred | None = None
-        self.session = ClientSession(helo_name=helo_name, timeouts=timeouts,
-                                     tls=TLSPolicy(starttls=False),
-                                     release=lambda c: None, quit=self._quit)
-
-    @property
-    def usable(self) -> bool:
-        return self.conn.usable and self._quitting is None
-
-    def start(self) -> defer.Deferred:
-        return defer.Deferred.fromCoroutine(self._start())
-
-    async def _start(self) -> None:
-        try:
-            await self.session.start(self.conn, self.hop, False)
-        except _HopFailure as e:
-            raise TurnFailed(e.text) from None
-
-    def deliver(self, msg: OutboundMessage) -> defer.Deferred:
-        return defer.Deferred.fromCoroutine(_without_control_characters(msg, self._send))
-
-    async def _send(self, msg: OutboundMessage) -> DeliveryResult:
-        hop = self.hop
-        try:
-            if not self.usable:
-                raise _HopFailure.ours(hop, "4.4.2", f"connection with {_hopname(hop)} "
-                                       "closed before this message was sent")
-            return await self.session.send(self.conn, hop, msg, _prepare(msg), False, False)
-        except _HopFailure as e:
-            return DeliveryResult([e.result(r.address) for r in msg.recipients],
-                                  hop if e.reached else None, False, self.conn.tls_info)
-
-    def close(self) -> defer.Deferred:
-        if self._quitting is None:
-            self._quit(self.conn)
-        assert self._quitting is not None
-        return self._quitting
-
-    def _quit(self, conn: SMTPClientProtocol) -> None:
-        if self._quitting is None:
-            self._quitting = conn.quit(self.timeouts.quit)
-
-
-class TurnFailed(Exception):
-    """The peer of a turned connection did not take mail (greeting or EHLO
-    refused, connection lost or timed out): ``str()`` says why, in the form
-    of a reply ("451 4.4.2 ...")."""
-
-
-class ConnectionPool:
-    """Delivers messages to next hops and keeps connections for reuse.
-
-    ``starttls=False`` disables opportunistic STARTTLS (policy ``may``
-    becomes ``none``); ``tls_options`` is an
-    ``IOpenSSLClientConnectionCreator`` or context factory to use instead of
-    the default unverified one (policies ``may`` and ``encrypt``).
-    ``trust_root`` (an ``IOpenSSLTrustRoot``, see :func:`load_trust_root`)
-    is what policy ``verify`` checks certificates against; None: the
-    system's (``platformTrust()``).  ``auth_failure_hold``: seconds during
-    which a rejected login is not tried again (0: no hold).
-    """
-
-    def __init__(self, *, helo_name: str, reactor: Any, timeouts: Timeouts = Timeouts(),
-                 max_idle_per_host: int = 4, starttls: bool = True,
-                 tls_options: Any = None, trust_root: Any = None,
-                 auth_failure_hold: float = 300.0):
-        self.helo_name = helo_name
-        self.reactor = reactor
-        self.timeouts = timeouts
-        self.max_idle_per_host = max_idle_per_host
-        self.tls = TLSPolicy(starttls=starttls, tls_options=tls_options, trust_root=trust_root)
-        self.session = ClientSession(helo_name=helo_name, timeouts=timeouts, tls=self.tls,
-                                     release=self._release, quit=self._quit)
-        self._idle: dict[tuple[str, int], list[SMTPClientProtocol]] = {}
-        self._quitting: set[defer.Deferred] = set()
-        self._closed = False
-        self.connections_made = 0
-        self.auth_failure_hold = auth_failure_hold
-        self._auth_rejected: dict[tuple, tuple[float, str, str]] = {}  # until, status, why
-
-    @property
-    def trust_root(self) -> Any:
-        """What policy ``verify`` checks certificates against (None: the system's)."""
-        return self.tls.trust_root
-
-    # -- public -----------------------------------------------------------------
-    def deliver(self, hops: list[NextHop], msg: OutboundMessage, *,
-                opened_after: float | None = None) -> defer.Deferred[DeliveryResult]:
-        """Deliver *msg* to the first of *hops* that takes it; with
-        *opened_after*, on a connection opened at that time or later only
-        (cached older ones to these hops are closed)."""
-        if opened_after is not None:
-            for hop in hops:
-                self._drop_older(hop, opened_after)
-        return defer.Deferred.fromCoroutine(self._deliver(list(hops), msg))
-
-    def close(self) -> defer.Deferred[None]:
-        """QUIT the idle connections; fires when they (and earlier QUITs) are closed."""
-        self._closed = True
-        for conns in list(self._idle.values()):
-            for conn in list(conns):
-                self._drop_idle(conn)
-                self._quit(conn)
-        self._idle.clear()
-        return defer.DeferredList(list(self._quitting), consumeErrors=True).addCallback(
-            lambda _: None)
-
-    def idle_count(self, hop: NextHop | None = None) -> int:
-        if hop is not None:
-            return len(self._idle.get(self._key(hop), ()))
-        return sum(len(v) for v in self._idle.values())
-
-    # -- delivery ---------------------------------------------------------------------
-    async def _deliver(self, hops: list[NextHop], msg: OutboundMessage) -> DeliveryResult:
-        return await _without_control_characters(
-            msg, lambda good: self._deliver_hops(hops, good))
-
-    async def _deliver_hops(self, hops: list[NextHop], msg: OutboundMessage) -> DeliveryResult:
-        content = _prepare(msg)
-        failures: list[_HopFailure] = []
-        for hop in self._order(hops):
-            try:
-                return await self._attempt(hop, msg, content)
-            except _HopFailure as e:
-                failure = e
-            except defer.CancelledError:
-                raise
-            except Exception:
-                log.failure("{queue_id}: delivery to {hop} failed", queue_id=msg.queue_id,
-                            hop=_hopname(hop))
-                failure = _HopFailure.ours(hop, "4.3.0", "local error in the SMTP client",
-                                          reached=False)
-            log.info("{queue_id}: {hop}: {text}", queue_id=msg.queue_id,
-                     hop=_hopname(hop), text=failure.text)
-            failures.append(failure)
-            if failure.final:
-                break
-        if not failures:
-            text = "451 4.4.1 no next hop to deliver to"
-            results = [RecipientResult(r.address, 451, "4.4.1", text) for r in msg.recipients]
-            return DeliveryResult(results, None, False)
-        reached = [f for f in failures if f.reached]
-        last = reached[-1] if reached else failures[-1]
-        code, status = last.code, last.status
-        if reply_kind(code) == "permanent" and not all(f.permanent for f in failures):
-            code, status = 451, "4" + status[1:]
-        results = [RecipientResult(r.address, code, status, last.text, last.remote)
-                   for r in msg.recipients]
-        return DeliveryResult(results, last.hop if last.reached else None, False,
-                              last.tls if last.reached else None)
-
-    def _order(self, hops: list[NextHop]) -> list[NextHop]:
-        """The hops in order, but one with a cached connection first."""
-        for i, hop in enumerate(hops):
-            if any(c.usable for c in self._idle.get(self._key(hop), ())):
-                return [hop] + hops[:i] + hops[i + 1:]
-        return hops
-
-    async def _attempt(self, hop: NextHop, msg: OutboundMessage,
-                       content: _Content) -> DeliveryResult:
-        if hop.auth is not None:
-            self._check_auth_hold(hop)
-        conn = self._take_idle(hop)
-        use_tls = self.tls.policy(hop) != "none"
-        while True:
-            reused = conn is not None
-            if conn is None:
-                try:
-                    conn = await self._open(hop, use_tls)
-                except _TLSFailed as e:
-                    log.info("{hop}: TLS handshake failed ({why}), retrying without TLS",
-                             hop=_hopname(hop), why=e.reason or "no reason given")
-                    use_tls = False
-                    continue
-            try:
-                return await self.session.send(conn, hop, msg, content, reused, use_tls,
-                                               self._open)
-            except _DeadConnection:
-                log.debug("{hop}: cached connection was dead, reconnecting", hop=_hopname(hop))
-                conn.abort()
-                conn = None
-            except _HopFailure as e:
-                if e.tls is None:
-                    e.tls = conn.tls_info
-                raise
-
-    # -- connection setup ---------------------------------------------------------------
-    async def _connect(self, hop: NextHop) -> SMTPClientProtocol:
-        t = self.timeouts
-        proto = SMTPClientProtocol(self.reactor, hop)
-        d = proto.connected_d
-        timer: Any = None
-        try:
-            connector = self.reactor.connectTCP(hop.address, hop.port, ConnectFactory(proto),
-                                                timeout=t.connect)
-            proto.connector = connector
-
-            def timed_out() -> None:
-                if not d.called:
-                    d.errback(error.TimeoutError())
-                    connector.stopConnecting()
-            timer = self.reactor.callLater(t.connect, timed_out)
-            await d
-        except defer.CancelledError:
-            raise
-        except Exception as e:
-            why = connect_failure_text(e)
-            raise _HopFailure.ours(hop, "4.4.1", f"connect to {_hopname(hop)}: {why}",
-                                   reached=False) from None
-        finally:
-            if timer is not None and timer.active():
-                timer.cancel()
-        self.connections_made += 1
-        proto.opened_at = self.reactor.seconds()
-        return proto
-
-    async def _open(self, hop: NextHop, use_tls: bool) -> SMTPClientProtocol:
-        """A new connection to *hop*, started (see ClientSession.start); a
-        rejected login starts the hold (``auth_failure_hold``)."""
-        conn = await self._connect(hop)
-        try:
-            return await self.session.start(conn, hop, use_tls)
-        except _HopFailure as e:
-            if e.login_rejected and self.auth_failure_hold > 0 and hop.auth is not None:
-                self._auth_rejected[(hop.address, hop.port, hop.auth)] = (
-                    self.reactor.seconds() + self.auth_failure_hold, e.status,
-                    reply_detail(e.text))
-            raise
-
-    # -- AUTH hold and the cache key ---------------------------------------------------
-    def _check_auth_hold(self, hop: NextHop) -> None:
-        key = (hop.address, hop.port, hop.auth)
-        held = self._auth_rejected.get(key)
-        if held is None:
-            return
-        until, status, why = held
-        left = until - self.reactor.seconds()
-        if left <= 0:
-            del self._auth_rejected[key]
-            return
-        raise _HopFailure.ours(hop, status, f"{why} (not tried again for another {left:.0f}s)",
-                               final=True)
-
-    def _key(self, hop: NextHop) -> tuple:
-        """The connection cache key: a connection is reused only for the same requirements."""
-        policy = self.tls.policy(hop)
-        return (hop.address, hop.port, policy, hop.host if policy == "verify" else "", hop.auth)
-
-    # -- the cache ------------------------------------------------------------------------
-    def _release(self, conn: SMTPClientProtocol) -> None:
-        if not conn.usable:
-            return
-        if conn._early:
-            # The server said more than it was asked: replies would be out of step.
-            conn.abort()
-            return
-        key = self._key(conn.hop)
-        conns = self._idle.setdefault(key, [])
-        if self._closed or len(conns) >= self.max_idle_per_host or self.timeouts.idle <= 0:
-            if not conns:
-                del self._idle[key]
-            self._quit(conn)
-            return
-        conn.idle = True
-        conn.on_lost = self._lost_idle
-        conn.idle_timer = self.reactor.callLater(self.timeouts.idle, self._expire, conn)
-        conns.append(conn)
-
-    def _take_idle(self, hop: NextHop) -> SMTPClientProtocol | None:
-        key = self._key(hop)
-        conns = self._idle.get(key)
-        while conns:
-            conn = conns.pop()          # the most recently used
-            self._unidle(conn)
-            if conn.usable:
-                if not conns:
-                    self._idle.pop(key, None)
-                return conn
-        self._idle.pop(key, None)
-        return None
-
-    def _drop_older(self, hop: NextHop, since: float) -> None:
-        """QUIT the cached connections to *hop* opened before *since*."""
-        for conn in list(self._idle.get(self._key(hop), ())):
-            if conn.opened_at < since:
-                self._drop_idle(conn)
-                self._quit(conn)
-
-    def _unidle(self, conn: SMTPClientProtocol) -> None:
-        conn.idle = False
-        conn.on_lost = None
-        if conn.idle_timer is not None and conn.idle_timer.active():
-            conn.idle_timer.cancel()
-        conn.idle_timer = None
-
-    def _drop_idle(self, conn: SMTPClientProtocol) -> None:
-        key = self._key(conn.hop)
-        conns = self._idle.get(key)
-        if conns and conn in conns:
-            conns.remove(conn)
-            if not conns:
-                del self._idle[key]
-        self._unidle(conn)
-
-    def _lost_idle(self, conn: SMTPClientProtocol) -> None:
-        self._drop_idle(conn)
-
-    def _expire(self, conn: SMTPClientProtocol) -> None:
-        conn.idle_timer = None
-        self._drop_idle(conn)
-        self._quit(conn)
-
-    def _quit(self, conn: SMTPClientProtocol) -> None:
-        d = conn.quit(self.timeouts.quit)
-        if d.called:
-            return
-        self._quitting.add(d)
-        d.addBoth(lambda r: self._quitting.discard(d))

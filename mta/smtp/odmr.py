@@ -21,7 +21,7 @@ implementation) with the mail commands taken away and ATRN added:
 * otherwise ``250 OK now reversing the connection``: the bytes that follow
   belong to an :class:`mta.smtp.client.SMTPClientProtocol` attached to the
   same transport (TCP or TLS as it is), driven by
-  :class:`mta.smtp.client.TurnedConnection` -- the customer's 220, our
+  :class:`mta.smtp.pool.TurnedConnection` -- the customer's 220, our
   EHLO, the transactions, QUIT.
 
 What is queued and what becomes of each recipient is not decided here: the
@@ -46,7 +46,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .. import domain as dom
-from .client import SMTPClientProtocol, TurnedConnection, TurnFailed
+from .client import SMTPClientProtocol
+from .pool import TurnedConnection, TurnFailed
 from .replies import R, Reply, SMTPReplyError
 from . import replies as r
 from .server import SMTPServer, SMTPServerFactory
