@@ -1,5 +1,5 @@
-"""Writing a reply or a command to the socket at once (the one place that
-looks inside Twisted's TCP transport).
+"""Writing the SMTP server's replies to the socket at once (the one place
+that looks inside Twisted's TCP transport).
 
 ``transport.write`` only buffers: the bytes go out in the reactor's next
 iteration, after an ``epoll_ctl`` that registers the socket for writing
@@ -12,12 +12,14 @@ everything when the transport is not a plain TCP or Unix connection with
 an empty buffer (TLS, a pull producer, a closing or an unknown transport,
 a send that failed -- Twisted then sees the failure itself and closes the
 connection as it always does).  A streaming producer (the SMTP server
-itself, the client's content) is still paused by ``transport.write`` when
-what is left piles up.
+registers itself) is still paused by ``transport.write`` when what is left
+piles up.
 
-Two writes in one reactor turn (content, then its final dot; a ``250``,
-then the ``221`` of a pipelined QUIT) would otherwise meet Nagle's
-algorithm: the second waits for the peer's delayed ACK (40 ms).  So a
+Two writes in one reactor turn (a ``250``, then the ``221`` of a
+pipelined QUIT) would otherwise meet Nagle's algorithm: the second waits
+for the peer's delayed ACK (40 ms).  (The SMTP client does not write
+eagerly: its content and final dot are such a pair, and with
+``TCP_NODELAY`` it measured no faster -- README "Benchmarks".)  So a
 protocol that writes eagerly calls :func:`connected` from its
 ``connectionMade``, which sets ``TCP_NODELAY``.
 """
