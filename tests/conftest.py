@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from ports import free_port  # noqa: F401 (tests import it from here)
+from ports import free_port
 
 from pg import pg_server, pg_url  # noqa: F401  (fixtures: a private PostgreSQL, a database)
 from postfix import postfix_factory  # noqa: F401  (fixture: private Postfix instances)
@@ -64,10 +64,6 @@ def subprocess_env() -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"          # the log is complete even after kill -9
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     return env
-
-
-
-
 
 
 def _toml_value(value: Any) -> str:

@@ -33,8 +33,6 @@ LMTP = "/usr/lib/dovecot/lmtp"
 NOBODY = 65534
 
 
-
-
 class DovecotLMTP:
     def __init__(self, root: Path, users: list[str]):
         missing = [p for p in (DOVECOT, LMTP) if not os.access(p, os.X_OK)]
