@@ -12,6 +12,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
+from . import gctune
 from .config import Config, ConfigError, implicit_tls_endpoint, load_config
 
 if TYPE_CHECKING:
@@ -225,6 +226,8 @@ def makeService(options: Options) -> service.IService:
     if tls is not None or users is not None:
         _ReloadOnHangup(reactor, tls, users).setServiceParent(front)
     line = _start_line(config, listen, url)
+    # In every process, the workers too: registered before they are forked.
+    reactor.callWhenRunning(gctune.settle)
     if shared is None:
         _LogLine(start=line, stop="mta stopping",
                  reactor=reactor).setServiceParent(top)       # started last, stopped first
