@@ -51,6 +51,8 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from . import gctune
+
 log = Logger(namespace="mta")
 
 _PR_SET_PDEATHSIG = 1
@@ -200,6 +202,9 @@ class WorkerSupervisor(service.Service):
         for listener in self.listeners:
             listener.bind_shared()
         self._supervisor = os.getpid()
+        # Before the fork, so that the start-up heap, frozen, stays shared:
+        # the workers' collections never touch (and so never copy) it.
+        gctune.settle()
         for number in range(1, self.count + 1):
             if self._fork(number):
                 return                          # this process is worker *number*
