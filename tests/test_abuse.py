@@ -45,7 +45,8 @@ from test_smtp_server import stored_content
 from mta.message import InboundMessage
 from mta.policy import RelayPolicy
 from mta.smtp import client as client_module
-from mta.smtp.client import OutboundMessage, OutboundRecipient, dot_stuff
+from mta.smtp.client import OutboundMessage, OutboundRecipient
+from mta.smtp.content import dot_stuff
 from mta.smtp.pool import ConnectionPool
 from mta.smtp.server import ServerSettings, SMTPServerFactory
 

@@ -7,8 +7,10 @@ from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 
-from mta.smtp.client import (ClientSession, OutboundMessage, OutboundRecipient,
-                             SMTPClientProtocol, Timeouts, TLSPolicy, prepare_content)
+from mta.smtp.client import OutboundMessage, OutboundRecipient, SMTPClientProtocol
+from mta.smtp.content import prepare_content
+from mta.smtp.session import ClientSession, TLSPolicy
+from mta.smtp.settings import Timeouts
 from mta.smtp.types import NextHop
 
 HOP = NextHop("branch.example.test", "192.0.2.9", 25)

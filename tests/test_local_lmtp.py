@@ -17,7 +17,7 @@ from twisted.trial import unittest
 from dovecot import DovecotLMTP
 from mta.hostport import client_endpoint
 from mta.local.lmtp import LMTPClient
-from mta.smtp.client import Timeouts
+from mta.smtp.settings import Timeouts
 
 CONTENT = (b"From: alice@example.net\r\n"
            b"To: bob@example.org\r\n"

@@ -31,14 +31,13 @@ from peers import ScriptedPeer, unstuff  # noqa: E402
 from mta.smtp import client as client_module  # noqa: E402
 from mta.smtp.client import (  # noqa: E402
     DeliveryResult,
-    DotStuffer,
     NextHop,
     OutboundMessage,
     OutboundRecipient,
     RecipientResult,
-    Timeouts,
-    dot_stuff,
 )
+from mta.smtp.content import DotStuffer, dot_stuff  # noqa: E402
+from mta.smtp.settings import Timeouts  # noqa: E402
 from mta.smtp.pool import ConnectionPool  # noqa: E402
 
 HEADERS = (b"From: <a@example.test>\r\nTo: <b@example.test>\r\n"

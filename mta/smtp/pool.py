@@ -1,5 +1,5 @@
 """Where the outbound client's connections come from, and who hands
-messages to a :class:`mta.smtp.client.ClientSession` over them:
+messages to a :class:`mta.smtp.session.ClientSession` over them:
 
 * :class:`ConnectionPool`: connects (``connectTCP``), caches idle
   connections, tries the next hops in order, holds rejected logins -- what
@@ -21,10 +21,12 @@ from typing import Any
 from twisted.internet import defer, error
 from twisted.logger import Logger
 
-from .client import (ClientSession, ConnectFactory, Content, DeadConnection, DeliveryResult,
-                     HopFailure, OutboundMessage, RecipientResult, SMTPClientProtocol,
-                     TLSFailed, TLSPolicy, Timeouts, connect_failure_text, hop_name,
-                     prepare_content)
+from .client import (ConnectFactory, DeadConnection, DeliveryResult, HopFailure,
+                     OutboundMessage, RecipientResult, SMTPClientProtocol, TLSFailed,
+                     connect_failure_text, hop_name)
+from .content import Content, prepare_content
+from .session import ClientSession, TLSPolicy
+from .settings import Timeouts
 from .types import NextHop, reply_detail, reply_kind
 
 log = Logger(namespace="mta.smtp")
