@@ -9,17 +9,23 @@ writes it) and mta.smtp.session (which checks what the hop can take).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from twisted.logger import Logger
 
 from .data import has_bare_newline, normalize_newlines
 from .downgrade import DowngradeError, to_7bit
 
-if TYPE_CHECKING:
-    from .client import OutboundMessage
-
 log = Logger(namespace="mta.smtp")
+
+
+class Outgoing(Protocol):
+    """What :func:`prepare_content` reads of a message
+    (mta.smtp.client.OutboundMessage is one)."""
+    queue_id: str
+    headers: bytes
+    body: bytes
+    body_type: str | None
 
 class DotStuffer:
     """Dot-stuffing (RFC 5321 §4.5.2) that is correct whatever the chunking.
@@ -82,7 +88,7 @@ def _as_bytes(data: Any) -> bytes:
     return bytes(data)
 
 
-def prepare_content(msg: OutboundMessage) -> Content:
+def prepare_content(msg: Outgoing) -> Content:
     headers = _as_bytes(msg.headers)
     body = _as_bytes(msg.body)
     body_type = (msg.body_type or "").upper()
