@@ -12,7 +12,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
-from . import gctune
+from . import epoll, gctune
 from .config import Config, ConfigError, implicit_tls_endpoint, load_config
 
 if TYPE_CHECKING:
@@ -228,6 +228,7 @@ def makeService(options: Options) -> service.IService:
     line = _start_line(config, listen, url)
     # In every process, the workers too: registered before they are forked.
     reactor.callWhenRunning(gctune.settle)
+    reactor.callWhenRunning(epoll.streamline, reactor)
     if shared is None:
         _LogLine(start=line, stop="mta stopping",
                  reactor=reactor).setServiceParent(top)       # started last, stopped first
