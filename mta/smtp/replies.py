@@ -17,8 +17,10 @@ class Reply:
 
     def encode(self, enhanced: bool) -> bytes:
         """Wire form; multi-line text becomes ``code-`` continuation lines."""
-        lines = self.text.split("\n")
         prefix = f"{self.status} " if (enhanced and self.status) else ""
+        if "\n" not in self.text:           # nearly every reply: one line
+            return f"{self.code} {prefix}{self.text}\r\n".encode("utf-8", "replace")
+        lines = self.text.split("\n")
         out = []
         last = len(lines) - 1
         for i, line in enumerate(lines):
