@@ -413,7 +413,7 @@ def dsn_maker(config: Any) -> Callable[[QueuedMessage, list[QueuedRecipient], fl
     """DSNs for recipients failed by the administrator, built and spooled
     exactly as the queue runner does for its failures (with NOTIFY
     respected); none for a message from ``<>``."""
-    from .delivery.scheduler import _notify_allows, dsn_messages
+    from .delivery.reports import dsn_messages, notify_allows
     from .dsn import DSNRecipient
 
     def make(m: QueuedMessage, rows: list[QueuedRecipient], now: float) -> list[InboundMessage]:
@@ -421,7 +421,7 @@ def dsn_maker(config: Any) -> Callable[[QueuedMessage, list[QueuedRecipient], fl
             return []
         failed = []
         for r in rows:
-            if not _notify_allows(r.notify, "FAILURE"):
+            if not notify_allows(r.notify, "FAILURE"):
                 continue
             # Our own decision, not a reply of a remote MTA (RFC 3464 §2.3.6).
             reason = BOUNCE_REPLY.split(" ", 2)[2]

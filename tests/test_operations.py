@@ -320,7 +320,7 @@ def test_the_import_check_covers_function_level_imports():
     # Imported inside functions, i.e. only after the switch to --uid.
     assert ("from twisted.names import hosts, resolve", "mta.delivery.router") in statements
     assert ("from ..dsn import OriginalMessage, build_dsn, needs_smtputf8",
-            "mta.delivery.scheduler") in statements
+            "mta.delivery.reports") in statements
     assert ("import mta.dsn", "mta.dsn") in statements
     check_imports(checks)          # all of them work here, as this user
 

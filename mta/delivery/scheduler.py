@@ -64,10 +64,11 @@ from twisted.python.failure import Failure
 from .. import domain as dom
 from ..address import domain_key
 from ..config import RelayConfig, RetryConfig
-from ..message import InboundMessage, Recipient, new_queue_id, split_header_block
+from ..message import InboundMessage
 from ..spool import SpoolWriteError, ops
 from ..spool.faults import RepeatedFailures, describe
 from ..spool.interface import DeliveryQueue, Release, is_released
+from .reports import dsn_messages, forwarded_copy, notify_allows
 from .types import (HOLD_COURIER, Courier, NextHop, Outcome, QueuedMessage, QueuedRecipient,
                     Route, RouteMap)
 
@@ -105,14 +106,6 @@ def backoff(attempts: int, first: float, maximum: float, rand: float = 0.5) -> f
     (``rand`` in [0, 1)).  A pure function, so tests need no clock."""
     base = min(first * (2 ** min(max(attempts, 1) - 1, 40)), maximum)
     return base * (0.9 + 0.2 * rand)
-
-
-def _notify_allows(notify: str | None, what: str) -> bool:
-    """RFC 3461: no NOTIFY means failures (and, by our choice, delays) are
-    reported, successes not."""
-    if notify is None:
-        return what in ("FAILURE", "DELAY")
-    return what in notify.split(",")
 
 
 # The status label of mta_delivery_recipients_total for each outcome.
@@ -780,7 +773,7 @@ class QueueRunner(service.Service):
                 # RFC 3461 §6.2.7: a next hop with DSN was given NOTIFY (and
                 # ORCPT, ENVID, RET) and now owes the report; ``delivered`` is
                 # for a final delivery, which the relay does not make.
-                if _notify_allows(notify, "SUCCESS") and not res.dsn_passed:
+                if notify_allows(notify, "SUCCESS") and not res.dsn_passed:
                     owing.add(row.id)
                     report["success"].append(DSNRecipient(
                         action=("expanded" if res.expanded else
@@ -797,7 +790,7 @@ class QueueRunner(service.Service):
                 if expired:
                     reply = f"delivery time expired; last reply: {res.text}"
                     said = f"delivery time expired; last reply: {said}"
-                if _notify_allows(notify, "FAILURE"):
+                if notify_allows(notify, "FAILURE"):
                     owing.add(row.id)
                     report["failure"].append(DSNRecipient(action="failed", status=dsn_status,
                                                           **dsn_common()))
@@ -809,7 +802,7 @@ class QueueRunner(service.Service):
                 nxt = min(now + delay, m.arrival + lifetime)
                 warn = self.retry.warn_after
                 if (warn is not None and not warned and age >= warn
-                        and _notify_allows(notify, "DELAY")):
+                        and notify_allows(notify, "DELAY")):
                     warned = True
                     owing.add(row.id)
                     report["delay"].append(DSNRecipient(
@@ -1044,65 +1037,3 @@ class QueueRunner(service.Service):
     def _make_dsns(self, m: QueuedMessage, report: dict[str, list], now: float) -> list:
         return dsn_messages(m, report, now, hostname=self.hostname,
                             postmaster=self.relay.postmaster, builder=self._dsn_builder)
-
-
-def forwarded_copy(m: QueuedMessage, res: Outcome, now: float, *,
-                   hostname: str) -> InboundMessage:
-    """The new message that relays *m* to the remote members of an alias
-    (``res.forward``): same sender, envelope and content, recipients with
-    ``res.forward_notify`` / ``forward_orcpt`` (None: not passed on)."""
-    return InboundMessage(
-        queue_id=new_queue_id(now), sender=m.sender,
-        recipients=[Recipient(a, res.forward_notify, res.forward_orcpt) for a in res.forward],
-        headers=m.headers, body=m.body, arrival=now, client_address="127.0.0.1",
-        helo=hostname, protocol="local", size=len(m.headers) + len(m.body),
-        smtputf8=m.smtputf8, body_type=m.body_type, ret=m.ret, envid=m.envid)
-
-
-def dsn_messages(m: QueuedMessage, report: dict[str, list], now: float, *, hostname: str,
-                 postmaster: str = "", builder: Callable[..., bytes] | None = None) -> list:
-    """The DSN messages (ready for the spool) that *report* owes for message
-    row *m*: one per kind (failure, delay, success), from ``<>`` to the
-    sender — or, for a failed bounce, to *postmaster* (or none)."""
-    if not any(report.values()):
-        return []
-    from ..dsn import OriginalMessage, build_dsn, needs_smtputf8
-    builder = builder or build_dsn
-    sender = m.sender
-    if sender == "":
-        # Never a DSN for a DSN.  A failed bounce may go to the postmaster.
-        failed = report.get("failure", [])
-        pm = postmaster
-        if not failed or not pm:
-            if failed:
-                log.warn("{queue_id}: bounce undeliverable, dropped (no DSN for <>)",
-                         queue_id=m.queue_id)
-            return []
-        failed = [f for f in failed if f.final_recipient.lower() != pm.lower()]
-        if not failed:
-            return []
-        report = {"failure": failed}
-        to = pm
-    else:
-        to = sender
-    original = OriginalMessage(
-        queue_id=m.queue_id, sender=to, headers=m.headers, body=m.body, arrival=m.arrival,
-        envid=m.envid, ret=m.ret, smtputf8=m.smtputf8)
-    out = []
-    for kind in ("failure", "delay", "success"):
-        rcpts = report.get(kind)
-        if not rcpts:
-            continue
-        data = builder(original, rcpts, reporting_mta=hostname, now=now)
-        qid = new_queue_id(now)
-        n = split_header_block(data)
-        utf8 = needs_smtputf8(original, rcpts)
-        out.append(InboundMessage(
-            queue_id=qid, sender="", recipients=[Recipient(to, "NEVER")], headers=data[:n],
-            body=data[n:], arrival=now, client_address="127.0.0.1", helo=hostname,
-            protocol="local", size=len(data), smtputf8=utf8,
-            body_type=None if data.isascii() else "8BITMIME"))
-        log.info("{queue_id}: sender {kind} notification: {dsn_id}", queue_id=m.queue_id,
-                 kind={"failure": "non-delivery", "delay": "delay",
-                       "success": "delivery"}[kind], dsn_id=qid)
-    return out
