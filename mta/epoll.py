@@ -54,6 +54,8 @@ def streamline(reactor: Any) -> bool:
                 continue         # removed by the handler of an earlier event
             try:
                 handle(selectable, fd, event)
+            except KeyboardInterrupt:
+                raise            # as callWithLogger does
             except BaseException:
                 log.err(None, "unhandled error in a socket handler")
 

@@ -9,13 +9,14 @@ SQLAlchemy, the configuration: some 80 MB -- four times in a 6,000-message
 ``make bench --e2e`` run, ~0.2 s of one worker's CPU: 4-5 % of the CPU per
 message.
 
-:func:`settle`, when the reactor starts (in every process: the workers of
-``[server] workers`` inherit the call from the supervisor, which registers
-it before it forks), collects once, moves what has survived start-up into
-the permanent generation (``gc.freeze``: never traversed again, and its
-pages stay shared with the supervisor), and collects the youngest
-generation every 20,000 net allocations instead: in that run the collector
-then never ran.  Cyclic garbage is still collected, only later.
+:func:`settle`, when the service tree starts (in each worker of
+``[server] workers``, and in the supervisor just before it forks them),
+collects once, moves what has survived start-up into the permanent
+generation (``gc.freeze``: never traversed again, and its pages stay shared
+with the supervisor), and collects the youngest generation every 20,000 net
+allocations instead: in that run the collector then never ran.  Cyclic
+garbage made later is still collected, only later; what was frozen is
+never collected (start-up objects, which live as long as the process).
 """
 from __future__ import annotations
 

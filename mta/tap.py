@@ -178,6 +178,7 @@ def makeService(options: Options) -> service.IService:
     # deliveries in progress (within [relay] shutdown_grace), side by side;
     # then the metrics; the spool last.
     top = OrderedMultiService()
+    _ProcessTuning(reactor).setServiceParent(top)                   # started first
     worker = "mta worker" if shared is not None else "mta"
     _LogLine(stop=f"{worker} stopped").setServiceParent(top)        # stopped last
     if pool is not None:
@@ -226,9 +227,6 @@ def makeService(options: Options) -> service.IService:
     if tls is not None or users is not None:
         _ReloadOnHangup(reactor, tls, users).setServiceParent(front)
     line = _start_line(config, listen, url)
-    # In every process, the workers too: registered before they are forked.
-    reactor.callWhenRunning(gctune.settle)
-    reactor.callWhenRunning(epoll.streamline, reactor)
     if shared is None:
         _LogLine(start=line, stop="mta stopping",
                  reactor=reactor).setServiceParent(top)       # started last, stopped first
@@ -278,6 +276,22 @@ def _start_line(config: Config, listen: list[str], url: str) -> str:
         parts.append(f"delivering by MX ({ns})"
                      + (f" and {len(config.routes)} route(s)" if config.routes else ""))
     return f"mta {__version__} started: " + "; ".join(parts)
+
+
+class _ProcessTuning(service.Service):
+    """At the start of the process that runs the tree (a worker's, with
+    ``[server] workers``): Python's collector settled (mta.gctune) and the
+    reactor's poll without the legacy log context (mta.epoll).  A service,
+    not a reactor trigger, so that building the tree (as tests do) changes
+    nothing of the process."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        gctune.settle()
+        epoll.streamline(self.reactor)
 
 
 class _LogLine(service.Service):
