@@ -6,10 +6,12 @@ whose ``str()`` is one line naming the file and the key, e.g.::
 
     etc/mta.toml: [server] max_recipients: expected an integer, got 'abc'
 
-This module is the one validator of every value: components are handed
-their section (or a settings object built from it here, e.g.
+This module (the sections, which key takes which converter, the checks
+across keys, the loading) and mta.config_values (one converter per kind of
+value) are the one validator of every value: components are handed their
+section (or a settings object built from it here, e.g.
 ``RelayConfig.timeouts``) and do not check it again.  Where a component
-parses a value itself, the validator here calls that same parser
+parses a value itself, the converter calls that same parser
 (``[relay] smarthost``, ``[routes]`` values, ``[dns] nameservers``:
 mta.hostport; ``[routes]``/``[route_tls]`` domains: mta.domain; TLS
 policies: mta.smtp.types), so the two cannot disagree.
@@ -23,15 +25,12 @@ component's module (``[auth]``: mta.auth.limiter; ``[tls] min_version``:
 mta.tls) or are its defaults taken from here (mta.metrics).
 ``tests/test_settings_defaults.py`` checks that each component runs with
 the value of its key.  To add a key: a field in its section's dataclass,
-a converter in ``_SCHEMA``, a line in etc/mta.toml (and README.rst).
+a converter (mta.config_values) for it in ``_SCHEMA``, a line in etc/mta.toml (and README.rst).
 """
 
 from __future__ import annotations
 
-import ipaddress
-import math
 import os
-import re
 import tomllib
 from collections.abc import Callable, Mapping
 import dataclasses
@@ -39,10 +38,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .auth.limiter import FAILURE_DELAY, LOCKOUT, MAX_FAILURES
-from .hostport import client_endpoint, parse_hostport, parse_nameserver
 from .smtp.settings import ServerSettings, Timeouts
-from .smtp.types import TLS_POLICIES
 from .tls import MIN_VERSIONS
+from . import config_values as v
 from . import domain as dom
 
 __all__ = [
@@ -58,9 +56,7 @@ __all__ = [
     "SpoolConfig",
     "TLSConfig",
     "config_from_dict",
-    "implicit_tls_endpoint",
     "load_config",
-    "parse_duration",
 ]
 
 
@@ -70,7 +66,7 @@ class ConfigError(Exception):
     def __init__(self, source: str, where: str | None, message: str) -> None:
         self.source = source
         self.where = where
-        self.message = _one_line(message)
+        self.message = v.one_line(message)
         super().__init__(str(self))
 
     def __str__(self) -> str:
@@ -263,572 +259,135 @@ class Config:
         return self.policy.relay_networks if nets is None else nets
 
 
-# --------------------------------------------------------------------------- durations
-
-_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
-_PLAIN_NUMBER = re.compile(r"\d+(?:\.\d+)?")
-
-
-def parse_duration(value: object) -> float:
-    """Return a duration in seconds.
-
-    Accepts a non-negative int or float (seconds), or a string: a plain number of
-    seconds ("30") or one or more number+unit parts with units s, m, h, d
-    ("30s", "5m", "1h", "5d", "1h30m").  Raises ValueError for anything else.
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"invalid duration {value!r}")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    elif isinstance(value, str):
-        text = value.strip().lower()
-        if _PLAIN_NUMBER.fullmatch(text):
-            seconds = float(text)
-        else:
-            pos = 0
-            seconds = 0.0
-            seen: set[str] = set()
-            for match in _DURATION_PART.finditer(text):
-                unit = match.group(2)
-                if match.start() != pos or unit in seen:
-                    raise ValueError(f"invalid duration {value!r}")
-                seen.add(unit)
-                seconds += float(match.group(1)) * _DURATION_UNITS[unit]
-                pos = match.end()
-            if pos == 0 or pos != len(text):
-                raise ValueError(f"invalid duration {value!r}")
-    else:
-        raise ValueError(f"invalid duration {value!r}")
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"invalid duration {value!r}")
-    return seconds
-
-
-# --------------------------------------------------------------------------- validators
-
-class _Invalid(Exception):
-    """Raised by a field converter; wrapped into ConfigError with the file and key."""
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-_INT64_MAX = 2**63 - 1      # the largest integer SQLite (and most code) can hold
-_WORKERS_MAX = 256          # [server] workers: processes, not connections
-_COUNT_MAX = 1_000_000      # connections, recipients, errors: more is a typo, not a setting
-_MESSAGE_SIZE_MAX = 512 * 1024 * 1024   # one SQLite blob holds at most 1 GB (body + DSN copies)
-_DURATION_MAX = 10 * 365 * 86400.0
-
-
-def _int(minimum: int = 0, maximum: int = _INT64_MAX,
-         why: str = "") -> Callable[[object], int]:
-    def convert(value: object) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _Invalid(f"expected an integer, got {value!r}")
-        if value < minimum:
-            raise _Invalid(f"must be at least {minimum}, got {value!r}")
-        if value > maximum:
-            raise _Invalid(f"must be at most {maximum}{why}, got {value!r}")
-        return value
-
-    return convert
-
-
-def _bool(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise _Invalid(f"expected true or false, got {value!r}")
-    return value
-
-
-def _str(value: object) -> str:
-    if not isinstance(value, str):
-        raise _Invalid(f"expected a string, got {value!r}")
-    return value
-
-
-def _str_list(value: object) -> tuple[str, ...]:
-    if not isinstance(value, list):
-        raise _Invalid(f"expected a list of strings, got {value!r}")
-    for item in value:
-        if not isinstance(item, str):
-            raise _Invalid(f"expected a list of strings, got element {item!r}")
-    return tuple(value)
-
-
-def _duration(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise _Invalid(f"expected a duration (seconds or a string like \"5m\"), got {value!r}")
-    try:
-        seconds = parse_duration(value)
-    except ValueError:
-        raise _Invalid(
-            f"invalid duration {value!r} (use seconds or a string like \"30s\", \"5m\", \"1h30m\")"
-        ) from None
-    if seconds <= 0:
-        raise _Invalid(f"must be greater than zero, got {value!r}")
-    if seconds > _DURATION_MAX:
-        raise _Invalid(f"must be at most 10 years ({_DURATION_MAX:.0f} seconds), got {value!r}")
-    return seconds
-
-
-_LOCK_TIMEOUT_MAX = 3600.0
-
-
-def _lock_timeout(value: object) -> float:
-    seconds = _duration(value)
-    if seconds > _LOCK_TIMEOUT_MAX:
-        raise _Invalid(f"must be at most 1 hour, got {value!r}")
-    return seconds
-
-
-_LEASE_MIN = 3.0      # renewed every third: once a second at most
-
-
-def _lease(value: object) -> float:
-    seconds = _duration(value)
-    if seconds < _LEASE_MIN:
-        raise _Invalid(f"must be at least {_LEASE_MIN:g} seconds, got {value!r}")
-    return seconds
-
-
-_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,99}")
-
-
-def _node_name(value: object) -> str:
-    name = _str(value)
-    if name and not _NODE_NAME.fullmatch(name):
-        raise _Invalid("must be empty (host name + a per-start suffix) or up to 100 letters, "
-                       f"digits and . _ : - (starting with a letter or digit), got {name!r}")
-    return name
-
-
-def _port(value: object) -> int:
-    port = _int(1)(value)
-    if port > 65535:
-        raise _Invalid(f"must be a TCP port (1-65535), got {value!r}")
-    return port
-
-
-def _hostname(value: object) -> str:
-    host = _str(value)
-    if not host:
-        raise _Invalid("must not be empty")
-    if any(ch.isspace() or not ch.isprintable() for ch in host):
-        raise _Invalid(f"must not contain spaces or control characters, got {host!r}")
-    if not host.isascii():  # it goes out in EHLO as A-labels (mta.domain.to_ascii)
-        try:
-            dom.to_ascii(host)
-        except dom.DomainError as e:
-            raise _Invalid(str(e)) from None
-    return host
-
-
-def _choice(*choices: str) -> Callable[[object], str]:
-    def convert(value: object) -> str:
-        text = _str(value)
-        if text not in choices:
-            options = ", ".join(repr(c) for c in choices)
-            raise _Invalid(f"expected one of {options}, got {text!r}")
-        return text
-
-    return convert
-
-
-def _split_endpoint(description: str) -> list[str]:
-    """Split a Twisted endpoint string on its unescaped colons (escapes kept)."""
-    parts: list[str] = []
-    cur: list[str] = []
-    i = 0
-    while i < len(description):
-        c = description[i]
-        if c == "\\" and i + 1 < len(description):
-            cur.append(description[i:i + 2])
-            i += 2
-            continue
-        if c == ":":
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(c)
-        i += 1
-    parts.append("".join(cur))
-    return parts
-
-
-_SSL_KEY_OPTIONS = {"privateKey", "certKey"}
-_SSL_ONLY_OPTIONS = {"sslmethod", "extraCertChain", "dhParameters"}
-
-
-def implicit_tls_endpoint(description: str) -> str | None:
-    """For an ``ssl:`` endpoint string without its own ``privateKey=``/``certKey=``,
-    the ``tcp:`` string to listen on (TLS is then added with the ``[tls]``
-    certificate); None for any other endpoint string.  Raises ValueError for an
-    ``ssl:`` string that sets other TLS options but no key."""
-    parts = _split_endpoint(description)
-    if parts[0] != "ssl":
-        return None
-    keys = {p.split("=", 1)[0] for p in parts[1:] if "=" in p}
-    if keys & _SSL_KEY_OPTIONS:
-        return None
-    stray = sorted(keys & _SSL_ONLY_OPTIONS)
-    if stray:
-        raise ValueError(f"{stray[0]}= needs privateKey= in the endpoint "
-                         "(or drop it to use [tls] certificate and private_key)")
-    return ":".join(["tcp", *parts[1:]])
-
-
-def _endpoints(value: object) -> tuple[str, ...]:
-    from twisted.internet.endpoints import serverFromString
-    from twisted.internet.testing import MemoryReactor
-
-    # serverFromString only parses (ssl: also reads the certificate files); it does not
-    # listen.  A MemoryReactor keeps this from installing the global reactor, which
-    # twistd must be free to choose.
-    reactor = MemoryReactor()
-    descriptions = _str_list(value)
-    for description in descriptions:
-        try:
-            # "ssl:465" without privateKey= takes the [tls] certificate (checked
-            # in config_from_dict); parse it as the tcp: endpoint it listens on.
-            tcp = implicit_tls_endpoint(description)
-            endpoint = serverFromString(reactor, tcp or description)
-        except Exception as e:
-            raise _Invalid(
-                f"invalid endpoint {description!r}: {type(e).__name__}: {e}"
-            ) from None
-        port = getattr(endpoint, "_port", None)
-        if isinstance(port, int) and not 0 <= port <= 65535:
-            raise _Invalid(f"invalid endpoint {description!r}: port {port} out of range")
-    return descriptions
-
-
-def _optional_endpoint(value: object) -> str:
-    """One server endpoint string, or "" (off)."""
-    text = _str(value).strip()
-    if text:
-        _endpoints([text])
-    return text
-
-
-def _networks(value: object) -> tuple[str, ...]:
-    result = []
-    for item in _str_list(value):
-        try:
-            network = ipaddress.ip_network(item.strip(), strict=False)
-        except ValueError as e:
-            raise _Invalid(f"invalid network {item!r}: {e}") from None
-        result.append(str(network))
-    return tuple(result)
-
-
-def _domains(value: object) -> tuple[str, ...]:
-    """Domain names (``.example.org``: its subdomains), as mta.domain.to_ascii
-    writes them, so that config keys compare equal to what they match."""
-    result = []
-    for item in _str_list(value):
-        text = item.strip()
-        dot = "." if text.startswith(".") else ""
-        name = text[len(dot):]
-        if dom.is_literal(name):
-            raise _Invalid(f"invalid domain {item!r}: an address literal is not a domain name")
-        try:
-            result.append(dot + dom.to_ascii(name))
-        except dom.DomainError as e:
-            raise _Invalid(f"invalid domain {item!r}" + (f": {e.reason}" if e.reason else "")
-                           ) from None
-    return tuple(result)
-
-
-def _optional_domain(value: object) -> str:
-    text = _str(value).strip()
-    if not text:
-        return ""
-    if text.startswith("."):
-        raise _Invalid(f"invalid domain {value!r}")
-    return _domains([text])[0]
-
-
-def _sqlalchemy_url(value: object) -> str:
-    from sqlalchemy.engine import make_url
-
-    url = _str(value)
-    try:
-        make_url(url)
-    except Exception as e:
-        raise _Invalid(f"invalid database URL {url!r}: {e}") from None
-    return url
-
-
-def _hostport(value: object) -> str:
-    """``"host:port"`` (or ``"host"``, ``"[IPv6]:port"``), checked with the
-    parser that the router reads it with (mta.hostport)."""
-    text = _str(value).strip()
-    if not text:
-        return ""
-    try:
-        parse_hostport(text)
-    except ValueError as e:
-        raise _Invalid(f"expected \"host:port\": {e}") from None
-    return text
-
-
-def _required_hostport(value: object) -> str:
-    text = _hostport(value)
-    if not text:
-        raise _Invalid("must not be empty")
-    return text
-
-
-def _nameservers(value: object) -> tuple[str, ...]:
-    items = _str_list(value)
-    for item in items:
-        try:
-            parse_nameserver(item)
-        except ValueError as e:
-            raise _Invalid(f"expected \"ip\" or \"ip:port\", got {item!r} ({e})") from None
-    return items
-
-
-def _optional_duration(value: object) -> float | None:
-    if value == "":
-        return None
-    return _duration(value)
-
-
-def _nonnegative_duration(value: object) -> float:
-    if value == 0 or value == "0":
-        return 0.0
-    return _duration(value)
-
-
-def _path(value: object) -> str:
-    text = _str(value)
-    if "\x00" in text:
-        raise _Invalid("must not contain NUL")
-    return text
-
-
-def _secret(value: object) -> str:
-    text = _str(value)
-    if "\x00" in text:
-        raise _Invalid("must not contain NUL")
-    return text
-
-
-def _user(value: object) -> str:
-    text = _str(value)
-    if any(not ch.isprintable() for ch in text):
-        raise _Invalid(f"must not contain control characters, got {text!r}")
-    return text
-
-
-def _tls_policy(value: object) -> str:
-    """An outbound TLS policy: one of ``mta.smtp.types.TLS_POLICIES``."""
-    return _choice(*TLS_POLICIES)(value)
-
-
-def _address(value: object) -> str:
-    text = _str(value).strip()
-    if text and ("@" not in text or any(c.isspace() for c in text)):
-        raise _Invalid(f"expected an address like postmaster@example.test, got {text!r}")
-    return text
-
-
-def _maildir_template(value: object) -> str:
-    from .local.maildir import check_template
-    text = _path(value)
-    try:
-        check_template(text)
-    except ValueError as e:
-        raise _Invalid(str(e).removeprefix("maildir: ")) from None
-    return text
-
-
-def _lmtp_destination(value: object) -> str:
-    text = _str(value).strip()
-    if text:
-        try:
-            client_endpoint(text)
-        except ValueError as e:
-            raise _Invalid(str(e)) from None
-    return text
-
-
-def _exact_domains(value: object, what: str = "local") -> tuple[str, ...]:
-    names = _domains(value)
-    for name in names:
-        if name.startswith("."):
-            raise _Invalid(f"invalid domain {name!r}: list each {what} domain by its name "
-                           "(no \".\" wildcard)")
-    return names
-
-
-def _hold_domains(value: object) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(_exact_domains(value, "hold")))
-
-
-def _atrn_grants(value: object) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """``[gateway.atrn]``: user -> the domains (exact names, no "." wildcard)
-    that user takes by ATRN.  A domain is granted to one user only: two
-    customers taking one domain's mail would each get part of it."""
-    if not isinstance(value, Mapping):
-        raise _Invalid(f"expected a table of user = [domains], got {value!r}")
-    out = []
-    owner: dict[str, str] = {}
-    for user, domains in value.items():
-        from .auth.users import valid_username
-        problem = valid_username(user)
-        if problem is not None:
-            raise _Invalid(f"user {user!r}: {problem}")
-        name = user
-        try:
-            names = _domains(domains)
-        except _Invalid as e:
-            raise _Invalid(f"{user}: {e}") from None
-        if not names:
-            raise _Invalid(f"{user}: no domain listed")
-        for d in names:
-            if d.startswith("."):
-                raise _Invalid(f"{user}: invalid domain {d!r}: list each domain by its name "
-                               "(no \".\" wildcard)")
-            if d in owner:
-                raise _Invalid(f"{user}: {d} is already granted to {owner[d]}")
-            owner[d] = name
-        out.append((name, tuple(dict.fromkeys(names))))
-    return tuple(out)
-
-
 # section name -> (dataclass, {key: converter}); keys equal the dataclass field names.
 _SCHEMA: dict[str, tuple[type, dict[str, Callable[[object], Any]]]] = {
     "server": (
         ServerConfig,
         {
-            "hostname": _hostname,
-            "listen": _endpoints,
-            "max_message_size": _int(0, _MESSAGE_SIZE_MAX, " (512 MiB)"),
-            "max_recipients": _int(1, _COUNT_MAX),
-            "max_connections": _int(1, _COUNT_MAX),
-            "max_connections_per_client": _int(1, _COUNT_MAX),
-            "command_timeout": _duration,
-            "data_timeout": _duration,
-            "max_errors": _int(0, _COUNT_MAX),
-            "bare_newlines": _choice("reject", "normalize"),
-            "max_hops": _int(1, 1000),
-            "workers": _int(0, _WORKERS_MAX),
-            "submission": _endpoints,
+            "hostname": v.hostname,
+            "listen": v.endpoints,
+            "max_message_size": v.integer(0, v.MESSAGE_SIZE_MAX, " (512 MiB)"),
+            "max_recipients": v.integer(1, v.COUNT_MAX),
+            "max_connections": v.integer(1, v.COUNT_MAX),
+            "max_connections_per_client": v.integer(1, v.COUNT_MAX),
+            "command_timeout": v.duration,
+            "data_timeout": v.duration,
+            "max_errors": v.integer(0, v.COUNT_MAX),
+            "bare_newlines": v.choice("reject", "normalize"),
+            "max_hops": v.integer(1, 1000),
+            "workers": v.integer(0, v.WORKERS_MAX),
+            "submission": v.endpoints,
         },
     ),
     "policy": (
         PolicyConfig,
         {
-            "relay_networks": _networks,
-            "relay_domains": _domains,
+            "relay_networks": v.networks,
+            "relay_domains": v.domains,
         },
     ),
     "spool": (
         SpoolConfig,
         {
-            "url": _sqlalchemy_url,
-            "queue_minfree": _int(0),
-            "lock_timeout": _lock_timeout,
+            "url": v.sqlalchemy_url,
+            "queue_minfree": v.integer(0),
+            "lock_timeout": v.lock_timeout,
         },
     ),
     "cluster": (
         ClusterConfig,
         {
-            "node": _node_name,
-            "lease": _lease,
-            "poll": _duration,
+            "node": v.node_name,
+            "lease": v.lease,
+            "poll": v.duration,
         },
     ),
     "relay": (
         RelayConfig,
         {
-            "smarthost": _hostport,
-            "port": _port,
-            "deliver": _bool,
-            "concurrency": _int(1, 10_000),
-            "per_destination": _int(1, 10_000),
-            "recipient_limit": _int(1, _COUNT_MAX),
-            "connect_timeout": _duration,
-            "command_timeout": _duration,
-            "data_timeout": _duration,
-            "postmaster": _address,
-            "tls": _tls_policy,
-            "tls_ca_file": _path,
-            "smarthost_user": _user,
-            "smarthost_password": _secret,
-            "smarthost_password_file": _path,
-            "shutdown_grace": _nonnegative_duration,
+            "smarthost": v.hostport,
+            "port": v.port,
+            "deliver": v.boolean,
+            "concurrency": v.integer(1, 10_000),
+            "per_destination": v.integer(1, 10_000),
+            "recipient_limit": v.integer(1, v.COUNT_MAX),
+            "connect_timeout": v.duration,
+            "command_timeout": v.duration,
+            "data_timeout": v.duration,
+            "postmaster": v.address,
+            "tls": v.tls_policy,
+            "tls_ca_file": v.path,
+            "smarthost_user": v.user,
+            "smarthost_password": v.secret,
+            "smarthost_password_file": v.path,
+            "shutdown_grace": v.nonnegative_duration,
         },
     ),
     "dns": (
         DNSConfig,
         {
-            "nameservers": _nameservers,
-            "timeout": _duration,
+            "nameservers": v.nameservers,
+            "timeout": v.duration,
         },
     ),
     "retry": (
         RetryConfig,
         {
-            "first": _duration,
-            "max": _duration,
-            "lifetime": _duration,
-            "warn_after": _optional_duration,
+            "first": v.duration,
+            "max": v.duration,
+            "lifetime": v.duration,
+            "warn_after": v.optional_duration,
         },
     ),
     "tls": (
         TLSConfig,
         {
-            "certificate": _path,
-            "private_key": _path,
-            "min_version": _choice(*MIN_VERSIONS),
+            "certificate": v.path,
+            "private_key": v.path,
+            "min_version": v.choice(*MIN_VERSIONS),
         },
     ),
     "auth": (
         AuthConfig,
         {
-            "users_file": _path,
-            "allow_plaintext_on_loopback": _bool,
-            "failure_delay": _nonnegative_duration,
-            "max_failures": _int(0, _COUNT_MAX),
-            "lockout": _duration,
+            "users_file": v.path,
+            "allow_plaintext_on_loopback": v.boolean,
+            "failure_delay": v.nonnegative_duration,
+            "max_failures": v.integer(0, v.COUNT_MAX),
+            "lockout": v.duration,
         },
     ),
     "sendmail": (
         SendmailConfig,
         {
-            "domain": _optional_domain,
+            "domain": v.optional_domain,
         },
     ),
     "local": (
         LocalConfig,
         {
-            "domains": _exact_domains,
-            "mailboxes": _path,
-            "maildir": _maildir_template,
-            "aliases": _path,
-            "lmtp": _lmtp_destination,
+            "domains": v.exact_domains,
+            "mailboxes": v.path,
+            "maildir": v.maildir_template,
+            "aliases": v.path,
+            "lmtp": v.lmtp_destination,
         },
     ),
     "metrics": (
         MetricsConfig,
         {
-            "listen": _optional_endpoint,
-            "queue_interval": _duration,
-            "max_domains": _int(0, 100_000),
+            "listen": v.optional_endpoint,
+            "queue_interval": v.duration,
+            "max_domains": v.integer(0, 100_000),
         },
     ),
     "gateway": (
         GatewayConfig,
         {
-            "hold_domains": _hold_domains,
-            "etrn_networks": _networks,
-            "atrn_listen": _endpoints,
-            "atrn": _atrn_grants,
+            "hold_domains": v.hold_domains,
+            "etrn_networks": v.networks,
+            "atrn_listen": v.endpoints,
+            "atrn": v.atrn_grants,
         },
     ),
 }
@@ -839,10 +398,10 @@ def _routes(source: str, table: Mapping[str, Any]) -> tuple[tuple[str, str], ...
     seen: dict[str, str] = {}
     for domain, value in table.items():
         try:
-            (name,) = _domains([domain])
+            (name,) = v.domains([domain])
             _route_key(name)
-            out.append((name, _required_hostport(value)))
-        except _Invalid as e:
+            out.append((name, v.required_hostport(value)))
+        except v.Invalid as e:
             raise ConfigError(source, f"[routes] {domain}", str(e)) from None
         _unique_domain(source, f"[routes] {domain}", name, domain, seen)
     return tuple(out)
@@ -853,7 +412,7 @@ def _route_key(name: str) -> None:
     try:
         dom.config_key(name, "route")
     except dom.DomainError as e:
-        raise _Invalid(str(e)) from None
+        raise v.Invalid(str(e)) from None
 
 
 def _unique_domain(source: str, where: str, name: str, key: str, seen: dict[str, str]) -> None:
@@ -872,10 +431,10 @@ def _route_tls(source: str, table: Mapping[str, Any],
     for domain, value in table.items():
         where = f"[route_tls] {domain}"
         try:
-            (name,) = _domains([domain])
+            (name,) = v.domains([domain])
             _route_key(name)
-            policy = _tls_policy(value)
-        except _Invalid as e:
+            policy = v.tls_policy(value)
+        except v.Invalid as e:
             raise ConfigError(source, where, str(e)) from None
         if name not in routed:
             raise ConfigError(source, where, "no [routes] entry for this domain "
@@ -932,7 +491,7 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<config>") -> Confi
                 raise ConfigError(source, f"[{name}] {key}", "unknown key")
             try:
                 kwargs[key] = converters[key](value)
-            except _Invalid as e:
+            except v.Invalid as e:
                 raise ConfigError(source, f"[{name}] {key}", str(e)) from None
         sections[name] = cls(**kwargs)
     routes = _routes(source, data.get("routes", {}))
@@ -984,7 +543,7 @@ def _check_atrn(source: str, gateway: GatewayConfig, auth: AuthConfig, tls: TLSC
                           "no [gateway.atrn] table: nobody may take mail by ATRN")
     if not tls.enabled:
         for description in gateway.atrn_listen:
-            if implicit_tls_endpoint(description) is not None:
+            if v.implicit_tls_endpoint(description) is not None:
                 raise ConfigError(
                     source, "[gateway] atrn_listen",
                     f"{description!r} is an implicit-TLS listener without privateKey=: "
@@ -1024,7 +583,7 @@ def _check_tls(source: str, tls: TLSConfig, server: ServerConfig) -> None:
         return
     for key in ("listen", "submission"):
         for description in getattr(server, key):
-            if implicit_tls_endpoint(description) is not None:
+            if v.implicit_tls_endpoint(description) is not None:
                 raise ConfigError(
                     source, f"[server] {key}",
                     f"{description!r} is an implicit-TLS listener without privateKey=: "

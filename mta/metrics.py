@@ -428,8 +428,8 @@ class MetricsSite(server.Site):
 
 def is_loopback_endpoint(description: str) -> bool:
     """Whether a tcp:/tcp6:/unix: server endpoint string listens on loopback only."""
-    from .config import _split_endpoint
-    parts = _split_endpoint(description)
+    from .config_values import split_endpoint
+    parts = split_endpoint(description)
     kind = parts[0].lower()
     if kind == "unix":
         return True

@@ -45,7 +45,7 @@ BOUNCE_REPLY = f"550 {BOUNCE_STATUS} message returned by the mail system adminis
 # --------------------------------------------------------------------------- arguments
 
 def _duration(text: str) -> float:
-    from .config import parse_duration
+    from .config_values import parse_duration
     try:
         return parse_duration(text)
     except ValueError:

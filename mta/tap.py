@@ -13,7 +13,8 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from . import epoll, gctune
-from .config import Config, ConfigError, implicit_tls_endpoint, load_config
+from .config import Config, ConfigError, load_config
+from .config_values import implicit_tls_endpoint
 
 if TYPE_CHECKING:
     from .delivery.scheduler import QueueRunner

@@ -21,8 +21,8 @@ from mta.config import (
     SpoolConfig,
     config_from_dict,
     load_config,
-    parse_duration,
 )
+from mta.config_values import parse_duration
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "etc" / "mta.toml"

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from mta.config import (AuthConfig, ConfigError, TLSConfig, config_from_dict,
-                        implicit_tls_endpoint)
+from mta.config import AuthConfig, ConfigError, TLSConfig, config_from_dict
+from mta.config_values import implicit_tls_endpoint
 
 
 def error_for(data, source="etc/mta.toml"):
