@@ -185,6 +185,11 @@ def test_spool_replaced_by_another_programs_spool_keeps_both(mta):
 # --------------------------------------------------------------------------- read-only
 
 def test_immutable_spool_is_used_again_once_writable_without_restart(mta):
+    # The spool's writer opens its connection (and so the -wal file) in its
+    # thread just after the start: until then there is no -wal to make
+    # immutable, and one created after the look below would take the
+    # commits (durably: a correct 250, but not the immutable spool this is about).
+    wait_for(lambda: Path(f"{mta.spool}-wal").exists(), 10, "the spool's -wal file")
     # Not -shm: it is mapped into memory, and writing to a mapped page of an
     # immutable file is SIGBUS, not an error SQLite could report.
     files = [p for p in (mta.spool, Path(f"{mta.spool}-wal")) if p.exists()]
