@@ -75,7 +75,7 @@ DURATION_MAX = 10 * 365 * 86400.0
 
 
 def integer(minimum: int = 0, maximum: int = INT64_MAX,
-         why: str = "") -> Callable[[object], int]:
+            why: str = "") -> Callable[[object], int]:
     def convert(value: object) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise Invalid(f"expected an integer, got {value!r}")
@@ -152,7 +152,7 @@ def node_name(value: object) -> str:
     name = string(value)
     if name and not _NODE_NAME.fullmatch(name):
         raise Invalid("must be empty (host name + a per-start suffix) or up to 100 letters, "
-                       f"digits and . _ : - (starting with a letter or digit), got {name!r}")
+                      f"digits and . _ : - (starting with a letter or digit), got {name!r}")
     return name
 
 
@@ -289,7 +289,7 @@ def domains(value: object) -> tuple[str, ...]:
             result.append(dot + dom.to_ascii(name))
         except dom.DomainError as e:
             raise Invalid(f"invalid domain {item!r}" + (f": {e.reason}" if e.reason else "")
-                           ) from None
+                          ) from None
     return tuple(result)
 
 
@@ -413,7 +413,7 @@ def exact_domains(value: object, what: str = "local") -> tuple[str, ...]:
     for name in names:
         if name.startswith("."):
             raise Invalid(f"invalid domain {name!r}: list each {what} domain by its name "
-                           "(no \".\" wildcard)")
+                          "(no \".\" wildcard)")
     return names
 
 
@@ -444,7 +444,7 @@ def atrn_grants(value: object) -> tuple[tuple[str, tuple[str, ...]], ...]:
         for d in names:
             if d.startswith("."):
                 raise Invalid(f"{user}: invalid domain {d!r}: list each domain by its name "
-                               "(no \".\" wildcard)")
+                              "(no \".\" wildcard)")
             if d in owner:
                 raise Invalid(f"{user}: {d} is already granted to {owner[d]}")
             owner[d] = name

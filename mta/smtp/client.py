@@ -358,7 +358,6 @@ def step_failure_text(peer: str, e: StepError) -> tuple[str, str]:
     return "4.4.2", f"lost connection with {peer} while {e.step}{why}"
 
 
-
 # ---------------------------------------------------------------------------
 # The protocol
 # ---------------------------------------------------------------------------
@@ -790,4 +789,3 @@ def parse_ehlo(reply: Reply) -> dict[str, str]:
         if word:
             ext[word.upper()] = rest.strip()
     return ext
-

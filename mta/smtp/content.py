@@ -27,6 +27,7 @@ class Outgoing(Protocol):
     body: bytes
     body_type: str | None
 
+
 class DotStuffer:
     """Dot-stuffing (RFC 5321 §4.5.2) that is correct whatever the chunking.
 
