@@ -69,8 +69,8 @@ from ..spool import SpoolWriteError, ops
 from ..spool.faults import RepeatedFailures, describe
 from ..spool.interface import DeliveryQueue, Release, is_released
 from .reports import dsn_messages, forwarded_copy, notify_allows
-from .types import (HOLD_COURIER, Courier, NextHop, Outcome, QueuedMessage, QueuedRecipient,
-                    Route, RouteMap)
+from .types import (HOLD_COURIER, Courier, Outcome, QueuedMessage, QueuedRecipient, Route,
+                    RouteMap)
 
 log = Logger(namespace="mta.delivery")
 
@@ -756,14 +756,10 @@ class QueueRunner(service.Service):
             # Only a reply the next hop really sent is its Diagnostic-Code with
             # Remote-MTA; our own decisions are reported as ours (RFC 3464 §2.3.5).
             said_by = res.remote
-
-            def dsn_common(row: QueuedRecipient = row, res: Outcome = res,
-                           said_by: NextHop | None = said_by, reply: str = reply) -> dict:
-                # What every DSNRecipient of this row says: made only for one owed.
-                return dict(final_recipient=row.address, original_recipient=row.orcpt,
-                            remote_mta=said_by.host if said_by else None,
-                            diagnostic_code=reply if said_by else None,
-                            reason=None if said_by else res.detail, last_attempt=now)
+            dsn_common = dict(final_recipient=row.address, original_recipient=row.orcpt,
+                              remote_mta=said_by.host if said_by else None,
+                              diagnostic_code=reply if said_by else None,
+                              reason=None if said_by else res.detail, last_attempt=now)
             said = (f"host {said_by.host}[{said_by.address}] said: {res.text}"
                     if said_by and res.kind != "delivered" else res.text if said_by
                     else res.detail)
@@ -778,7 +774,7 @@ class QueueRunner(service.Service):
                     report["success"].append(DSNRecipient(
                         action=("expanded" if res.expanded else
                                 "delivered" if res.final else "relayed"),
-                        status=res.status or "2.0.0", **dsn_common()))
+                        status=res.status or "2.0.0", **dsn_common))
                 if res.forward:
                     forwards[row.id] = forwarded_copy(m, res, now, hostname=self.hostname)
                 dsn_status = res.status or "2.0.0"
@@ -793,7 +789,7 @@ class QueueRunner(service.Service):
                 if notify_allows(notify, "FAILURE"):
                     owing.add(row.id)
                     report["failure"].append(DSNRecipient(action="failed", status=dsn_status,
-                                                          **dsn_common()))
+                                                          **dsn_common))
             else:
                 status_word = "deferred"
                 state = "deferred"
@@ -807,7 +803,7 @@ class QueueRunner(service.Service):
                     owing.add(row.id)
                     report["delay"].append(DSNRecipient(
                         action="delayed", status=dsn_status,
-                        will_retry_until=m.arrival + lifetime, **dsn_common()))
+                        will_retry_until=m.arrival + lifetime, **dsn_common))
             updates.append(ops.RecipientUpdate(row.id, state, attempts, nxt, reply, warned))
             # Held mail waiting for its domain to ask is not a deferral worth an alert.
             if self.metrics is not None and not (state == "deferred"

@@ -236,18 +236,15 @@ def _make_reply(code: int, lines: list[str]) -> Reply:
     status = None
     if m and int(m.group(1)) == code // 100:
         status = f"{m.group(1)}.{int(m.group(2))}.{int(m.group(3))}"
-    if len(lines) <= 1:
-        text = first
-    else:
-        parts = [first]
-        for line in lines[1:]:
-            # Continuation lines usually repeat the enhanced code; say it once.
-            if status is not None:
-                m2 = _STATUS.match(line)
-                if m2 and m2.group(0).strip() == m.group(0).strip():
-                    line = line[m2.end():]
-            parts.append(line)
-        text = " ".join(p for p in parts if p)
+    parts = [first]
+    for line in lines[1:]:
+        # Continuation lines usually repeat the enhanced code; say it once.
+        if status is not None:
+            m2 = _STATUS.match(line)
+            if m2 and m2.group(0).strip() == m.group(0).strip():
+                line = line[m2.end():]
+        parts.append(line)
+    text = " ".join(p for p in parts if p)
     return Reply(code, status or f"{code // 100}.0.0", f"{code} {text}" if text else str(code),
                  tuple(lines))
 
